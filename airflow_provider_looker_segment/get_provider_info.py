@@ -1,0 +1,117 @@
+"""Provider metadata read by Airflow through the ``apache_airflow_provider`` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_provider_looker_segment import PACKAGE_NAME, __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    """
+    Return the provider's metadata: hooks, operators and the two connection types.
+
+    Airflow 3's UI builds the connection forms from ``conn-fields`` and ``ui-field-behaviour`` here.
+    """
+    return {
+        "package-name": PACKAGE_NAME,
+        "name": "Looker to Segment",
+        "description": "Sync Looker cohorts (Looks) into Segment as identify calls through the Tracking API.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "Looker",
+                "external-doc-url": "https://cloud.google.com/looker/docs/api-intro",
+                "tags": ["service"],
+            },
+            {
+                "integration-name": "Segment",
+                "external-doc-url": "https://segment.com/docs/connections/sources/catalog/libraries/server/http-api/",
+                "tags": ["service"],
+            },
+        ],
+        "hooks": [
+            {
+                "integration-name": "Looker",
+                "python-modules": ["airflow_provider_looker_segment.hooks.looker"],
+            },
+            {
+                "integration-name": "Segment",
+                "python-modules": ["airflow_provider_looker_segment.hooks.segment"],
+            },
+        ],
+        "operators": [
+            {
+                "integration-name": "Segment",
+                "python-modules": ["airflow_provider_looker_segment.operators.looker_to_segment"],
+            }
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_provider_looker_segment.hooks.looker.LookerHook",
+                "hook-name": "Looker",
+                "connection-type": "looker",
+                "conn-fields": {
+                    "verify_ssl": {
+                        "label": "Verify SSL",
+                        "description": "Verify the Looker server's TLS certificate (switch off only for self-signed test servers).",
+                        "schema": {"type": ["boolean", "null"], "default": True},
+                    },
+                    "timeout": {
+                        "label": "Timeout (seconds)",
+                        "description": "HTTP timeout for each Looker API call.",
+                        "schema": {"type": ["integer", "null"], "default": 120},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "extra"],
+                    "relabeling": {
+                        "host": "Looker API base URL",
+                        "login": "API client ID",
+                        "password": "API client secret",
+                    },
+                    "placeholders": {
+                        "host": "https://company.cloud.looker.com",
+                        "port": "443 (or 19999 for older self-hosted instances)",
+                        "login": "API3 client ID",
+                        "password": "API3 client secret",
+                    },
+                },
+            },
+            {
+                "hook-class-name": "airflow_provider_looker_segment.hooks.segment.SegmentHook",
+                "hook-name": "Segment Tracking API",
+                "connection-type": "segment_tracking",
+                "conn-fields": {
+                    "timeout": {
+                        "label": "Timeout (seconds)",
+                        "description": "HTTP timeout for each batch request.",
+                        "schema": {"type": ["integer", "null"], "default": 30},
+                    },
+                    "gzip": {
+                        "label": "Gzip request bodies",
+                        "description": "Compress batch requests (Content-Encoding: gzip).",
+                        "schema": {"type": ["boolean", "null"], "default": False},
+                    },
+                    "max_in_flight": {
+                        "label": "Requests in flight",
+                        "description": "How many batch requests may be sent at once.",
+                        "schema": {"type": ["integer", "null"], "default": 4},
+                    },
+                    "requests_per_second": {
+                        "label": "Rate limit (requests per second)",
+                        "description": "Optional client-side cap for workspaces with low rate limits.",
+                        "schema": {"type": ["number", "null"]},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login", "extra"],
+                    "relabeling": {"host": "Tracking API base URL", "password": "Write key"},
+                    "placeholders": {
+                        "host": "https://api.segment.io (EU: https://events.eu1.segmentapis.com)",
+                        "password": "Source write key",
+                    },
+                },
+            },
+        ],
+    }

@@ -1,0 +1,451 @@
+"""LookerToSegmentOperator: stream a Look's rows into Segment as ``identify`` calls."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from airflow.sdk import BaseOperator
+
+from airflow_provider_looker_segment import PACKAGE_NAME, __version__
+from airflow_provider_looker_segment.batching import encode_event, plan_batches
+from airflow_provider_looker_segment.destinations import (
+    Destination,
+    check_destinations,
+    resolve_destinations,
+)
+from airflow_provider_looker_segment.exceptions import (
+    DestinationError,
+    SegmentDeliveryError,
+    TransformConfigError,
+)
+from airflow_provider_looker_segment.hooks.looker import LookerHook
+from airflow_provider_looker_segment.hooks.segment import DeliveryReport, SegmentHook
+from airflow_provider_looker_segment.models import Row
+from airflow_provider_looker_segment.params import (
+    to_bool,
+    to_optional_int,
+    to_optional_str,
+    to_str_dict,
+    to_str_list,
+)
+from airflow_provider_looker_segment.transform import (
+    TRAIT_KEY_STYLES,
+    TransformOptions,
+    TransformPlan,
+    make_row_transformer,
+    plan_transform,
+)
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: How many example payloads a dry run writes to the log.
+DRY_RUN_EXAMPLES = 3
+
+
+@dataclass
+class _Settings:
+    """The operator's arguments after template rendering and coercion."""
+
+    look_id: str
+    user_id_field: str | None
+    email_field: str | None
+    anonymous_id_field: str | None
+    trait_names: dict[str, str]
+    trait_key_style: str
+    exclude_fields: list[str]
+    destinations: list[str]
+    dry_run: bool
+    limit: int
+    max_invalid_rows: int | None
+
+
+class _RowCounter:
+    """Counts rows read and rows that produced no event, by reason."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.invalid: Counter[str] = Counter()
+
+
+class LookerToSegmentOperator(BaseOperator):
+    """
+    Send every row of a Looker Look to Segment as an ``identify`` call.
+
+    The Look is streamed from the Looker API (memory stays flat whatever its size); each row becomes one
+    ``identify`` call by the rules of Segment's Looker source: the user id column gives ``userId``, every
+    other visible column becomes a trait (email included), and calls are delivered in batches through
+    Segment's HTTP Tracking API. The task fails, after everything deliverable was sent, if Segment rejected
+    any event or some could not be delivered. The summary is returned (XCom ``return_value``).
+
+    .. seealso::
+        The README's "Use it in your Airflow" section and parameter reference.
+
+    :param look_id: the Look to sync (its id, as in ``/looks/42``). (templated)
+    :param looker_conn_id: connection of type ``looker``.
+    :param segment_conn_id: connection of type ``segment_tracking`` (or the official provider's ``segment``).
+    :param user_id_field: Looker field that gives ``userId``, e.g. ``users.id``; detected from the LookML
+        tag ``user_id`` or the field's name or label when not given. (templated)
+    :param email_field: Looker field that gives ``traits.email``; detected from the tag ``email`` or the
+        field's name or label when not given. (templated)
+    :param anonymous_id_field: Looker field that gives ``anonymousId``; detected from the tag
+        ``segment_anonymous_id`` when not given. (templated)
+    :param trait_names: mapping of Looker field name → trait key, overriding the key style. (templated)
+    :param trait_key_style: how trait keys are made from fields: ``"label"`` (the field's short label,
+        lower-cased: ``sessions count``, the seed's style), ``"snake"`` (``sessions_count``) or ``"field"``
+        (``users.sessions_count``, Looker's own action). (templated)
+    :param exclude_fields: Looker fields not to send as traits. (templated)
+    :param destinations: names of the Segment destinations this source feeds, from Segment's Looker source
+        table (e.g. ``["hubspot", "intercom"]``); the task fails before sending if the Look lacks an
+        identifier one of them needs. (templated)
+    :param dry_run: read the Look, build and validate every message, log examples, send nothing. (templated)
+    :param limit: row limit passed to Looker; ``-1`` (the default) reads all rows, whatever limit the Look
+        was saved with. (templated)
+    :param max_invalid_rows: fail the task when more rows than this produce no event (no identifier, ...);
+        ``None`` (the default) only reports them. (templated)
+    :param max_in_flight: batch requests sent at once (default: the Segment connection's, else 4).
+    :param gzip: gzip request bodies (default: the Segment connection's setting).
+    :param requests_per_second: client-side rate limit for workspaces with low limits.
+    :param progress_interval: seconds between progress lines in the task log.
+    """
+
+    template_fields: Sequence[str] = (
+        "look_id",
+        "user_id_field",
+        "email_field",
+        "anonymous_id_field",
+        "trait_names",
+        "trait_key_style",
+        "exclude_fields",
+        "destinations",
+        "dry_run",
+        "limit",
+        "max_invalid_rows",
+    )
+    template_fields_renderers = {"trait_names": "json", "destinations": "json", "exclude_fields": "json"}
+    ui_color = "#52BD94"
+
+    def __init__(
+        self,
+        *,
+        look_id: str | int,
+        looker_conn_id: str = LookerHook.default_conn_name,
+        segment_conn_id: str = SegmentHook.default_conn_name,
+        user_id_field: str | None = None,
+        email_field: str | None = None,
+        anonymous_id_field: str | None = None,
+        trait_names: dict[str, str] | str | None = None,
+        trait_key_style: str = "label",
+        exclude_fields: list[str] | str | None = None,
+        destinations: list[str] | str | None = None,
+        dry_run: bool | str = False,
+        limit: int | str = -1,
+        max_invalid_rows: int | str | None = None,
+        max_in_flight: int | None = None,
+        gzip: bool | None = None,
+        requests_per_second: float | None = None,
+        progress_interval: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.look_id = look_id
+        self.looker_conn_id = looker_conn_id
+        self.segment_conn_id = segment_conn_id
+        self.user_id_field = user_id_field
+        self.email_field = email_field
+        self.anonymous_id_field = anonymous_id_field
+        self.trait_names = trait_names
+        self.trait_key_style = trait_key_style
+        self.exclude_fields = exclude_fields
+        self.destinations = destinations
+        self.dry_run = dry_run
+        self.limit = limit
+        self.max_invalid_rows = max_invalid_rows
+        self.max_in_flight = max_in_flight
+        self.gzip = gzip
+        self.requests_per_second = requests_per_second
+        self.progress_interval = progress_interval
+
+    # -- settings -------------------------------------------------------------------------------------
+
+    def _settings(self) -> _Settings:
+        """Coerce the rendered template fields and check them, with errors naming the parameter."""
+        look_id = to_optional_str(self.look_id)
+        if look_id is None:
+            raise TransformConfigError("look_id is empty: pass the id of the Look to sync (as in /looks/42).")
+        style = to_optional_str(self.trait_key_style) or "label"
+        if style not in TRAIT_KEY_STYLES:
+            raise TransformConfigError(
+                f"trait_key_style must be one of {', '.join(TRAIT_KEY_STYLES)}, got {self.trait_key_style!r}"
+            )
+        limit = to_optional_int(self.limit, name="limit")
+        max_invalid = to_optional_int(self.max_invalid_rows, name="max_invalid_rows")
+        if max_invalid is not None and max_invalid < 0:
+            raise TransformConfigError(f"max_invalid_rows must be 0 or more, got {max_invalid}")
+        return _Settings(
+            look_id=look_id,
+            user_id_field=to_optional_str(self.user_id_field),
+            email_field=to_optional_str(self.email_field),
+            anonymous_id_field=to_optional_str(self.anonymous_id_field),
+            trait_names=to_str_dict(self.trait_names, name="trait_names"),
+            trait_key_style=style,
+            exclude_fields=to_str_list(self.exclude_fields, name="exclude_fields"),
+            destinations=to_str_list(self.destinations, name="destinations"),
+            dry_run=to_bool(self.dry_run, name="dry_run"),
+            limit=-1 if limit is None or limit == 0 else limit,
+            max_invalid_rows=max_invalid,
+        )
+
+    def _segment_hook(self) -> SegmentHook:
+        tuning: dict[str, Any] = {}
+        if self.max_in_flight is not None:
+            tuning["max_in_flight"] = self.max_in_flight
+        if self.gzip is not None:
+            tuning["gzip"] = self.gzip
+        if self.requests_per_second is not None:
+            tuning["requests_per_second"] = self.requests_per_second
+        return SegmentHook(segment_conn_id=self.segment_conn_id, **tuning)
+
+    # -- execution --------------------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        settings = self._settings()
+        destinations = resolve_destinations(settings.destinations)
+        segment = None if settings.dry_run else self._segment_hook()
+        if segment is not None:
+            segment.validate_config()  # a missing write key fails here, before Looker is even read
+        started = time.monotonic()
+        counter = _RowCounter()
+        with LookerHook(looker_conn_id=self.looker_conn_id).stream_look(
+            settings.look_id, limit=settings.limit
+        ) as stream:
+            plan = plan_transform(stream.meta, self._options(settings))
+            self._log_plan(settings.look_id, plan)
+            self._check_destinations(destinations, plan)
+            transform = make_row_transformer(
+                plan,
+                ran_at=stream.meta.ran_at,
+                message_id_namespace=self._message_id_namespace(context, settings.look_id),
+                library={"name": PACKAGE_NAME, "version": __version__},
+            )
+            messages = _messages(stream.rows, transform, counter)
+            if segment is None:
+                delivery = _dry_run(messages, self.log.info)
+            else:
+                progress = _ProgressLogger(settings.look_id, counter, started, self.log.info)
+                delivery = segment.send(
+                    messages, progress=progress, progress_interval=self.progress_interval
+                ).to_dict()
+            possibly_truncated = stream.possibly_truncated
+            ran_at = stream.meta.ran_at
+        summary = _summary(settings, plan, destinations, counter, delivery, possibly_truncated, ran_at)
+        summary["seconds"] = round(time.monotonic() - started, 3)
+        self._log_summary(summary)
+        self._publish_asset_events(context, summary)
+        self._fail_if_needed(settings, summary)
+        return summary
+
+    def _options(self, settings: _Settings) -> TransformOptions:
+        return TransformOptions(
+            user_id_field=settings.user_id_field,
+            email_field=settings.email_field,
+            anonymous_id_field=settings.anonymous_id_field,
+            trait_names=settings.trait_names,
+            trait_key_style=settings.trait_key_style,
+            exclude_fields=tuple(settings.exclude_fields),
+        )
+
+    @staticmethod
+    def _message_id_namespace(context: Context, look_id: str) -> str:
+        """
+        Identify this task run: a retry of the same run re-sends the same messageIds (Segment drops the
+        duplicates), the next scheduled run sends new ones.
+        """
+        ti = context["ti"]
+        return "|".join(str(part) for part in (ti.dag_id, ti.task_id, ti.run_id, ti.map_index, look_id))
+
+    def _log_plan(self, look_id: str, plan: TransformPlan) -> None:
+        for identifier, found in plan.identifiers.items():
+            if found:
+                self.log.info("Look %s: %s from field %s (%s)", look_id, identifier, found["field"], found["how"])
+            else:
+                self.log.info("Look %s: no %s field", look_id, identifier)
+        self.log.info("Look %s: traits (field → key): %s", look_id, plan.traits)
+        for warning in plan.warnings:
+            self.log.warning("Look %s: %s", look_id, warning)
+
+    def _check_destinations(self, destinations: list[Destination], plan: TransformPlan) -> None:
+        if not destinations:
+            return
+        check = check_destinations(
+            destinations,
+            has_user_id=plan.identifiers.get("userId") is not None,
+            has_email=plan.identifiers.get("email") is not None,
+            has_anonymous_id=plan.has_anonymous_id,
+            trait_keys=set(plan.trait_keys),
+        )
+        for warning in check.warnings:
+            self.log.warning("Destinations: %s", warning)
+        if check.errors:
+            raise DestinationError(
+                "The Look cannot feed the listed destinations; nothing was sent:\n- " + "\n- ".join(check.errors)
+            )
+        self.log.info("Destinations checked: %s", ", ".join(d.name for d in destinations))
+
+    def _log_summary(self, summary: dict[str, Any]) -> None:
+        self.log.info(
+            "Look %s: %d rows read, %d sent, %d invalid, %d rejected, %d failed, %d batches in %.1f s%s",
+            summary["look_id"],
+            summary["rows"],
+            summary["sent"],
+            summary["invalid"],
+            summary["rejected"],
+            summary["failed"],
+            summary["batches"],
+            summary["seconds"],
+            " (dry run: nothing sent)" if summary["dry_run"] else "",
+        )
+        if summary["possibly_truncated"]:
+            self.log.warning(
+                "Look %s returned exactly as many rows as the limit (%s): the cohort may be truncated; "
+                "raise `limit` or use -1 for all rows.",
+                summary["look_id"],
+                summary["limit"],
+            )
+
+    def _publish_asset_events(self, context: Context, summary: dict[str, Any]) -> None:
+        """Attach the sync's figures to the events of the task's outlet assets."""
+        if not self.outlets or summary["dry_run"]:
+            return
+        extra = {key: summary[key] for key in ("look_id", "rows", "sent", "invalid", "ran_at")}
+        outlet_events = context.get("outlet_events")
+        if outlet_events is None:
+            return
+        for outlet in self.outlets:
+            try:
+                outlet_events[outlet].extra = extra
+            except (KeyError, TypeError):  # not an asset outlet
+                continue
+
+    def _fail_if_needed(self, settings: _Settings, summary: dict[str, Any]) -> None:
+        problems = []
+        if summary["rejected"]:
+            problems.append(f"{summary['rejected']} events rejected by Segment ({summary['rejected_reasons']})")
+        if summary["failed"]:
+            problems.append(f"{summary['failed']} events not delivered ({summary['failed_reasons']})")
+        if settings.max_invalid_rows is not None and summary["invalid"] > settings.max_invalid_rows:
+            problems.append(
+                f"{summary['invalid']} rows produced no event, more than max_invalid_rows="
+                f"{settings.max_invalid_rows} ({summary['invalid_reasons']})"
+            )
+        if problems:
+            raise SegmentDeliveryError(
+                f"Look {settings.look_id}: " + "; ".join(problems) + f". Summary: {orjson.dumps(summary).decode()}"
+            )
+
+
+def _messages(rows: Iterable[Row], transform: Callable[[Row], tuple[Any, Any]], counter: _RowCounter) -> Iterator[dict]:
+    """Turn rows into messages lazily, counting rows and the reasons rows produced nothing."""
+    invalid = counter.invalid
+    for row in rows:
+        counter.rows += 1
+        message, reason = transform(row)
+        if message is None:
+            invalid[reason] += 1
+        else:
+            yield message
+
+
+class _ProgressLogger:
+    """Writes a progress line (rows read, events delivered, rate) when the Segment hook reports."""
+
+    def __init__(self, look_id: str, counter: _RowCounter, started: float, log: Callable[..., None]) -> None:
+        self._look_id = look_id
+        self._counter = counter
+        self._started = started
+        self._log = log
+
+    def __call__(self, report: DeliveryReport) -> None:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        self._log(
+            "Look %s: %d rows read, %d events delivered, %d rejected, %d failed (%.0f rows/s)",
+            self._look_id,
+            self._counter.rows,
+            report.delivered,
+            report.rejected,
+            report.failed,
+            self._counter.rows / elapsed,
+        )
+
+
+def _dry_run(messages: Iterable[dict], log: Callable[..., None]) -> dict[str, Any]:
+    """Encode and batch every message as a real run would, log a few examples, send nothing."""
+    examples: list[bytes] = []
+
+    def encoded() -> Iterator[tuple[dict, bytes]]:
+        for message in messages:
+            data = encode_event(message)
+            if len(examples) < DRY_RUN_EXAMPLES:
+                examples.append(data)
+            yield message, data
+
+    plan = plan_batches(encoded())
+    for number, data in enumerate(examples, start=1):
+        log("Dry run: example payload %d: %s", number, data.decode())
+    log("Dry run: %d events would be sent in %d batches; nothing was sent", plan.events, plan.batches)
+    return {
+        "delivered": 0,
+        "would_send": plan.events,
+        "rejected": plan.oversize,
+        "failed": 0,
+        "batches": plan.batches,
+        "requests": 0,
+        "bytes": plan.bytes,
+        "retries": 0,
+        "rejected_reasons": plan.reasons,
+        "failed_reasons": {},
+        "rejected_message_ids": plan.oversize_message_ids,
+        "failed_message_ids": [],
+    }
+
+
+def _summary(
+    settings: _Settings,
+    plan: TransformPlan,
+    destinations: list[Destination],
+    counter: _RowCounter,
+    delivery: dict[str, Any],
+    possibly_truncated: bool,
+    ran_at: Any,
+) -> dict[str, Any]:
+    """The task's JSON-serialisable result."""
+    return {
+        "look_id": settings.look_id,
+        "dry_run": settings.dry_run,
+        "rows": counter.rows,
+        "sent": delivery["delivered"],
+        "would_send": delivery.get("would_send"),
+        "invalid": sum(counter.invalid.values()),
+        "invalid_reasons": dict(counter.invalid),
+        "rejected": delivery["rejected"],
+        "rejected_reasons": delivery.get("rejected_reasons", {}),
+        "rejected_message_ids": delivery.get("rejected_message_ids", []),
+        "failed": delivery["failed"],
+        "failed_reasons": delivery.get("failed_reasons", {}),
+        "failed_message_ids": delivery.get("failed_message_ids", []),
+        "batches": delivery["batches"],
+        "requests": delivery.get("requests", 0),
+        "retries": delivery.get("retries", 0),
+        "bytes": delivery.get("bytes", 0),
+        "identifiers": plan.identifiers,
+        "traits": plan.traits,
+        "destinations": [d.name for d in destinations],
+        "limit": settings.limit,
+        "possibly_truncated": possibly_truncated,
+        "ran_at": ran_at.isoformat() if ran_at is not None else None,
+    }

@@ -1,0 +1,103 @@
+"""
+Daily sync of one Looker cohort (a Look) into Segment as identify calls.
+
+Trigger it from the Airflow UI ("Trigger DAG") to sync another Look, to name the destinations to check,
+or to make a dry run.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, Asset, Param
+
+from airflow_provider_looker_segment.operators.looker_to_segment import LookerToSegmentOperator
+
+#: The Look that the daily schedule syncs. Airflow allows a schedule only when every param has a valid
+#: default, so without it the DAG runs only when triggered (from the UI) with a ``look_id``.
+DAILY_LOOK_ID = os.environ.get("LOOKER_SEGMENT_DAILY_LOOK_ID", "").strip() or None
+
+#: Downstream DAGs can be scheduled on this asset: it is updated after every completed (non dry-run) sync,
+#: its event carrying the Look id and the figures. URI:
+#: ``segment://<segment connection id>/looker/<looker connection id>/looks/<look id or "triggered">``.
+COHORT_SYNCED = Asset(
+    name="looker_cohort_synced_to_segment",
+    uri=f"segment://segment_default/looker/looker_default/looks/{DAILY_LOOK_ID or 'triggered'}",
+)
+
+def _look_id_param() -> Param:
+    """The required ``look_id`` param, defaulting to the daily Look when one is configured."""
+    spec = {
+        "type": "string",
+        "minLength": 1,
+        "title": "Look id",
+        "description": "Id of the Look to sync, as in https://company.cloud.looker.com/looks/42",
+    }
+    return Param(DAILY_LOOK_ID, **spec) if DAILY_LOOK_ID else Param(**spec)
+
+
+DOC = """
+### Looker cohort → Segment
+
+Reads the Look given by **look_id** from the Looker API (connection `looker_default`) and sends one
+Segment `identify` call per row through the Tracking API (connection `segment_default`):
+
+* the user id column gives `userId`, the email column gives `traits.email`, every other visible column
+  becomes a trait (key style set by **trait_key_style**);
+* **destinations** (optional): the Segment destinations this source feeds; the run fails before sending
+  anything if the Look lacks an identifier one of them needs;
+* **look_id** is required; set the environment variable `LOOKER_SEGMENT_DAILY_LOOK_ID` where the
+  DAG processor runs to give it a default and switch the `@daily` schedule on;
+* **dry_run**: build and validate every call and log examples, send nothing.
+
+The task returns a summary (XCom `return_value`): rows read, events sent, invalid rows by reason,
+rejected and failed events, batches, which fields gave the identifiers, and the trait keys.
+"""
+
+with DAG(
+    dag_id="looker_cohort_to_segment",
+    description="Sync a Looker cohort (Look) into Segment as identify calls",
+    doc_md=DOC,
+    schedule="@daily" if DAILY_LOOK_ID else None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["looker", "segment", "cohort"],
+    render_template_as_native_obj=True,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
+    params={
+        "look_id": _look_id_param(),
+        "destinations": Param(
+            [],
+            type="array",
+            items={"type": "string"},
+            title="Destinations to check",
+            description="Segment destinations fed by this source (e.g. hubspot, intercom); the run fails "
+            "before sending if the Look lacks an identifier one of them needs. Leave empty to skip the check.",
+        ),
+        "dry_run": Param(
+            False,
+            type="boolean",
+            title="Dry run",
+            description="Read the Look and build every identify call, but send nothing.",
+        ),
+        "trait_key_style": Param(
+            "label",
+            type="string",
+            enum=["label", "snake", "field"],
+            title="Trait key style",
+            description="label: 'sessions count' (Segment's Looker source); snake: 'sessions_count'; "
+            "field: 'users.sessions_count' (Looker's own Segment action).",
+        ),
+    },
+) as dag:
+    LookerToSegmentOperator(
+        task_id="sync_cohort",
+        look_id="{{ params.look_id }}",
+        destinations="{{ params.destinations }}",
+        dry_run="{{ params.dry_run }}",
+        trait_key_style="{{ params.trait_key_style }}",
+        outlets=[COHORT_SYNCED],
+    )
