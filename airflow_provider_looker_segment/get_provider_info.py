@@ -54,7 +54,10 @@ def get_provider_info() -> dict[str, Any]:
                 "conn-fields": {
                     "verify_ssl": {
                         "label": "Verify SSL",
-                        "description": "Verify the Looker server's TLS certificate (switch off only for self-signed test servers).",
+                        "description": (
+                            "Verify the Looker server's TLS certificate "
+                            "(switch off only for self-signed test servers)."
+                        ),
                         "schema": {"type": ["boolean", "null"], "default": True},
                     },
                     "timeout": {

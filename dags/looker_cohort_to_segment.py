@@ -27,6 +27,7 @@ COHORT_SYNCED = Asset(
     uri=f"segment://segment_default/looker/looker_default/looks/{DAILY_LOOK_ID or 'triggered'}",
 )
 
+
 def _look_id_param() -> Param:
     """The required ``look_id`` param, defaulting to the daily Look when one is configured."""
     spec = {
@@ -74,8 +75,9 @@ with DAG(
             type="array",
             items={"type": "string"},
             title="Destinations to check",
-            description="Segment destinations fed by this source (e.g. hubspot, intercom); the run fails "
-            "before sending if the Look lacks an identifier one of them needs. Leave empty to skip the check.",
+            description="Segment destinations fed by this source (e.g. hubspot, intercom); the run "
+            "fails before sending if the Look lacks an identifier one of them needs. "
+            "Leave empty to skip the check.",
         ),
         "dry_run": Param(
             False,

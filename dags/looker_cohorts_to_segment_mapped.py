@@ -47,7 +47,9 @@ with DAG(
             title="Look ids",
             description=f"Looks to sync; empty = the Airflow Variable {LOOK_IDS_VARIABLE} (a JSON list).",
         ),
-        "dry_run": Param(False, type="boolean", title="Dry run", description="Build every call, send nothing."),
+        "dry_run": Param(
+            False, type="boolean", title="Dry run", description="Build every call, send nothing."
+        ),
     },
 ) as dag:
 

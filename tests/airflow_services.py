@@ -79,9 +79,7 @@ class AirflowServices:
 
     def start(self) -> AirflowServices:
         """Migrate the database, start the three services and wait until the API answers."""
-        subprocess.run(
-            [AIRFLOW, "db", "migrate"], env=self.env, check=True, capture_output=True, timeout=300
-        )
+        subprocess.run([AIRFLOW, "db", "migrate"], env=self.env, check=True, capture_output=True, timeout=300)
         self._spawn("api-server", [AIRFLOW, "api-server", "--workers", "1"])
         self._spawn("scheduler", [AIRFLOW, "scheduler", "--skip-serve-logs"])
         self._spawn("dag-processor", [AIRFLOW, "dag-processor"])
@@ -89,7 +87,7 @@ class AirflowServices:
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.home / f"{name}.log", "wb")
         self.processes[name] = subprocess.Popen(
             argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -197,7 +195,8 @@ class AirflowServices:
         if isinstance(content, str):
             return content
         return "\n".join(
-            " ".join(str(event.get(key, "")) for key in ("level", "event", "error_detail")) for event in content
+            " ".join(str(event.get(key, "")) for key in ("level", "event", "error_detail"))
+            for event in content
         )
 
 

@@ -26,7 +26,10 @@ def _load(path: Path, monkeypatch: pytest.MonkeyPatch, **env: str):
 
 
 def test_dags_folder_has_the_examples():
-    assert {p.name for p in DAG_FILES} >= {"looker_cohort_to_segment.py", "looker_cohorts_to_segment_mapped.py"}
+    assert {p.name for p in DAG_FILES} >= {
+        "looker_cohort_to_segment.py",
+        "looker_cohorts_to_segment_mapped.py",
+    }
 
 
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
@@ -41,7 +44,7 @@ def test_dagbag_has_no_import_errors():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
-        bag = DagBag(dag_folder=str(DAGS), include_examples=False)
+        bag = DagBag(dag_folder=str(DAGS))  # examples are off: AIRFLOW__CORE__LOAD_EXAMPLES=False
     assert bag.import_errors == {}
     assert set(bag.dag_ids) >= {"looker_cohort_to_segment", "looker_cohorts_to_segment_mapped"}
 
@@ -51,7 +54,7 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     params = dag.params
     assert set(params) == {"look_id", "destinations", "dry_run", "trait_key_style"}
     schema = {name: params.get_param(name).schema for name in params}
-    assert schema["look_id"]["type"] == "string" and schema["look_id"]["description"]
+    assert schema["look_id"]["type"] == "string" and params.get_param("look_id").description
     assert schema["destinations"]["type"] == "array"
     assert schema["dry_run"]["type"] == "boolean" and params["dry_run"] is False
     assert schema["trait_key_style"]["enum"] == ["label", "snake", "field"]
@@ -59,13 +62,17 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     task = dag.get_task("sync_cohort")
     assert task.look_id == "{{ params.look_id }}"
     assert task.retries >= 1 and task.retry_delay.total_seconds() > 0
-    assert [outlet.uri for outlet in task.outlets] == ["segment://segment_default/looker/looker_default/looks/triggered"]
+    assert [outlet.uri for outlet in task.outlets] == [
+        "segment://segment_default/looker/looker_default/looks/triggered"
+    ]
 
 
 def test_cohort_dag_runs_daily_once_a_look_is_configured(monkeypatch: pytest.MonkeyPatch):
     without = _load(DAGS / "looker_cohort_to_segment.py", monkeypatch).dag
     assert without.schedule is None  # look_id is required: Airflow refuses a schedule without defaults
-    with_look = _load(DAGS / "looker_cohort_to_segment.py", monkeypatch, LOOKER_SEGMENT_DAILY_LOOK_ID="42").dag
+    with_look = _load(
+        DAGS / "looker_cohort_to_segment.py", monkeypatch, LOOKER_SEGMENT_DAILY_LOOK_ID="42"
+    ).dag
     assert with_look.schedule == "@daily"
     assert with_look.params["look_id"] == "42"
     assert with_look.get_task("sync_cohort").outlets[0].uri.endswith("/looks/42")

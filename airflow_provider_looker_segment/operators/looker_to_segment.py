@@ -37,6 +37,7 @@ from airflow_provider_looker_segment.transform import (
     TRAIT_KEY_STYLES,
     TransformOptions,
     TransformPlan,
+    build_message_id_namespace,
     make_row_transformer,
     plan_transform,
 )
@@ -267,12 +268,16 @@ class LookerToSegmentOperator(BaseOperator):
         duplicates), the next scheduled run sends new ones.
         """
         ti = context["ti"]
-        return "|".join(str(part) for part in (ti.dag_id, ti.task_id, ti.run_id, ti.map_index, look_id))
+        return build_message_id_namespace(
+            dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index, look_id=look_id
+        )
 
     def _log_plan(self, look_id: str, plan: TransformPlan) -> None:
         for identifier, found in plan.identifiers.items():
             if found:
-                self.log.info("Look %s: %s from field %s (%s)", look_id, identifier, found["field"], found["how"])
+                self.log.info(
+                    "Look %s: %s from field %s (%s)", look_id, identifier, found["field"], found["how"]
+                )
             else:
                 self.log.info("Look %s: no %s field", look_id, identifier)
         self.log.info("Look %s: traits (field → key): %s", look_id, plan.traits)
@@ -284,8 +289,8 @@ class LookerToSegmentOperator(BaseOperator):
             return
         check = check_destinations(
             destinations,
-            has_user_id=plan.identifiers.get("userId") is not None,
-            has_email=plan.identifiers.get("email") is not None,
+            has_user_id=plan.has_user_id,
+            has_email=plan.has_email,
             has_anonymous_id=plan.has_anonymous_id,
             trait_keys=set(plan.trait_keys),
         )
@@ -293,7 +298,8 @@ class LookerToSegmentOperator(BaseOperator):
             self.log.warning("Destinations: %s", warning)
         if check.errors:
             raise DestinationError(
-                "The Look cannot feed the listed destinations; nothing was sent:\n- " + "\n- ".join(check.errors)
+                "The Look cannot feed the listed destinations; nothing was sent:\n- "
+                + "\n- ".join(check.errors)
             )
         self.log.info("Destinations checked: %s", ", ".join(d.name for d in destinations))
 
@@ -335,7 +341,9 @@ class LookerToSegmentOperator(BaseOperator):
     def _fail_if_needed(self, settings: _Settings, summary: dict[str, Any]) -> None:
         problems = []
         if summary["rejected"]:
-            problems.append(f"{summary['rejected']} events rejected by Segment ({summary['rejected_reasons']})")
+            problems.append(
+                f"{summary['rejected']} events rejected by Segment ({summary['rejected_reasons']})"
+            )
         if summary["failed"]:
             problems.append(f"{summary['failed']} events not delivered ({summary['failed_reasons']})")
         if settings.max_invalid_rows is not None and summary["invalid"] > settings.max_invalid_rows:
@@ -345,11 +353,15 @@ class LookerToSegmentOperator(BaseOperator):
             )
         if problems:
             raise SegmentDeliveryError(
-                f"Look {settings.look_id}: " + "; ".join(problems) + f". Summary: {orjson.dumps(summary).decode()}"
+                f"Look {settings.look_id}: "
+                + "; ".join(problems)
+                + f". Summary: {orjson.dumps(summary).decode()}"
             )
 
 
-def _messages(rows: Iterable[Row], transform: Callable[[Row], tuple[Any, Any]], counter: _RowCounter) -> Iterator[dict]:
+def _messages(
+    rows: Iterable[Row], transform: Callable[[Row], tuple[Any, Any]], counter: _RowCounter
+) -> Iterator[dict]:
     """Turn rows into messages lazily, counting rows and the reasons rows produced nothing."""
     invalid = counter.invalid
     for row in rows:
@@ -401,7 +413,7 @@ def _dry_run(messages: Iterable[dict], log: Callable[..., None]) -> dict[str, An
     return {
         "delivered": 0,
         "would_send": plan.events,
-        "rejected": plan.oversize,
+        "rejected": plan.rejected,
         "failed": 0,
         "batches": plan.batches,
         "requests": 0,
@@ -409,7 +421,7 @@ def _dry_run(messages: Iterable[dict], log: Callable[..., None]) -> dict[str, An
         "retries": 0,
         "rejected_reasons": plan.reasons,
         "failed_reasons": {},
-        "rejected_message_ids": plan.oversize_message_ids,
+        "rejected_message_ids": plan.rejected_message_ids,
         "failed_message_ids": [],
     }
 

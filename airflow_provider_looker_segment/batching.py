@@ -1,0 +1,312 @@
+"""
+Pure encoding and batching of Segment messages for the Tracking API's ``POST /v1/batch`` (no I/O here).
+
+Each message is encoded to JSON once (orjson), checked against Segment's per-event limit, and joined with
+others into batches that respect Segment's per-request limits, measured on the encoded bytes:
+
+* an event may be at most 32 KB (:data:`MAX_EVENT_BYTES`) once encoded;
+* a request body may be at most 500 KB (:data:`MAX_REQUEST_BYTES`); the batcher keeps a margin below it
+  (:data:`DEFAULT_MAX_BATCH_BYTES`, envelope included);
+* a batch may hold at most 2,500 events (:data:`MAX_BATCH_EVENTS`).
+
+An event that cannot be sent (too large, not JSON-serialisable, without ``userId`` and ``anonymousId``) is
+returned on its own as a :class:`RejectedEvent`, in input order, and never sinks the batch around it. The
+operator's dry run uses :class:`Batcher` to validate sizes without a network; :class:`SegmentHook` uses it
+to feed its senders.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+import orjson
+
+from airflow_provider_looker_segment.exceptions import SegmentConfigurationError
+
+#: Segment's limit for one event (one call), in bytes of encoded JSON.
+MAX_EVENT_BYTES = 32 * 1024
+#: Segment's limit for one ``/v1/batch`` request body, in bytes.
+MAX_REQUEST_BYTES = 500 * 1024
+#: Segment's limit for the number of events in one batch.
+MAX_BATCH_EVENTS = 2500
+#: The batcher's default cap on a whole request body, envelope included: 12,000 bytes below
+#: :data:`MAX_REQUEST_BYTES`, which also satisfies a decimal reading of "500 KB".
+DEFAULT_MAX_BATCH_BYTES = 500_000
+
+_PREFIX = b'{"batch":['
+_SENT_AT = b'],"sentAt":"'
+_SUFFIX = b'"}'
+#: Length of a ``sentAt`` value as :func:`format_sent_at` writes it (``2024-01-31T12:00:00.000Z``).
+SENT_AT_LENGTH = 24
+#: Bytes of a batch body that are not events: ``{"batch":[`` + ``],"sentAt":"...Z"}``.
+ENVELOPE_BYTES = len(_PREFIX) + len(_SENT_AT) + SENT_AT_LENGTH + len(_SUFFIX)
+
+REASON_OVERSIZE = f"event over Segment's 32 KB limit ({MAX_EVENT_BYTES} bytes encoded)"
+REASON_NOT_JSON = "event is not JSON-serialisable"
+REASON_NO_IDENTITY = "event has neither userId nor anonymousId"
+REASON_NOT_A_MAPPING = "event is not a mapping"
+
+
+class RejectedEvent(NamedTuple):
+    """
+    An event the batcher refused before any request.
+
+    :param message_id: the event's ``messageId`` (``None`` when it has none and could not be encoded).
+    :param reason: why, one of the ``REASON_*`` constants of this module.
+    :param size: the encoded size in bytes, ``0`` when the event could not be encoded.
+    """
+
+    message_id: Any
+    reason: str
+    size: int
+
+
+class Batch:
+    """
+    Events encoded once, ready to be joined into one ``/v1/batch`` request body.
+
+    :param events: the encoded events, in input order.
+    :param message_ids: their ``messageId`` values, in the same order.
+    :param size: the exact length in bytes of :meth:`body`.
+    """
+
+    __slots__ = ("events", "message_ids", "size")
+
+    def __init__(self, events: list[bytes], message_ids: list[Any], size: int) -> None:
+        self.events = events
+        self.message_ids = message_ids
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __repr__(self) -> str:
+        return f"Batch(events={len(self.events)}, size={self.size})"
+
+    def body(self, sent_at: str | None = None) -> bytes:
+        """
+        Return the request body ``{"batch":[...],"sentAt":"..."}``.
+
+        Build it once per batch and re-send the same bytes on retries, so Segment can deduplicate them.
+
+        :param sent_at: the ``sentAt`` value, as :func:`format_sent_at` writes it; now when omitted.
+        """
+        stamp = (sent_at or format_sent_at()).encode("ascii")
+        if len(stamp) != SENT_AT_LENGTH:
+            raise ValueError(f"sentAt must be {SENT_AT_LENGTH} characters, e.g. 2024-01-31T12:00:00.000Z")
+        return b"".join((_PREFIX, b",".join(self.events), _SENT_AT, stamp, _SUFFIX))
+
+
+def format_sent_at(moment: datetime | None = None) -> str:
+    """
+    Format a ``sentAt`` timestamp: UTC, milliseconds, always :data:`SENT_AT_LENGTH` characters.
+
+    :param moment: an aware datetime; now when omitted.
+    """
+    moment = (moment or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _default(value: Any) -> Any:
+    """Encode the few types orjson does not know natively (called only for those)."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def encode_event(message: Mapping[str, Any]) -> bytes:
+    """
+    Encode one Segment message as compact UTF-8 JSON, the bytes that go into a batch.
+
+    Datetimes become RFC 3339 strings, decimals numbers. Raises :class:`TypeError` for other unknown types.
+
+    :param message: a Segment message (``identify``, ``track``, ``group``, ...).
+    """
+    return orjson.dumps(message, default=_default)
+
+
+def _has_identity(message: Mapping[str, Any]) -> bool:
+    """Whether the message carries a non-empty ``userId`` or ``anonymousId`` (Segment drops others)."""
+    return any(message.get(key) not in (None, "") for key in ("userId", "anonymousId"))
+
+
+def _with_message_id(message: Mapping[str, Any]) -> tuple[bytes, str]:
+    """Give a message without ``messageId`` a random one (so retries deduplicate) and re-encode it."""
+    message_id = str(uuid.uuid4())
+    return encode_event({**message, "messageId": message_id}), message_id
+
+
+class Batcher:
+    """
+    Split a stream of Segment messages into batches within Segment's limits.
+
+    :param max_batch_bytes: cap on a whole request body, envelope included (at most
+        :data:`MAX_REQUEST_BYTES`).
+    :param max_batch_events: cap on the events of a batch (at most :data:`MAX_BATCH_EVENTS`).
+    :param max_event_bytes: cap on one encoded event (at most :data:`MAX_EVENT_BYTES`).
+    :param require_identity: reject events without ``userId`` and ``anonymousId``, which Segment accepts
+        with HTTP 200 and then drops.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        max_batch_events: int = MAX_BATCH_EVENTS,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+        require_identity: bool = True,
+    ) -> None:
+        if not 1 <= max_batch_events <= MAX_BATCH_EVENTS:
+            raise SegmentConfigurationError(
+                f"max_batch_events must be between 1 and {MAX_BATCH_EVENTS}, not {max_batch_events}."
+            )
+        if not 1 <= max_event_bytes <= MAX_EVENT_BYTES:
+            raise SegmentConfigurationError(
+                f"max_event_bytes must be between 1 and {MAX_EVENT_BYTES}, not {max_event_bytes}."
+            )
+        if not ENVELOPE_BYTES + max_event_bytes <= max_batch_bytes <= MAX_REQUEST_BYTES:
+            raise SegmentConfigurationError(
+                f"max_batch_bytes must leave room for one event of max_event_bytes ({max_event_bytes}) plus "
+                f"the {ENVELOPE_BYTES}-byte envelope and be at most {MAX_REQUEST_BYTES}, "
+                f"not {max_batch_bytes}."
+            )
+        self.max_batch_bytes = max_batch_bytes
+        self.max_batch_events = max_batch_events
+        self.max_event_bytes = max_event_bytes
+        self.require_identity = require_identity
+        self.oversize_reason = (
+            REASON_OVERSIZE
+            if max_event_bytes == MAX_EVENT_BYTES
+            else f"event over the {max_event_bytes}-byte limit set for this batcher"
+        )
+
+    def split(self, messages: Iterable[Mapping[str, Any]]) -> Iterator[Batch | RejectedEvent]:
+        """
+        Consume ``messages`` lazily; yield batches, and rejected events as soon as they are met.
+
+        A batch is yielded as soon as the next event would not fit, so at most one batch is held here. Every
+        input message comes out exactly once: in a :class:`Batch` or as a :class:`RejectedEvent`. The batches
+        in order reproduce the input without the rejected events; a rejected event never closes a batch.
+
+        :param messages: Segment messages; each should carry a ``messageId`` (one is added when missing).
+        """
+        max_bytes, max_events, max_event = self.max_batch_bytes, self.max_batch_events, self.max_event_bytes
+        require_identity, oversize_reason = self.require_identity, self.oversize_reason
+        dumps, default = orjson.dumps, _default
+        events: list[bytes] = []
+        ids: list[Any] = []
+        size = ENVELOPE_BYTES
+        for message in messages:
+            try:
+                data = dumps(message, default=default)
+                message_id = message.get("messageId")
+                if message_id is None:
+                    data, message_id = _with_message_id(message)
+                if require_identity and not message.get("userId") and not _has_identity(message):
+                    yield RejectedEvent(message_id, REASON_NO_IDENTITY, len(data))
+                    continue
+            except TypeError:
+                yield RejectedEvent(_message_id_of(message), REASON_NOT_JSON, 0)
+                continue
+            except AttributeError:
+                yield RejectedEvent(None, REASON_NOT_A_MAPPING, 0)
+                continue
+            length = len(data)
+            if length > max_event:
+                yield RejectedEvent(message_id, oversize_reason, length)
+                continue
+            if events:
+                if size + length + 1 > max_bytes or len(events) >= max_events:
+                    yield Batch(events, ids, size)
+                    events, ids, size = [data], [message_id], ENVELOPE_BYTES + length
+                    continue
+                size += length + 1
+            else:
+                size += length
+            events.append(data)
+            ids.append(message_id)
+        if events:
+            yield Batch(events, ids, size)
+
+
+def _message_id_of(message: Any) -> Any:
+    """The ``messageId`` of something that may not even be a mapping."""
+    return message.get("messageId") if isinstance(message, Mapping) else None
+
+
+@dataclass
+class BatchPlan:
+    """
+    What a delivery would send, computed without a network (the operator's dry run).
+
+    :param events: events that would be sent.
+    :param batches: requests that would be made (no retries).
+    :param bytes: request body bytes, uncompressed, envelopes included.
+    :param rejected: events refused before sending.
+    :param oversize: of those, events over the per-event size limit.
+    :param reasons: rejected events per reason.
+    :param rejected_events: the first ``max_listed`` rejected events, with their reason and size.
+    :param max_listed: cap on :attr:`rejected_events`.
+    """
+
+    events: int = 0
+    batches: int = 0
+    bytes: int = 0
+    rejected: int = 0
+    oversize: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    rejected_events: list[RejectedEvent] = field(default_factory=list)
+    max_listed: int = 10_000
+
+    @property
+    def rejected_message_ids(self) -> list[Any]:
+        """The listed rejected events' messageIds."""
+        return [event.message_id for event in self.rejected_events]
+
+    @property
+    def oversize_message_ids(self) -> list[Any]:
+        """The listed oversize events' messageIds."""
+        return [event.message_id for event in self.rejected_events if event.reason.startswith("event over")]
+
+
+def plan_batches(
+    messages: Iterable[Mapping[str, Any] | tuple[Mapping[str, Any], bytes]],
+    *,
+    batcher: Batcher | None = None,
+    max_listed: int = 10_000,
+) -> BatchPlan:
+    """
+    Batch messages exactly as :class:`SegmentHook` would and count the result; nothing is sent.
+
+    :param messages: Segment messages, or ``(message, encoded)`` pairs (the encoding is redone here).
+    :param batcher: the batcher to use; Segment's limits when omitted.
+    :param max_listed: cap on the rejected events listed in the plan.
+    """
+    plan = BatchPlan(max_listed=max_listed)
+    for item in (batcher or Batcher()).split(_only_messages(messages)):
+        if isinstance(item, Batch):
+            plan.events += len(item)
+            plan.batches += 1
+            plan.bytes += item.size
+            continue
+        plan.rejected += 1
+        plan.oversize += item.reason.startswith("event over")
+        plan.reasons[item.reason] = plan.reasons.get(item.reason, 0) + 1
+        if len(plan.rejected_events) < max_listed:
+            plan.rejected_events.append(item)
+    return plan
+
+
+def _only_messages(items: Iterable[Any]) -> Iterator[Any]:
+    """Accept ``(message, encoded)`` pairs as well as messages."""
+    for item in items:
+        yield item[0] if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], bytes) else item

@@ -1,0 +1,803 @@
+"""
+The Looks served by the Looker API stand-in (:mod:`.looker_standin`).
+
+Every fixture Look is addressable by id. The ids are constants of this module so tests, the demo and the
+benchmark can name them:
+
+======  =====================================================================================
+Id      What it covers
+======  =====================================================================================
+1       the seed's toastmates.com cohort "Active users, last 30 days" (10 rows, tagged fields)
+2       untagged fields that must be recognised by name / label
+3       hidden fields: one in ``vis_config.hidden_fields``, one hidden in LookML
+4       a pivot on ``orders.status`` (pivoted measures, one null pivot cell)
+5       table calculations (a number and a yes/no that evaluates to ``false``)
+6       value types: nulls, integers, floats, big integers, dates, times, yes/no, ``0``/``""``
+7       an anonymous id (tag ``segment_anonymous_id``) and no user id
+8       only an email (tag ``email``)
+9       two fields tagged ``user_id``
+10      a failing SQL query (HTTP 200 with ``[{"looker_error": ...}]``)
+11      a deleted Look
+12      a saved limit (5) smaller than its rows (8): truncation unless ``limit=-1``
+13      a Look with no rows
+1000000 + N   a generated Look of N rows (e.g. ``1001000`` has 1,000 rows, ``2000000`` has 1 M rows)
+======  =====================================================================================
+
+Generated Looks (:func:`generated_look`) have five columns — user id, email, name, plan, sessions count —
+and encode their rows from string templates chunk by chunk, so a 1 M-row body is never held in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION
+
+#: Result formats the stand-in can produce.
+JSON_DETAIL = "json_detail"
+JSON = "json"
+CSV = "csv"
+RESULT_FORMATS = (JSON_DETAIL, JSON, CSV)
+
+TOASTMATES_LOOK_ID = "1"
+UNTAGGED_LOOK_ID = "2"
+HIDDEN_FIELDS_LOOK_ID = "3"
+PIVOT_LOOK_ID = "4"
+TABLE_CALCULATION_LOOK_ID = "5"
+VALUE_TYPES_LOOK_ID = "6"
+ANONYMOUS_ID_LOOK_ID = "7"
+EMAIL_ONLY_LOOK_ID = "8"
+TWO_USER_IDS_LOOK_ID = "9"
+SQL_ERROR_LOOK_ID = "10"
+DELETED_LOOK_ID = "11"
+TRUNCATED_LOOK_ID = "12"
+EMPTY_LOOK_ID = "13"
+#: Look ids from here on are generated Looks: Look ``GENERATED_LOOK_BASE + n`` has ``n`` rows.
+GENERATED_LOOK_BASE = 1_000_000
+
+#: The first row of Look 1, as in Segment's documentation of the Looker source.
+TOASTMATES_FIRST_ROW = {
+    "users.id": "00MWWFOLRcETcTCf",
+    "users.name": "Ty Arthur",
+    "users.email": "ty.arthur@segment.com",
+    "users.sessions_count": 2,
+}
+
+_NUMERIC_TYPES = frozenset(
+    {"number", "count", "count_distinct", "sum", "sum_distinct", "average", "average_distinct", "min", "max"}
+)
+
+
+@dataclass(frozen=True)
+class FixtureField:
+    """
+    One column of a fixture Look, rendered as a ``json_detail`` field entry.
+
+    :param name: Looker field name (``view.field``, or a bare name for a table calculation).
+    :param label: full label, e.g. ``Users Email``.
+    :param label_short: short label, e.g. ``Email``.
+    :param type: LookML type.
+    :param tags: LookML tags.
+    :param hidden: hidden in LookML (hidden in the visualisation is the Look's ``hidden_fields``).
+    :param category: ``dimension``, ``measure`` or ``table_calculation``.
+    """
+
+    name: str
+    label: str
+    label_short: str
+    type: str = "string"
+    tags: tuple[str, ...] = ()
+    hidden: bool = False
+    category: str = DIMENSION
+
+    @property
+    def view(self) -> str | None:
+        """The view a LookML field belongs to; ``None`` for a table calculation."""
+        return self.name.split(".", 1)[0] if "." in self.name else None
+
+    @property
+    def is_numeric(self) -> bool:
+        """Whether Looker marks the field numeric."""
+        return self.type in _NUMERIC_TYPES
+
+    def detail(self) -> dict[str, Any]:
+        """Return the field's entry in the ``fields`` block of a ``json_detail`` result."""
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "label": self.label,
+            "label_short": self.label_short,
+            "view": self.view,
+            "view_label": self.label[: -len(self.label_short)].strip() or None,
+            "type": self.type,
+            "category": self.category,
+            "tags": list(self.tags),
+            "hidden": self.hidden,
+            "is_numeric": self.is_numeric,
+            "sortable": True,
+        }
+        if self.category == TABLE_CALCULATION:
+            entry["is_table_calculation"] = True
+        return entry
+
+
+def _dim(
+    name: str, label_short: str, type_: str = "string", *tags: str, hidden: bool = False
+) -> FixtureField:
+    """Return a dimension whose full label is the view's title followed by ``label_short``."""
+    view = name.split(".", 1)[0].replace("_", " ").title()
+    return FixtureField(name, f"{view} {label_short}", label_short, type_, tags, hidden, DIMENSION)
+
+
+def _measure(name: str, label_short: str, type_: str = "count", *tags: str) -> FixtureField:
+    """Return a measure whose full label is the view's title followed by ``label_short``."""
+    view = name.split(".", 1)[0].replace("_", " ").title()
+    return FixtureField(name, f"{view} {label_short}", label_short, type_, tags, False, MEASURE)
+
+
+def _table_calc(name: str, label: str, type_: str = "number") -> FixtureField:
+    """Return a table calculation (its short label is its label)."""
+    return FixtureField(name, label, label, type_, (), False, TABLE_CALCULATION)
+
+
+@dataclass
+class FixtureLook:
+    """
+    A saved Look of the stand-in: its definition (``GET /looks/{id}``) and its result rows.
+
+    :param id: the Look id.
+    :param title: the Look's title.
+    :param model: LookML model of the query.
+    :param view: explore of the query.
+    :param fields: the result columns (dimensions, measures, table calculations — not pivot dimensions).
+    :param rows: the rows, field name -> raw value; a pivoted field's value is ``{pivot key: raw value}``.
+    :param limit: the saved row limit, a string as Looker stores it (``None``: Looker's default of 5000).
+    :param pivot_fields: the pivot dimensions.
+    :param pivot_values: the pivot columns, each ``{"key": ..., "data": {pivot field: value}}``.
+    :param hidden_fields: fields hidden in the visualisation (``query.vis_config.hidden_fields``).
+    :param deleted: the Look is in the trash.
+    :param looker_error: when set, running the Look fails with this SQL error.
+    :param filters: the query's filters (informational).
+    """
+
+    id: str
+    title: str
+    model: str
+    view: str
+    fields: tuple[FixtureField, ...]
+    rows: tuple[dict[str, Any], ...] = ()
+    limit: str | None = "500"
+    pivot_fields: tuple[FixtureField, ...] = ()
+    pivot_values: tuple[dict[str, Any], ...] = ()
+    hidden_fields: tuple[str, ...] = ()
+    deleted: bool = False
+    looker_error: str | None = None
+    filters: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def row_count(self) -> int:
+        """How many rows the query returns without a limit."""
+        return len(self.rows)
+
+    def row(self, index: int) -> dict[str, Any]:
+        """Return row ``index`` (0-based)."""
+        return self.rows[index]
+
+    def saved_limit(self) -> int:
+        """The row limit applied when a run does not pass one (``-1``: all rows)."""
+        return int(self.limit) if self.limit else 5000
+
+    def pivoted_names(self) -> frozenset[str]:
+        """Names of the fields whose cells are per-pivot mappings (measures and table calculations)."""
+        if not self.pivot_fields:
+            return frozenset()
+        return frozenset(f.name for f in self.fields if f.category != DIMENSION)
+
+    def columns(self, apply_vis: bool) -> tuple[FixtureField, ...]:
+        """The fields a run returns; ``apply_vis`` drops the fields hidden in the visualisation."""
+        if not apply_vis:
+            return self.fields
+        return tuple(f for f in self.fields if f.name not in self.hidden_fields)
+
+    def look_json(self) -> dict[str, Any]:
+        """Return the Look as ``GET /api/4.0/looks/{id}`` does (``LookWithQuery``)."""
+        calcs = [f for f in self.fields if f.category == TABLE_CALCULATION]
+        query_fields = [f.name for f in self.fields if f.category == DIMENSION]
+        query_fields += [f.name for f in self.pivot_fields]
+        query_fields += [f.name for f in self.fields if f.category != DIMENSION]
+        return {
+            "id": self.id,
+            "title": self.title,
+            "description": "",
+            "user_id": "1",
+            "deleted": self.deleted,
+            "deleted_at": "2024-05-02T10:00:00.000+00:00" if self.deleted else None,
+            "is_run_on_load": False,
+            "public": False,
+            "query_id": f"1{int(self.id) % 100000:05d}" if self.id.isdigit() else "100000",
+            "folder_id": "1",
+            "model": {"id": self.model, "label": self.model.replace("_", " ").title()},
+            "created_at": "2024-01-15T09:30:00.000+00:00",
+            "updated_at": "2024-04-01T12:00:00.000+00:00",
+            "short_url": f"/x/{self.id}",
+            "url": f"/looks/{self.id}",
+            "can": {"run": True, "see_lookml": True, "explore": True},
+            "query": {
+                "id": f"1{int(self.id) % 100000:05d}" if self.id.isdigit() else "100000",
+                "model": self.model,
+                "view": self.view,
+                "fields": query_fields,
+                "pivots": [f.name for f in self.pivot_fields] or None,
+                "fill_fields": None,
+                "filters": dict(self.filters) or None,
+                "sorts": [query_fields[0]] if query_fields else [],
+                "limit": self.limit,
+                "column_limit": "50" if self.pivot_fields else None,
+                "total": False,
+                "row_total": None,
+                "vis_config": {"type": "looker_grid", "hidden_fields": list(self.hidden_fields)},
+                "dynamic_fields": json.dumps([{"table_calculation": f.name, "label": f.label} for f in calcs])
+                if calcs
+                else None,
+                "query_timezone": "UTC",
+                "has_table_calculations": bool(calcs),
+                "client_id": f"fixture{self.id}",
+            },
+        }
+
+    def detail_fields(self, apply_vis: bool) -> dict[str, list[dict[str, Any]]]:
+        """Return the ``fields`` block of a ``json_detail`` result."""
+        columns = self.columns(apply_vis)
+        return {
+            "dimensions": [f.detail() for f in columns if f.category == DIMENSION],
+            "measures": [f.detail() for f in columns if f.category == MEASURE],
+            "table_calculations": [f.detail() for f in columns if f.category == TABLE_CALCULATION],
+            "pivots": [f.detail() for f in self.pivot_fields],
+        }
+
+    def detail_pivots(self) -> list[dict[str, Any]]:
+        """Return the top-level ``pivots`` block of a ``json_detail`` result."""
+        return [
+            {
+                "key": p["key"],
+                "is_total": False,
+                "data": dict(p["data"]),
+                "sort_values": dict(p["data"]),
+                "labels": {name: str(value) for name, value in p["data"].items()},
+            }
+            for p in self.pivot_values
+        ]
+
+    def encode_rows(self, fmt: str, columns: tuple[FixtureField, ...], start: int, stop: int) -> bytes:
+        """
+        Encode rows ``[start, stop)`` for ``fmt``.
+
+        JSON rows are joined with commas (no leading or trailing comma); CSV rows end with a newline.
+        """
+        if fmt == CSV:
+            out = io.StringIO()
+            writer = csv.writer(out, lineterminator="\n")
+            for index in range(start, stop):
+                writer.writerow(self._csv_cells(self.row(index), columns))
+            return out.getvalue().encode()
+        pivoted = self.pivoted_names()
+        encode = _detail_cell if fmt == JSON_DETAIL else _plain_cell
+        rows = [
+            json.dumps(
+                {
+                    f.name: _pivot_cell(self.row(i).get(f.name), encode)
+                    if f.name in pivoted
+                    else encode(self.row(i).get(f.name), f)
+                    for f in columns
+                },
+                separators=(",", ":"),
+                ensure_ascii=False,
+            )
+            for i in range(start, stop)
+        ]
+        return ",".join(rows).encode()
+
+    def csv_header(self, columns: tuple[FixtureField, ...]) -> bytes:
+        """Return the CSV header line (labels; one column per pivot value for pivoted fields)."""
+        out = io.StringIO()
+        labels: list[str] = []
+        pivoted = self.pivoted_names()
+        for f in columns:
+            if f.name in pivoted:
+                labels += [f"{f.label} {p['key']}" for p in self.pivot_values]
+            else:
+                labels.append(f.label)
+        csv.writer(out, lineterminator="\n").writerow(labels)
+        return out.getvalue().encode()
+
+    def _csv_cells(self, row: dict[str, Any], columns: tuple[FixtureField, ...]) -> list[str]:
+        """Return one CSV line's cells (pivoted fields spread over the pivot values)."""
+        cells: list[Any] = []
+        pivoted = self.pivoted_names()
+        for f in columns:
+            value = row.get(f.name)
+            if f.name in pivoted:
+                cells += [_csv_value((value or {}).get(p["key"])) for p in self.pivot_values]
+            else:
+                cells.append(_csv_value(value))
+        return cells
+
+
+def _detail_cell(value: Any, fixture_field: FixtureField | None = None) -> dict[str, Any]:
+    """A ``json_detail`` cell: ``{"value": x}`` (plus ``rendered`` for dates, as Looker adds it)."""
+    if fixture_field is not None and fixture_field.type.startswith("date") and value is not None:
+        return {"value": value, "rendered": value}
+    return {"value": value}
+
+
+def _plain_cell(value: Any, fixture_field: FixtureField | None = None) -> Any:
+    """A ``json`` cell: the raw value."""
+    return value
+
+
+def _pivot_cell(value: Any, encode: Any) -> dict[str, Any]:
+    """A pivoted cell: ``{pivot key: cell}``."""
+    return {key: encode(cell) for key, cell in (value or {}).items()}
+
+
+def _csv_value(value: Any) -> str:
+    """Render a raw value in a CSV cell (``null`` is empty, yes/no booleans are ``Yes``/``No``)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "Yes" if value else "No"
+    return str(value)
+
+
+# --- generated Looks ------------------------------------------------------------------------------------
+
+_GEN_NAMES = (
+    "Ada Lovelace",
+    "Alan Turing",
+    "Grace Hopper",
+    "Katherine Johnson",
+    "Edsger Dijkstra",
+    "Barbara Liskov",
+    "Donald Knuth",
+    "Frances Allen",
+    "Ken Thompson",
+    "Radia Perlman",
+    "Tim Berners-Lee",
+    "Margaret Hamilton",
+    "Dennis Ritchie",
+    "Shafi Goldwasser",
+    "John McCarthy",
+    "Sophie Wilson",
+    "Leslie Lamport",
+    "Hedy Lamarr",
+    "Niklaus Wirth",
+    "Anita Borg",
+)
+_GEN_PLANS = ("free", "pro", "enterprise")
+_GEN_CYCLE = 60  # lcm(len(_GEN_NAMES), len(_GEN_PLANS)): name and plan repeat together every 60 rows
+_GEN_SESSIONS_MOD = 97
+
+GENERATED_FIELDS = (
+    _dim("users.id", "User ID", "string", "user_id"),
+    _dim("users.email", "Email", "string", "email"),
+    _dim("users.name", "Name"),
+    _dim("users.plan", "Plan"),
+    _dim("users.sessions_count", "Sessions Count", "number"),
+)
+
+# Per-row templates: everything but the id, the email and the sessions count is pre-encoded per cycle slot.
+_DETAIL_MIDDLE = tuple(
+    f'"users.name":{{"value":"{_GEN_NAMES[k % 20]}"}},"users.plan":{{"value":"{_GEN_PLANS[k % 3]}"}},'
+    for k in range(_GEN_CYCLE)
+)
+_JSON_MIDDLE = tuple(
+    f'"users.name":"{_GEN_NAMES[k % 20]}","users.plan":"{_GEN_PLANS[k % 3]}",' for k in range(_GEN_CYCLE)
+)
+_CSV_MIDDLE = tuple(f"{_GEN_NAMES[k % 20]},{_GEN_PLANS[k % 3]}" for k in range(_GEN_CYCLE))
+
+
+def generated_row(index: int) -> dict[str, Any]:
+    """Return row ``index`` of every generated Look (deterministic)."""
+    return {
+        "users.id": f"u{index:08d}",
+        "users.email": f"user{index:08d}@example.com",
+        "users.name": _GEN_NAMES[index % 20],
+        "users.plan": _GEN_PLANS[index % 3],
+        "users.sessions_count": index % _GEN_SESSIONS_MOD,
+    }
+
+
+@dataclass
+class GeneratedLook(FixtureLook):
+    """
+    A Look of ``size`` deterministic rows (:func:`generated_row`), encoded from templates chunk by chunk.
+
+    :param size: number of rows the query returns without a limit.
+    """
+
+    size: int = 0
+
+    @property
+    def row_count(self) -> int:
+        """How many rows the query returns without a limit."""
+        return self.size
+
+    def row(self, index: int) -> dict[str, Any]:
+        """Return row ``index`` (0-based)."""
+        return generated_row(index)
+
+    def encode_rows(self, fmt: str, columns: tuple[FixtureField, ...], start: int, stop: int) -> bytes:
+        """Encode rows ``[start, stop)`` from string templates (about 1.5 M rows/s)."""
+        if fmt == JSON_DETAIL:
+            mid = _DETAIL_MIDDLE
+            text = ",".join(
+                [
+                    f'{{"users.id":{{"value":"u{i:08d}"}},"users.email":{{"value":"user{i:08d}@example.com"}},'
+                    f'{mid[i % 60]}"users.sessions_count":{{"value":{i % 97}}}}}'
+                    for i in range(start, stop)
+                ]
+            )
+        elif fmt == JSON:
+            mid = _JSON_MIDDLE
+            text = ",".join(
+                [
+                    f'{{"users.id":"u{i:08d}","users.email":"user{i:08d}@example.com",'
+                    f'{mid[i % 60]}"users.sessions_count":{i % 97}}}'
+                    for i in range(start, stop)
+                ]
+            )
+        else:
+            mid = _CSV_MIDDLE
+            text = "".join(
+                [f"u{i:08d},user{i:08d}@example.com,{mid[i % 60]},{i % 97}\n" for i in range(start, stop)]
+            )
+        return text.encode()
+
+
+def generated_look(
+    size: int, look_id: str | int | None = None, *, limit: str | None = "5000"
+) -> GeneratedLook:
+    """
+    Return a generated Look of ``size`` rows.
+
+    :param size: number of rows.
+    :param look_id: the Look id; defaults to ``GENERATED_LOOK_BASE + size``.
+    :param limit: the saved row limit (a string, as Looker stores it).
+    """
+    if size < 0:
+        raise ValueError("size must be >= 0")
+    look_id = str(GENERATED_LOOK_BASE + size if look_id is None else look_id)
+    return GeneratedLook(
+        id=look_id,
+        title=f"Generated cohort of {size:,} users",
+        model="toastmates",
+        view="users",
+        fields=GENERATED_FIELDS,
+        limit=limit,
+        size=size,
+    )
+
+
+def resolve_generated(look_id: str) -> GeneratedLook | None:
+    """Return the generated Look for an id ``>= GENERATED_LOOK_BASE``, else ``None``."""
+    if not look_id.isdigit() or int(look_id) < GENERATED_LOOK_BASE:
+        return None
+    return generated_look(int(look_id) - GENERATED_LOOK_BASE, look_id)
+
+
+# --- fixture Looks --------------------------------------------------------------------------------------
+
+_USER_ID = _dim("users.id", "User ID", "string", "user_id")
+_EMAIL = _dim("users.email", "Email", "string", "email")
+_NAME = _dim("users.name", "Name")
+_TOASTMATES_FIELDS = (_USER_ID, _NAME, _EMAIL, _dim("users.sessions_count", "Sessions Count", "number"))
+
+_TOASTMATES_ROWS = (
+    ("00MWWFOLRcETcTCf", "Ty Arthur", "ty.arthur@segment.com", 2),
+    ("01HQZ3V8K2M5N7PB", "Priya Raman", "priya.raman@toastmates.com", 14),
+    ("02J4X9C1D6F8G3HK", "Marcus Oyelaran", "marcus.oyelaran@example.org", 7),
+    ("03KD7R2T5W8Y1Z4A", "Hannah Lindqvist", "hannah.lindqvist@example.com", 31),
+    ("04LMP6Q9S3U7V2XB", "Diego Fernández", "diego.fernandez@example.net", 1),
+    ("05NQ8T1W4Z7C2F5D", "Aiko Tanaka", "aiko.tanaka@example.jp", 9),
+    ("06PR3V6Y9B2E5H8J", "Fatima Zahra Benali", "fatima.benali@example.com", 23),
+    ("07QS5X8A1D4G7K2M", "Liam O'Connor", "liam.oconnor@example.ie", 4),
+    ("08RT7Z2C5F8J1N4Q", "Grace Mbeki", "grace.mbeki@example.co.za", 12),
+    ("09SV9B4E7H2L5P8T", "Noah Goldberg", "noah.goldberg@example.com", 5),
+)
+
+
+def _toastmates_rows(count: int = len(_TOASTMATES_ROWS)) -> tuple[dict[str, Any], ...]:
+    """Look 1's rows as field name -> value."""
+    names = ("users.id", "users.name", "users.email", "users.sessions_count")
+    return tuple(dict(zip(names, values, strict=True)) for values in _TOASTMATES_ROWS[:count])
+
+
+def _rows(names: tuple[str, ...], *values: tuple[Any, ...]) -> tuple[dict[str, Any], ...]:
+    """Build rows from a tuple of field names and tuples of values."""
+    return tuple(dict(zip(names, row, strict=True)) for row in values)
+
+
+def _toastmates() -> FixtureLook:
+    return FixtureLook(
+        id=TOASTMATES_LOOK_ID,
+        title="Active users, last 30 days",
+        model="toastmates",
+        view="users",
+        fields=_TOASTMATES_FIELDS,
+        rows=_toastmates_rows(),
+        limit="500",
+        filters={"users.last_active_date": "30 days"},
+    )
+
+
+def _untagged() -> FixtureLook:
+    fields = (
+        _dim("customers.customer_id", "Customer ID"),
+        _dim("customers.email_address", "Email Address"),
+        _dim("customers.first_name", "First Name"),
+        _dim("customers.last_name", "Last Name"),
+        _dim("customers.lifetime_orders", "Lifetime Orders", "number"),
+    )
+    rows = _rows(
+        tuple(f.name for f in fields),
+        ("C-1001", "jo.bloggs@example.com", "Jo", "Bloggs", 3),
+        ("C-1002", "sam.lee@example.com", "Sam", "Lee", 0),
+        ("C-1003", "ana.souza@example.com.br", "Ana", "Souza", 12),
+        ("C-1004", "wei.zhang@example.cn", "Wei", "Zhang", 1),
+    )
+    return FixtureLook(UNTAGGED_LOOK_ID, "Customers (no tags)", "crm", "customers", fields, rows)
+
+
+def _hidden() -> FixtureLook:
+    fields = (
+        _USER_ID,
+        _EMAIL,
+        _NAME,
+        _dim("users.internal_score", "Internal Score", "number"),
+        _dim("users.row_key", "Row Key", "string", hidden=True),
+    )
+    rows = _rows(
+        tuple(f.name for f in fields),
+        ("00MWWFOLRcETcTCf", "ty.arthur@segment.com", "Ty Arthur", 0.82, "rk-1"),
+        ("01HQZ3V8K2M5N7PB", "priya.raman@toastmates.com", "Priya Raman", 0.35, "rk-2"),
+        ("02J4X9C1D6F8G3HK", "marcus.oyelaran@example.org", "Marcus Oyelaran", None, "rk-3"),
+    )
+    return FixtureLook(
+        HIDDEN_FIELDS_LOOK_ID,
+        "Users with hidden columns",
+        "toastmates",
+        "users",
+        fields,
+        rows,
+        hidden_fields=("users.internal_score",),
+    )
+
+
+def _pivoted() -> FixtureLook:
+    status = _dim("orders.status", "Status")
+    fields = (
+        _USER_ID,
+        _EMAIL,
+        _measure("orders.count", "Count", "count"),
+        _measure("orders.total_revenue", "Total Revenue", "sum"),
+    )
+    keys = ("complete", "pending", "cancelled")
+    rows = (
+        {
+            "users.id": "00MWWFOLRcETcTCf",
+            "users.email": "ty.arthur@segment.com",
+            "orders.count": {"complete": 3, "pending": 1, "cancelled": 0},
+            "orders.total_revenue": {"complete": 120.5, "pending": 19.99, "cancelled": 0.0},
+        },
+        {
+            "users.id": "01HQZ3V8K2M5N7PB",
+            "users.email": "priya.raman@toastmates.com",
+            "orders.count": {"complete": 7, "pending": None, "cancelled": 2},
+            "orders.total_revenue": {"complete": 310.0, "pending": None, "cancelled": 45.25},
+        },
+        {
+            "users.id": "02J4X9C1D6F8G3HK",
+            "users.email": "marcus.oyelaran@example.org",
+            "orders.count": {"complete": 1, "pending": 0, "cancelled": 0},
+            "orders.total_revenue": {"complete": 12.0, "pending": 0.0, "cancelled": 0.0},
+        },
+    )
+    return FixtureLook(
+        PIVOT_LOOK_ID,
+        "Orders by status per user",
+        "toastmates",
+        "users",
+        fields,
+        rows,
+        pivot_fields=(status,),
+        pivot_values=tuple({"key": key, "data": {"orders.status": key}} for key in keys),
+    )
+
+
+def _table_calculations() -> FixtureLook:
+    fields = (
+        _USER_ID,
+        _EMAIL,
+        _measure("orders.count", "Count", "count"),
+        _measure("orders.total_revenue", "Total Revenue", "sum"),
+        _table_calc("average_order_value", "Average Order Value", "number"),
+        _table_calc("is_big_spender", "Is Big Spender", "yesno"),
+    )
+    rows = _rows(
+        tuple(f.name for f in fields),
+        ("00MWWFOLRcETcTCf", "ty.arthur@segment.com", 4, 140.49, 35.1225, False),
+        ("01HQZ3V8K2M5N7PB", "priya.raman@toastmates.com", 9, 355.25, 39.472222, True),
+        ("02J4X9C1D6F8G3HK", "marcus.oyelaran@example.org", 0, 0.0, None, False),
+    )
+    return FixtureLook(TABLE_CALCULATION_LOOK_ID, "Revenue per user", "toastmates", "users", fields, rows)
+
+
+def _value_types() -> FixtureLook:
+    fields = (
+        _USER_ID,
+        _EMAIL,
+        _NAME,
+        _dim("users.age", "Age", "number"),
+        _dim("users.balance", "Balance", "number"),
+        _dim("users.external_id", "External ID", "number"),
+        _dim("users.created_date", "Created Date", "date_date"),
+        _dim("users.last_seen_time", "Last Seen Time", "date_time"),
+        _dim("users.created_month", "Created Month", "date_month"),
+        _dim("users.is_verified", "Is Verified (Yes / No)", "yesno"),
+        _measure("users.lifetime_value", "Lifetime Value", "sum"),
+        _table_calc("is_new", "Is New", "yesno"),
+    )
+    rows = _rows(
+        tuple(f.name for f in fields),
+        (
+            "00MWWFOLRcETcTCf",
+            "ty.arthur@segment.com",
+            "Ty Arthur",
+            34,
+            120.75,
+            9007199254740993,
+            "2024-02-29",
+            "2024-03-01 08:15:30",
+            "2024-02",
+            "Yes",
+            512.5,
+            True,
+        ),
+        (
+            "01HQZ3V8K2M5N7PB",
+            None,
+            "",
+            0,
+            -12.5,
+            0,
+            "2023-12-31",
+            "2024-01-01 00:00:00",
+            "2023-12",
+            "No",
+            0,
+            False,
+        ),
+        (
+            "02J4X9C1D6F8G3HK",
+            "zoe@example.com",
+            "Zoë Ümlaut 😀",
+            None,
+            0.0,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ),
+    )
+    return FixtureLook(VALUE_TYPES_LOOK_ID, "Every value type", "toastmates", "users", fields, rows)
+
+
+def _anonymous() -> FixtureLook:
+    fields = (
+        _dim("sessions.anonymous_id", "Anonymous ID", "string", "segment_anonymous_id"),
+        _dim("sessions.email", "Email", "string", "email"),
+        _dim("sessions.browser", "Browser"),
+    )
+    rows = _rows(
+        tuple(f.name for f in fields),
+        ("anon-7f3c9a2e", "visitor.one@example.com", "Firefox"),
+        ("anon-1b2d4f6a", None, "Chrome"),
+        ("anon-9e8d7c6b", "visitor.three@example.com", "Safari"),
+    )
+    return FixtureLook(ANONYMOUS_ID_LOOK_ID, "Anonymous visitors", "toastmates", "sessions", fields, rows)
+
+
+def _email_only() -> FixtureLook:
+    fields = (_EMAIL, _NAME, _dim("users.plan", "Plan"))
+    rows = _rows(
+        tuple(f.name for f in fields),
+        ("ty.arthur@segment.com", "Ty Arthur", "pro"),
+        ("priya.raman@toastmates.com", "Priya Raman", "free"),
+        ("marcus.oyelaran@example.org", "Marcus Oyelaran", "enterprise"),
+    )
+    return FixtureLook(EMAIL_ONLY_LOOK_ID, "Newsletter subscribers", "toastmates", "users", fields, rows)
+
+
+def _two_user_ids() -> FixtureLook:
+    fields = (_USER_ID, _dim("accounts.owner_id", "Owner ID", "string", "user_id"), _EMAIL)
+    rows = _rows(
+        tuple(f.name for f in fields),
+        ("00MWWFOLRcETcTCf", "owner-17", "ty.arthur@segment.com"),
+        ("01HQZ3V8K2M5N7PB", "owner-17", "priya.raman@toastmates.com"),
+        ("02J4X9C1D6F8G3HK", "owner-42", "marcus.oyelaran@example.org"),
+    )
+    return FixtureLook(TWO_USER_IDS_LOOK_ID, "Users and account owners", "toastmates", "users", fields, rows)
+
+
+def _sql_error() -> FixtureLook:
+    return FixtureLook(
+        SQL_ERROR_LOOK_ID,
+        "Broken cohort",
+        "toastmates",
+        "users",
+        (_USER_ID, _EMAIL, _dim("users.last_login_date", "Last Login Date", "date_date")),
+        looker_error=(
+            "An error occurred while running the query: "
+            "ERROR: column users.last_login does not exist\n  Position: 87"
+        ),
+    )
+
+
+def _deleted() -> FixtureLook:
+    return FixtureLook(
+        DELETED_LOOK_ID,
+        "Active users, 2023 (deleted)",
+        "toastmates",
+        "users",
+        _TOASTMATES_FIELDS,
+        _toastmates_rows(3),
+        deleted=True,
+    )
+
+
+def _truncated() -> FixtureLook:
+    extra = (
+        ("10TX2D5G8K1N4R7U", "Omar Haddad", "omar.haddad@example.com", 3),
+        ("11UY4F7J2M5Q8T1W", "Elena Petrova", "elena.petrova@example.com", 6),
+    )
+    names = ("users.id", "users.name", "users.email", "users.sessions_count")
+    rows = _toastmates_rows(6) + _rows(names, *extra)
+    return FixtureLook(
+        TRUNCATED_LOOK_ID,
+        "Active users (saved limit 5)",
+        "toastmates",
+        "users",
+        _TOASTMATES_FIELDS,
+        rows,
+        "5",
+    )
+
+
+def _empty() -> FixtureLook:
+    return FixtureLook(EMPTY_LOOK_ID, "Nobody yet", "toastmates", "users", _TOASTMATES_FIELDS, (), "500")
+
+
+def fixture_looks() -> dict[str, FixtureLook]:
+    """Return a fresh registry of every fixture Look, by id (generated Looks are resolved on demand)."""
+    looks = (
+        _toastmates(),
+        _untagged(),
+        _hidden(),
+        _pivoted(),
+        _table_calculations(),
+        _value_types(),
+        _anonymous(),
+        _email_only(),
+        _two_user_ids(),
+        _sql_error(),
+        _deleted(),
+        _truncated(),
+        _empty(),
+    )
+    return {look.id: look for look in looks}

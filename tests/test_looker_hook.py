@@ -1,0 +1,644 @@
+"""LookerHook against the Looker API stand-in over HTTP, with the real looker_sdk, requests and ijson."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime
+
+import certifi
+import pytest
+from airflow.sdk import BaseHook
+from looker_helpers import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    connection_json,
+    html_server,
+    make_self_signed_cert,
+    set_connection,
+)
+
+from airflow_provider_looker_segment.exceptions import (
+    LookDeletedError,
+    LookerApiError,
+    LookerSegmentError,
+    LookNotFoundError,
+    LookQueryError,
+    LookStreamError,
+    LookTruncatedError,
+)
+from airflow_provider_looker_segment.hooks.looker import IJSON, LookerHook, normalise_base_url
+from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION
+from airflow_provider_looker_segment.testing.looker_fixtures import (
+    DELETED_LOOK_ID,
+    GENERATED_LOOK_BASE,
+    HIDDEN_FIELDS_LOOK_ID,
+    PIVOT_LOOK_ID,
+    SQL_ERROR_LOOK_ID,
+    TABLE_CALCULATION_LOOK_ID,
+    TOASTMATES_FIRST_ROW,
+    TOASTMATES_LOOK_ID,
+    TRUNCATED_LOOK_ID,
+    UNTAGGED_LOOK_ID,
+    VALUE_TYPES_LOOK_ID,
+    FixtureLook,
+    fixture_looks,
+    generated_look,
+    generated_row,
+)
+from airflow_provider_looker_segment.testing.looker_standin import LookerStandIn
+
+CONN_ID = "looker_test"
+WRONG_SECRET = "Wr0ng-S3cret-value-7f3c"
+
+
+@pytest.fixture
+def looker():
+    with LookerStandIn() as standin:
+        yield standin
+
+
+@pytest.fixture
+def make_hook(monkeypatch):
+    """Return a factory: define the connection from ``connection_json`` arguments and build a fast hook."""
+    hooks: list[LookerHook] = []
+
+    def make(host: str, *, password: str = CLIENT_SECRET, retries: int = 2, **extra) -> LookerHook:
+        set_connection(monkeypatch, CONN_ID, connection_json(host, CLIENT_ID, password, **extra))
+        hook = LookerHook(CONN_ID, retries=retries, backoff_factor=0, max_backoff=0.1)
+        hooks.append(hook)
+        return hook
+
+    yield make
+    for hook in hooks:
+        hook.close()
+
+
+@pytest.fixture
+def hook(looker, make_hook):
+    return make_hook(looker.base_url)
+
+
+def stream_all(hook: LookerHook, look_id: str, **kwargs):
+    with hook.stream_look(look_id, **kwargs) as stream:
+        rows = list(stream.rows)
+    return stream, rows
+
+
+# --- connection -> looker_sdk -----------------------------------------------------------------------------
+
+
+def test_hook_identity():
+    assert issubclass(LookerHook, BaseHook)
+    assert (LookerHook.conn_type, LookerHook.hook_name) == ("looker", "Looker")
+    assert (LookerHook.conn_name_attr, LookerHook.default_conn_name) == ("looker_conn_id", "looker_default")
+    assert LookerHook().looker_conn_id == "looker_default"
+    assert IJSON.backend_name == "yajl2_c"
+
+
+@pytest.mark.parametrize(
+    ("host", "schema", "port", "expected"),
+    [
+        ("https://x.cloud.looker.com:19999", None, None, "https://x.cloud.looker.com:19999"),
+        ("https://X.Cloud.Looker.com/", None, None, "https://x.cloud.looker.com"),
+        ("https://x.cloud.looker.com/api/4.0/", None, None, "https://x.cloud.looker.com"),
+        ("x.cloud.looker.com", None, 19999, "https://x.cloud.looker.com:19999"),
+        ("x.cloud.looker.com", "http", None, "http://x.cloud.looker.com"),
+        ("x.cloud.looker.com", "HTTPS", 443, "https://x.cloud.looker.com:443"),
+        ("https://x.cloud.looker.com:8443", None, 19999, "https://x.cloud.looker.com:8443"),
+        ("  http://127.0.0.1:8080  ", None, None, "http://127.0.0.1:8080"),
+        ("https://[::1]:8443/", None, None, "https://[::1]:8443"),
+    ],
+)
+def test_host_is_normalised(host, schema, port, expected):
+    assert normalise_base_url(host, schema, port) == expected
+
+
+@pytest.mark.parametrize("host", ["", None, "ftp://x.example.com", "https://x.example.com:notaport"])
+def test_unusable_host_is_rejected(host):
+    with pytest.raises(LookerSegmentError):
+        normalise_base_url(host)
+
+
+def test_uri_connection_with_port_schema_and_string_extras(monkeypatch):
+    set_connection(
+        monkeypatch,
+        CONN_ID,
+        "looker://my-id:my-secret@x.cloud.looker.com:19999/https?verify_ssl=false&timeout=30",
+    )
+    settings = LookerHook(CONN_ID).settings
+    assert settings.base_url == "https://x.cloud.looker.com:19999"
+    assert (settings.client_id, settings.verify_ssl, settings.timeout) == ("my-id", False, 30.0)
+    assert "my-secret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (False, False),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        (True, True),
+        ("True", True),
+        (None, True),
+    ],
+)
+def test_verify_ssl_extra_forms(monkeypatch, value, expected):
+    extra = {} if value is None else {"verify_ssl": value}
+    set_connection(monkeypatch, CONN_ID, connection_json("https://x.example.com", **extra))
+    assert LookerHook(CONN_ID).settings.verify_ssl is expected
+
+
+@pytest.mark.parametrize("extra", [{"verify_ssl": "maybe"}, {"timeout": "soon"}, {"timeout": 0}])
+def test_invalid_extras_are_rejected(monkeypatch, extra):
+    set_connection(monkeypatch, CONN_ID, connection_json("https://x.example.com", **extra))
+    with pytest.raises(LookerSegmentError):
+        _ = LookerHook(CONN_ID).settings
+
+
+def test_missing_login_or_password_is_named_not_shown(monkeypatch):
+    set_connection(monkeypatch, CONN_ID, connection_json("https://x.example.com", "", WRONG_SECRET))
+    with pytest.raises(LookerSegmentError, match="Login") as caught:
+        _ = LookerHook(CONN_ID).settings
+    assert WRONG_SECRET not in str(caught.value)
+
+
+def test_sdk_reads_only_the_connection(looker, make_hook, monkeypatch, tmp_path):
+    """Neither LOOKERSDK_* variables nor a looker.ini in the working directory change anything."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "looker.ini").write_text("[Looker]\nbase_url=http://127.0.0.1:1\nclient_secret=from-ini\n")
+    monkeypatch.setenv("LOOKERSDK_BASE_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("LOOKERSDK_CLIENT_SECRET", "from-env")
+    monkeypatch.setenv("LOOKERSDK_VERIFY_SSL", "true")
+    hook = make_hook(looker.base_url, timeout="7.5")
+    assert hook.test_connection() == (True, f"Connected to {looker.base_url} as Demo API")
+    config = hook.sdk.auth.settings.read_config()
+    assert all(isinstance(value, str) for value in config.values())
+    assert config["base_url"] == looker.base_url
+    assert (config["verify_ssl"], config["timeout"]) == ("true", "8")
+    assert hook.sdk.auth.settings.timeout == 7.5
+
+
+def test_connection_is_resolved_once_per_hook(looker, make_hook, monkeypatch):
+    hook = make_hook(looker.base_url)
+    assert hook.test_connection()[0]
+    # A later change of the connection does not reach this hook, not even when it logs in again.
+    set_connection(monkeypatch, CONN_ID, connection_json(looker.base_url, CLIENT_ID, WRONG_SECRET))
+    looker.revoke_tokens()
+    assert hook.get_look(TOASTMATES_LOOK_ID).title == "Active users, last 30 days"
+    assert looker.counters["logins"] == 2
+    assert looker.counters.get("failed_logins", 0) == 0
+
+
+def test_test_connection_names_the_host_and_user(hook, looker):
+    assert hook.test_connection() == (True, f"Connected to {looker.base_url} as Demo API")
+
+
+def test_wrong_credentials_never_leak_the_secret(looker, make_hook, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    hook = make_hook(looker.base_url, password=WRONG_SECRET)
+    ok, message = hook.test_connection()
+    assert not ok
+    assert "rejected the API credentials" in message
+    assert f"client ID {CLIENT_ID}" in message
+    with pytest.raises(LookerApiError) as caught:
+        hook.get_look(TOASTMATES_LOOK_ID)
+    assert caught.value.status == 404
+    output = capfd.readouterr()
+    for text in (message, str(caught.value), repr(caught.value), caplog.text, output.out, output.err):
+        assert WRONG_SECRET not in text
+    assert looker.counters["failed_logins"] == 2
+
+
+def test_unreachable_host(make_hook, looker):
+    url = looker.base_url
+    looker.stop()
+    ok, message = make_hook(url, retries=1).test_connection()
+    assert not ok
+    assert message.startswith(f"Reading the API user: cannot reach {url}: [Errno 111] Connection refused")
+
+
+def test_missing_connection_is_reported_by_test_connection():
+    ok, message = LookerHook("no_such_connection_defined").test_connection()
+    assert not ok
+    assert "no_such_connection_defined" in message
+
+
+def test_answers_that_are_not_lookers_become_looker_api_errors(make_hook):
+    with html_server() as url:
+        hook = make_hook(url)
+        ok, message = hook.test_connection()
+        assert not ok
+        assert "could not be read" in message
+        with pytest.raises(LookerApiError) as caught:
+            hook.get_look(TOASTMATES_LOOK_ID)
+        assert caught.value.status == 200
+
+
+def test_malformed_look_body_becomes_a_looker_api_error(hook, looker):
+    class MalformedLook(FixtureLook):
+        def look_json(self) -> dict:
+            return {"id": self.id, "title": "x", "can": "not a mapping", "query": ["not", "an", "object"]}
+
+    base = fixture_looks()[TOASTMATES_LOOK_ID]
+    looker.add_look(MalformedLook("77", "Malformed", "toastmates", "users", base.fields, base.rows))
+    with pytest.raises(LookerApiError, match="could not be read") as caught:
+        hook.get_look("77")
+    assert caught.value.status == 200
+    assert caught.value.look_id == "77"
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_verify_ssl_false_is_honoured(make_hook, tmp_path, monkeypatch):
+    cert, key = make_self_signed_cert(tmp_path)
+    with LookerStandIn(tls_certfile=cert, tls_keyfile=key) as looker:
+        ok, message = make_hook(looker.base_url, retries=0).test_connection()
+        assert not ok
+        assert message.startswith(f"Reading the API user: TLS failure talking to {looker.base_url}")
+        assert "CERTIFICATE_VERIFY_FAILED" in message
+
+        assert make_hook(looker.base_url, verify_ssl=False).test_connection()[0]
+        # requests lets REQUESTS_CA_BUNDLE override a session's verify=False; the hook does not
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+        hook = make_hook(looker.base_url, verify_ssl="false")
+        assert hook.test_connection()[0]
+        _, rows = stream_all(hook, TOASTMATES_LOOK_ID)
+        assert rows[0] == TOASTMATES_FIRST_ROW
+
+        uri = f"looker://{CLIENT_ID}:{CLIENT_SECRET}@127.0.0.1:{looker.base_url.rsplit(':', 1)[1]}/https"
+        set_connection(monkeypatch, "looker_uri", f"{uri}?verify_ssl=false")
+        uri_hook = LookerHook("looker_uri", retries=0)
+        try:
+            assert uri_hook.test_connection()[0]
+        finally:
+            uri_hook.close()
+
+
+def test_timeout_is_applied(looker, make_hook):
+    hook = make_hook(looker.base_url, retries=0, timeout=0.3)
+    looker.set_delay(2.0, path_prefix="/api/4.0/user")
+    ok, message = hook.test_connection()
+    assert not ok
+    assert message == f"Reading the API user: {looker.base_url} did not answer within 0.3 seconds (timeout)"
+    looker.set_delay(2.0, path_prefix="/api/4.0/looks/1/run")
+    with pytest.raises(LookerApiError, match=r"Running Look 1: .* did not answer within 0.3 seconds"):
+        stream_all(hook, TOASTMATES_LOOK_ID)
+    looker.clear_faults()
+
+
+# --- reading Looks ----------------------------------------------------------------------------------------
+
+
+def test_get_look(hook):
+    look = hook.get_look(1)
+    assert (look.id, look.title, look.model, look.view) == (
+        "1",
+        "Active users, last 30 days",
+        "toastmates",
+        "users",
+    )
+    assert look.fields == ("users.id", "users.name", "users.email", "users.sessions_count")
+    assert (look.limit, look.pivots, look.hidden_fields, look.deleted) == (500, (), (), False)
+    assert hook.get_look(HIDDEN_FIELDS_LOOK_ID).hidden_fields == ("users.internal_score",)
+    assert hook.get_look(PIVOT_LOOK_ID).pivots == ("orders.status",)
+
+
+def test_missing_look(hook):
+    with pytest.raises(LookNotFoundError) as caught:
+        hook.get_look(999)
+    assert str(caught.value) == "Look 999 not found, or the API user cannot see it"
+    assert (caught.value.status, caught.value.look_id) == (404, "999")
+    with pytest.raises(LookNotFoundError):
+        stream_all(hook, "999")
+
+
+def test_deleted_look(hook, looker):
+    with pytest.raises(LookDeletedError, match=r"^Look 11 is deleted"):
+        hook.get_look(DELETED_LOOK_ID)
+    with pytest.raises(LookDeletedError):
+        stream_all(hook, DELETED_LOOK_ID)
+    assert looker.run_requests() == []
+
+
+def test_stream_toastmates_cohort(hook, looker):
+    with hook.stream_look(TOASTMATES_LOOK_ID) as stream:
+        meta = stream.meta
+        assert looker.counters["runs"] == 1
+        rows = list(stream.rows)
+    assert rows[0] == TOASTMATES_FIRST_ROW
+    assert len(rows) == stream.row_count == 10
+    assert stream.exhausted and not stream.possibly_truncated
+    assert [f.name for f in meta.fields] == ["users.id", "users.name", "users.email", "users.sessions_count"]
+    user_id = meta.field_by_name("users.id")
+    assert (user_id.label, user_id.label_short, user_id.type, user_id.tags) == (
+        "Users User ID",
+        "User ID",
+        "string",
+        ("user_id",),
+    )
+    assert meta.field_by_name("users.email").tags == ("email",)
+    assert meta.field_by_name("users.sessions_count").type == "number"
+    assert all(f.category == DIMENSION and not f.hidden and not f.pivoted for f in meta.fields)
+    assert (meta.look_id, meta.pivots, meta.limit) == ("1", (), -1)
+    assert isinstance(meta.ran_at, datetime) and meta.ran_at.utcoffset() is not None
+    run = looker.run_requests()[0]
+    assert run.path == "/api/4.0/looks/1/run/json_detail"
+    assert run.query == {"apply_formatting": "false", "apply_vis": "false", "cache": "true", "limit": "-1"}
+    assert run.authorization and run.auth_scheme == "bearer"
+
+
+def test_cache_is_configurable(hook, looker):
+    stream_all(hook, TOASTMATES_LOOK_ID, cache=False)
+    assert looker.run_requests()[0].query["cache"] == "false"
+
+
+def test_untagged_fields(hook):
+    stream, rows = stream_all(hook, UNTAGGED_LOOK_ID)
+    assert [(f.name, f.label_short, f.tags) for f in stream.meta.fields][:2] == [
+        ("customers.customer_id", "Customer ID", ()),
+        ("customers.email_address", "Email Address", ()),
+    ]
+    assert rows[1]["customers.lifetime_orders"] == 0
+
+
+def test_hidden_fields(hook):
+    stream, rows = stream_all(hook, HIDDEN_FIELDS_LOOK_ID)
+    hidden = {f.name: f.hidden for f in stream.meta.fields}
+    assert hidden == {
+        "users.id": False,
+        "users.email": False,
+        "users.name": False,
+        "users.internal_score": True,  # hidden in the visualisation
+        "users.row_key": True,  # hidden in LookML
+    }
+    assert rows[0]["users.internal_score"] == 0.82
+    assert rows[2]["users.internal_score"] is None
+
+
+def test_pivots(hook):
+    stream, rows = stream_all(hook, PIVOT_LOOK_ID)
+    meta = stream.meta
+    assert [(p.key, p.data, p.label) for p in meta.pivots] == [
+        ("complete", {"orders.status": "complete"}, "complete"),
+        ("pending", {"orders.status": "pending"}, "pending"),
+        ("cancelled", {"orders.status": "cancelled"}, "cancelled"),
+    ]
+    assert [(f.name, f.category, f.pivoted) for f in meta.fields] == [
+        ("users.id", DIMENSION, False),
+        ("users.email", DIMENSION, False),
+        ("orders.count", MEASURE, True),
+        ("orders.total_revenue", MEASURE, True),
+    ]
+    assert rows[1] == {
+        "users.id": "01HQZ3V8K2M5N7PB",
+        "users.email": "priya.raman@toastmates.com",
+        "orders.count": {"complete": 7, "pending": None, "cancelled": 2},
+        "orders.total_revenue": {"complete": 310.0, "pending": None, "cancelled": 45.25},
+    }
+
+
+def test_table_calculations(hook):
+    stream, rows = stream_all(hook, TABLE_CALCULATION_LOOK_ID)
+    calcs = [f for f in stream.meta.fields if f.category == TABLE_CALCULATION]
+    assert [(f.name, f.label, f.type) for f in calcs] == [
+        ("average_order_value", "Average Order Value", "number"),
+        ("is_big_spender", "Is Big Spender", "yesno"),
+    ]
+    assert [r["is_big_spender"] for r in rows] == [False, True, False]
+    assert rows[2]["average_order_value"] is None
+    assert rows[0]["average_order_value"] == 35.1225
+
+
+def test_value_types_are_raw(hook):
+    stream, rows = stream_all(hook, VALUE_TYPES_LOOK_ID)
+    assert rows[0] == {
+        "users.id": "00MWWFOLRcETcTCf",
+        "users.email": "ty.arthur@segment.com",
+        "users.name": "Ty Arthur",
+        "users.age": 34,
+        "users.balance": 120.75,
+        "users.external_id": 9007199254740993,
+        "users.created_date": "2024-02-29",
+        "users.last_seen_time": "2024-03-01 08:15:30",
+        "users.created_month": "2024-02",
+        "users.is_verified": "Yes",
+        "users.lifetime_value": 512.5,
+        "is_new": True,
+    }
+    assert (rows[1]["users.email"], rows[1]["users.name"], rows[1]["users.age"]) == (None, "", 0)
+    assert (rows[1]["users.lifetime_value"], rows[1]["is_new"], rows[1]["users.balance"]) == (0, False, -12.5)
+    assert rows[2]["users.name"] == "Zoë Ümlaut 😀"
+    assert all(
+        v is None
+        for k, v in rows[2].items()
+        if k not in ("users.id", "users.email", "users.name", "users.balance")
+    )
+    types = {f.name: f.type for f in stream.meta.fields}
+    assert (types["users.created_date"], types["users.last_seen_time"], types["users.is_verified"]) == (
+        "date_date",
+        "date_time",
+        "yesno",
+    )
+    assert all(isinstance(v, float) for v in (rows[0]["users.balance"], rows[2]["users.balance"]))
+
+
+def test_failed_sql_raises_with_lookers_message(hook):
+    with pytest.raises(LookQueryError) as caught:
+        with hook.stream_look(SQL_ERROR_LOOK_ID) as stream:
+            pytest.fail(f"no stream expected, got {stream}")
+    assert str(caught.value).startswith("Look 10: Looker could not run the query: An error occurred")
+    assert "column users.last_login does not exist" in str(caught.value)
+    assert caught.value.look_id == "10"
+
+
+def test_looker_error_row_inside_data_is_not_yielded(hook, looker):
+    class ErrorInData(FixtureLook):
+        def encode_rows(self, fmt, columns, start, stop) -> bytes:
+            return b'{"users.id":{"value":"a"}},{"looker_error":"Query killed by admin"}'
+
+    base = fixture_looks()[TOASTMATES_LOOK_ID]
+    looker.add_look(ErrorInData("78", "Error in data", "toastmates", "users", base.fields, base.rows[:2]))
+    with hook.stream_look("78") as stream:
+        rows = stream.rows
+        assert next(rows) == {"users.id": "a"}
+        with pytest.raises(
+            LookQueryError, match="Look 78: Looker could not run the query: Query killed by admin"
+        ):
+            next(rows)
+    assert stream.row_count == 1
+
+
+def test_truncation_at_the_saved_limit(hook, capfd, caplog):
+    stream, rows = stream_all(hook, TRUNCATED_LOOK_ID, limit=None)
+    assert (len(rows), stream.row_count, stream.possibly_truncated, stream.meta.limit) == (5, 5, True, 5)
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "Look 12: the result has 5 rows, as many as the row limit of 5, so it may be truncated" in logged
+
+    with pytest.raises(LookTruncatedError, match="may be truncated"):
+        stream_all(hook, TRUNCATED_LOOK_ID, limit=None, strict_limit=True)
+
+    stream, rows = stream_all(hook, TRUNCATED_LOOK_ID)
+    assert (len(rows), stream.possibly_truncated, stream.meta.limit) == (8, False, -1)
+    stream, rows = stream_all(hook, TRUNCATED_LOOK_ID, limit=8, strict_limit=False)
+    assert (len(rows), stream.possibly_truncated) == (8, True)
+    stream, rows = stream_all(hook, TRUNCATED_LOOK_ID, limit=20, strict_limit=True)
+    assert (len(rows), stream.possibly_truncated) == (8, False)
+
+
+def test_empty_result(hook):
+    stream, rows = stream_all(hook, "13")
+    assert rows == [] and stream.row_count == 0 and not stream.possibly_truncated
+    assert stream.meta.fields[0].name == "users.id"
+
+
+# --- tokens, retries, broken bodies -----------------------------------------------------------------------
+
+
+def test_token_expiring_during_a_run(make_hook):
+    with LookerStandIn(token_lifetime=0.5, advertised_token_lifetime=3600) as looker:
+        hook = make_hook(looker.base_url)
+        assert hook.get_look(TOASTMATES_LOOK_ID).title
+        time.sleep(0.6)  # the token expires on the server while looker_sdk still trusts it
+        _, rows = stream_all(hook, TOASTMATES_LOOK_ID)
+        assert rows[0] == TOASTMATES_FIRST_ROW
+        assert looker.counters["logins"] == 2
+        assert looker.counters["unauthorized"] == 1
+
+
+def test_401_on_the_result_request_logs_in_again_once(hook, looker):
+    looker.fail_next_runs(1, status=401, retry_after=None)
+    _, rows = stream_all(hook, TOASTMATES_LOOK_ID)
+    assert len(rows) == 10
+    assert looker.counters["logins"] == 2
+    assert [r.status for r in looker.run_requests()] == [401, 200]
+
+    looker.fail_next_runs(2, status=401, retry_after=None)
+    with pytest.raises(LookerApiError, match="refused the API user even after logging in again") as caught:
+        stream_all(hook, TOASTMATES_LOOK_ID)
+    assert caught.value.status == 401
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_transient_statuses_are_retried(hook, looker, status):
+    looker.fail_next_runs(2, status=status, retry_after=0)
+    _, rows = stream_all(hook, TOASTMATES_LOOK_ID)
+    assert len(rows) == 10
+    assert [r.status for r in looker.run_requests()] == [status, status, 200]
+
+
+def test_retries_are_bounded(hook, looker):
+    looker.fail_next_runs(5, status=503, retry_after=0)
+    with pytest.raises(LookerApiError, match=r"Running Look 1 failed \(HTTP 503\)") as caught:
+        stream_all(hook, TOASTMATES_LOOK_ID)
+    assert caught.value.status == 503
+    assert len(looker.run_requests()) == 3  # the first try and two retries
+
+
+def test_retry_after_is_capped(looker, make_hook):
+    hook = make_hook(looker.base_url)
+    looker.fail_next_runs(1, status=429, retry_after=3600)
+    _, rows = stream_all(hook, TOASTMATES_LOOK_ID)  # waits max_backoff (0.1 s), not an hour
+    assert len(rows) == 10
+
+
+def test_dropped_connections_before_the_body_are_retried(hook, looker):
+    looker.drop_next_runs(2)
+    _, rows = stream_all(hook, TOASTMATES_LOOK_ID)
+    assert len(rows) == 10
+    assert len(looker.run_requests()) == 3
+
+
+def test_body_cut_off_mid_stream(hook, looker):
+    looker.add_look(generated_look(20_000, look_id="42"))
+    looker.cut_connection_after("42", 12_345)
+    received = []
+    with pytest.raises(LookStreamError) as caught:
+        with hook.stream_look(42) as stream:
+            received.extend(stream.rows)
+    assert str(caught.value) == "Look 42: result ended after 12,345 rows: connection closed"
+    assert caught.value.look_id == "42"
+    assert len(received) == stream.row_count == 12_345
+    assert received[-1] == generated_row(12_344)
+    assert not stream.exhausted
+    assert len(looker.run_requests()) == 1  # a broken body is never retried silently
+
+
+def test_body_cut_off_before_the_first_row(hook, looker):
+    looker.cut_connection_after(TOASTMATES_LOOK_ID, 0)
+    with pytest.raises(LookStreamError, match=r"^Look 1: result ended after 0 rows: connection closed$"):
+        stream_all(hook, TOASTMATES_LOOK_ID)
+
+
+def test_read_timeout_mid_stream_is_a_stream_error(looker, make_hook):
+    class StallingLook(FixtureLook):
+        def encode_rows(self, fmt, columns, start, stop) -> bytes:
+            if start >= 2:
+                time.sleep(1.0)
+            return super().encode_rows(fmt, columns, start, stop)
+
+    base = fixture_looks()[TOASTMATES_LOOK_ID]
+    looker.chunk_rows = 2
+    looker.add_look(StallingLook("79", "Stalls", "toastmates", "users", base.fields, base.rows))
+    hook = make_hook(looker.base_url, retries=0, timeout=0.3)
+    with pytest.raises(
+        LookStreamError, match=r"^Look 79: result ended after 2 rows: no data for 0.3 seconds"
+    ):
+        stream_all(hook, "79")
+
+
+# --- scale --------------------------------------------------------------------------------------------------
+
+_STREAM_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    from airflow_provider_looker_segment.hooks.looker import LookerHook
+
+    hook = LookerHook("looker_big", retries=0)
+    count = 0
+    with hook.stream_look(sys.argv[1]) as stream:
+        for row in stream.rows:
+            count += 1
+    assert stream.exhausted and stream.row_count == count
+    print(count, flush=True)
+    """
+)
+# Runs the streaming script as its own child, so RUSAGE_CHILDREN is that one process's peak RSS.
+_MEASURE = (
+    "import resource, subprocess, sys\n"
+    "subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]], check=True)\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def _peak_rss_streaming(looker: LookerStandIn, look_id: str, monkeypatch, tmp_path) -> tuple[int, float]:
+    """Stream a Look in a fresh process; return (rows, peak RSS in MB)."""
+    env_conn = connection_json(looker.base_url)
+    monkeypatch.setenv("AIRFLOW_CONN_LOOKER_BIG", env_conn)
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, _STREAM_SCRIPT, look_id],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split()
+    return int(lines[-2]), int(lines[-1]) / 1024
+
+
+def test_one_million_rows_stream_in_bounded_memory(looker, monkeypatch, tmp_path):
+    small_rows, small_mb = _peak_rss_streaming(
+        looker, str(GENERATED_LOOK_BASE + 1_000), monkeypatch, tmp_path
+    )
+    rows, peak_mb = _peak_rss_streaming(looker, str(GENERATED_LOOK_BASE + 1_000_000), monkeypatch, tmp_path)
+    print(f"peak RSS: {small_mb:.1f} MB for {small_rows:,} rows, {peak_mb:.1f} MB for {rows:,} rows")
+    assert (small_rows, rows) == (1_000, 1_000_000)
+    assert peak_mb < 150
+    assert peak_mb - small_mb < 25  # memory does not grow with the number of rows
+    assert looker.counters["rows_sent"] == 1_001_000
+    assert json.dumps(looker.counters)  # counters stay plain data

@@ -1,0 +1,487 @@
+"""SegmentHook against the Segment stand-in over HTTP: batching, auth, retries, faults, accounting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from http import HTTPStatus
+from itertools import pairwise
+from typing import Any
+
+import orjson
+import pytest
+from segment_helpers import (
+    assert_received_equals_delivered,
+    attempts_by_batch,
+    connect,
+    hook,
+    identifies,
+    identify,
+)
+
+from airflow_provider_looker_segment.batching import (
+    DEFAULT_MAX_BATCH_BYTES,
+    ENVELOPE_BYTES,
+    MAX_BATCH_EVENTS,
+    MAX_EVENT_BYTES,
+    MAX_REQUEST_BYTES,
+    REASON_OVERSIZE,
+    encode_event,
+)
+from airflow_provider_looker_segment.exceptions import SegmentConfigurationError, SegmentDeliveryError
+from airflow_provider_looker_segment.hooks.segment import (
+    DEFAULT_HOST,
+    DeliveryReport,
+    SegmentHook,
+    build_base_url,
+)
+from airflow_provider_looker_segment.testing.segment_standin import SegmentStandIn
+
+SECRET_KEY = "wk-S3cr3t-Wr1te-Key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SegmentStandIn]:
+    with SegmentStandIn(record="full", write_keys=("demo-write-key", SECRET_KEY)) as standin:
+        yield standin
+
+
+@pytest.fixture
+def segment(server: SegmentStandIn) -> Iterator[SegmentStandIn]:
+    server.reset()
+    yield server
+    server.reset()
+
+
+@pytest.fixture
+def conn_id(monkeypatch: pytest.MonkeyPatch, segment: SegmentStandIn) -> str:
+    return connect(monkeypatch, segment)
+
+
+def sized(number: int, size: int, char: str = "x") -> dict[str, Any]:
+    """An identify call whose encoding is exactly ``size`` bytes (padding ``char``, then ASCII)."""
+    message = identify(number)
+    message["traits"]["padding"] = ""
+    room = size - len(encode_event(message))
+    width = len(char.encode())
+    message["traits"]["padding"] = char * (room // width) + "x" * (room % width)
+    assert len(encode_event(message)) == size
+    return message
+
+
+def ids(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["messageId"] for m in messages]
+
+
+# -- happy path, batching, gzip, auth ----------------------------------------------------------------------
+
+
+def test_delivers_everything_and_the_standin_received_exactly_that(segment, conn_id):
+    messages = [sized(i, 300 + (i * 37) % 3000, char="é😀"[i % 2]) for i in range(3000)]
+    report = hook(conn_id, max_batch_events=400).send(iter(messages))
+    assert (report.delivered, report.rejected, report.failed) == (3000, 0, 0)
+    assert report.batches == segment.stats()["accepted_requests"] == report.requests >= 8
+    assert report.retries == 0 and report.bytes == segment.stats()["wire_bytes"]
+    assert_received_equals_delivered(segment, report, ids(messages))
+    assert sorted(segment.events(), key=lambda e: e["messageId"]) == messages  # bytes as sent, unicode intact
+    assert {r.auth for r in segment.records()} == {"basic"}
+
+
+def test_batches_split_by_count_exactly_at_the_limit(segment, conn_id):
+    messages = [
+        {"type": "identify", "userId": f"u{i}", "messageId": f"m{i}"} for i in range(2 * MAX_BATCH_EVENTS + 1)
+    ]
+    report = hook(conn_id, max_in_flight=1).send(messages)
+    assert [r.events for r in segment.records()] == [MAX_BATCH_EVENTS, MAX_BATCH_EVENTS, 1]
+    assert report.batches == 3
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+@pytest.mark.parametrize("limit", [DEFAULT_MAX_BATCH_BYTES, MAX_REQUEST_BYTES])
+def test_batches_split_by_bytes_exactly_at_the_limit(segment, conn_id, limit):
+    """A body of exactly the cap is one request (Segment's 500 KB included); one byte more is two."""
+    count = 20
+    target = limit - ENVELOPE_BYTES - (count - 1)
+    each = target // count
+    messages = [sized(i, each, char="ß") for i in range(count - 1)]
+    messages.append(sized(count - 1, target - each * (count - 1)))
+    report = hook(conn_id, max_in_flight=1, max_batch_bytes=limit).send(messages)
+    assert [(r.events, r.body_bytes, r.status) for r in segment.records()] == [(count, limit, 200)]
+    assert_received_equals_delivered(segment, report, ids(messages))
+    segment.reset()
+    messages[-1] = sized(count - 1, len(encode_event(messages[-1])) + 1)
+    report = hook(conn_id, max_in_flight=1, max_batch_bytes=limit).send(messages)
+    assert [r.events for r in segment.records()] == [count - 1, 1]
+    assert all(r.body_bytes <= limit and r.status == 200 for r in segment.records())
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_an_oversize_event_is_rejected_alone(segment, conn_id):
+    messages = [sized(i, 600) for i in range(10)]
+    messages[4] = sized(4, MAX_EVENT_BYTES + 1)
+    messages[7] = sized(7, MAX_EVENT_BYTES)  # exactly at the limit: sent
+    report = hook(conn_id).send(messages)
+    assert (report.delivered, report.rejected, report.failed) == (9, 1, 0)
+    assert report.rejected_events == [("msg-0000004", f"{REASON_OVERSIZE} ({MAX_EVENT_BYTES + 1} bytes)")]
+    assert report.rejected_reasons == {REASON_OVERSIZE: 1}
+    assert [r.events for r in segment.records()] == [9]  # its neighbours went in one batch
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_gzip_request_bodies(segment, monkeypatch):
+    conn_id = connect(monkeypatch, segment, extra={"gzip": True})
+    messages = list(identifies(5000, pad=100))
+    report = hook(conn_id, max_batch_events=1000).send(messages)
+    records = segment.records()
+    assert all(r.gzip and r.wire_bytes < r.body_bytes / 3 for r in records)
+    assert report.bytes == sum(r.wire_bytes for r in records)
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_a_missing_message_id_is_assigned_and_sent(segment, conn_id):
+    message = {"type": "identify", "userId": "u1", "traits": {"name": "Ty"}}
+    report = hook(conn_id).send([message])
+    (event,) = segment.events()
+    assert report.delivered == 1 and len(event["messageId"]) == 36 and "messageId" not in message
+
+
+# -- Segment refusing ----------------------------------------------------------------------------------
+
+
+def test_a_wrong_write_key_gives_401_reported_and_not_retried(segment, monkeypatch):
+    conn_id = connect(monkeypatch, segment, write_key="not-the-key")
+    messages = list(identifies(2000))
+    report = hook(conn_id, max_batch_events=100, max_in_flight=2).send(messages)
+    assert (report.delivered, report.rejected, report.failed) == (0, 0, 2000)
+    assert report.retries == 0
+    assert (
+        report.requests == segment.stats()["by_status"]["401"] <= 4
+    )  # stopped at once: 20 batches, <= 4 sent
+    assert report.aborted == "HTTP 401: invalid write key"
+    assert report.failed_reasons["HTTP 401: invalid write key"] == report.requests * 100
+    assert report.failed_reasons["not sent: HTTP 401: invalid write key"] == 2000 - report.requests * 100
+    assert all(len(attempts) == 1 for attempts in attempts_by_batch(segment).values())
+    assert_received_equals_delivered(segment, report, ids(messages))
+    with pytest.raises(SegmentDeliveryError, match="2,000 failed"):
+        report.raise_for_failures()
+
+
+@pytest.mark.parametrize("status", [400, 413])
+def test_400_and_413_reject_the_batch_without_retry(segment, conn_id, status):
+    segment.set_faults(script=["ok", str(status)])
+    messages = list(identifies(300))
+    report = hook(conn_id, max_batch_events=100, max_in_flight=1).send(messages)
+    assert (report.delivered, report.rejected, report.failed) == (200, 100, 0)
+    assert report.requests == 3 and report.retries == 0
+    assert report.rejected_ids == ids(messages[100:200])
+    assert list(report.rejected_reasons) == [f"HTTP {status}: {HTTPStatus(status).phrase}"]
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+# -- retries ---------------------------------------------------------------------------------------------
+
+
+def assert_retry_after_obeyed(segment: SegmentStandIn, wait: float) -> int:
+    """Every batch answered 429 came back no sooner than asked, by the stand-in's own clock."""
+    count = 0
+    for attempts in attempts_by_batch(segment).values():
+        for refused, retried in pairwise(attempts):
+            if refused.action == "429":
+                count += 1
+                assert retried.arrived >= refused.answered + wait - 0.002, (refused, retried)
+                assert retried.digest == refused.digest  # re-sent byte for byte
+    return count
+
+
+def test_429_storm_with_rate_limit_reset_is_obeyed(segment, conn_id):
+    segment.set_faults(every_429=2, retry_after=0.3, retry_after_style="x-ratelimit-reset")
+    messages = list(identifies(1200))
+    report = hook(conn_id, max_batch_events=100, max_in_flight=4, max_attempts=30).send(messages)
+    assert report.delivered == 1200 and report.failed == 0, report.failed_reasons
+    storm = segment.stats()["by_status"]["429"]
+    assert storm >= 6 and report.retries == storm
+    assert assert_retry_after_obeyed(segment, 0.3) == storm
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+@pytest.mark.parametrize("style", ["seconds", "http-date"])
+def test_retry_after_in_seconds_or_as_an_http_date_is_obeyed(segment, conn_id, style):
+    segment.set_faults(script=["429"], retry_after=1, retry_after_style=style)
+    messages = list(identifies(300))
+    report = hook(conn_id, max_batch_events=100, max_in_flight=2).send(messages)
+    assert report.delivered == 300 and report.retries == 1
+    assert assert_retry_after_obeyed(segment, 1.0) == 1
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_a_retry_after_beyond_the_time_budget_fails_the_batch_at_once(segment, conn_id):
+    segment.set_faults(script=["429"], retry_after=30)
+    messages = list(identifies(100))
+    report = hook(conn_id, max_retry_time=2).send(messages)
+    assert (report.delivered, report.failed, report.requests) == (0, 100, 1)
+    assert list(report.failed_reasons) == ["HTTP 429: Too Many Requests (retry time budget exhausted)"]
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_500_bursts_are_retried(segment, conn_id):
+    segment.set_faults(every_500=2, server_error_status=503)
+    messages = list(identifies(2000))
+    report = hook(conn_id, max_batch_events=100, max_attempts=30).send(messages)
+    assert report.delivered == 2000 and report.retries == segment.stats()["by_status"]["503"] >= 10
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_connection_resets_are_retried(segment, conn_id):
+    segment.set_faults(every_reset=3)
+    messages = list(identifies(2000))
+    report = hook(conn_id, max_batch_events=100, max_attempts=30).send(messages)
+    assert report.delivered == 2000 and report.retries == segment.stats()["by_status"]["reset"] >= 6
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_a_reset_after_segment_accepted_gives_only_identical_duplicates(segment, conn_id):
+    """Segment took the batch but the answer was lost: the re-send is byte for byte, counted once."""
+    segment.set_faults(script=["accept-reset", "ok", "accept-reset"])
+    messages = list(identifies(500))
+    report = hook(conn_id, max_batch_events=100, max_in_flight=1).send(messages)
+    assert (report.delivered, report.retries) == (500, 2)
+    stats = segment.stats()
+    assert (stats["events"], stats["unique_message_ids"], stats["duplicate_message_ids"]) == (700, 500, 200)
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_an_answer_broken_off_after_the_headers_is_re_sent(segment, conn_id):
+    segment.set_faults(script=["partial"])
+    messages = list(identifies(100))
+    report = hook(conn_id).send(messages)
+    assert (report.delivered, report.requests, report.retries) == (100, 2, 1)
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_an_endpoint_that_never_answers_times_out(segment, conn_id):
+    segment.set_faults(hang=True, hang_seconds=3)
+    messages = list(identifies(200))
+    report = hook(conn_id, timeout=0.3, max_attempts=2, max_batch_events=100, max_in_flight=2).send(messages)
+    assert (report.delivered, report.failed, report.requests) == (0, 200, 4)
+    assert report.failed_reasons == {"timeout: no answer in time (retry attempts exhausted)": 200}
+    assert segment.stats()["by_status"] == {"hang": 4}
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_one_request_that_never_answers_is_retried_after_the_timeout(segment, conn_id):
+    segment.set_faults(script=["hang"], hang_seconds=3)
+    messages = list(identifies(300))
+    report = hook(conn_id, timeout=0.3, max_batch_events=100).send(messages)
+    assert report.delivered == 300 and report.retries == 1
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_retry_budget_exhausted_gives_exact_failed_counts(segment, conn_id):
+    messages = list(identifies(1000))
+    poisoned = messages[350]["messageId"]  # in the 4th batch of 100
+    segment.set_faults(status_for_ids={poisoned: 500}, every_500=5)
+    report = hook(conn_id, max_batch_events=100, max_attempts=3).send(messages)
+    assert (report.delivered, report.rejected, report.failed) == (900, 0, 100)
+    assert report.failed_ids == ids(messages[300:400])
+    assert report.failed_reasons == {"HTTP 500: Internal Server Error (retry attempts exhausted)": 100}
+    assert len(attempts_by_batch(segment)[messages[300]["messageId"]]) == 3
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_delivery_stops_after_consecutive_failed_batches(segment, conn_id):
+    segment.set_faults(every_500=1)
+    messages = list(identifies(1000))
+    report = hook(
+        conn_id, max_batch_events=100, max_attempts=2, max_in_flight=1, max_consecutive_failed_batches=2
+    )
+    report = report.send(messages)
+    assert (report.delivered, report.failed, report.requests) == (0, 1000, 4)
+    assert report.aborted == "2 batches failed in a row"
+    assert report.failed_reasons["not sent: 2 batches failed in a row"] == 800
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_client_side_rate_limit_spaces_requests(segment, conn_id):
+    messages = list(identifies(800))
+    report = hook(conn_id, max_batch_events=100, max_in_flight=4, requests_per_second=20).send(messages)
+    arrivals = sorted(r.arrived for r in segment.records())
+    assert report.delivered == 800 and len(arrivals) == 8
+    assert arrivals[-1] - arrivals[0] >= 7 * 0.05 - 0.03  # 8 requests at 20/s, by the stand-in's clock
+    assert all(b - a >= 0.025 for a, b in pairwise(arrivals))
+
+
+# -- streaming, progress, input errors -----------------------------------------------------------------------
+
+
+def test_input_is_consumed_lazily_with_bounded_batches_in_flight(segment, conn_id):
+    segment.set_faults(delay=0.02)
+    pulled = 0
+    gaps: list[int] = []
+
+    def messages() -> Iterator[dict[str, Any]]:
+        nonlocal pulled
+        for message in identifies(6000):
+            pulled += 1
+            yield message
+
+    def progress(report: DeliveryReport) -> None:
+        gaps.append(pulled - report.total)
+
+    report = hook(conn_id, max_batch_events=100, max_in_flight=2).send(
+        messages(), progress=progress, progress_interval=0.01
+    )
+    assert report.delivered == 6000 and gaps
+    assert max(gaps) <= (2 * 2 + 1) * 100 + 1  # queued + sending + the batch being filled
+
+
+def test_an_error_of_the_input_propagates_after_requests_in_flight(segment, conn_id):
+    def messages() -> Iterator[dict[str, Any]]:
+        yield from identifies(250)
+        raise ValueError("Looker stream broke")
+
+    with pytest.raises(ValueError, match="Looker stream broke"):
+        hook(conn_id, max_batch_events=100).send(messages())
+    assert segment.stats()["events"] == 200
+
+
+# -- connection and configuration ----------------------------------------------------------------------
+
+
+def test_a_missing_write_key_is_a_clear_error_before_any_request(segment, monkeypatch):
+    conn_id = connect(monkeypatch, segment, write_key=None)
+    with pytest.raises(SegmentConfigurationError, match="no Segment write key"):
+        hook(conn_id).send(identifies(10))
+    assert segment.stats()["requests"] == 0
+    ok, message = hook(conn_id).test_connection()
+    assert not ok and "no Segment write key" in message
+
+
+def test_official_segment_provider_connections_work(segment, monkeypatch):
+    conn_id = connect(
+        monkeypatch, segment, write_key=None, conn_type="segment", extra={"write_key": SECRET_KEY}
+    )
+    report = hook(conn_id).send(identifies(10))
+    assert report.delivered == 10 and segment.records()[0].auth == "basic"
+
+
+def test_extras_are_read_and_arguments_override_them(segment, monkeypatch):
+    extra = {"timeout": "12", "gzip": "true", "max_in_flight": 2, "requests_per_second": "7.5"}
+    conn_id = connect(monkeypatch, segment, extra=extra)
+    settings = SegmentHook(conn_id).validate_config()
+    assert (settings.timeout, settings.gzip, settings.max_in_flight, settings.requests_per_second) == (
+        12.0,
+        True,
+        2,
+        7.5,
+    )
+    settings = SegmentHook(conn_id, timeout=3, gzip=False, max_in_flight=8, requests_per_second=0).settings
+    assert (settings.timeout, settings.gzip, settings.max_in_flight, settings.requests_per_second) == (
+        3.0,
+        False,
+        8,
+        None,
+    )
+    assert settings.base_url == segment.base_url
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"timeout": "soon"}, {"gzip": "perhaps"}, {"max_in_flight": 0}, {"max_in_flight": 100}, {"timeout": -1}],
+)
+def test_unusable_settings_are_configuration_errors(segment, monkeypatch, extra):
+    conn_id = connect(monkeypatch, segment, extra=extra)
+    with pytest.raises(SegmentConfigurationError):
+        SegmentHook(conn_id).validate_config()
+
+
+@pytest.mark.parametrize(
+    ("host", "schema", "port", "expected"),
+    [
+        (None, None, None, DEFAULT_HOST),
+        ("api.segment.io", None, None, "https://api.segment.io"),
+        ("https://events.eu1.segmentapis.com/v1/", None, None, "https://events.eu1.segmentapis.com"),
+        ("127.0.0.1", "http", 8080, "http://127.0.0.1:8080"),
+        ("http://127.0.0.1:9000", None, 8080, "http://127.0.0.1:9000"),
+    ],
+)
+def test_base_url_from_the_connection(host, schema, port, expected):
+    assert build_base_url(host, schema, port) == expected
+
+
+def test_test_connection_says_what_it_checked(segment, conn_id, monkeypatch):
+    ok, message = SegmentHook(conn_id).test_connection()
+    assert ok and "Not checked: the write key" in message
+    (record,) = segment.records()
+    assert record.events == 0 and record.auth == "basic"
+    wrong = connect(monkeypatch, segment, "segment_wrong", write_key="not-the-key")
+    ok, message = SegmentHook(wrong).test_connection()
+    assert not ok and "HTTP 401" in message
+    closed = {"conn_type": "segment_tracking", "host": "http://127.0.0.1:9", "password": "k" * 20}
+    monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_CLOSED", json.dumps(closed))
+    ok, message = SegmentHook("segment_closed").test_connection()
+    assert not ok and "connection refused" in message
+
+
+def test_the_write_key_never_appears_in_logs_errors_or_urls(segment, monkeypatch, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    texts: list[str] = []
+    conn_id = connect(monkeypatch, segment, write_key=SECRET_KEY)
+    segment.set_faults(
+        script=["reset", "500", "429", "partial"], retry_after=0.1, retry_after_style="x-ratelimit-reset"
+    )
+    report = hook(conn_id, max_batch_events=50).send(identifies(500))
+    assert report.delivered == 500
+    texts += [json.dumps(report.to_dict()), report.summary(), repr(SegmentHook(conn_id).validate_config())]
+    texts.append(SegmentHook(conn_id).test_connection()[1])
+    segment.set_faults(every_500=1)
+    failed = hook(conn_id, max_attempts=2).send(identifies(100))
+    texts += [json.dumps(failed.to_dict())]
+    with pytest.raises(SegmentDeliveryError) as raised:
+        failed.raise_for_failures()
+    texts.append(str(raised.value))
+    wrong_key = SECRET_KEY[::-1]
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SEGMENT_USERINFO",
+        json.dumps(
+            {"conn_type": "segment_tracking", "host": f"http://{wrong_key}@127.0.0.1:1", "password": "x" * 9}
+        ),
+    )
+    with pytest.raises(SegmentConfigurationError) as config_error:
+        SegmentHook("segment_userinfo").validate_config()
+    texts.append(str(config_error.value))
+    captured = capsys.readouterr()
+    texts += [caplog.text, captured.out, captured.err, *(r.path for r in segment.records())]
+    logged = caplog.text + captured.out + captured.err
+    assert "Retrying" in logged and "Segment batch of 100 events failed" in logged  # the logs were captured
+    for text in texts:
+        assert SECRET_KEY not in text and wrong_key not in text
+
+
+def test_report_is_json_serialisable_and_bounded():
+    report = DeliveryReport(max_listed_events=3)
+    report.add("delivered", ["a", "b"])
+    report.add("failed", [f"f{i}" for i in range(5)], "HTTP 500 (retry attempts exhausted)")
+    report.add("rejected", ["big"], REASON_OVERSIZE, f"{REASON_OVERSIZE} (40000 bytes)")
+    data = orjson.loads(orjson.dumps(report.to_dict()))
+    assert (data["delivered"], data["failed"], data["rejected"]) == (2, 5, 1)
+    assert data["failed_message_ids"] == ["f0", "f1", "f2"] and data["failed_events_omitted"] == 2
+    assert data["rejected_events"] == [{"messageId": "big", "reason": f"{REASON_OVERSIZE} (40000 bytes)"}]
+    assert data["reasons"] == {"HTTP 500 (retry attempts exhausted)": 5, REASON_OVERSIZE: 1}
+    assert report.total == 8 and not report.ok
+    snapshot = report.snapshot()
+    report.add("failed", ["late"], "x")
+    assert snapshot.failed == 5 and len(snapshot.failed_events) == 3
+
+
+def test_retry_after_header_parsing():
+    from airflow_provider_looker_segment.hooks.segment import _parse_rate_limit_reset
+
+    now = time.time()
+    assert _parse_rate_limit_reset("2") == 2
+    assert math.isclose(_parse_rate_limit_reset(str(int((now + 5) * 1000))), 5, abs_tol=0.1)
+    assert math.isclose(_parse_rate_limit_reset(str(int(now + 5))), 5, abs_tol=1.1)
+    assert _parse_rate_limit_reset("Thu, 01 Jan 1970 00:00:00 GMT") == 0
+    assert _parse_rate_limit_reset("garbage") is None

@@ -1,0 +1,653 @@
+"""Tests of the per-sync state store (sync_mode="changed"), on a local path and on memory://."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import orjson
+import pytest
+from airflow.sdk import ObjectStoragePath
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sync_state_helpers import REFERENCE_TRAITS, attach_memory_fs
+
+from airflow_provider_looker_segment import sync_state
+from airflow_provider_looker_segment.exceptions import LookerSegmentError
+from airflow_provider_looker_segment.sync_state import (
+    ANONYMOUS_ID,
+    CHANGED,
+    NEW,
+    UNCHANGED,
+    USER_ID,
+    CohortStateStore,
+    ExitIdentity,
+    LockOwner,
+    SyncRun,
+    SyncStateConflictError,
+    SyncStateCorruptError,
+    SyncStateError,
+    SyncStateLockedError,
+    format_identity_hash,
+    identity_hash,
+    identity_hash_from_message_id,
+    sync_key,
+    traits_digest,
+)
+
+HELPERS = Path(__file__).resolve().parent / "sync_state_helpers.py"
+KEY = "look-42-api.segment.io-0123456789abcdef"
+
+# A small cohort: identity -> traits digest.
+COHORT = {(USER_ID, f"user-{n}"): traits_digest({"n": n, "plan": "pro"}) for n in range(20)}
+COHORT[(ANONYMOUS_ID, "anon-1")] = traits_digest({"n": -1})
+
+
+@pytest.fixture(params=["local", "memory"])
+def base(request, tmp_path) -> ObjectStoragePath:
+    """The folder of the state files: a local path (file://) or a fresh memory:// folder."""
+    if request.param == "local":
+        return ObjectStoragePath(f"file://{tmp_path}/state")
+    attach_memory_fs()
+    return ObjectStoragePath(f"memory://state-tests/{uuid.uuid4().hex}")
+
+
+@pytest.fixture
+def store(base) -> CohortStateStore:
+    return CohortStateStore(base, KEY)
+
+
+@pytest.fixture
+def small_spool_runs(monkeypatch) -> None:
+    """Sort new entries in runs of 3, so that the merge of several sorted runs is exercised."""
+    monkeypatch.setattr(sync_state, "_SPOOL_RUN_RECORDS", 3)
+
+
+def classify_all(run: SyncRun, cohort: dict[tuple[str, str], int]) -> dict[tuple[str, str], str]:
+    return {
+        (kind, identity): run.classify(kind, identity, digest) for (kind, identity), digest in cohort.items()
+    }
+
+
+def sync(
+    store: CohortStateStore,
+    cohort: dict[tuple[str, str], int],
+    *,
+    failed: set[tuple[str, str]] = frozenset(),
+    run_id: str = "run",
+    **begin: bool,
+) -> tuple[dict[tuple[str, str], str], list[ExitIdentity]]:
+    """One committed run: classify the cohort, list exits, commit with ``failed`` not delivered."""
+    with store.begin(run_id, **begin) as run:
+        classes = classify_all(run, cohort)
+        exits = list(run.iter_exits())
+        run.commit({identity_hash(kind, identity) for kind, identity in failed})
+    return classes, exits
+
+
+def stored(store: CohortStateStore) -> dict[tuple[str, str], int]:
+    return {(entry.kind, entry.identity): entry.digest for entry in store.iter_entries()}
+
+
+def count(classes: dict[tuple[str, str], str], value: str) -> int:
+    return sum(1 for result in classes.values() if result == value)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+class TestHashes:
+    def test_identity_hash_is_blake2b_of_kind_and_identity(self):
+        expected = int.from_bytes(hashlib.blake2b(b"userId:42", digest_size=8).digest(), "big")
+        assert identity_hash(USER_ID, "42") == expected
+
+    def test_identity_hash_depends_on_kind(self):
+        assert identity_hash(USER_ID, "42") != identity_hash(ANONYMOUS_ID, "42")
+
+    @pytest.mark.parametrize("kind", ["email", "", None])
+    def test_unknown_kind(self, kind):
+        with pytest.raises(ValueError, match="identity kind"):
+            identity_hash(kind, "42")
+
+    @pytest.mark.parametrize("identity", ["", None, 42])
+    def test_bad_identity(self, identity):
+        with pytest.raises(ValueError, match="non-empty string"):
+            identity_hash(USER_ID, identity)
+
+    def test_message_id_round_trip(self):
+        ihash = identity_hash(USER_ID, "00MWWFOLRcETcTCf")
+        prefix = format_identity_hash(ihash)
+        assert len(prefix) == 16
+        assert identity_hash_from_message_id(f"{prefix}-dag-task-run") == ihash
+        assert identity_hash_from_message_id(format_identity_hash(5)) == 5
+
+    @pytest.mark.parametrize("message_id", ["", "not-a-hash-at-all", "0123456789abcde", None])
+    def test_message_id_without_hash(self, message_id):
+        assert identity_hash_from_message_id(message_id) is None
+
+    def test_traits_digest_ignores_key_order(self):
+        assert traits_digest({"a": 1, "b": {"x": 1, "y": 2}}) == traits_digest(
+            {"b": {"y": 2, "x": 1}, "a": 1}
+        )
+
+    def test_traits_digest_sees_values_and_types(self):
+        digests = {traits_digest(t) for t in ({"a": 1}, {"a": 1.0}, {"a": "1"}, {"a": True}, {"a": None})}
+        assert len(digests) == 5
+
+    def test_traits_digest_is_blake2b_of_sorted_json(self):
+        data = orjson.dumps(REFERENCE_TRAITS, option=orjson.OPT_SORT_KEYS)
+        expected = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+        assert traits_digest(REFERENCE_TRAITS) == expected
+
+
+class TestSyncKey:
+    def test_filename_safe_short_and_readable(self):
+        key = sync_key("42", "https://api.segment.io/", "s3cr3t-write-key")
+        assert key.startswith("look-42-api.segment.io-")
+        assert len(key) <= 110
+        assert all(c.isalnum() or c in "._-" for c in key)
+
+    def test_never_contains_the_write_key(self):
+        assert "s3cr3t" not in sync_key("42", "api.segment.io", "s3cr3t-write-key")
+
+    def test_stable_and_host_normalised(self):
+        assert sync_key("42", "https://API.segment.io/", "wk") == sync_key("42", "api.segment.io", "wk")
+
+    @pytest.mark.parametrize(
+        "other",
+        [
+            ("43", "api.segment.io", "wk"),
+            ("42", "events.eu1.segmentapis.com", "wk"),
+            ("42", "api.segment.io", "wk2"),
+        ],
+    )
+    def test_differs_per_look_and_destination(self, other):
+        assert sync_key("42", "api.segment.io", "wk") != sync_key(*other)
+
+    def test_unsafe_look_id(self):
+        key = sync_key("../../etc/passwd", "api.segment.io", "wk")
+        assert "/" not in key
+        assert CohortStateStore("memory://x", key).key == key
+
+    def test_store_rejects_unsafe_key(self):
+        with pytest.raises(ValueError, match="filename-safe"):
+            CohortStateStore("memory://x", "a/b")
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+class TestRuns:
+    def test_first_run_all_new(self, store):
+        classes, exits = sync(store, COHORT)
+        assert count(classes, NEW) == len(COHORT)
+        assert exits == []
+        assert stored(store) == COHORT
+        assert store.read_header().generation == 1
+
+    def test_second_run_same_data_all_unchanged(self, store, small_spool_runs):
+        sync(store, COHORT)
+        with store.begin("run-2") as run:
+            classes = classify_all(run, COHORT)
+            assert run.counts() == {
+                "previous": len(COHORT),
+                "new": 0,
+                "changed": 0,
+                "unchanged": len(COHORT),
+                "exits": 0,
+            }
+            assert run.previous_generation == 1
+            run.commit(set())
+        assert count(classes, UNCHANGED) == len(COHORT)
+        assert stored(store) == COHORT
+        assert store.read_header().generation == 2
+
+    def test_one_changed_digest(self, store):
+        sync(store, COHORT)
+        cohort = {**COHORT, (USER_ID, "user-3"): traits_digest({"n": 3, "plan": "free"})}
+        classes, _ = sync(store, cohort)
+        assert {k for k, v in classes.items() if v == CHANGED} == {(USER_ID, "user-3")}
+        assert count(classes, UNCHANGED) == len(COHORT) - 1
+        assert stored(store) == cohort
+
+    def test_removed_identity_exits(self, store):
+        sync(store, COHORT)
+        cohort = {k: v for k, v in COHORT.items() if k not in {(ANONYMOUS_ID, "anon-1"), (USER_ID, "user-7")}}
+        with store.begin("run-2") as run:
+            classify_all(run, cohort)
+            assert run.exit_count == 2
+            assert run.exit_ratio == pytest.approx(2 / len(COHORT))
+            exits = sorted(run.iter_exits())
+            run.commit(set())
+        assert exits == [
+            ExitIdentity(ANONYMOUS_ID, "anon-1", identity_hash(ANONYMOUS_ID, "anon-1")),
+            ExitIdentity(USER_ID, "user-7", identity_hash(USER_ID, "user-7")),
+        ]
+        assert stored(store) == cohort  # delivered exits leave the state
+        _, exits = sync(store, cohort)
+        assert exits == []
+
+    def test_failed_new_and_changed_are_sent_again(self, store, small_spool_runs):
+        first = {k: v for k, v in COHORT.items() if k != (USER_ID, "user-1")}
+        sync(store, first)
+        cohort = {**COHORT, (USER_ID, "user-2"): 99}
+        failed = {(USER_ID, "user-1"), (USER_ID, "user-2")}
+        classes, _ = sync(store, cohort, failed=failed)
+        assert classes[(USER_ID, "user-1")] == NEW
+        assert classes[(USER_ID, "user-2")] == CHANGED
+        assert (USER_ID, "user-1") not in stored(store)
+        assert stored(store)[(USER_ID, "user-2")] == COHORT[(USER_ID, "user-2")]  # previous digest kept
+        classes, _ = sync(store, cohort)
+        assert classes[(USER_ID, "user-1")] == NEW
+        assert classes[(USER_ID, "user-2")] == CHANGED
+        assert count(classes, UNCHANGED) == len(COHORT) - 2
+        assert stored(store) == cohort
+
+    def test_failed_exit_stays_and_exits_again(self, store):
+        sync(store, COHORT)
+        cohort = {k: v for k, v in COHORT.items() if k != (USER_ID, "user-5")}
+        _, exits = sync(store, cohort, failed={(USER_ID, "user-5")})
+        assert [e.identity for e in exits] == ["user-5"]
+        assert stored(store)[(USER_ID, "user-5")] == COHORT[(USER_ID, "user-5")]
+        _, exits = sync(store, cohort)
+        assert [e.identity for e in exits] == ["user-5"]
+        assert stored(store) == cohort
+
+    def test_unknown_failures_advance_nothing(self, store):
+        sync(store, COHORT)
+        cohort = {k: v for k, v in COHORT.items() if k != (USER_ID, "user-5")}
+        cohort[(USER_ID, "user-6")] = 1
+        cohort[(USER_ID, "newcomer")] = 2
+        with store.begin("run-2") as run:
+            classify_all(run, cohort)
+            result = run.commit(None)
+        assert (result.added, result.updated, result.removed, result.not_advanced) == (0, 0, 0, 3)
+        assert stored(store) == COHORT
+
+    def test_exits_not_sent_stay(self, store):
+        sync(store, COHORT)
+        cohort = {k: v for k, v in COHORT.items() if k != (USER_ID, "user-5")}
+        cohort[(USER_ID, "newcomer")] = 2
+        with store.begin("run-2") as run:
+            classify_all(run, cohort)
+            run.commit(set(), exits_sent=False)
+        assert stored(store) == {**COHORT, (USER_ID, "newcomer"): 2}
+
+    def test_commit_result(self, store):
+        sync(store, COHORT)
+        cohort = {k: v for k, v in COHORT.items() if k not in {(USER_ID, "user-5"), (USER_ID, "user-8")}}
+        cohort.update({(USER_ID, "user-6"): 1, (USER_ID, "a"): 1, (USER_ID, "b"): 1})
+        with store.begin("run-2") as run:
+            classify_all(run, cohort)
+            result = run.commit({identity_hash(USER_ID, "b"), identity_hash(USER_ID, "user-8")})
+        assert (result.added, result.updated, result.removed, result.not_advanced) == (1, 1, 1, 2)
+        assert result.generation == 2
+        assert result.entries == len(COHORT) - 1 + 1
+        assert result.size == store.state_path.stat().st_size
+
+    def test_full_refresh_rebuilds_from_this_run(self, store):
+        sync(store, COHORT)
+        cohort = {(USER_ID, "user-1"): 5, (USER_ID, "fresh"): 6}
+        with store.begin("run-2", full_refresh=True) as run:
+            classes = classify_all(run, cohort)
+            assert run.previous_count == 0
+            assert run.exit_count == 0
+            assert list(run.iter_exits()) == []
+            run.commit({identity_hash(USER_ID, "fresh")})
+        assert set(classes.values()) == {NEW}
+        assert stored(store) == {(USER_ID, "user-1"): 5}
+        assert store.read_header().generation == 1
+
+    def test_full_refresh_recovers_a_corrupted_file(self, store):
+        sync(store, COHORT)
+        store.state_path.write_bytes(b"garbage")
+        classes, _ = sync(store, COHORT, full_refresh=True)
+        assert set(classes.values()) == {NEW}
+        assert stored(store) == COHORT
+
+    def test_duplicate_identity_keeps_last(self, store, small_spool_runs):
+        with store.begin("run-1") as run:
+            assert run.classify(USER_ID, "dup", 1) == NEW
+            assert run.classify(USER_ID, "dup", 2) == NEW
+            assert run.commit(set()).duplicates == 1
+        assert stored(store) == {(USER_ID, "dup"): 2}
+        with store.begin("run-2") as run:
+            assert run.classify(USER_ID, "dup", 2) == UNCHANGED
+            assert run.classify(USER_ID, "dup", 3) == CHANGED
+            run.commit(set())
+        assert stored(store) == {(USER_ID, "dup"): 3}
+
+    def test_precomputed_identity_hash(self, store):
+        sync(store, COHORT)
+        with store.begin("run-2") as run:
+            ihash = identity_hash(USER_ID, "user-1")
+            assert run.classify(USER_ID, "user-1", COHORT[(USER_ID, "user-1")], ihash=ihash) == UNCHANGED
+
+    def test_unicode_identity(self, store):
+        cohort = {(USER_ID, "ünïcødé-👤"): 1, (ANONYMOUS_ID, "x" * 5000): 2}
+        sync(store, cohort)
+        assert stored(store) == cohort
+
+    def test_invalid_arguments(self, store):
+        with store.begin("run") as run:
+            with pytest.raises(ValueError, match="identity kind"):
+                run.classify("email", "a@b.c", 1)
+            with pytest.raises(ValueError, match="64-bit"):
+                run.classify(USER_ID, "a", -1)
+            with pytest.raises(ValueError, match="64-bit"):
+                run.classify(USER_ID, "a", 1 << 64)
+
+    def test_run_cannot_be_used_after_commit(self, store):
+        with store.begin("run") as run:
+            run.commit(set())
+            with pytest.raises(SyncStateError, match="already committed"):
+                run.classify(USER_ID, "a", 1)
+            with pytest.raises(SyncStateError, match="already committed"):
+                run.commit(set())
+
+    def test_no_commit_leaves_state_unchanged(self, store):
+        sync(store, COHORT)
+        with store.begin("run-2") as run:
+            run.classify(USER_ID, "user-1", 12345)
+        assert stored(store) == COHORT
+        assert store.read_header().generation == 1
+
+    def test_empty_cohort(self, store):
+        classes, _ = sync(store, {})
+        assert classes == {}
+        assert stored(store) == {}
+        with store.begin("run-2") as run:
+            assert run.previous_count == 0
+            assert run.exit_ratio == 0.0
+
+    def test_state_file_has_no_traits_and_a_version_header(self, store):
+        sync(store, {(USER_ID, "42"): traits_digest({"email": "ty.arthur@segment.com"})})
+        data = store.state_path.read_bytes()
+        assert data.startswith(b"LSG-SYNC-STATE 1\n")
+        assert b"ty.arthur" not in data
+        assert {p.name for p in store.base_path.iterdir()} == {f"{KEY}.state"}  # lock and tmp gone
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    runs=st.lists(
+        st.tuples(
+            st.dictionaries(st.integers(0, 15), st.integers(0, 2), max_size=16),  # present identity -> digest
+            st.sets(st.integers(0, 15)),  # failed identities
+            st.sampled_from(["known", "unknown", "no-exits"]),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_state_follows_a_model(runs, tmp_path_factory):
+    """Over random runs, classifications and the stored state match a plain dict model."""
+    attach_memory_fs()
+    store = CohortStateStore(f"memory://state-model/{uuid.uuid4().hex}", KEY)
+    model: dict[tuple[str, str], int] = {}
+    saved = sync_state._SPOOL_RUN_RECORDS
+    sync_state._SPOOL_RUN_RECORDS = 4
+    try:
+        for present, failed_numbers, delivery in runs:
+            cohort = {(USER_ID, f"id-{n}"): digest for n, digest in present.items()}
+            failed = {(USER_ID, f"id-{n}") for n in failed_numbers}
+            with store.begin("run") as run:
+                classes = classify_all(run, cohort)
+                exits = {(e.kind, e.identity) for e in run.iter_exits()}
+                not_delivered = None if delivery == "unknown" else {identity_hash(*k) for k in failed}
+                run.commit(not_delivered, exits_sent=delivery != "no-exits")
+            assert exits == set(model) - set(cohort)
+            for key, digest in cohort.items():
+                assert classes[key] == (
+                    NEW if key not in model else UNCHANGED if model[key] == digest else CHANGED
+                )
+            delivered = {k for k in [*cohort, *exits] if delivery != "unknown" and k not in failed}
+            for key, digest in cohort.items():
+                if classes[key] != UNCHANGED and key in delivered:
+                    model[key] = digest
+            if delivery != "no-exits":
+                for key in exits:
+                    if key in delivered:
+                        del model[key]
+            assert stored(store) == model
+    finally:
+        sync_state._SPOOL_RUN_RECORDS = saved
+
+
+# --------------------------------------------------------------------------------------------- atomicity
+
+
+class _Crash(Exception):
+    pass
+
+
+class TestAtomicWrite:
+    def test_crash_mid_write_keeps_previous_state(self, store, monkeypatch):
+        sync(store, COHORT)
+        original = sync_state._StateFileWriter.write_to
+
+        def crash_halfway(self, out, header):
+            out.write(header.to_bytes()[:10])
+            raise _Crash
+
+        monkeypatch.setattr(sync_state._StateFileWriter, "write_to", crash_halfway)
+        with pytest.raises(_Crash), store.begin("run-2") as run:
+            classify_all(run, {(USER_ID, "other"): 1})
+            run.commit(set())
+        monkeypatch.setattr(sync_state._StateFileWriter, "write_to", original)
+        assert stored(store) == COHORT
+        assert {p.name for p in store.base_path.iterdir()} == {f"{KEY}.state"}  # no tmp, no lock
+        classes, _ = sync(store, COHORT)
+        assert set(classes.values()) == {UNCHANGED}
+
+    def test_process_killed_mid_write(self, tmp_path):
+        """A process dying mid-write leaves the previous state readable; the next run removes its tmp file."""
+        store = CohortStateStore(f"file://{tmp_path}/state", KEY)
+        sync(store, COHORT)
+        script = textwrap.dedent(
+            f"""
+            import os
+            from airflow_provider_looker_segment import sync_state as s
+
+            def die_halfway(self, out, header):
+                out.write(header.to_bytes())
+                out.write(b"\\0" * 100)
+                out.flush()
+                os._exit(3)
+
+            s._StateFileWriter.write_to = die_halfway
+            store = s.CohortStateStore({store.base_path.as_uri()!r}, {KEY!r})
+            with store.begin("killed-run") as run:
+                run.classify("userId", "someone", 1)
+                run.commit(set())
+            """
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 3, done.stderr
+        names = {p.name for p in Path(tmp_path, "state").iterdir()}
+        assert f"{KEY}.state" in names
+        assert any(name.startswith(f"{KEY}.state.tmp-") for name in names)
+        assert f"{KEY}.lock" in names  # the dead run's lock stays...
+        assert stored(store) == COHORT
+        classes, _ = sync(store, COHORT, run_id="killed-run")  # ...and is taken over by its retry
+        assert set(classes.values()) == {UNCHANGED}
+        assert {p.name for p in Path(tmp_path, "state").iterdir()} == {f"{KEY}.state"}
+
+
+# --------------------------------------------------------------------------------------------- concurrency
+
+
+class TestConcurrency:
+    def test_concurrent_run_refused(self, store):
+        with store.begin("scheduled__2024-01-01") as run:
+            with pytest.raises(SyncStateLockedError) as raised:
+                store.begin("manual__2024-01-01")
+            message = str(raised.value)
+            assert KEY in message
+            assert "scheduled__2024-01-01" in message
+            assert str(store.lock_path) in message
+            assert raised.value.owner.run_id == "scheduled__2024-01-01"
+            assert isinstance(raised.value, LookerSegmentError)
+            classify_all(run, COHORT)
+            run.commit(set())
+        sync(store, COHORT, run_id="manual__2024-01-01")  # released: the next run goes ahead
+
+    def test_lock_released_on_error(self, store):
+        with pytest.raises(RuntimeError), store.begin("run-1"):
+            raise RuntimeError("boom")
+        assert not store.lock_path.exists()
+        sync(store, COHORT, run_id="run-2")
+
+    def test_lock_content(self, store):
+        with store.begin("run-1"):
+            owner = LockOwner.from_bytes(store.lock_path.read_bytes(), None)
+            assert owner.run_id == "run-1"
+            assert owner.pid == os.getpid()
+            assert abs(owner.acquired_at - datetime.now(timezone.utc)) < timedelta(minutes=1)
+
+    def test_stale_lock_taken_over(self, store):
+        old = LockOwner("crashed-run", "t", "h", 1, datetime.now(timezone.utc) - timedelta(hours=7))
+        store.base_path.mkdir(parents=True, exist_ok=True)
+        store.lock_path.write_bytes(old.to_bytes())
+        sync(store, COHORT, run_id="next-run")
+        assert not store.lock_path.exists()
+
+    def test_recent_lock_respected_with_configured_age(self, base):
+        store = CohortStateStore(base, KEY, lock_stale_after=timedelta(hours=8))
+        old = LockOwner("slow-run", "t", "h", 1, datetime.now(timezone.utc) - timedelta(hours=7))
+        store.base_path.mkdir(parents=True, exist_ok=True)
+        store.lock_path.write_bytes(old.to_bytes())
+        with pytest.raises(SyncStateLockedError, match="slow-run"):
+            store.begin("next-run")
+        with CohortStateStore(base, KEY, lock_stale_after=3600).begin("next-run") as run:
+            assert run.previous_count == 0
+
+    def test_unreadable_lock(self, store):
+        store.base_path.mkdir(parents=True, exist_ok=True)
+        store.lock_path.write_bytes(b"\x00not json")
+        with pytest.raises(SyncStateLockedError, match="unreadable lock file") as raised:
+            store.begin("run")
+        assert "delete" in str(raised.value)
+
+    def test_other_writer_detected_at_commit(self, store):
+        sync(store, COHORT)
+        run = store.begin("run-a")
+        try:
+            classify_all(run, COHORT)
+            store.lock_path.unlink()  # e.g. a lock broken as stale while run-a was still running
+            sync(store, {**COHORT, (USER_ID, "b"): 1}, run_id="run-b")
+            with pytest.raises(SyncStateConflictError, match="changed since this run loaded it"):
+                run.commit(set())
+        finally:
+            run.close()
+        assert stored(store) == {**COHORT, (USER_ID, "b"): 1}
+
+    def test_other_writer_detected_on_full_refresh(self, store):
+        run = store.begin("run-a", full_refresh=True)
+        try:
+            store.lock_path.unlink()
+            sync(store, COHORT, run_id="run-b")
+            with pytest.raises(SyncStateConflictError):
+                run.commit(set())
+        finally:
+            run.close()
+
+
+# --------------------------------------------------------------------------------------------- corruption
+
+
+def _rewrite(store: CohortStateStore, change) -> None:
+    store.state_path.write_bytes(change(store.state_path.read_bytes()))
+
+
+def _header_line(data: bytes) -> tuple[int, int]:
+    start = data.index(b"\n") + 1
+    return start, data.index(b"\n", start)
+
+
+def _with_header(data: bytes, **fields) -> bytes:
+    start, end = _header_line(data)
+    return data[:start] + orjson.dumps({**json.loads(data[start:end]), **fields}) + data[end:]
+
+
+CORRUPTIONS = {
+    "garbage": (lambda data: b"hello world\n" * 10, "not a sync state file"),
+    "empty": (lambda data: b"", "not a sync state file"),
+    "newer version": (
+        lambda data: data.replace(b"LSG-SYNC-STATE 1", b"LSG-SYNC-STATE 99", 1),
+        "version '99'",
+    ),
+    "truncated": (lambda data: data[:-7], "bytes"),
+    "flipped byte": (lambda data: data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:], "checksum"),
+    "broken header": (lambda data: data.replace(b'"count"', b'"cou', 1), "header is damaged"),
+    "other sync": (lambda data: _with_header(data, sync_key="look-1-x-0"), "belongs to sync look-1-x-0"),
+}
+
+
+class TestCorruption:
+    @pytest.mark.parametrize("name", list(CORRUPTIONS))
+    def test_clear_error(self, store, name):
+        change, reason = CORRUPTIONS[name]
+        sync(store, COHORT)
+        _rewrite(store, change)
+        with pytest.raises(SyncStateCorruptError) as raised:
+            store.begin("run")
+        message = str(raised.value)
+        assert str(store.state_path) in message
+        assert reason in message
+        assert "Delete it" in message
+        assert "full_refresh=True" in message
+        assert not store.lock_path.exists()  # a failed begin releases the lock
+
+    def test_identity_count_mismatch(self, store):
+        """A well-formed file whose identities outnumber its hashes (a writer bug) is reported when read."""
+        sync(store, COHORT)
+
+        def drop_one_hash(data: bytes) -> bytes:
+            start, end = _header_line(data)
+            header = json.loads(data[start:end])
+            n, body = header["count"], data[end + 1 :]
+            body = body[8 : 8 * n] + body[8 * n + 8 : 16 * n] + body[16 * n :]
+            checksum = hashlib.blake2b(body, digest_size=16).hexdigest()
+            return _with_header(data[: end + 1], count=n - 1, checksum=checksum) + body
+
+        _rewrite(store, drop_one_hash)
+        with store.begin("run") as run, pytest.raises(SyncStateCorruptError, match="lists 21 identities"):
+            list(run.iter_exits())
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def test_one_million_identities_in_bounded_memory(tmp_path):
+    """Two 1 M-identity runs (load, classify, exits, write) in a subprocess: peak RSS and file size."""
+    done = subprocess.run(
+        [sys.executable, str(HELPERS), f"file://{tmp_path}/state", "1000000"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\n1 M-identity state benchmark: {report}")
+    assert report["first_run"]["new"] == 1_000_000
+    assert report["second_run"] == {
+        "previous": 1_000_000,
+        "new": 10_000,
+        "changed": 19_800,
+        "unchanged": 970_200,
+        "exits": 10_000,
+    }
+    assert report["exits_listed"] == 10_000
+    assert report["state_size_bytes"] < 50 * 1024 * 1024
+    assert report["peak_rss_mb"] < 250
+    assert report["growth_mb"] < 120
+    # The traits digest is the same in another process (no per-process hash seed).
+    assert report["reference_digest"] == traits_digest(REFERENCE_TRAITS)
