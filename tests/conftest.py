@@ -11,14 +11,33 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="lsg-airflow-home-")
 os.environ.setdefault("AIRFLOW_HOME", _AIRFLOW_HOME)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
-os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(Path(__file__).resolve().parents[1] / "dags"))
+# dag.test() runs only DAGs of the configured bundle: the dags folder of the tests holds the project's example
+# DAGs and the tests' own DAGs (tests/dag_files), linked into a throw-away folder.
+_DAGS_FOLDER = Path(tempfile.mkdtemp(prefix="lsg-dags-"))
+for _source in [
+    *(Path(__file__).resolve().parents[1] / "dags").glob("*.py"),
+    *(Path(__file__).resolve().parent / "dag_files").glob("*.py"),
+]:
+    (_DAGS_FOLDER / _source.name).symlink_to(_source)
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(_DAGS_FOLDER))
 # Ambient Looker SDK settings must never leak into a test: the hook ignores them, and so do we.
 for _name in [n for n in os.environ if n.startswith("LOOKERSDK_")]:
     del os.environ[_name]
 
 # Helper modules in tests/ (looker_helpers, segment_helpers, ...) are imported by name.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> str:
+    """Create the metadata database (SQLite in AIRFLOW_HOME) once; ``dag.test()`` needs it."""
+    from airflow.utils import db
+
+    db.initdb()
+    return os.environ["AIRFLOW_HOME"]

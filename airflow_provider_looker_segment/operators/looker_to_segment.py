@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -9,10 +10,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, ObjectStoragePath
 
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__
 from airflow_provider_looker_segment.batching import encode_event, plan_batches
+from airflow_provider_looker_segment.cohort_sync import (
+    SYNC_ALL,
+    SYNC_CHANGED,
+    SYNC_MODES,
+    CohortCounts,
+    ExitGuardError,
+    changed_only,
+    exit_messages,
+    undelivered_identities,
+)
 from airflow_provider_looker_segment.destinations import (
     Destination,
     check_destinations,
@@ -33,11 +44,13 @@ from airflow_provider_looker_segment.params import (
     to_str_dict,
     to_str_list,
 )
+from airflow_provider_looker_segment.sync_state import CohortStateStore, SyncRun, sync_key
 from airflow_provider_looker_segment.transform import (
     TRAIT_KEY_STYLES,
     TransformOptions,
     TransformPlan,
     build_message_id_namespace,
+    format_timestamp,
     make_row_transformer,
     plan_transform,
 )
@@ -47,6 +60,10 @@ if TYPE_CHECKING:
 
 #: How many example payloads a dry run writes to the log.
 DRY_RUN_EXAMPLES = 3
+#: How many rejected / failed messageIds the summary (XCom) lists; the log has the counts per reason.
+SUMMARY_MESSAGE_IDS = 100
+#: Folder of the state files under AIRFLOW_HOME when ``state_path`` is not given.
+DEFAULT_STATE_FOLDER = "looker_segment_state"
 
 
 @dataclass
@@ -64,6 +81,11 @@ class _Settings:
     dry_run: bool
     limit: int
     max_invalid_rows: int | None
+    sync_mode: str
+    full_refresh: bool
+    membership_trait: str | None
+    max_exit_ratio: float
+    state_path: ObjectStoragePath | None
 
 
 class _RowCounter:
@@ -109,6 +131,19 @@ class LookerToSegmentOperator(BaseOperator):
         was saved with. (templated)
     :param max_invalid_rows: fail the task when more rows than this produce no event (no identifier, ...);
         ``None`` (the default) only reports them. (templated)
+    :param sync_mode: ``"all"`` (the default) sends every row on every run; ``"changed"`` sends only the
+        identities that are new or whose traits changed since the last delivery of this Look to this Segment
+        source, keeping per-sync state (hashes, not traits) under ``state_path``. (templated)
+    :param state_path: folder of the ``sync_mode="changed"`` state files: a local path or any URL Airflow's
+        ObjectStoragePath reads (``s3://bucket/looker-segment/``, ``gs://...``); use shared storage when tasks
+        run on several workers. Default: ``$AIRFLOW_HOME/looker_segment_state``. (templated)
+    :param full_refresh: with ``sync_mode="changed"``, send everything and rebuild the state. (templated)
+    :param membership_trait: a trait set to ``true`` on every call (e.g. ``in_active_users``); with
+        ``sync_mode="changed"``, identities that left the Look since the last run get one call with it
+        set to ``false`` and leave the state. (templated)
+    :param max_exit_ratio: with a membership trait, fail before sending any exit when more than this share of
+        the previous cohort would leave at once (a broken or truncated query looks like everyone leaving);
+        default 0.5. (templated)
     :param max_in_flight: batch requests sent at once (default: the Segment connection's, else 4).
     :param gzip: gzip request bodies (default: the Segment connection's setting).
     :param requests_per_second: client-side rate limit for workspaces with low limits.
@@ -127,6 +162,11 @@ class LookerToSegmentOperator(BaseOperator):
         "dry_run",
         "limit",
         "max_invalid_rows",
+        "sync_mode",
+        "state_path",
+        "full_refresh",
+        "membership_trait",
+        "max_exit_ratio",
     )
     template_fields_renderers = {"trait_names": "json", "destinations": "json", "exclude_fields": "json"}
     ui_color = "#52BD94"
@@ -147,6 +187,11 @@ class LookerToSegmentOperator(BaseOperator):
         dry_run: bool | str = False,
         limit: int | str = -1,
         max_invalid_rows: int | str | None = None,
+        sync_mode: str = SYNC_ALL,
+        state_path: str | ObjectStoragePath | None = None,
+        full_refresh: bool | str = False,
+        membership_trait: str | None = None,
+        max_exit_ratio: float | str = 0.5,
         max_in_flight: int | None = None,
         gzip: bool | None = None,
         requests_per_second: float | None = None,
@@ -167,6 +212,11 @@ class LookerToSegmentOperator(BaseOperator):
         self.dry_run = dry_run
         self.limit = limit
         self.max_invalid_rows = max_invalid_rows
+        self.sync_mode = sync_mode
+        self.state_path = state_path
+        self.full_refresh = full_refresh
+        self.membership_trait = membership_trait
+        self.max_exit_ratio = max_exit_ratio
         self.max_in_flight = max_in_flight
         self.gzip = gzip
         self.requests_per_second = requests_per_second
@@ -188,6 +238,19 @@ class LookerToSegmentOperator(BaseOperator):
         max_invalid = to_optional_int(self.max_invalid_rows, name="max_invalid_rows")
         if max_invalid is not None and max_invalid < 0:
             raise TransformConfigError(f"max_invalid_rows must be 0 or more, got {max_invalid}")
+        sync_mode = to_optional_str(self.sync_mode) or SYNC_ALL
+        if sync_mode not in SYNC_MODES:
+            raise TransformConfigError(
+                f"sync_mode must be one of {', '.join(SYNC_MODES)}, got {self.sync_mode!r}"
+            )
+        try:
+            max_exit_ratio = float(self.max_exit_ratio)
+        except (TypeError, ValueError):
+            max_exit_ratio = -1.0
+        if not 0.0 <= max_exit_ratio <= 1.0:
+            raise TransformConfigError(
+                f"max_exit_ratio must be a number from 0 to 1, got {self.max_exit_ratio!r}"
+            )
         return _Settings(
             look_id=look_id,
             user_id_field=to_optional_str(self.user_id_field),
@@ -200,6 +263,11 @@ class LookerToSegmentOperator(BaseOperator):
             dry_run=to_bool(self.dry_run, name="dry_run"),
             limit=-1 if limit is None or limit == 0 else limit,
             max_invalid_rows=max_invalid,
+            sync_mode=sync_mode,
+            full_refresh=to_bool(self.full_refresh, name="full_refresh"),
+            membership_trait=to_optional_str(self.membership_trait),
+            max_exit_ratio=max_exit_ratio,
+            state_path=_state_folder(self.state_path) if sync_mode == SYNC_CHANGED else None,
         )
 
     def _segment_hook(self) -> SegmentHook:
@@ -217,39 +285,119 @@ class LookerToSegmentOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         settings = self._settings()
         destinations = resolve_destinations(settings.destinations)
-        segment = None if settings.dry_run else self._segment_hook()
-        if segment is not None:
+        segment = self._segment_hook()
+        if not settings.dry_run or settings.sync_mode == SYNC_CHANGED:
             segment.validate_config()  # a missing write key fails here, before Looker is even read
+        namespace = self._message_id_namespace(context, settings.look_id)
         started = time.monotonic()
+        if settings.sync_mode == SYNC_CHANGED:
+            store = self._state_store(settings, segment)
+            with store.begin(namespace, full_refresh=settings.full_refresh) as sync_run:
+                summary = self._sync(settings, destinations, segment, namespace, started, sync_run)
+        else:
+            summary = self._sync(settings, destinations, segment, namespace, started, None)
+        self._log_summary(summary)
+        self._publish_asset_events(context, summary)
+        self._fail_if_needed(settings, summary)
+        return summary
+
+    def _sync(
+        self,
+        settings: _Settings,
+        destinations: list[Destination],
+        segment: SegmentHook,
+        namespace: str,
+        started: float,
+        sync_run: SyncRun | None,
+    ) -> dict[str, Any]:
+        """Stream the Look, turn rows into messages, deliver them (or plan them in a dry run)."""
         counter = _RowCounter()
+        cohort = CohortCounts()
+        library = {"name": PACKAGE_NAME, "version": __version__}
         with LookerHook(looker_conn_id=self.looker_conn_id).stream_look(
             settings.look_id, limit=settings.limit
         ) as stream:
             plan = plan_transform(stream.meta, self._options(settings))
             self._log_plan(settings.look_id, plan)
             self._check_destinations(destinations, plan)
+            ran_at = stream.meta.ran_at
             transform = make_row_transformer(
-                plan,
-                ran_at=stream.meta.ran_at,
-                message_id_namespace=self._message_id_namespace(context, settings.look_id),
-                library={"name": PACKAGE_NAME, "version": __version__},
+                plan, ran_at=ran_at, message_id_namespace=namespace, library=library
             )
-            messages = _messages(stream.rows, transform, counter)
-            if segment is None:
-                delivery = _dry_run(messages, self.log.info)
+            row_messages = _messages(stream.rows, transform, counter)
+            messages: Iterable[dict] = row_messages
+            if sync_run is not None:
+
+                def with_exits() -> Iterator[dict]:
+                    yield from changed_only(row_messages, sync_run, cohort)
+                    yield from exit_messages(
+                        sync_run,
+                        cohort,
+                        membership_trait=settings.membership_trait,
+                        max_exit_ratio=settings.max_exit_ratio,
+                        possibly_truncated=stream.possibly_truncated,
+                        message_id_namespace=namespace,
+                        timestamp=format_timestamp(ran_at) if ran_at is not None else None,
+                        library=library,
+                    )
+
+                messages = with_exits()
+            if settings.dry_run:
+                delivery, undelivered = _dry_run(messages, self.log.info), None
             else:
                 progress = _ProgressLogger(settings.look_id, counter, started, self.log.info)
-                delivery = segment.send(
-                    messages, progress=progress, progress_interval=self.progress_interval
-                ).to_dict()
+                report = segment.send(messages, progress=progress, progress_interval=self.progress_interval)
+                delivery = report.to_dict()
+                complete = not report.rejected_events_omitted and not report.failed_events_omitted
+                undelivered = undelivered_identities(report.rejected_ids + report.failed_ids, complete)
             possibly_truncated = stream.possibly_truncated
-            ran_at = stream.meta.ran_at
         summary = _summary(settings, plan, destinations, counter, delivery, possibly_truncated, ran_at)
+        if sync_run is not None:
+            summary.update(self._finish_sync(settings, sync_run, cohort, undelivered))
         summary["seconds"] = round(time.monotonic() - started, 3)
-        self._log_summary(summary)
-        self._publish_asset_events(context, summary)
-        self._fail_if_needed(settings, summary)
         return summary
+
+    def _state_store(self, settings: _Settings, segment: SegmentHook) -> CohortStateStore:
+        config = segment.settings
+        key = sync_key(settings.look_id, config.base_url, config.write_key)
+        if settings.state_path is None:  # _settings() sets it with sync_mode="changed"
+            raise TransformConfigError("state_path is needed with sync_mode='changed'")
+        self.log.info("Sync state: %s/%s.state", settings.state_path, key)
+        return CohortStateStore(settings.state_path, key)
+
+    def _finish_sync(
+        self, settings: _Settings, sync_run: SyncRun, cohort: CohortCounts, undelivered: set[int] | None
+    ) -> dict[str, Any]:
+        """Save the state (it advances only for accepted events) and report the cohort's movements."""
+        counts = {
+            "new": cohort.new,
+            "changed": cohort.changed,
+            "unchanged": cohort.unchanged,
+            "exited": cohort.exits_sent,
+            "departed": cohort.exits,
+            "exits_skipped": cohort.exits_skipped,
+            "previous_cohort": sync_run.previous_count,
+            "state_generation": sync_run.previous_generation,
+        }
+        if cohort.exits_skipped and cohort.exits:
+            self.log.warning(
+                "Look %s: %d identities left the cohort; no exit call sent: %s.",
+                settings.look_id,
+                cohort.exits,
+                cohort.exits_skipped,
+            )
+        if settings.dry_run:
+            self.log.info("Dry run: the sync state was read, not changed.")
+            return counts
+        exits_sent = cohort.guard_tripped is None and not (
+            cohort.exits_skipped and cohort.exits_skipped.startswith("the Look may be truncated")
+        )
+        result = sync_run.commit(undelivered, exits_sent=exits_sent)
+        counts["state_generation"] = result.generation
+        counts["state_identities"] = result.entries
+        if cohort.guard_tripped:
+            raise ExitGuardError(f"Look {settings.look_id}: {cohort.guard_tripped}")
+        return counts
 
     def _options(self, settings: _Settings) -> TransformOptions:
         return TransformOptions(
@@ -259,6 +407,7 @@ class LookerToSegmentOperator(BaseOperator):
             trait_names=settings.trait_names,
             trait_key_style=settings.trait_key_style,
             exclude_fields=tuple(settings.exclude_fields),
+            membership_trait=settings.membership_trait,
         )
 
     @staticmethod
@@ -446,10 +595,10 @@ def _summary(
         "invalid_reasons": dict(counter.invalid),
         "rejected": delivery["rejected"],
         "rejected_reasons": delivery.get("rejected_reasons", {}),
-        "rejected_message_ids": delivery.get("rejected_message_ids", []),
+        "rejected_message_ids": delivery.get("rejected_message_ids", [])[:SUMMARY_MESSAGE_IDS],
         "failed": delivery["failed"],
         "failed_reasons": delivery.get("failed_reasons", {}),
-        "failed_message_ids": delivery.get("failed_message_ids", []),
+        "failed_message_ids": delivery.get("failed_message_ids", [])[:SUMMARY_MESSAGE_IDS],
         "batches": delivery["batches"],
         "requests": delivery.get("requests", 0),
         "retries": delivery.get("retries", 0),
@@ -458,6 +607,20 @@ def _summary(
         "traits": plan.traits,
         "destinations": [d.name for d in destinations],
         "limit": settings.limit,
+        "sync_mode": settings.sync_mode,
         "possibly_truncated": possibly_truncated,
         "ran_at": ran_at.isoformat() if ran_at is not None else None,
     }
+
+
+def _state_folder(state_path: str | ObjectStoragePath | None) -> ObjectStoragePath:
+    """The folder of the sync state files: ``state_path``, else ``$AIRFLOW_HOME/looker_segment_state``."""
+    if isinstance(state_path, ObjectStoragePath):
+        return state_path
+    text = to_optional_str(state_path)
+    if text is None:
+        home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
+        text = os.path.join(home, DEFAULT_STATE_FOLDER)
+    if "://" not in text:
+        text = "file://" + os.path.abspath(os.path.expanduser(text))
+    return ObjectStoragePath(text)

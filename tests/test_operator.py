@@ -1,0 +1,451 @@
+"""LookerToSegmentOperator through real Airflow (``dag.test()``) against the Looker and Segment stand-ins."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_looker_segment import PACKAGE_NAME, __version__
+from airflow_provider_looker_segment.testing.looker_fixtures import (
+    ANONYMOUS_ID_LOOK_ID,
+    DELETED_LOOK_ID,
+    SQL_ERROR_LOOK_ID,
+    TOASTMATES_LOOK_ID,
+    TRUNCATED_LOOK_ID,
+    FixtureField,
+    FixtureLook,
+    fixture_looks,
+)
+from airflow_provider_looker_segment.testing.looker_standin import LookerStandIn
+from airflow_provider_looker_segment.testing.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
+
+DAG_FILE = Path(__file__).resolve().parent / "dag_files" / "lsg_operator_test.py"
+
+#: Segment's reference example of the Looker source (the seed).
+SEED_CALL = {
+    "type": "identify",
+    "userId": "00MWWFOLRcETcTCf",
+    "traits": {"name": "Ty Arthur", "email": "ty.arthur@segment.com", "sessions count": 2},
+}
+TOASTMATES = fixture_looks()[TOASTMATES_LOOK_ID]
+
+
+@pytest.fixture(scope="module")
+def looker():
+    with LookerStandIn() as standin:
+        yield standin
+
+
+@pytest.fixture
+def segment():
+    with SegmentStandIn(record="full") as standin:
+        yield standin
+
+
+def _load_dag() -> Any:
+    """A fresh copy of the test DAG: ``dag.test(run_conf=...)`` leaves the conf in the DAG's params."""
+    spec = importlib.util.spec_from_file_location("lsg_operator_test", DAG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dag
+
+
+@pytest.fixture
+def run(airflow_db, monkeypatch, looker, segment):
+    """Run the test DAG once with the given conf; return (dag run, task state, summary or None)."""
+    looker_conn = {
+        "conn_type": "looker",
+        "host": looker.base_url,
+        "login": looker.client_id,
+        "password": looker.client_secret,
+    }
+    segment_conn = {"conn_type": "segment_tracking", "host": segment.base_url, "password": DEFAULT_WRITE_KEY}
+    monkeypatch.setenv("AIRFLOW_CONN_LOOKER_DEFAULT", json.dumps(looker_conn))
+    monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_DEFAULT", json.dumps(segment_conn))
+
+    def _run(**conf: Any) -> tuple[Any, Any, dict[str, Any] | None]:
+        dag_run = _load_dag().test(run_conf={"look_id": TOASTMATES_LOOK_ID, **conf})
+        ti = dag_run.get_task_instance("sync")
+        return dag_run, ti, _xcom(dag_run, "sync")
+
+    return _run
+
+
+def _xcom(dag_run: Any, task_id: str) -> Any:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        value = session.scalars(
+            select(XComModel.value).where(
+                XComModel.dag_id == dag_run.dag_id,
+                XComModel.run_id == dag_run.run_id,
+                XComModel.task_id == task_id,
+                XComModel.key == "return_value",
+            )
+        ).first()
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _core(event: dict[str, Any]) -> dict[str, Any]:
+    return {key: event[key] for key in ("type", "userId", "traits") if key in event}
+
+
+def _message_ids_of_requests(segment: SegmentStandIn) -> list[list[str]]:
+    return [list(record.message_ids or ()) for record in segment.records()]
+
+
+# ------------------------------------------------------------------------------------------------ the seed
+
+
+def test_seed_example_call_reproduced_exactly(run, segment, capfd):
+    dag_run, ti, _summary = run()
+    assert dag_run.state == "success", ti.state
+    events = segment.events()
+    assert _core(events[0]) == SEED_CALL
+    assert [_core(e)["userId"] for e in events] == [row["users.id"] for row in TOASTMATES.rows]
+    for event, row in zip(events, TOASTMATES.rows, strict=True):
+        assert event["traits"] == {
+            "name": row["users.name"],
+            "email": row["users.email"],
+            "sessions count": row["users.sessions_count"],
+        }
+        assert "anonymousId" not in event  # a userId is enough: no invented anonymousId
+        assert event["context"] == {"library": {"name": PACKAGE_NAME, "version": __version__}}
+        assert event["messageId"].startswith("lsg-") and len(event["messageId"]) < 100
+        assert event["timestamp"].endswith("Z")
+    assert len({e["messageId"] for e in events}) == 10
+    log = capfd.readouterr()
+    text = log.out + log.err
+    assert "userId from field users.id (tag user_id)" in text
+    assert "10 rows read, 10 sent, 0 invalid, 0 rejected, 0 failed, 1 batches" in text
+    assert "overwrites these traits" in text  # the seed's warning about existing trait names
+    assert DEFAULT_WRITE_KEY not in text and "looker-demo-secret" not in text
+
+
+def test_summary_contents(run):
+    _dag_run, _ti, summary = run()
+    assert summary["look_id"] == TOASTMATES_LOOK_ID
+    assert summary["dry_run"] is False
+    assert (summary["rows"], summary["sent"], summary["invalid"]) == (10, 10, 0)
+    assert (summary["rejected"], summary["failed"], summary["batches"]) == (0, 0, 1)
+    assert summary["invalid_reasons"] == {}
+    assert summary["identifiers"] == {
+        "userId": {"field": "users.id", "how": "tag user_id"},
+        "email": {"field": "users.email", "how": "tag email"},
+        "anonymousId": {"field": "users.email", "how": "derived from email"},
+    }
+    assert summary["traits"] == {
+        "users.name": "name",
+        "users.email": "email",
+        "users.sessions_count": "sessions count",
+    }
+    assert summary["possibly_truncated"] is False
+    assert summary["ran_at"]
+    json.dumps(summary)  # JSON-serialisable
+
+
+def test_trait_options(run, segment):
+    dag_run, _ti, summary = run(
+        trait_key_style="snake",
+        trait_names={"users.name": "full_name"},
+        exclude_fields=["users.email"],
+    )
+    assert dag_run.state == "success"
+    assert segment.events()[0]["traits"] == {"full_name": "Ty Arthur", "sessions_count": 2}
+    assert summary["traits"] == {"users.name": "full_name", "users.sessions_count": "sessions_count"}
+
+
+# ------------------------------------------------------------------------------------------ destinations
+
+
+def test_destinations_that_the_look_satisfies(run, segment):
+    dag_run, _ti, summary = run(destinations=["hubspot", "Intercom", "customer.io"])
+    assert dag_run.state == "success"
+    assert summary["destinations"] == ["hubspot", "intercom", "customer.io"]
+    assert len(segment.events()) == 10
+
+
+def test_destinations_the_look_cannot_feed_fail_before_sending(run, segment, capfd):
+    dag_run, ti, summary = run(look_id=ANONYMOUS_ID_LOOK_ID, destinations=["aboardly", "intercom"])
+    assert dag_run.state == "failed" and ti.state == "failed"
+    assert summary is None
+    assert segment.events() == []
+    text = "".join(capfd.readouterr())
+    assert "aboardly" in text and "userId" in text and "nothing was sent" in text
+
+
+def test_unknown_destination_suggests_close_matches(run, segment, capfd):
+    dag_run, _ti, _summary = run(destinations=["hubspt"])
+    assert dag_run.state == "failed"
+    assert segment.events() == []
+    text = "".join(capfd.readouterr())
+    assert "hubspt" in text and "hubspot" in text
+
+
+# --------------------------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_sends_nothing(run, segment, capfd):
+    dag_run, _ti, summary = run(dry_run=True)
+    assert dag_run.state == "success"
+    assert segment.stats()["requests"] == 0
+    assert summary["dry_run"] is True
+    assert (summary["rows"], summary["sent"], summary["would_send"], summary["batches"]) == (10, 0, 10, 1)
+    text = "".join(capfd.readouterr())
+    assert "Dry run: example payload 1:" in text and '"userId":"00MWWFOLRcETcTCf"' in text
+    assert "nothing was sent" in text
+
+
+def test_dry_run_needs_no_segment_connection(run, segment, monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_SEGMENT_DEFAULT")
+    dag_run, _ti, summary = run(dry_run=True)
+    assert dag_run.state == "success" and summary["would_send"] == 10
+
+
+# ---------------------------------------------------------------------------------------------- retries
+
+
+def test_retried_task_sends_identical_message_ids(run, segment):
+    from airflow_provider_looker_segment.testing.segment_standin import Faults
+
+    segment.set_faults(Faults(script=["400"]))  # the first try's batch is refused: the task fails, retries
+    dag_run, ti, summary = run()
+    assert dag_run.state == "success" and ti.try_number == 2
+    first, second = _message_ids_of_requests(segment)
+    assert len(first) == 10 and first == second
+    assert summary["sent"] == 10
+    # The next run of the DAG sends new messageIds (Segment would drop repeats for about 24 hours).
+    _dag_run, _ti, _summary = run()
+    assert not set(_message_ids_of_requests(segment)[2]) & set(first)
+
+
+def test_rejected_events_fail_the_task_with_the_summary(run, segment, capfd):
+    from airflow_provider_looker_segment.testing.segment_standin import Faults
+
+    segment.set_faults(Faults(script=["400", "400"]))
+    dag_run, ti, _summary = run()
+    assert dag_run.state == "failed" and ti.state == "failed"
+    text = "".join(capfd.readouterr())
+    assert "10 events rejected by Segment" in text and '"rows":10' in text
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("look_id", "message"),
+    [
+        ("424242", "Look 424242 not found"),
+        (DELETED_LOOK_ID, f"Look {DELETED_LOOK_ID} is deleted"),
+        (SQL_ERROR_LOOK_ID, f"Look {SQL_ERROR_LOOK_ID}"),
+    ],
+)
+def test_looker_errors_fail_before_anything_is_sent(run, segment, capfd, look_id, message):
+    dag_run, _ti, _summary = run(look_id=look_id)
+    assert dag_run.state == "failed"
+    assert segment.stats()["requests"] == 0
+    assert message in "".join(capfd.readouterr())
+
+
+def test_missing_write_key_fails_before_reading_looker(run, looker, segment, monkeypatch, capfd):
+    no_key = {"conn_type": "segment_tracking", "host": segment.base_url}
+    monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_DEFAULT", json.dumps(no_key))
+    runs_before = looker.counters.get("look_runs", 0)
+    dag_run, _ti, _summary = run()
+    assert dag_run.state == "failed"
+    assert looker.counters.get("look_runs", 0) == runs_before
+    assert "write key" in "".join(capfd.readouterr()).lower()
+
+
+def test_invalid_rows_are_reported_and_can_fail_the_task(run, looker, segment):
+    uid = FixtureField("users.id", "Users ID", "ID", tags=("user_id",))
+    email = FixtureField("users.email", "Users Email", "Email", tags=("email",))
+    plan = FixtureField("users.plan", "Users Plan", "Plan")
+    rows = (
+        {"users.id": "u1", "users.email": None, "users.plan": "pro"},
+        {"users.id": None, "users.email": None, "users.plan": "free"},
+        {"users.id": "", "users.email": "", "users.plan": "free"},
+        {"users.id": None, "users.email": "Someone@Example.com ", "users.plan": "pro"},
+    )
+    looker.add_look(FixtureLook("500", "Some rows lack ids", "toastmates", "users", (uid, email, plan), rows))
+    dag_run, _ti, summary = run(look_id="500")
+    assert dag_run.state == "success"
+    assert (summary["rows"], summary["sent"], summary["invalid"]) == (4, 2, 2)
+    assert summary["invalid_reasons"] == {"no_identifier": 2}
+    derived = segment.events()[1]
+    assert "userId" not in derived and derived["anonymousId"] and derived["traits"]["email"]
+
+    dag_run, ti, _summary = run(look_id="500", max_invalid_rows=1)
+    assert dag_run.state == "failed" and ti.state == "failed"
+
+
+def test_possibly_truncated_look_is_reported(run, capfd):
+    dag_run, _ti, summary = run(look_id=TRUNCATED_LOOK_ID, limit=5)
+    assert dag_run.state == "success"
+    assert summary["rows"] == 5 and summary["possibly_truncated"] is True
+    assert "may be truncated" in "".join(capfd.readouterr())
+    _dag_run, _ti, summary = run(look_id=TRUNCATED_LOOK_ID)
+    assert summary["rows"] == 8 and summary["possibly_truncated"] is False
+
+
+# ------------------------------------------------------------------------------- sync_mode="changed"
+
+_UID = FixtureField("users.id", "Users ID", "ID", tags=("user_id",))
+_EMAIL = FixtureField("users.email", "Users Email", "Email", tags=("email",))
+_PLAN = FixtureField("users.plan", "Users Plan", "Plan")
+COHORT_LOOK_ID = "600"
+
+
+def _cohort(looker: LookerStandIn, rows: list[tuple[str, str]]) -> None:
+    """(Re)define Look 600: one row per (user id, plan)."""
+    looker.add_look(
+        FixtureLook(
+            COHORT_LOOK_ID,
+            "Cohort",
+            "toastmates",
+            "users",
+            (_UID, _EMAIL, _PLAN),
+            tuple({"users.id": uid, "users.email": f"{uid}@example.com", "users.plan": p} for uid, p in rows),
+        )
+    )
+
+
+def _user_ids(events: list[dict[str, Any]]) -> list[str]:
+    return [event.get("userId") for event in events]
+
+
+@pytest.fixture
+def changed(run, tmp_path):
+    """Run the cohort Look in changed mode with a state under tmp_path; return the runner."""
+
+    def _run(**conf: Any) -> tuple[Any, Any, dict[str, Any] | None]:
+        conf = {"look_id": COHORT_LOOK_ID, "sync_mode": "changed", "state_path": str(tmp_path), **conf}
+        return run(**conf)
+
+    return _run
+
+
+def test_changed_mode_sends_only_what_changed(changed, looker, segment):
+    cohort = [(f"u{n}", "free") for n in range(20)]
+    _cohort(looker, cohort)
+    dag_run, _ti, first = changed(membership_trait="in_cohort")
+    assert dag_run.state == "success"
+    assert (first["new"], first["changed"], first["unchanged"], first["exited"]) == (20, 0, 0, 0)
+    assert first["sent"] == 20 and segment.events()[0]["traits"]["in_cohort"] is True
+    message_id = segment.events()[0]["messageId"]
+    assert len(message_id) < 100 and message_id[16] == "-"  # identity hash first
+
+    segment.reset()
+    _dag_run, _ti, second = changed(membership_trait="in_cohort")
+    assert (second["rows"], second["sent"], second["unchanged"]) == (20, 0, 20)
+    assert segment.events() == []
+
+    cohort[3] = ("u3", "pro")  # one trait changed
+    del cohort[7]  # one user left
+    cohort.append(("u99", "free"))  # one joined
+    _cohort(looker, cohort)
+    _dag_run, _ti, third = changed(membership_trait="in_cohort")
+    assert (third["new"], third["changed"], third["unchanged"], third["exited"]) == (1, 1, 18, 1)
+    events = {event["userId"]: event for event in segment.events()}
+    assert set(events) == {"u3", "u99", "u7"}
+    assert events["u3"]["traits"]["plan"] == "pro"
+    assert events["u7"]["traits"] == {"in_cohort": False}
+
+    segment.reset()
+    _dag_run, _ti, fourth = changed(membership_trait="in_cohort")
+    assert fourth["sent"] == 0 and fourth["exited"] == 0  # the exit left the state
+
+
+def test_full_refresh_resends_everything(changed, looker, segment):
+    _cohort(looker, [(f"u{n}", "free") for n in range(5)])
+    changed()
+    segment.reset()
+    _dag_run, _ti, summary = changed(full_refresh=True)
+    assert summary["sent"] == 5 and summary["new"] == 5
+    assert len(segment.events()) == 5
+
+
+def test_mass_exit_stops_the_run_before_any_exit(changed, looker, segment, capfd):
+    _cohort(looker, [(f"u{n}", "free") for n in range(10)])
+    changed(membership_trait="in_cohort")
+    segment.reset()
+    _cohort(looker, [("u0", "free"), ("u1", "free"), ("u2", "pro")])  # 7 of 10 gone
+    dag_run, ti, _summary = changed(membership_trait="in_cohort")
+    assert dag_run.state == "failed" and ti.state == "failed"
+    # u2's change was sent and saved by the first try; the retry had nothing left to send.
+    assert [(e["userId"], e["traits"]["in_cohort"]) for e in segment.events()] == [("u2", True)]
+    assert "max_exit_ratio" in "".join(capfd.readouterr())
+    segment.reset()
+    _dag_run, _ti, summary = changed(membership_trait="in_cohort", max_exit_ratio=1.0)
+    assert summary["exited"] == 7 and summary["sent"] == 7
+    assert all(e["traits"] == {"in_cohort": False} for e in segment.events())
+
+
+def test_truncated_look_never_produces_exits(changed, looker, segment):
+    _cohort(looker, [(f"u{n}", "free") for n in range(10)])
+    changed(membership_trait="in_cohort")
+    segment.reset()
+    _dag_run, _ti, summary = changed(membership_trait="in_cohort", limit=4, max_exit_ratio=1.0)
+    assert summary["possibly_truncated"] is True
+    assert summary["exited"] == 0 and summary["departed"] == 6
+    assert segment.events() == []
+    _dag_run, _ti, summary = changed(membership_trait="in_cohort")
+    assert summary["sent"] == 0 and summary["unchanged"] == 10  # the state kept everyone
+
+
+def test_failed_batch_is_sent_again_by_the_next_run(changed, looker, segment):
+    from airflow_provider_looker_segment.testing.segment_standin import Faults
+
+    cohort = [(f"u{n}", "free") for n in range(6)]
+    _cohort(looker, cohort)
+    changed()
+    cohort[0], cohort[1] = ("u0", "pro"), ("u1", "pro")
+    _cohort(looker, cohort)
+    segment.reset()
+    segment.set_faults(Faults(script=["400", "400"]))  # run 2 (both tries): Segment refuses the batch
+    dag_run, _ti, _summary = changed()
+    assert dag_run.state == "failed"
+    segment.reset()
+    dag_run, _ti, summary = changed()  # run 3
+    assert dag_run.state == "success"
+    assert (summary["changed"], summary["sent"]) == (2, 2)
+    assert sorted(_user_ids(segment.events())) == ["u0", "u1"]
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_state_on_object_storage(run, looker, segment, tmp_path, scheme):
+    from airflow.sdk import ObjectStoragePath
+
+    if scheme == "memory":
+        from sync_state_helpers import attach_memory_fs
+
+        attach_memory_fs()
+        base = f"memory://lsg-operator-test/{tmp_path.name}"
+    else:
+        base = f"file://{tmp_path}/state"
+    _cohort(looker, [(f"u{n}", "free") for n in range(4)])
+    conf = {"look_id": COHORT_LOOK_ID, "sync_mode": "changed", "state_path": base}
+    _dag_run, _ti, first = run(**conf)
+    _dag_run, _ti, second = run(**conf)
+    assert (first["sent"], second["sent"], second["unchanged"]) == (4, 0, 4)
+    files = [p.name for p in ObjectStoragePath(base).iterdir()]
+    assert (
+        len(files) == 1
+        and files[0].startswith(f"look-{COHORT_LOOK_ID}-127.0.0.1")
+        and files[0].endswith(".state")
+    )
+    assert DEFAULT_WRITE_KEY not in files[0]
+
+
+def test_changed_mode_dry_run_reads_but_keeps_the_state(changed, looker, segment):
+    _cohort(looker, [(f"u{n}", "free") for n in range(3)])
+    _dag_run, _ti, summary = changed(dry_run=True)
+    assert summary["would_send"] == 3 and summary["new"] == 3 and segment.stats()["requests"] == 0
+    _dag_run, _ti, summary = changed()
+    assert summary["new"] == 3 and summary["sent"] == 3
