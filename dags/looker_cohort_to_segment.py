@@ -51,7 +51,10 @@ Segment `identify` call per row through the Tracking API (connection `segment_de
   anything if the Look lacks an identifier one of them needs;
 * **look_id** is required; set the environment variable `LOOKER_SEGMENT_DAILY_LOOK_ID` where the
   DAG processor runs to give it a default and switch the `@daily` schedule on;
-* **dry_run**: build and validate every call and log examples, send nothing.
+* **dry_run**: build and validate every call and log examples, send nothing;
+* **sync_mode**: `all` sends every row on every run; `changed` sends only the users who are new or whose
+  traits changed since the last sync of this Look (state under `$AIRFLOW_HOME/looker_segment_state`);
+  **full_refresh** resends everything and rebuilds that state.
 
 The task returns a summary (XCom `return_value`): rows read, events sent, invalid rows by reason,
 rejected and failed events, batches, which fields gave the identifiers, and the trait keys.
@@ -93,6 +96,20 @@ with DAG(
             description="label: 'sessions count' (Segment's Looker source); snake: 'sessions_count'; "
             "field: 'users.sessions_count' (Looker's own Segment action).",
         ),
+        "sync_mode": Param(
+            "all",
+            type="string",
+            enum=["all", "changed"],
+            title="Sync mode",
+            description="all: send every row; changed: send only users who are new or whose traits "
+            "changed since the last sync of this Look to this Segment source.",
+        ),
+        "full_refresh": Param(
+            False,
+            type="boolean",
+            title="Full refresh",
+            description="With sync mode 'changed': send every row and rebuild the sync state.",
+        ),
     },
 ) as dag:
     LookerToSegmentOperator(
@@ -101,5 +118,7 @@ with DAG(
         destinations="{{ params.destinations }}",
         dry_run="{{ params.dry_run }}",
         trait_key_style="{{ params.trait_key_style }}",
+        sync_mode="{{ params.sync_mode }}",
+        full_refresh="{{ params.full_refresh }}",
         outlets=[COHORT_SYNCED],
     )

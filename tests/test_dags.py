@@ -52,12 +52,21 @@ def test_dagbag_has_no_import_errors():
 def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     dag = _load(DAGS / "looker_cohort_to_segment.py", monkeypatch).dag
     params = dag.params
-    assert set(params) == {"look_id", "destinations", "dry_run", "trait_key_style"}
+    assert set(params) == {
+        "look_id",
+        "destinations",
+        "dry_run",
+        "trait_key_style",
+        "sync_mode",
+        "full_refresh",
+    }
     schema = {name: params.get_param(name).schema for name in params}
     assert schema["look_id"]["type"] == "string" and params.get_param("look_id").description
     assert schema["destinations"]["type"] == "array"
     assert schema["dry_run"]["type"] == "boolean" and params["dry_run"] is False
     assert schema["trait_key_style"]["enum"] == ["label", "snake", "field"]
+    assert schema["sync_mode"]["enum"] == ["all", "changed"] and params["sync_mode"] == "all"
+    assert params["full_refresh"] is False
     assert dag.max_active_runs == 1 and dag.catchup is False
     task = dag.get_task("sync_cohort")
     assert task.look_id == "{{ params.look_id }}"
