@@ -251,7 +251,7 @@ class IdentifierChoice:
 
     :param field: the Looker field name.
     :param how: ``parameter``, ``tag user_id``/``tag email``/``tag segment_anonymous_id``, ``field name``,
-        ``label`` or ``derived from email``.
+        ``label`` or ``derived from email, for rows without a userId``.
     """
 
     field: str
@@ -293,11 +293,12 @@ class TransformPlan:
     def identifiers(self) -> dict[str, dict[str, str] | None]:
         """
         JSON-serialisable identifier choices: ``{"userId": {"field", "how"} | None, "email": ...,
-        "anonymousId": ...}``; ``anonymousId`` reads ``derived from email`` when only the email gives one.
+        "anonymousId": ...}``; ``anonymousId`` reads ``derived from email, for rows without a userId`` when
+        there is no anonymousId field: rows with neither a userId nor an anonymousId get one from the email.
         """
         anonymous = self.anonymous_id
         if anonymous is None and self.email is not None:
-            anonymous = IdentifierChoice(self.email.field, "derived from email")
+            anonymous = IdentifierChoice(self.email.field, "derived from email, for rows without a userId")
         return {
             "userId": self.user_id.to_dict() if self.user_id else None,
             "email": self.email.to_dict() if self.email else None,

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__
+from airflow_provider_looker_segment.testing.connections import segment_connection, standin_connections
 from airflow_provider_looker_segment.testing.looker_fixtures import (
     ANONYMOUS_ID_LOOK_ID,
     DELETED_LOOK_ID,
@@ -57,15 +58,8 @@ def _load_dag() -> Any:
 @pytest.fixture
 def run(airflow_db, monkeypatch, looker, segment):
     """Run the test DAG once with the given conf; return (dag run, task state, summary or None)."""
-    looker_conn = {
-        "conn_type": "looker",
-        "host": looker.base_url,
-        "login": looker.client_id,
-        "password": looker.client_secret,
-    }
-    segment_conn = {"conn_type": "segment_tracking", "host": segment.base_url, "password": DEFAULT_WRITE_KEY}
-    monkeypatch.setenv("AIRFLOW_CONN_LOOKER_DEFAULT", json.dumps(looker_conn))
-    monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_DEFAULT", json.dumps(segment_conn))
+    for name, value in standin_connections(looker.base_url, segment.base_url).items():
+        monkeypatch.setenv(name, value)
 
     def _run(**conf: Any) -> tuple[Any, Any, dict[str, Any] | None]:
         dag_run = _load_dag().test(run_conf={"look_id": TOASTMATES_LOOK_ID, **conf})
@@ -138,7 +132,7 @@ def test_summary_contents(run):
     assert summary["identifiers"] == {
         "userId": {"field": "users.id", "how": "tag user_id"},
         "email": {"field": "users.email", "how": "tag email"},
-        "anonymousId": {"field": "users.email", "how": "derived from email"},
+        "anonymousId": {"field": "users.email", "how": "derived from email, for rows without a userId"},
     }
     assert summary["traits"] == {
         "users.name": "name",
@@ -254,8 +248,7 @@ def test_looker_errors_fail_before_anything_is_sent(run, segment, capfd, look_id
 
 
 def test_missing_write_key_fails_before_reading_looker(run, looker, segment, monkeypatch, capfd):
-    no_key = {"conn_type": "segment_tracking", "host": segment.base_url}
-    monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_DEFAULT", json.dumps(no_key))
+    monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_DEFAULT", segment_connection(segment.base_url, write_key=None))
     runs_before = looker.counters.get("look_runs", 0)
     dag_run, _ti, _summary = run()
     assert dag_run.state == "failed"

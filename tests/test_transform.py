@@ -92,7 +92,7 @@ def test_seed_plan_summary_is_json_serialisable():
     assert plan.identifiers == {
         "userId": {"field": "users.id", "how": "tag user_id"},
         "email": {"field": "users.email", "how": "tag email"},
-        "anonymousId": {"field": "users.email", "how": "derived from email"},
+        "anonymousId": {"field": "users.email", "how": "derived from email, for rows without a userId"},
     }
     assert plan.traits == {
         "users.name": "name",

@@ -80,21 +80,12 @@ def run_demo(look_id: str, dags_folder: Path) -> int:
 
     from airflow.utils import db
 
+    from airflow_provider_looker_segment.testing.connections import standin_connections
     from airflow_provider_looker_segment.testing.looker_standin import LookerStandIn
-    from airflow_provider_looker_segment.testing.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
+    from airflow_provider_looker_segment.testing.segment_standin import SegmentStandIn
 
     with LookerStandIn() as looker, SegmentStandIn(record="full") as segment:
-        os.environ["AIRFLOW_CONN_LOOKER_DEFAULT"] = json.dumps(
-            {
-                "conn_type": "looker",
-                "host": looker.base_url,
-                "login": looker.client_id,
-                "password": looker.client_secret,
-            }
-        )
-        os.environ["AIRFLOW_CONN_SEGMENT_DEFAULT"] = json.dumps(
-            {"conn_type": "segment_tracking", "host": segment.base_url, "password": DEFAULT_WRITE_KEY}
-        )
+        os.environ.update(standin_connections(looker.base_url, segment.base_url))
         print(f"Looker API stand-in:  {looker.base_url}")
         print(f"Segment stand-in:     {segment.base_url}")
         db.initdb()

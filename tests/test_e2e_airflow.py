@@ -1,0 +1,283 @@
+"""
+End to end through real Airflow services: the example DAG ``looker_cohort_to_segment``, triggered over the
+REST API like the UI's "Trigger DAG" button, run by the scheduler (LocalExecutor) against the Looker and
+Segment stand-ins.
+
+One api-server, scheduler and dag-processor (loopback only, a throw-away AIRFLOW_HOME with SQLite) serve the
+whole module; they are stopped by PID when the module ends, also when a test fails. Nothing leaves the
+machine: the stand-ins listen on 127.0.0.1 in this process and the task reaches them over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from airflow_services import AirflowServices, quote
+
+from airflow_provider_looker_segment import PACKAGE_NAME, __version__
+from airflow_provider_looker_segment.get_provider_info import get_provider_info
+from airflow_provider_looker_segment.testing.connections import standin_connections
+from airflow_provider_looker_segment.testing.looker_fixtures import TOASTMATES_LOOK_ID, fixture_looks
+from airflow_provider_looker_segment.testing.looker_standin import LookerStandIn
+from airflow_provider_looker_segment.testing.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
+
+pytestmark = pytest.mark.e2e
+
+DAG_ID = "looker_cohort_to_segment"
+TASK_ID = "sync_cohort"
+DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
+TOASTMATES = fixture_looks()[TOASTMATES_LOOK_ID]
+MISSING_LOOK_ID = "424242"
+#: Segment's reference example of the Looker source (the seed): the first row of Look 1.
+SEED_CALL = {
+    "type": "identify",
+    "userId": "00MWWFOLRcETcTCf",
+    "traits": {"name": "Ty Arthur", "email": "ty.arthur@segment.com", "sessions count": 2},
+}
+#: Every key of an identify call the operator sends for Look 1.
+EVENT_KEYS = {"type", "userId", "traits", "timestamp", "context", "messageId"}
+RUN_TIMEOUT = 240
+
+
+@dataclass
+class Stack:
+    """The running services and stand-ins, with the REST calls the tests make."""
+
+    airflow: AirflowServices
+    looker: LookerStandIn
+    segment: SegmentStandIn
+
+    def trigger(self, conf: dict[str, Any]) -> requests.Response:
+        """``POST /api/v2/dags/{dag}/dagRuns``, as the UI's "Trigger DAG" form does."""
+        return self.airflow.api(
+            "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf}
+        )
+
+    def trigger_ok(self, conf: dict[str, Any]) -> str:
+        response = self.trigger(conf)
+        assert response.status_code == 200, response.text
+        return response.json()["dag_run_id"]
+
+    def run_path(self, run_id: str) -> str:
+        return f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id)}"
+
+    def run_count(self) -> int:
+        response = self.airflow.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns")
+        assert response.status_code == 200, response.text
+        return response.json()["total_entries"]
+
+    def log(self, run_id: str, try_number: int = 1) -> str:
+        return self.airflow.task_log(DAG_ID, run_id, TASK_ID, try_number)
+
+    def wait_for_log(self, run_id: str, needle: str, try_number: int = 1, timeout: float = 30) -> str:
+        """The task log once it contains ``needle`` (the log can trail the task's state by a moment)."""
+        deadline = time.monotonic() + timeout
+        text = self.log(run_id, try_number)
+        while needle not in text and time.monotonic() < deadline:
+            time.sleep(0.5)
+            text = self.log(run_id, try_number)
+        return text
+
+    def raw_log(self, run_id: str, try_number: int = 1) -> str:
+        """Every field of every log event, as JSON (to look for secrets anywhere in it)."""
+        return json.dumps(self.airflow.task_log_events(DAG_ID, run_id, TASK_ID, try_number))
+
+
+def _connections(looker: LookerStandIn, segment: SegmentStandIn) -> dict[str, str]:
+    """``looker_default`` and ``segment_default`` in JSON form, for every Airflow process."""
+    return standin_connections(looker.base_url, segment.base_url)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("airflow-home")
+    with ExitStack() as resources:
+        looker = resources.enter_context(LookerStandIn())
+        segment = resources.enter_context(SegmentStandIn(record="full"))
+        airflow = AirflowServices(home, DAGS_FOLDER, _connections(looker, segment))
+        resources.enter_context(airflow)  # stopped first (LIFO), also when a test or the set-up fails
+        dag = airflow.wait_for_dag(DAG_ID)
+        assert dag["is_paused"], "new DAGs start paused: the test unpauses it as a user would"
+        response = airflow.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
+        assert response.status_code == 200, response.text
+        assert response.json()["is_paused"] is False
+        yield Stack(airflow, looker, segment)
+    # Every service and its children were stopped by PID; nothing of ours is left listening.
+    assert airflow.leftovers() == {}, "processes left in the services' process groups (group -> PIDs)"
+    assert not _listening(airflow.port), f"something still listens on the api-server's port {airflow.port}"
+
+
+# ---------------------------------------------------------------------------------------------- the API
+
+
+def test_api_wants_a_token(stack: Stack):
+    base = stack.airflow.base_url
+    with requests.Session() as session:
+        session.trust_env = False
+        assert session.get(f"{base}/api/v2/dags/{DAG_ID}", timeout=30).status_code == 401
+        wrong = session.post(
+            f"{base}/auth/token", json={"username": "admin", "password": "not-the-password"}, timeout=30
+        )
+        assert wrong.status_code == 401, wrong.text
+    token = stack.airflow.token()
+    assert isinstance(token, str) and token.count(".") == 2  # a JWT
+    assert stack.airflow.api("GET", f"/api/v2/dags/{DAG_ID}").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ the seed run
+
+
+def test_triggered_run_sends_the_look_to_segment(stack: Stack):
+    stack.segment.reset()
+    run_id = stack.trigger_ok({"look_id": TOASTMATES_LOOK_ID})
+
+    run = stack.airflow.wait_for_run(DAG_ID, run_id, timeout=RUN_TIMEOUT)
+    assert run["state"] == "success", f"run {run['state']}; task log:\n{stack.log(run_id)}"
+    assert run["conf"] == {"look_id": TOASTMATES_LOOK_ID}
+
+    # The task's summary, as the UI's XCom tab reads it.
+    response = stack.airflow.api(
+        "GET", f"{stack.run_path(run_id)}/taskInstances/{TASK_ID}/xcomEntries/return_value"
+    )
+    assert response.status_code == 200, response.text
+    summary = response.json()["value"]
+    rows = len(TOASTMATES.rows)
+    assert summary["look_id"] == TOASTMATES_LOOK_ID
+    assert (summary["rows"], summary["sent"], summary["invalid"]) == (rows, rows, 0)
+    assert (summary["rejected"], summary["failed"]) == (0, 0)
+    assert summary["dry_run"] is False
+    assert summary["identifiers"]["userId"]["field"] == "users.id"
+    assert summary["identifiers"]["email"]["field"] == "users.email"
+
+    # The task log, as the UI's Logs tab reads it: the summary line, and no secret anywhere.
+    summary_line = f"Look {TOASTMATES_LOOK_ID}: {rows} rows read, {rows} sent, 0 invalid"
+    log = stack.wait_for_log(run_id, summary_line)
+    assert summary_line in log, log
+    raw_log = stack.raw_log(run_id)
+    assert DEFAULT_WRITE_KEY not in raw_log
+    assert stack.looker.client_secret not in raw_log
+
+    # What Segment received: one identify call per row of the Look, the first one the seed's.
+    events = stack.segment.events()
+    assert len(events) == rows
+    assert {key: events[0][key] for key in SEED_CALL} == SEED_CALL
+    expected = {
+        row["users.id"]: {
+            "type": "identify",
+            "userId": row["users.id"],
+            "traits": {
+                "name": row["users.name"],
+                "email": row["users.email"],
+                "sessions count": row["users.sessions_count"],
+            },
+        }
+        for row in TOASTMATES.rows
+    }
+    assert {event["userId"] for event in events} == set(expected)
+    ran_at = datetime.fromisoformat(summary["ran_at"])
+    for event in events:
+        assert set(event) == EVENT_KEYS, event
+        assert {key: event[key] for key in ("type", "userId", "traits")} == expected[event["userId"]]
+        assert event["context"] == {"library": {"name": PACKAGE_NAME, "version": __version__}}
+        assert event["timestamp"].endswith("Z")
+        assert datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")) == ran_at
+        assert event["messageId"].startswith("lsg-"), event["messageId"]
+    assert len({event["messageId"] for event in events}) == rows
+    stats = stack.segment.stats()
+    assert (stats["events"], stats["duplicate_message_ids"], stats["rejected_events"]) == (rows, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_trigger_without_look_id_is_refused(stack: Stack):
+    runs_before = stack.run_count()
+    response = stack.trigger({})
+    assert response.status_code == 400, response.text
+    assert "look_id" in response.json()["detail"]
+    assert stack.run_count() == runs_before
+
+
+def test_missing_look_fails_the_task_naming_the_look(stack: Stack):
+    events_before = len(stack.segment.events())
+    run_id = stack.trigger_ok({"look_id": MISSING_LOOK_ID})
+    try:
+        # The DAG retries twice, five minutes apart: the first try's failure leaves the task up for retry.
+        ti = stack.airflow.wait_for_task(
+            DAG_ID, run_id, TASK_ID, ("up_for_retry", "failed", "success"), timeout=RUN_TIMEOUT
+        )
+        assert ti["state"] in ("up_for_retry", "failed"), ti
+        assert ti["try_number"] == 1
+        assert ti["max_tries"] == 2
+        needle = f"Look {MISSING_LOOK_ID} not found"
+        log = stack.wait_for_log(run_id, needle, try_number=1)
+        assert needle in log, log
+        assert "LookNotFoundError" in log
+        assert len(stack.segment.events()) == events_before  # nothing was sent
+    finally:
+        # End the run now rather than in five minutes: the DAG allows one active run at a time.
+        stack.airflow.api("PATCH", stack.run_path(run_id), json={"state": "failed"})
+    run = stack.airflow.api("GET", stack.run_path(run_id)).json()
+    assert run["state"] == "failed"
+
+
+# -------------------------------------------------------------------------------- the connection forms
+
+
+def _conn_types() -> dict[str, dict[str, Any]]:
+    return {item["connection-type"]: item for item in get_provider_info()["connection-types"]}
+
+
+@pytest.mark.parametrize("conn_type", ["looker", "segment_tracking"])
+def test_connection_form_shows_the_provider_fields(stack: Stack, conn_type: str):
+    response = stack.airflow.api("GET", "/ui/connections/hook_meta")
+    assert response.status_code == 200, response.text
+    metas = {meta["connection_type"]: meta for meta in response.json()}
+    assert conn_type in metas, sorted(metas)
+    meta, info = metas[conn_type], _conn_types()[conn_type]
+    assert meta["hook_class_name"] == info["hook-class-name"]
+    assert meta["hook_name"] == info["hook-name"]
+
+    extra_fields = meta["extra_fields"]
+    assert set(extra_fields) == set(info["conn-fields"])
+    for name, field in info["conn-fields"].items():
+        assert extra_fields[name]["schema"]["title"] == field["label"]
+        assert extra_fields[name]["description"] == field["description"]
+        assert extra_fields[name]["value"] == field["schema"].get("default")
+
+    behaviour = info["ui-field-behaviour"]
+    standard = meta["standard_fields"]
+    for name, label in behaviour["relabeling"].items():
+        assert standard[name]["title"] == label
+    for name, placeholder in behaviour["placeholders"].items():
+        assert standard[name]["placeholder"] == placeholder
+    for name in behaviour["hidden-fields"]:
+        key = "url_schema" if name == "schema" else name
+        if key in standard:  # "extra" is not a standard field
+            assert standard[key]["hidden"] is True, name
+
+
+def test_connection_forms_name_the_documented_extras(stack: Stack):
+    metas = {
+        meta["connection_type"]: meta for meta in stack.airflow.api("GET", "/ui/connections/hook_meta").json()
+    }
+    assert {"verify_ssl", "timeout"} <= set(metas["looker"]["extra_fields"])
+    assert {"gzip", "max_in_flight", "timeout", "requests_per_second"} <= set(
+        metas["segment_tracking"]["extra_fields"]
+    )
