@@ -59,3 +59,7 @@ class TransformConfigError(LookerSegmentError):
 
 class DestinationError(LookerSegmentError):
     """The requested Segment destinations are unknown or need identifiers the Look does not provide."""
+
+
+class InvalidParameterError(LookerSegmentError, ValueError):
+    """An operator argument (after template rendering) has a value that cannot be used."""

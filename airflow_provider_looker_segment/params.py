@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from airflow_provider_looker_segment.exceptions import InvalidParameterError
+
 _TRUE = {"true", "1", "yes", "on", "y", "t"}
 _FALSE = {"false", "0", "no", "off", "n", "f", "", "none", "null"}
 
@@ -32,7 +34,7 @@ def to_bool(value: Any, *, name: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    raise InvalidParameterError(f"{name} must be true or false, got {value!r}")
 
 
 def _parse_literal(value: str) -> Any:
@@ -60,11 +62,13 @@ def to_str_list(value: Any, *, name: str) -> list[str]:
             try:
                 value = _parse_literal(text)
             except (ValueError, SyntaxError) as err:
-                raise ValueError(f"{name} is not a valid list: {value!r} ({err})") from None
+                raise InvalidParameterError(f"{name} is not a valid list: {value!r} ({err})") from None
         else:
             return [part.strip() for part in text.split(",") if part.strip()]
     if not isinstance(value, (list, tuple, set)):
-        raise ValueError(f"{name} must be a list of strings, got {type(value).__name__}: {value!r}")
+        raise InvalidParameterError(
+            f"{name} must be a list of strings, got {type(value).__name__}: {value!r}"
+        )
     return [str(item).strip() for item in value if str(item).strip()]
 
 
@@ -84,9 +88,9 @@ def to_str_dict(value: Any, *, name: str) -> dict[str, str]:
         try:
             value = _parse_literal(text)
         except (ValueError, SyntaxError) as err:
-            raise ValueError(f"{name} is not a valid mapping: {value!r} ({err})") from None
+            raise InvalidParameterError(f"{name} is not a valid mapping: {value!r} ({err})") from None
     if not isinstance(value, Mapping):
-        raise ValueError(f"{name} must be a mapping of Looker field → trait key, got {value!r}")
+        raise InvalidParameterError(f"{name} must be a mapping of Looker field → trait key, got {value!r}")
     return {str(k): str(v) for k, v in value.items()}
 
 
@@ -98,7 +102,7 @@ def to_optional_int(value: Any, *, name: str) -> int | None:
     :param name: the parameter's name, for the error message.
     """
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
+        raise InvalidParameterError(f"{name} must be a whole number, got {value!r}")
     if value is None:
         return None
     if isinstance(value, int):
@@ -109,7 +113,7 @@ def to_optional_int(value: Any, *, name: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+        raise InvalidParameterError(f"{name} must be a whole number, got {value!r}") from None
 
 
 def to_optional_str(value: Any) -> str | None:

@@ -249,10 +249,10 @@ def test_looker_errors_fail_before_anything_is_sent(run, segment, capfd, look_id
 
 def test_missing_write_key_fails_before_reading_looker(run, looker, segment, monkeypatch, capfd):
     monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_DEFAULT", segment_connection(segment.base_url, write_key=None))
-    runs_before = looker.counters.get("look_runs", 0)
+    runs_before = looker.counters.get("runs", 0)
     dag_run, _ti, _summary = run()
     assert dag_run.state == "failed"
-    assert looker.counters.get("look_runs", 0) == runs_before
+    assert looker.counters.get("runs", 0) == runs_before
     assert "write key" in "".join(capfd.readouterr()).lower()
 
 
@@ -276,6 +276,23 @@ def test_invalid_rows_are_reported_and_can_fail_the_task(run, looker, segment):
 
     dag_run, ti, _summary = run(look_id="500", max_invalid_rows=1)
     assert dag_run.state == "failed" and ti.state == "failed"
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"limit": -5}, "limit must be -1 (all rows) or a positive number, got -5"),
+        ({"trait_key_style": "camel"}, "trait_key_style must be one of label, snake, field, got 'camel'"),
+        ({"sync_mode": "sometimes"}, "sync_mode must be one of all, changed, got 'sometimes'"),
+        ({"max_exit_ratio": 2}, "max_exit_ratio must be a number from 0 to 1, got 2"),
+    ],
+)
+def test_bad_parameters_fail_naming_the_parameter(run, looker, segment, capfd, conf, message):
+    runs_before = looker.counters.get("runs", 0)
+    dag_run, _ti, _summary = run(**conf)
+    assert dag_run.state == "failed"
+    assert message in "".join(capfd.readouterr())
+    assert looker.counters.get("runs", 0) == runs_before and segment.stats()["requests"] == 0
 
 
 def test_possibly_truncated_look_is_reported(run, capfd):
@@ -373,7 +390,9 @@ def test_mass_exit_stops_the_run_before_any_exit(changed, looker, segment, capfd
     assert dag_run.state == "failed" and ti.state == "failed"
     # u2's change was sent and saved by the first try; the retry had nothing left to send.
     assert [(e["userId"], e["traits"]["in_cohort"]) for e in segment.events()] == [("u2", True)]
-    assert "max_exit_ratio" in "".join(capfd.readouterr())
+    text = "".join(capfd.readouterr())
+    assert "ExitGuardError" in text and "7 of the 10 identities" in text and "max_exit_ratio=0.5" in text
+    assert "Look 600: 3 rows read, 1 sent" in text  # the summary is logged before the task fails
     segment.reset()
     _dag_run, _ti, summary = changed(membership_trait="in_cohort", max_exit_ratio=1.0)
     assert summary["exited"] == 7 and summary["sent"] == 7

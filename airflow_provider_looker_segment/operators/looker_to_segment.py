@@ -31,6 +31,7 @@ from airflow_provider_looker_segment.destinations import (
 )
 from airflow_provider_looker_segment.exceptions import (
     DestinationError,
+    InvalidParameterError,
     SegmentDeliveryError,
     TransformConfigError,
 )
@@ -117,7 +118,7 @@ class LookerToSegmentOperator(BaseOperator):
     :param email_field: Looker field that gives ``traits.email``; detected from the tag ``email`` or the
         field's name or label when not given. (templated)
     :param anonymous_id_field: Looker field that gives ``anonymousId``; detected from the tag
-        ``segment_anonymous_id`` when not given. (templated)
+        ``segment_anonymous_id`` or the field's name or label when not given. (templated)
     :param trait_names: mapping of Looker field name → trait key, overriding the key style. (templated)
     :param trait_key_style: how trait keys are made from fields: ``"label"`` (the field's short label,
         lower-cased: ``sessions count``, the seed's style), ``"snake"`` (``sessions_count``) or ``"field"``
@@ -235,6 +236,8 @@ class LookerToSegmentOperator(BaseOperator):
                 f"trait_key_style must be one of {', '.join(TRAIT_KEY_STYLES)}, got {self.trait_key_style!r}"
             )
         limit = to_optional_int(self.limit, name="limit")
+        if limit is not None and limit < -1:
+            raise InvalidParameterError(f"limit must be -1 (all rows) or a positive number, got {limit}")
         max_invalid = to_optional_int(self.max_invalid_rows, name="max_invalid_rows")
         if max_invalid is not None and max_invalid < 0:
             raise TransformConfigError(f"max_invalid_rows must be 0 or more, got {max_invalid}")
@@ -386,6 +389,8 @@ class LookerToSegmentOperator(BaseOperator):
                 cohort.exits,
                 cohort.exits_skipped,
             )
+        if cohort.guard_tripped:
+            counts["exit_guard"] = cohort.guard_tripped  # the task fails after the summary is logged
         if settings.dry_run:
             self.log.info("Dry run: the sync state was read, not changed.")
             return counts
@@ -395,8 +400,6 @@ class LookerToSegmentOperator(BaseOperator):
         result = sync_run.commit(undelivered, exits_sent=exits_sent)
         counts["state_generation"] = result.generation
         counts["state_identities"] = result.entries
-        if cohort.guard_tripped:
-            raise ExitGuardError(f"Look {settings.look_id}: {cohort.guard_tripped}")
         return counts
 
     def _options(self, settings: _Settings) -> TransformOptions:
@@ -489,7 +492,13 @@ class LookerToSegmentOperator(BaseOperator):
 
     def _fail_if_needed(self, settings: _Settings, summary: dict[str, Any]) -> None:
         problems = []
-        if summary["rejected"]:
+        if summary.get("exit_guard"):
+            problems.append(summary["exit_guard"])
+        if summary["rejected"] and settings.dry_run:
+            problems.append(
+                f"{summary['rejected']} events would be rejected by Segment ({summary['rejected_reasons']})"
+            )
+        elif summary["rejected"]:
             problems.append(
                 f"{summary['rejected']} events rejected by Segment ({summary['rejected_reasons']})"
             )
@@ -501,7 +510,8 @@ class LookerToSegmentOperator(BaseOperator):
                 f"{settings.max_invalid_rows} ({summary['invalid_reasons']})"
             )
         if problems:
-            raise SegmentDeliveryError(
+            error = ExitGuardError if summary.get("exit_guard") else SegmentDeliveryError
+            raise error(
                 f"Look {settings.look_id}: "
                 + "; ".join(problems)
                 + f". Summary: {orjson.dumps(summary).decode()}"

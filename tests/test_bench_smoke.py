@@ -1,0 +1,111 @@
+"""
+Smoke run of the benchmark (``bench/run.py``), so that its machinery cannot rot: ours and the floor at
+10,000 rows, one run each, through the real stand-ins and child processes. The baseline is asked for with a
+venv that does not exist, so it must be skipped with a note. Only sanity is asserted, never a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "bench" / "run.py"
+ROWS = 10_000
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """Run the benchmark once; return its JSON results and its Markdown report."""
+    out = tmp_path_factory.mktemp("bench")
+    command = [
+        sys.executable,
+        str(RUN),
+        "--sizes",
+        str(ROWS),
+        "--repeat",
+        "1",
+        "--cases",
+        "ours,baseline-a,floor",
+        "--baseline-python",
+        str(out / "no-such-venv" / "bin" / "python"),
+        "--results",
+        str(out / "RESULTS.md"),
+        "--json",
+        str(out / "results.json"),
+        "--notes",
+        "-",
+        "--timeout",
+        "240",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), (out / "RESULTS.md").read_text()
+
+
+def _runs(results: dict, case: str, rows: int) -> list[dict]:
+    return [record for record in results["records"] if record["case"] == case and record["rows"] == rows]
+
+
+@pytest.mark.parametrize("case", ["ours", "floor"])
+def test_every_event_arrives_once(smoke, case):
+    results, _markdown = smoke
+    (run,) = _runs(results, case, ROWS)
+    assert run["result"]["rows"] == ROWS
+    assert run["result"]["sent"] == ROWS
+    assert run["received"] == ROWS  # ours: counted by the Segment stand-in; the floor: events batched
+    assert run["rows"] - run["received"] == 0
+    assert run["standin_rejected"] == 0
+    assert run["result"]["rejected"] == 0 and run["result"]["failed"] == 0
+    assert 1 <= run["result"]["batches"] <= ROWS // 100  # events are batched, not sent one by one
+
+
+@pytest.mark.parametrize("case", ["ours", "floor"])
+def test_measurements_are_sane(smoke, case):
+    results, _markdown = smoke
+    (run,) = _runs(results, case, ROWS)
+    measured = run["result"]
+    assert measured["peak_rss_mb"] > 0
+    assert measured["peak_rss_mb"] >= measured["rss_before_pipeline_mb"] > 0
+    assert measured["pipeline"]["wall"] > 0 and measured["pipeline"]["cpu"] > 0
+    assert run["process_wall"] >= measured["pipeline"]["wall"]
+    assert measured["cpu_total"] >= measured["pipeline"]["cpu"]
+
+
+def test_ours_delivered_through_the_stand_ins(smoke):
+    results, _markdown = smoke
+    (run,) = _runs(results, "ours", ROWS)
+    assert run["result"]["requests"] >= run["result"]["batches"] >= 1
+    assert run["segment_cpu"] >= 0 and run["looker_cpu"] >= 0
+
+
+def test_fixed_start_up_cost_measured_on_an_empty_look(smoke):
+    results, markdown = smoke
+    for case in ("ours", "floor"):
+        (run,) = _runs(results, case, 0)
+        assert run["received"] == 0 and run["result"]["rows"] == 0
+        assert run["result"]["import"]["wall"] > 0
+    assert "## Fixed start-up cost" in markdown
+
+
+def test_baseline_skipped_with_a_note_when_its_venv_is_missing(smoke):
+    results, markdown = smoke
+    assert results["cases"] == ["ours", "floor"]
+    assert not [record for record in results["records"] if record["case"].startswith("baseline")]
+    assert any("Skipped baseline-a" in note and "no baseline venv" in note for note in results["notes"])
+    assert "Skipped baseline-a" in markdown
+
+
+def test_report_has_the_tables(smoke):
+    results, markdown = smoke
+    assert "| Rows | Run | rows/s |" in markdown
+    assert "ours ÷ floor" in markdown
+    assert f"| {ROWS:,} | ours: " in markdown
+    assert results["machine"]["cores"] >= 1
+    assert results["versions"]["main"]["airflow-provider-looker-segment"] != "-"
+    assert {ceiling["case"] for ceiling in results["ceilings"]} == {"ceiling-looker", "ceiling-segment"}
+    assert results["profile"]["rows"] == ROWS and results["profile"]["functions"]
