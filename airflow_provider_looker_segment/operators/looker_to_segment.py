@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections import Counter
@@ -286,6 +287,15 @@ class LookerToSegmentOperator(BaseOperator):
     # -- execution --------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
+        # Airflow's imports leave ~190k objects tracked by the garbage collector, and every full collection
+        # triggered by the row loop would walk them all: park them in the permanent generation meanwhile.
+        gc.freeze()
+        try:
+            return self._execute(context)
+        finally:
+            gc.unfreeze()
+
+    def _execute(self, context: Context) -> dict[str, Any]:
         settings = self._settings()
         destinations = resolve_destinations(settings.destinations)
         segment = self._segment_hook()
