@@ -134,6 +134,24 @@ def encode_event(message: Mapping[str, Any]) -> bytes:
     return orjson.dumps(message, default=_default)
 
 
+class EncodedMessage(dict):
+    """
+    A Segment message that carries its own JSON encoding (:attr:`encoded`), made once by its producer (the
+    transform encodes each row's message once, for its messageId and for the batch). :class:`Batcher` sends
+    :attr:`encoded` as it is: change the message only through :meth:`set_message_id`.
+    """
+
+    __slots__ = ("encoded",)
+
+    def set_message_id(self, message_id: str) -> None:
+        """Replace the ``messageId`` (the last key of :attr:`encoded`) in the message and in its encoding."""
+        tail = b'"messageId":' + orjson.dumps(self["messageId"]) + b"}"
+        if not self.encoded.endswith(tail):
+            raise ValueError("the encoded message does not end with its messageId")
+        self.encoded = self.encoded[: -len(tail)] + b'"messageId":' + orjson.dumps(message_id) + b"}"
+        self["messageId"] = message_id
+
+
 def _has_identity(message: Mapping[str, Any]) -> bool:
     """Whether the message carries a non-empty ``userId`` or ``anonymousId`` (Segment drops others)."""
     return any(message.get(key) not in (None, "") for key in ("userId", "anonymousId"))
@@ -207,7 +225,11 @@ class Batcher:
         size = ENVELOPE_BYTES
         for message in messages:
             try:
-                data = dumps(message, default=default)
+                data = (
+                    message.encoded
+                    if message.__class__ is EncodedMessage
+                    else dumps(message, default=default)
+                )
                 message_id = message.get("messageId")
                 if message_id is None:
                     data, message_id = _with_message_id(message)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_looker_segment.batching import EncodedMessage
 from airflow_provider_looker_segment.exceptions import LookerSegmentError
 from airflow_provider_looker_segment.sync_state import (
     ANONYMOUS_ID,
@@ -96,7 +97,11 @@ def changed_only(messages: Iterable[dict[str, Any]], run: SyncRun, counts: Cohor
             counts.new += 1
         else:
             counts.changed += 1
-        message["messageId"] = keyed_message_id(ihash, message["messageId"])
+        keyed = keyed_message_id(ihash, message["messageId"])
+        if isinstance(message, EncodedMessage):
+            message.set_message_id(keyed)  # keeps its encoding in step
+        else:
+            message["messageId"] = keyed
         yield message
 
 

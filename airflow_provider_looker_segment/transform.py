@@ -59,6 +59,7 @@ from typing import Any
 import orjson
 
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__
+from airflow_provider_looker_segment.batching import EncodedMessage
 from airflow_provider_looker_segment.exceptions import TransformConfigError
 from airflow_provider_looker_segment.models import LookField, LookResultMeta, PivotValue, Row
 
@@ -800,19 +801,21 @@ def format_timestamp(ran_at: datetime) -> str:
     return ran_at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _dump_traits(traits: dict[str, Any]) -> bytes:
-    """Compact JSON of the traits; values orjson refuses are fixed in place first (rare path)."""
+def _dump_head(message: dict[str, Any]) -> bytes:
+    """
+    Compact JSON of a message's identity and traits (the start of its encoding); values orjson refuses
+    (e.g. a lone surrogate in a string) are fixed in place first (rare path).
+    """
     try:
-        return orjson.dumps(traits)
+        return orjson.dumps(message)
     except orjson.JSONEncodeError:
+        traits = message["traits"]
         for key, value in traits.items():
             traits[key] = _json_safe(value)
-        return orjson.dumps(traits)
-
-
-def _identity_bytes(user_id: str | None, anonymous_id: str | None) -> bytes:
-    """The row's identity as hashed into its messageId."""
-    return f"{user_id or ''}\x1f{anonymous_id or ''}\x1e".encode()
+        for key in ("userId", "anonymousId"):
+            if key in message:
+                message[key] = _json_safe(message[key])
+        return orjson.dumps(message)
 
 
 def _fill_pivots(
@@ -862,8 +865,14 @@ def make_row_transformer(
     anon_field = plan.anonymous_id.field if plan.anonymous_id else None
     email_field = plan.email.field if plan.email else None
     specs, membership = plan.specs, plan.membership_trait
-    identifier, from_email, identity_bytes = _identifier, anonymous_id_from_email, _identity_bytes
-    dump, fill_pivots = _dump_traits, _fill_pivots
+    identifier, from_email, dump_head = _identifier, anonymous_id_from_email, _dump_head
+    fill_pivots, new_message = _fill_pivots, EncodedMessage
+    context = {"library": library}
+    # What follows the traits in every message of the run, encoded once: timestamp, context, messageId key.
+    tail_fields: dict[str, Any] = {"timestamp": timestamp} if timestamp is not None else {}
+    tail_fields["context"] = context
+    tail = b"," + orjson.dumps(tail_fields)[1:-1] + b',"messageId":"'
+    prefix = MESSAGE_ID_PREFIX.encode()
 
     def transform(row: Row) -> tuple[dict[str, Any] | None, str | None]:
         get = row.get
@@ -882,23 +891,23 @@ def make_row_transformer(
                 fill_pivots(traits, value, pivots, plain, convert)
         if membership:
             traits[membership] = True
-        digest = hasher.copy()
-        try:
-            digest.update(identity_bytes(user_id, anonymous_id))
-        except UnicodeEncodeError:  # a lone surrogate: the id could not be sent as JSON either
-            user_id, anonymous_id = _json_safe(user_id), _json_safe(anonymous_id)
-            digest.update(identity_bytes(user_id, anonymous_id))
-        digest.update(dump(traits))
-        message: dict[str, Any] = {"type": "identify"}
+        message = new_message(type="identify")
         if user_id is not None:
             message["userId"] = user_id
         if anonymous_id is not None:
             message["anonymousId"] = anonymous_id
         message["traits"] = traits
+        # One encoding per message: its head (identity and traits) is both hashed into the messageId and
+        # sent, followed by the run's constant fields and the messageId.
+        head = dump_head(message)
+        digest = hasher.copy()
+        digest.update(head)
+        hex_id = digest.hexdigest().encode()
         if timestamp is not None:
             message["timestamp"] = timestamp
-        message["context"] = {"library": library}
-        message["messageId"] = MESSAGE_ID_PREFIX + digest.hexdigest()
+        message["context"] = context
+        message["messageId"] = MESSAGE_ID_PREFIX + hex_id.decode()
+        message.encoded = head[:-1] + tail + prefix + hex_id + b'"}'
         return message, None
 
     return transform

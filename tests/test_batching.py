@@ -237,3 +237,15 @@ def test_property_batches_respect_limits_and_reproduce_the_input(
         previous = item
     assert sent == [m for m in messages if len(encode_event(m)) <= max_event_bytes]
     assert rejected == [m for m in messages if len(encode_event(m)) > max_event_bytes]
+
+
+def test_pre_encoded_messages_are_sent_as_encoded():
+    """An EncodedMessage's bytes go into the batch as they are: the batcher does not encode it again."""
+    from airflow_provider_looker_segment.batching import EncodedMessage
+
+    message = EncodedMessage(type="identify", userId="u1", traits={}, messageId="m1")
+    message.encoded = b'{"type":"identify","userId":"u1","traits":{"marker":1},"messageId":"m1"}'
+    (batch,) = list(Batcher().split([message]))
+    assert batch.events == [message.encoded] and batch.message_ids == ["m1"]
+    message.set_message_id("m2")
+    assert message.encoded.endswith(b'"messageId":"m2"}') and message["messageId"] == "m2"

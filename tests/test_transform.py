@@ -592,11 +592,22 @@ def test_integers_beyond_64_bits_become_strings():
 def test_lone_surrogates_are_replaced():
     meta = look(fld("users.id", "ID", "user_id"), fld("users.s", "S"))
     message = one(meta, {"users.id": "a\ud800", "users.s": "b\udfff"})
-    orjson.dumps(message)
+    assert message.encoded == orjson.dumps(message)
     assert message["userId"] == "a?" and message["traits"] == {"s": "b?"}
 
 
 # ------------------------------------------------------------------------------------------ messageId
+
+
+def test_each_message_is_encoded_once_and_exactly():
+    meta = look(*SEED_FIELDS)
+    message = one(meta, SEED_ROW)
+    assert message.encoded == orjson.dumps(message)
+    no_timestamp = transformer(meta, ran_at=None)(SEED_ROW)[0]
+    assert "timestamp" not in no_timestamp and no_timestamp.encoded == orjson.dumps(no_timestamp)
+    message.set_message_id("0123456789abcdef-" + message["messageId"])
+    assert message.encoded == orjson.dumps(message)
+    assert message["messageId"].startswith("0123456789abcdef-lsg-")
 
 
 def test_message_id_is_deterministic_and_short():
@@ -707,5 +718,6 @@ def test_any_row_gives_scalar_traits(user_id, email, a, b, c):
         assert value is None or isinstance(value, (str, int, float, bool))
         assert not (isinstance(value, float) and not math.isfinite(value))
     encoded = orjson.dumps(message)
+    assert message.encoded == encoded  # the one encoding made by the transform is the message's JSON
     assert orjson.loads(encoded)["traits"] == message["traits"]
     assert len(message["messageId"]) < 100

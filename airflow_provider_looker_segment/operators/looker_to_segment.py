@@ -568,14 +568,13 @@ def _dry_run(messages: Iterable[dict], log: Callable[..., None]) -> dict[str, An
     """Encode and batch every message as a real run would, log a few examples, send nothing."""
     examples: list[bytes] = []
 
-    def encoded() -> Iterator[tuple[dict, bytes]]:
+    def with_examples() -> Iterator[dict]:
         for message in messages:
-            data = encode_event(message)
             if len(examples) < DRY_RUN_EXAMPLES:
-                examples.append(data)
-            yield message, data
+                examples.append(encode_event(message))
+            yield message
 
-    plan = plan_batches(encoded())
+    plan = plan_batches(with_examples())
     for number, data in enumerate(examples, start=1):
         log("Dry run: example payload %d: %s", number, data.decode())
     log("Dry run: %d events would be sent in %d batches; nothing was sent", plan.events, plan.batches)
