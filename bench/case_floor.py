@@ -22,10 +22,11 @@ import pstats  # noqa: E402
 from collections.abc import Callable, Iterable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
+from looks import look_info  # noqa: E402
+
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__  # noqa: E402
 from airflow_provider_looker_segment.batching import Batch, Batcher, format_sent_at  # noqa: E402
 from airflow_provider_looker_segment.hooks.looker import IJSON, LookStream  # noqa: E402
-from airflow_provider_looker_segment.models import LookInfo  # noqa: E402
 from airflow_provider_looker_segment.transform import (  # noqa: E402
     TransformOptions,
     build_message_id_namespace,
@@ -37,21 +38,6 @@ DAG_ID = "bench_looker_to_segment"
 TASK_ID = "sync"
 #: Functions listed by the profile.
 PROFILE_TOP = 15
-
-
-def look_info(look_id: str) -> LookInfo:
-    """The Look's definition as LookStream needs it (a generated Look: no hidden fields, no pivots)."""
-    return LookInfo(
-        id=look_id,
-        title="",
-        model=None,
-        view=None,
-        fields=(),
-        limit=None,
-        pivots=(),
-        hidden_fields=(),
-        deleted=False,
-    )
 
 
 def _messages(rows: Iterable[dict[str, Any]], transform: Callable[[Any], tuple[Any, Any]]) -> Iterator[dict]:

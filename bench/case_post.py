@@ -22,10 +22,10 @@ import threading  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import requests  # noqa: E402
+from looks import look_info  # noqa: E402
 
 from airflow_provider_looker_segment.batching import Batch, Batcher, format_sent_at  # noqa: E402
 from airflow_provider_looker_segment.hooks.looker import LookStream  # noqa: E402
-from airflow_provider_looker_segment.models import LookInfo  # noqa: E402
 from airflow_provider_looker_segment.transform import (  # noqa: E402
     TransformOptions,
     make_row_transformer,
@@ -38,17 +38,7 @@ THREADS = 4
 
 def prepare(look_id: str, body_path: str) -> list[tuple[bytes, int]]:
     """Up to DISTINCT_BATCHES ``(request body, events)`` pairs from the Look's first rows."""
-    info = LookInfo(
-        id=look_id,
-        title="",
-        model=None,
-        view=None,
-        fields=(),
-        limit=None,
-        pivots=(),
-        hidden_fields=(),
-        deleted=False,
-    )
+    info = look_info(look_id)
     bodies: list[tuple[bytes, int]] = []
     with open(body_path, "rb") as body:
         stream = LookStream(look_id, body, info, -1)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from airflow_provider_looker_segment.testing.processes import stop_process
+
 LOOKER_MODULE = "airflow_provider_looker_segment.testing.looker_standin"
 SEGMENT_MODULE = "airflow_provider_looker_segment.testing.segment_standin"
 LOOKER_CLIENT_ID = "looker-demo-id"
@@ -82,12 +84,7 @@ class StandInProcess:
         process, self._process = self._process, None
         if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
     def __enter__(self) -> StandInProcess:
         self.start()

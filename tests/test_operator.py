@@ -11,6 +11,7 @@ import pytest
 
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__
 from airflow_provider_looker_segment.testing.connections import segment_connection, standin_connections
+from airflow_provider_looker_segment.testing.demo import read_return_value
 from airflow_provider_looker_segment.testing.looker_fixtures import (
     ANONYMOUS_ID_LOOK_ID,
     DELETED_LOOK_ID,
@@ -64,26 +65,9 @@ def run(airflow_db, monkeypatch, looker, segment):
     def _run(**conf: Any) -> tuple[Any, Any, dict[str, Any] | None]:
         dag_run = _load_dag().test(run_conf={"look_id": TOASTMATES_LOOK_ID, **conf})
         ti = dag_run.get_task_instance("sync")
-        return dag_run, ti, _xcom(dag_run, "sync")
+        return dag_run, ti, read_return_value(dag_run, "sync")
 
     return _run
-
-
-def _xcom(dag_run: Any, task_id: str) -> Any:
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        value = session.scalars(
-            select(XComModel.value).where(
-                XComModel.dag_id == dag_run.dag_id,
-                XComModel.run_id == dag_run.run_id,
-                XComModel.task_id == task_id,
-                XComModel.key == "return_value",
-            )
-        ).first()
-    return json.loads(value) if isinstance(value, str) else value
 
 
 def _core(event: dict[str, Any]) -> dict[str, Any]:

@@ -56,8 +56,8 @@ def _prepare_environment(home: str, dags_folder: Path) -> None:
     os.environ.pop("LOOKER_SEGMENT_DAILY_LOOK_ID", None)
 
 
-def _read_summary(dag_run: Any) -> dict[str, Any] | None:
-    """The task's XCom ``return_value`` (the sync summary), from the metadata database."""
+def read_return_value(dag_run: Any, task_id: str) -> Any:
+    """A task's XCom ``return_value`` in a finished DAG run (e.g. the sync summary), from the metadata DB."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
@@ -67,7 +67,7 @@ def _read_summary(dag_run: Any) -> dict[str, Any] | None:
             select(XComModel.value).where(
                 XComModel.dag_id == dag_run.dag_id,
                 XComModel.run_id == dag_run.run_id,
-                XComModel.task_id == TASK_ID,
+                XComModel.task_id == task_id,
                 XComModel.key == "return_value",
             )
         ).first()
@@ -96,7 +96,7 @@ def run_demo(look_id: str, dags_folder: Path) -> int:
             task.retries = 0  # a failing demo ends now, not after the DAG's retries 5 minutes apart
         dag_run = module.dag.test(run_conf={"look_id": look_id, "destinations": ["hubspot", "intercom"]})
         events = segment.events()
-        summary = _read_summary(dag_run)
+        summary = read_return_value(dag_run, TASK_ID)
 
     print("\n" + "=" * 100)
     print(f"DAG run {dag_run.run_id}: {dag_run.state}")

@@ -65,6 +65,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
+from airflow_provider_looker_segment.testing.processes import stop_process
+
 MODULE = "airflow_provider_looker_segment.testing.segment_standin"
 DEFAULT_WRITE_KEY = "demo-write-key"
 #: Segment's documented limits (the same values as :mod:`airflow_provider_looker_segment.batching`).
@@ -962,12 +964,7 @@ class SegmentStandInProcess:
         process, self._process = self._process, None
         if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         if process.stdout is not None:
             process.stdout.close()
 
