@@ -51,9 +51,14 @@ def connect(
     write_key: str | None = DEFAULT_WRITE_KEY,
     conn_type: str = "segment_tracking",
     extra: dict[str, Any] | None = None,
+    host: str | None = None,
 ) -> str:
-    """Define an Airflow connection (environment variable) pointing at the stand-in; return its id."""
-    definition: dict[str, Any] = {"conn_type": conn_type, "host": standin.base_url, "extra": extra or {}}
+    """Define an Airflow connection (environment variable) to the stand-in (or ``host``); return its id."""
+    definition: dict[str, Any] = {
+        "conn_type": conn_type,
+        "host": host or standin.base_url,
+        "extra": extra or {},
+    }
     if write_key is not None:
         definition["password"] = write_key
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(definition))

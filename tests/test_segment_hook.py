@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -13,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+import requests
 from segment_helpers import (
     assert_received_equals_delivered,
     attempts_by_batch,
@@ -37,7 +39,9 @@ from airflow_provider_looker_segment.hooks.segment import (
     DeliveryReport,
     SegmentHook,
     build_base_url,
+    describe_exception,
 )
+from airflow_provider_looker_segment.sync_state import sync_key
 from airflow_provider_looker_segment.testing.segment_standin import SegmentStandIn
 
 SECRET_KEY = "wk-S3cr3t-Wr1te-Key-0123456789"
@@ -389,7 +393,14 @@ def test_extras_are_read_and_arguments_override_them(segment, monkeypatch):
 
 @pytest.mark.parametrize(
     "extra",
-    [{"timeout": "soon"}, {"gzip": "perhaps"}, {"max_in_flight": 0}, {"max_in_flight": 100}, {"timeout": -1}],
+    [
+        {"timeout": "soon"},
+        {"gzip": "perhaps"},
+        {"max_in_flight": 0},
+        {"max_in_flight": 100},
+        {"max_in_flight": 2.5},
+        {"timeout": -1},
+    ],
 )
 def test_unusable_settings_are_configuration_errors(segment, monkeypatch, extra):
     conn_id = connect(monkeypatch, segment, extra=extra)
@@ -405,10 +416,45 @@ def test_unusable_settings_are_configuration_errors(segment, monkeypatch, extra)
         ("https://events.eu1.segmentapis.com/v1/", None, None, "https://events.eu1.segmentapis.com"),
         ("127.0.0.1", "http", 8080, "http://127.0.0.1:8080"),
         ("http://127.0.0.1:9000", None, 8080, "http://127.0.0.1:9000"),
+        ("https://api.segment.io:443", None, None, "https://api.segment.io"),
+        ("api.segment.io:443", None, None, "https://api.segment.io"),
+        ("api.segment.io", "https", 443, "https://api.segment.io"),
+        ("HTTPS://API.Segment.IO:443/V1/", None, None, "https://api.segment.io"),
+        ("https://api.segment.io/", None, None, "https://api.segment.io"),
+        ("https://api.segment.io:80", None, None, "https://api.segment.io:80"),
+        ("http://127.0.0.1:80/v1", None, None, "http://127.0.0.1"),
+        ("127.0.0.1", "HTTP", 80, "http://127.0.0.1"),
+        ("http://[::1]:80", None, None, "http://[::1]"),
+        ("https://proxy.example.com/Segment/v1", None, None, "https://proxy.example.com/Segment"),
     ],
 )
 def test_base_url_from_the_connection(host, schema, port, expected):
     assert build_base_url(host, schema, port) == expected
+
+
+@pytest.mark.parametrize("host", ["https://api.segment.io:https", "https://api.segment.io:99999", "ftp://x"])
+def test_a_malformed_host_is_a_configuration_error(host):
+    with pytest.raises(SegmentConfigurationError, match="must be an http"):
+        build_base_url(host)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"host": "https://api.segment.io:443"},
+        {"host": "api.segment.io", "port": 443},
+        {"host": "HTTPS://API.Segment.io/v1/"},
+        {"host": "api.segment.io", "schema": "https"},
+        {},
+    ],
+)
+def test_the_base_url_and_the_sync_key_do_not_depend_on_how_the_host_is_written(monkeypatch, form):
+    """The base URL is part of the changed-only sync's state key: an explicit :443 must not orphan it."""
+    definition = {"conn_type": "segment_tracking", "password": SECRET_KEY, **form}
+    monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_FORM", json.dumps(definition))
+    settings = SegmentHook("segment_form").validate_config()
+    assert (settings.base_url, settings.batch_url) == (DEFAULT_HOST, f"{DEFAULT_HOST}/v1/batch")
+    assert sync_key("42", settings.base_url, settings.write_key) == sync_key("42", DEFAULT_HOST, SECRET_KEY)
 
 
 def test_test_connection_says_what_it_checked(segment, conn_id, monkeypatch):
@@ -458,6 +504,146 @@ def test_the_write_key_never_appears_in_logs_errors_or_urls(segment, monkeypatch
     assert "Retrying" in logged and "Segment batch of 100 events failed" in logged  # the logs were captured
     for text in texts:
         assert SECRET_KEY not in text and wrong_key not in text
+
+
+# -- write key hygiene, TLS to a plain-HTTP port, setting ranges ------------------------------------------
+
+HALF = len(SECRET_KEY) // 2
+
+
+def spliced(char: str) -> str:
+    """The secret key with ``char`` in its middle (at character ``HALF + 1``)."""
+    return SECRET_KEY[:HALF] + char + SECRET_KEY[HALF:]
+
+
+@pytest.mark.parametrize(
+    ("conn_type", "password", "extra"),
+    [
+        ("segment_tracking", f"{SECRET_KEY}\n", {}),
+        ("segment_tracking", f" \t{SECRET_KEY}  \r\n", {}),
+        ("segment", None, {"write_key": f"{SECRET_KEY}\n"}),
+        ("segment", " \n", {"write_key": f"  {SECRET_KEY}\n"}),  # a blank Password does not hide the extra
+    ],
+)
+def test_the_write_key_is_used_trimmed_from_every_source(segment, monkeypatch, conn_type, password, extra):
+    conn_id = connect(monkeypatch, segment, write_key=password, conn_type=conn_type, extra=extra)
+    assert SegmentHook(conn_id).validate_config().write_key == SECRET_KEY
+    report = hook(conn_id).send(identifies(10))
+    assert report.delivered == 10 and [r.auth for r in segment.records()] == ["basic"]  # the exact key
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        # not Latin-1: requests could not even encode it (the old "internal error: UnicodeEncodeError")
+        (spliced("€"), f"a character outside ASCII (character {HALF + 1})"),
+        (spliced("é"), "a character outside ASCII"),  # Latin-1, but servers differ on decoding it (UTF-8?)
+        ("\ufeff" + SECRET_KEY, "a character outside ASCII (character 1)"),  # a byte-order mark
+        (spliced(":"), f"a ':' (character {HALF + 1}; Basic auth ends the user name at the first ':')"),
+        (spliced("\n"), "a control character"),
+        (SECRET_KEY + "\x00", f"a control character (character {len(SECRET_KEY) + 1})"),  # strip() keeps NUL
+    ],
+)
+@pytest.mark.parametrize("source", ["password", "extra"])
+def test_a_write_key_unfit_for_a_basic_header_is_refused_before_any_request(
+    segment, monkeypatch, caplog, key, problem, source
+):
+    caplog.set_level(logging.DEBUG)
+    if source == "password":
+        conn_id = connect(monkeypatch, segment, write_key=key)
+    else:
+        conn_id = connect(monkeypatch, segment, write_key=None, conn_type="segment", extra={"write_key": key})
+    with pytest.raises(SegmentConfigurationError) as raised:
+        SegmentHook(conn_id).validate_config()
+    message = str(raised.value)
+    assert message.startswith(f"The Segment write key of connection {conn_id!r} contains {problem}")
+    assert "HTTP Basic" in message and "exactly as Segment shows it" in message
+    with pytest.raises(SegmentConfigurationError):
+        hook(conn_id).send(identifies(10))
+    ok, tested = SegmentHook(conn_id).test_connection()
+    assert not ok and tested == message
+    assert segment.stats()["requests"] == 0
+    for text in (message, caplog.text):
+        assert SECRET_KEY[:HALF] not in text and SECRET_KEY[HALF:] not in text
+
+
+def test_https_to_a_plain_http_port_fails_at_once_with_a_hint(segment, monkeypatch):
+    conn_id = connect(monkeypatch, segment, host=segment.base_url.replace("http://", "https://"))
+    messages = list(identifies(1000))
+    report = hook(conn_id, max_batch_events=100, max_in_flight=1, max_attempts=8).send(messages)
+    reason = report.aborted or ""
+    assert (
+        reason.startswith("TLS error: the server answered in plain HTTP") and "wrong scheme or port" in reason
+    )
+    assert (report.delivered, report.failed, report.requests, report.retries) == (0, 1000, 1, 0)
+    assert (segment.stats()["tls_handshakes"], segment.stats()["requests"]) == (1, 0)
+    assert report.failed_reasons == {reason: 100, f"not sent: {reason}": 900}
+    assert_received_equals_delivered(segment, report, ids(messages))
+    with pytest.raises(SegmentDeliveryError, match="wrong scheme or port"):
+        report.raise_for_failures()
+    ok, message = SegmentHook(conn_id).test_connection()
+    assert not ok and message == f"Could not reach https://127.0.0.1:{segment.port}/v1/batch: {reason}."
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)", "plain HTTP"),
+        ("[SSL] record layer failure (_ssl.c:1000)", "plain HTTP"),  # OpenSSL 3.2 and later
+        ("[SSL: UNKNOWN_PROTOCOL] unknown protocol (_ssl.c:600)", "plain HTTP"),
+        ("[SSL: PACKET_LENGTH_TOO_LONG] packet length too long (_ssl.c:1000)", "plain HTTP"),
+        (
+            "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate",
+            "certificate",
+        ),
+    ],
+)
+def test_tls_errors_are_described_with_a_hint(text, expected):
+    from urllib3.exceptions import MaxRetryError
+    from urllib3.exceptions import SSLError as Urllib3SSLError
+
+    error = requests.exceptions.SSLError(
+        MaxRetryError(None, "/v1/batch", Urllib3SSLError(ssl.SSLError(1, text)))
+    )
+    description = describe_exception(error)
+    assert description.startswith("TLS error") and expected in description and "scheme or port" in description
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "shown", "accepted"),
+    [
+        ("requests_per_second", 0.001, "0.001", "from 0.1 (one request every 10 s) up"),
+        ("requests_per_second", "0.05", "0.05", "from 0.1"),
+        ("requests_per_second", -1, "-1.0", "from 0.1"),
+        ("requests_per_second", "nan", "nan", "from 0.1"),
+        ("requests_per_second", "inf", "inf", "from 0.1"),
+        ("max_in_flight", 0, "0", "a whole number from 1 to 32"),
+        ("max_in_flight", 33, "33", "a whole number from 1 to 32"),
+        ("timeout", 0, "0.0", "seconds above 0"),
+        ("timeout", "nan", "nan", "seconds above 0"),
+        ("timeout", "inf", "inf", "seconds above 0"),
+    ],
+)
+@pytest.mark.parametrize("source", ["extra", "argument"])
+def test_a_setting_out_of_range_is_refused_naming_it_its_value_and_the_range(
+    segment, monkeypatch, name, value, shown, accepted, source
+):
+    conn_id = connect(monkeypatch, segment, extra={name: value} if source == "extra" else {})
+    with pytest.raises(SegmentConfigurationError) as raised:
+        SegmentHook(conn_id, **({name: value} if source == "argument" else {})).validate_config()
+    where = "operator or hook argument" if source == "argument" else f"extra of connection {conn_id!r}"
+    assert str(raised.value).startswith(f"Segment setting {name!r} is {shown} ({where}): ")
+    assert accepted in str(raised.value)
+    assert segment.stats()["requests"] == 0
+
+
+def test_the_limits_of_the_settings_are_accepted(segment, conn_id):
+    settings = SegmentHook(conn_id, requests_per_second=0.1, max_in_flight=32, timeout=0.5).validate_config()
+    assert (settings.requests_per_second, settings.max_in_flight, settings.timeout) == (0.1, 32, 0.5)
+    assert (
+        SegmentHook(conn_id, max_in_flight=1, requests_per_second="0").validate_config().requests_per_second
+        is None
+    )
 
 
 def test_report_is_json_serialisable_and_bounded():

@@ -237,6 +237,17 @@ def test_partial_answer_sends_headers_then_resets(segment: SegmentStandIn):
     assert segment.records()[0].action == "partial"
 
 
+def test_a_tls_handshake_gets_a_plain_http_answer_and_is_counted(segment: SegmentStandIn):
+    """A client using https:// on the stand-in's plain-HTTP port fails its handshake (as on any HTTP port)."""
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.post(segment.batch_url.replace("http://", "https://"), batch_body([event("a")]), timeout=5)
+    stats = segment.stats()
+    assert (stats["tls_handshakes"], stats["requests"], segment.records()) == (1, 0, [])
+    assert SegmentStandInClient(segment.base_url).stats()["tls_handshakes"] == 1  # over the control API too
+    segment.reset()
+    assert segment.stats()["tls_handshakes"] == 0
+
+
 def test_accept_then_reset_records_the_events(segment: SegmentStandIn):
     segment.set_faults(script=["accept-reset"])
     with pytest.raises(requests.ConnectionError):

@@ -15,7 +15,9 @@ from __future__ import annotations
 import base64
 import email.utils
 import gzip as gzip_module
+import math
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -56,6 +58,8 @@ EU_HOST = "https://events.eu1.segmentapis.com"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_IN_FLIGHT = 4
 MAX_IN_FLIGHT_LIMIT = 32
+#: Lowest client-side rate limit: one request every 10 s (lower ones turn a sync into days).
+MIN_REQUESTS_PER_SECOND = 0.1
 DEFAULT_MAX_ATTEMPTS = 8
 DEFAULT_MAX_RETRY_TIME = 300.0
 DEFAULT_BACKOFF_FACTOR = 0.5
@@ -72,6 +76,36 @@ _MAX_REASONS = 100
 _MAX_REASON_TEXT = 200
 _USER_AGENT = f"airflow-provider-looker-segment/{__version__}"
 _CONNECTION_TYPES = ("segment_tracking", "segment")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: OpenSSL's words (by version) for a TLS handshake answered in plain HTTP: wrong scheme or port.
+_PLAIN_HTTP_TLS_WORDS = (
+    "wrong version number",
+    "record layer failure",
+    "unknown protocol",
+    "packet length too long",
+)
+PLAIN_HTTP_TLS_ERROR = (
+    "TLS error: the server answered in plain HTTP (wrong scheme or port: use http:// for a plain-HTTP "
+    "endpoint, or the port that serves HTTPS)"
+)
+#: Delivery settings (connection extras, or constructor arguments): type, check, accepted values.
+_SETTINGS: tuple[tuple[str, type, Callable[[Any], bool], str], ...] = (
+    ("timeout", float, lambda value: 0 < value < math.inf, "use a number of seconds above 0"),
+    ("gzip", bool, lambda value: True, ""),
+    (
+        "max_in_flight",
+        int,
+        lambda value: 1 <= value <= MAX_IN_FLIGHT_LIMIT,
+        f"use a whole number from 1 to {MAX_IN_FLIGHT_LIMIT}",
+    ),
+    (
+        "requests_per_second",
+        float,
+        lambda value: value == 0 or MIN_REQUESTS_PER_SECOND <= value < math.inf,
+        f"use a number from {MIN_REQUESTS_PER_SECOND:g} (one request every 10 s) up, or 0 or nothing for "
+        "no limit",
+    ),
+)
 
 DELIVERED, REJECTED, FAILED = "delivered", "rejected", "failed"
 
@@ -407,6 +441,10 @@ class SegmentRetry(Retry):
     ) -> SegmentRetry:
         """Count a failed attempt; give up when attempts, the deadline or the delivery are over."""
         attempts = self.attempts
+        if error is not None and _plain_http_answer(error):  # wrong scheme or port: retrying cannot help
+            if attempts is not None:
+                attempts.gave_up = "not retried"
+            raise MaxRetryError(_pool, url, error) from error
         try:
             retry = super().increment(method, url, response, error, _pool, _stacktrace)
         except MaxRetryError:
@@ -486,6 +524,25 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def _plain_http_answer(exc: BaseException) -> bool:
+    """Whether a TLS handshake failed because the server answered in plain HTTP (``https://`` to HTTP)."""
+    tls = (item for item in _exception_chain(exc) if isinstance(item, ssl.SSLError))
+    texts = [str(item).replace("_", " ").lower() for item in tls]
+    return any(words in text for text in texts for words in _PLAIN_HTTP_TLS_WORDS)
+
+
+def _tls_error_text(chain: list[BaseException]) -> str:
+    """A TLS failure, with OpenSSL's reason code and what to check."""
+    if _plain_http_answer(chain[0]):
+        return PLAIN_HTTP_TLS_ERROR
+    codes = (getattr(item, "reason", None) for item in chain if isinstance(item, ssl.SSLError))
+    code = next((code for code in codes if code), None)
+    return (
+        f"TLS error{f' ({code})' if code else ''}: check the scheme or port of the connection's host, and "
+        "that the worker trusts the server's certificate"
+    )
+
+
 def describe_exception(exc: BaseException) -> str:
     """A short, secret-free description of a connection problem (no URL, no body)."""
     chain = _exception_chain(exc)
@@ -495,13 +552,13 @@ def describe_exception(exc: BaseException) -> str:
         ((NewConnectionError,), "could not connect"),
         ((RemoteDisconnected,), "connection closed by the server without an answer"),
         ((ConnectionResetError,), "connection reset by the server"),
-        ((requests.exceptions.SSLError,), "TLS error"),
+        ((requests.exceptions.SSLError, ssl.SSLError), ""),  # described by _tls_error_text
         ((Urllib3TimeoutError, TimeoutError, requests.Timeout), "timeout: no answer in time"),
         ((ProtocolError, ConnectionError, requests.ConnectionError), "connection closed without an answer"),
     ]
     for types, text in checks:
         if any(isinstance(item, types) for item in chain):
-            return text
+            return text or _tls_error_text(chain)
     return f"request error ({type(chain[-1]).__name__})"
 
 
@@ -708,6 +765,8 @@ class _Delivery:
 
     def _outcome_of_error(self, exc: BaseException, attempts: _Attempts) -> _Outcome:
         text = describe_exception(exc)
+        if _plain_http_answer(exc):
+            return _Outcome(FAILED, text, fatal=True)
         return _Outcome(FAILED, f"{text} ({attempts.gave_up or 'retry attempts exhausted'})")
 
     def _account(self, batch: Batch, outcome: _Outcome) -> None:
@@ -789,6 +848,10 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
+        if isinstance(value, bool) and kind is not bool:
+            raise ValueError(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
         if kind is bool:
             if isinstance(value, str):
                 lowered = value.strip().lower()
@@ -798,8 +861,9 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
             return bool(value)
         return kind(value)
     except (TypeError, ValueError):
+        kind_name = {int: "whole number", float: "number"}.get(kind, kind.__name__)
         raise SegmentConfigurationError(
-            f"Segment setting {name!r} must be a {kind.__name__}, not {value!r}."
+            f"Segment setting {name!r} must be a {kind_name}, not {value!r}."
         ) from None
 
 
@@ -807,12 +871,25 @@ def _first(*values: Any) -> Any:
     return next((value for value in values if value is not None), None)
 
 
+def _write_key_problem(write_key: str) -> str | None:
+    """What keeps a write key out of an HTTP Basic ``Authorization`` header, or ``None`` (never the key)."""
+    for position, char in enumerate(write_key, 1):
+        if char == ":":
+            return f"a ':' (character {position}; Basic auth ends the user name at the first ':')"
+        if not char.isascii():
+            return f"a character outside ASCII (character {position})"
+        if not char.isprintable():
+            return f"a control character (character {position})"
+    return None
+
+
 def build_base_url(host: str | None, schema: str | None = None, port: int | None = None) -> str:
     """
-    Normalise a connection's host into a Tracking API base URL.
+    Normalise a connection's host into a Tracking API base URL: the same URL however the host is written.
 
     ``api.segment.io`` becomes ``https://api.segment.io``; a scheme in the host wins, else the connection's
-    schema (``http``/``https``); a port is added if the host has none; a trailing ``/v1`` is dropped.
+    schema (``http``/``https``); a port is added if the host has none, unless it is the scheme's default (443,
+    80); scheme and host are lower-cased; a trailing ``/`` or ``/v1`` is dropped.
 
     :param host: the connection's host, empty for Segment's default.
     :param schema: the connection's schema field.
@@ -829,14 +906,20 @@ def build_base_url(host: str | None, schema: str | None = None, port: int | None
         raise SegmentConfigurationError(
             "The Segment connection's host must not contain credentials; put the write key in the Password."
         )
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        port = parts.port or port
+    except ValueError:  # not a number, or over 65535
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
         raise SegmentConfigurationError(
             "The Segment connection's host must be an http(s) URL or a host name."
         )
-    netloc = parts.netloc if parts.port or not port else f"{parts.netloc}:{port}"
+    netloc = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port and port != _DEFAULT_PORTS[parts.scheme]:
+        netloc = f"{netloc}:{port}"
     path = parts.path.rstrip("/")
-    if path.endswith("/v1"):
-        path = path[:-3]
+    if path.lower().endswith("/v1"):
+        path = path[:-3].rstrip("/")
     return urlunsplit((parts.scheme, netloc, path, "", ""))
 
 
@@ -852,9 +935,9 @@ class SegmentHook(BaseHook):
     :param segment_conn_id: the Airflow connection to use.
     :param timeout: seconds to wait for Segment's answer to one request (extra ``timeout``, default 30).
     :param gzip: gzip request bodies (extra ``gzip``, default off).
-    :param max_in_flight: batch requests sent at once (extra ``max_in_flight``, default 4, at most 32).
+    :param max_in_flight: batch requests sent at once (extra ``max_in_flight``, default 4, 1 to 32).
     :param requests_per_second: client-side cap on requests per second, for workspaces with low limits
-        (extra ``requests_per_second``, default none).
+        (extra ``requests_per_second``, default none; at least 0.1, or 0 for none).
     :param max_attempts: requests per batch at most, the first included (default 8).
     :param max_retry_time: seconds from a batch's first request after which it is not retried (default 300).
     :param backoff_factor: first backoff in seconds, doubled on each retry (default 0.5).
@@ -934,7 +1017,8 @@ class SegmentHook(BaseHook):
                 conn.conn_type,
                 _CONNECTION_TYPES,
             )
-        write_key = (conn.password or extra.get("write_key") or "").strip()
+        keys = (str(key).strip() for key in (conn.password, extra.get("write_key")) if key is not None)
+        write_key = next((key for key in keys if key), "")  # a blank Password does not hide the extra
         if not write_key:
             raise SegmentConfigurationError(
                 f"Connection {self.segment_conn_id!r} has no Segment write key: set its Password "
@@ -944,39 +1028,42 @@ class SegmentHook(BaseHook):
         return self._validated(write_key, build_base_url(conn.host, conn.schema, conn.port), extra)
 
     def _validated(self, write_key: str, base_url: str, extra: Mapping[str, Any]) -> SegmentSettings:
-        """Merge constructor arguments over connection extras over defaults, and check them."""
-        values = {
-            name: _coerce(_first(self._overrides[name], extra.get(name)), kind, name)
-            for name, kind in (("timeout", float), ("gzip", bool), ("max_in_flight", int))
-        }
-        rps = _coerce(
-            _first(self._overrides["requests_per_second"], extra.get("requests_per_second")),
-            float,
-            "requests_per_second",
-        )
-        settings = SegmentSettings(
+        """Check the write key; merge arguments over connection extras over defaults, and check them."""
+        write_key = write_key.strip()
+        problem = _write_key_problem(write_key)
+        if problem:
+            raise SegmentConfigurationError(
+                f"The Segment write key of connection {self.segment_conn_id!r} contains {problem}, so it "
+                "cannot be sent in an HTTP Basic Authorization header. Set the Password (or the extra "
+                "'write_key') to the source's write key exactly as Segment shows it (the source's Settings > "
+                "API Keys)."
+            )
+        values: dict[str, Any] = {}
+        in_extra = f"extra of connection {self.segment_conn_id!r}"
+        for name, kind, usable, accepted in _SETTINGS:
+            override = self._overrides[name]
+            value = _coerce(_first(override, extra.get(name)), kind, name)
+            if value is not None and not usable(value):
+                where = in_extra if override is None else "operator or hook argument"
+                raise SegmentConfigurationError(
+                    f"Segment setting {name!r} is {value!r} ({where}): {accepted}."
+                )
+            values[name] = value
+        return SegmentSettings(
             base_url=base_url,
             write_key=write_key,
             timeout=_first(values["timeout"], DEFAULT_TIMEOUT),
             gzip=_first(values["gzip"], False),
             max_in_flight=_first(values["max_in_flight"], DEFAULT_MAX_IN_FLIGHT),
-            requests_per_second=rps or None,
+            requests_per_second=values["requests_per_second"] or None,
         )
-        if settings.timeout <= 0:
-            raise SegmentConfigurationError(f"timeout must be positive, not {settings.timeout}.")
-        if not 1 <= settings.max_in_flight <= MAX_IN_FLIGHT_LIMIT:
-            raise SegmentConfigurationError(
-                f"max_in_flight must be between 1 and {MAX_IN_FLIGHT_LIMIT}, not {settings.max_in_flight}."
-            )
-        if settings.requests_per_second is not None and settings.requests_per_second < 0:
-            raise SegmentConfigurationError("requests_per_second must be positive.")
-        return settings
 
     def validate_config(self) -> SegmentSettings:
         """
         Read and check the connection and the settings without any request.
 
-        :raises SegmentConfigurationError: no write key, or an unusable host or setting.
+        :raises SegmentConfigurationError: no write key, a write key that cannot go into an HTTP Basic header
+            (a ``:``, a control character, a character outside ASCII), or an unusable host or setting.
         """
         return self.settings
 

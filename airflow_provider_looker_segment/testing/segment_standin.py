@@ -364,7 +364,7 @@ class SegmentStandIn:
         self._counters: dict[str, int] = dict.fromkeys(
             ("requests", "accepted_requests", "events", "duplicate_message_ids", "rejected_events"), 0
         )
-        self._counters.update(rejected_requests=0, wire_bytes=0)
+        self._counters.update(rejected_requests=0, wire_bytes=0, tls_handshakes=0)
         self._by_status: dict[str, int] = {}
 
     def stats(self) -> dict[str, Any]:
@@ -375,7 +375,9 @@ class SegmentStandIn:
         ``"reset"``...); ``accepted_requests`` and ``events``: requests and events recorded as received
         (duplicates included); ``unique_message_ids`` and ``duplicate_message_ids`` (``None`` in ``count``
         mode); ``rejected_requests`` and ``rejected_events`` (answered 4xx, or over 2,500 events);
-        ``wire_bytes``; ``first_arrival`` and ``last_arrival`` (``time.time()``).
+        ``wire_bytes``; ``tls_handshakes`` (connections that opened with a TLS handshake, i.e. a client using
+        ``https://`` on this plain-HTTP port; answered 400 in plain HTTP, as any HTTP server would, which the
+        client sees as a TLS error); ``first_arrival`` and ``last_arrival`` (``time.time()``).
         """
         with self._lock:
             stats: dict[str, Any] = dict(self._counters)
@@ -439,6 +441,10 @@ class SegmentStandIn:
             if every and seq % every == 0:
                 return action
         return "hang" if faults.hang else "ok"
+
+    def _count_tls_handshake(self) -> None:
+        with self._lock:
+            self._counters["tls_handshakes"] += 1
 
     def _new_record(self, path: str, arrived: float) -> RequestRecord:
         with self._lock:
@@ -574,6 +580,12 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     # -- routing -----------------------------------------------------------------------------------------
+    def parse_request(self) -> bool:
+        """Count a TLS handshake (record type 22, TLS 1.x) before the base class answers it 400."""
+        if self.raw_requestline.startswith(b"\x16\x03"):
+            self.standin._count_tls_handshake()
+        return super().parse_request()
+
     def do_POST(self) -> None:
         path, _ = _split(self.path)
         if path in BATCH_PATHS or path in SINGLE_PATHS:
