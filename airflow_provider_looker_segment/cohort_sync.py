@@ -48,11 +48,17 @@ class CohortCounts:
     What a changed-only run did with the Look's identities.
 
     :param new: identities not in the previous state (sent).
-    :param changed: identities whose traits changed (sent).
-    :param unchanged: identities whose traits did not change (not sent).
+    :param changed: identities whose traits changed (sent); in a full refresh, every identity of the previous
+        state (sent whatever its traits).
+    :param unchanged: identities whose traits did not change (not sent; 0 in a full refresh).
     :param exits: identities of the previous state absent from the Look.
     :param exits_sent: of those, exit calls handed to Segment (0 without a membership trait).
     :param exits_skipped: why the exits were not sent, if they were not.
+    :param guard_tripped: the exit guard's error message, if it tripped (the caller fails the task).
+    :param keep_departed: the departed identities stay in the state (pass ``exits_sent=not keep_departed``
+        to :meth:`~airflow_provider_looker_segment.sync_state.SyncRun.commit`). True until
+        :func:`exit_messages` has run and found it safe to let them go; it stays true when the Look may be
+        truncated or the exit guard tripped.
     """
 
     new: int = 0
@@ -62,6 +68,7 @@ class CohortCounts:
     exits_sent: int = 0
     exits_skipped: str | None = None
     guard_tripped: str | None = field(default=None, repr=False)
+    keep_departed: bool = True
 
 
 def identity_of(message: Mapping[str, Any]) -> tuple[str, str]:
@@ -147,27 +154,32 @@ def exit_messages(
     """
     Yield the exit calls, after every row was classified, unless it is unsafe or pointless to send them.
 
-    No exit is sent (``counts.exits_skipped`` says why) when the Look may be truncated, when there is no
-    membership trait, or when more than ``max_exit_ratio`` of the previous cohort would leave (then
-    ``counts.guard_tripped`` holds the error message: the caller fails the task after saving the state).
+    No exit is sent (``counts.exits_skipped`` says why) when the Look may be truncated, when more than
+    ``max_exit_ratio`` of the previous cohort would leave (then ``counts.guard_tripped`` holds the error
+    message: the caller fails the task after saving the state), or when there is no membership trait. In the
+    first two cases the departed identities stay in the state (``counts.keep_departed``); without a
+    membership trait they just leave it.
     """
     counts.exits = run.exit_count
     if not counts.exits:
+        counts.keep_departed = False
         return
     if possibly_truncated:
         counts.exits_skipped = "the Look may be truncated (as many rows as the limit)"
-        return
-    if not membership_trait:
-        counts.exits_skipped = "no membership_trait: departed identities are only removed from the state"
         return
     if run.exit_ratio > max_exit_ratio:
         counts.exits_skipped = "max_exit_ratio exceeded"
         counts.guard_tripped = (
             f"{counts.exits:,} of the {run.previous_count:,} identities of the previous run "
             f"({run.exit_ratio:.0%}) are not in the Look any more, more than max_exit_ratio="
-            f"{max_exit_ratio:g}: no exit was sent. A broken or truncated query looks like this; if the "
-            "cohort really shrank, run once with a higher max_exit_ratio (1 allows any share)."
+            f"{max_exit_ratio:g}: they stay in the state and no exit call was sent. A broken or truncated "
+            "query looks like this; if the cohort really shrank, run once with a higher max_exit_ratio (1 "
+            "allows any share)."
         )
+        return
+    counts.keep_departed = False
+    if not membership_trait:
+        counts.exits_skipped = "no membership_trait: departed identities are only removed from the state"
         return
     for departed in run.iter_exits():
         counts.exits_sent += 1

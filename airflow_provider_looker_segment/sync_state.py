@@ -9,7 +9,7 @@ sent a last ``identify``). Traits are never stored.
 Run protocol::
 
     store = CohortStateStore(ObjectStoragePath("s3://bucket/looker-segment-state/"), key)
-    with store.begin(run_id) as run:  # locks the sync, loads the previous state
+    with store.begin(run_id) as run:  # locks the sync (renewed in the background), loads the previous state
         for kind, identity, traits in rows:
             ihash = identity_hash(kind, identity)  # goes at the start of the messageId
             if run.classify(kind, identity, traits_digest(traits), ihash=ihash) != UNCHANGED:
@@ -41,8 +41,10 @@ back (from a local copy of the previous file) only to list exits and to write th
 
 Safety: the state is written to ``<key>.state.tmp-<uuid>`` then moved onto ``<key>.state`` (readers only
 read the final name, so they never see a half-written file); a run holds the lock ``<key>.lock`` (created
-exclusively where the filesystem supports it; stale after a configurable age) and, as a second guard, a
-commit fails if the stored state changed since the run loaded it.
+exclusively where the filesystem supports it) as a lease: a background thread rewrites its ``renewed_at``
+every ``lock_renew_interval``; a lock not renewed for ``lock_stale_after``, or whose holder's process is gone
+(same host), is taken over. As a second guard, a commit fails if the stored state changed since the run
+loaded it.
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ import socket
 import struct
 import sys
 import tempfile
+import threading
 import uuid
 import zlib
 from array import array
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from itertools import islice
 from operator import itemgetter, lt
@@ -115,8 +118,8 @@ CHANGED: Final = "changed"
 UNCHANGED: Final = "unchanged"
 Classification = Literal["new", "changed", "unchanged"]
 
-#: A lock older than this is considered left behind by a crashed run and is taken over.
-DEFAULT_LOCK_STALE_AFTER: Final = timedelta(hours=6)
+#: A lock not renewed for this long is considered left behind by a crashed run and is taken over.
+DEFAULT_LOCK_STALE_AFTER: Final = timedelta(seconds=60)
 
 FORMAT_MAGIC: Final = b"LSG-SYNC-STATE"
 FORMAT_VERSION: Final = 1
@@ -173,7 +176,7 @@ class SyncStateLockedError(SyncStateError):
     :param sync_key: the sync.
     :param lock_path: the lock file (URI).
     :param owner: who holds the lock, if it could be read.
-    :param stale_after: the age after which the lock is considered stale.
+    :param stale_after: how long a lock may go without renewal before it is taken over.
     """
 
     def __init__(
@@ -183,8 +186,9 @@ class SyncStateLockedError(SyncStateError):
         super().__init__(
             f"Sync {sync_key} is locked by {held_by}: another run of this sync appears to be in progress, "
             "and two concurrent runs would corrupt its state. Wait for it to finish (and set "
-            f"max_active_runs=1). If no such run is active, delete {lock_path}; it is also taken over "
-            f"automatically once older than {stale_after}."
+            f"max_active_runs=1). The lock is taken over automatically once not renewed for "
+            f"{stale_after.total_seconds():g} seconds (at once if its holder's process is gone, on the same "
+            f"host); if no such run is active, you may delete {lock_path}."
         )
         self.sync_key = sync_key
         self.lock_path = lock_path
@@ -546,6 +550,10 @@ class LockOwner:
     :param host: the machine of the run.
     :param pid: the process of the run.
     :param acquired_at: when the lock was taken (UTC), if known.
+    :param renewed_at: when its holder last renewed it (UTC); lock files of older versions have none, then
+        :attr:`last_renewed` is ``acquired_at`` (or the file's modification time).
+    :param pid_space: the holder's pid namespace (:func:`_pid_space`), if known: its pid is only comparable
+        with ours within the same one.
     """
 
     run_id: str
@@ -553,6 +561,13 @@ class LockOwner:
     host: str
     pid: int | None
     acquired_at: datetime | None
+    renewed_at: datetime | None = None
+    pid_space: str | None = None
+
+    @property
+    def last_renewed(self) -> datetime | None:
+        """When the lock was last known alive: ``renewed_at``, else ``acquired_at``."""
+        return self.renewed_at or self.acquired_at
 
     def to_bytes(self) -> bytes:
         """Return the lock file's content (JSON)."""
@@ -563,6 +578,8 @@ class LockOwner:
                 "host": self.host,
                 "pid": self.pid,
                 "acquired_at": self.acquired_at.isoformat() if self.acquired_at else None,
+                "renewed_at": self.renewed_at.isoformat() if self.renewed_at else None,
+                "pid_space": self.pid_space,
             }
         )
 
@@ -576,13 +593,16 @@ class LockOwner:
         """
         try:
             fields = orjson.loads(data)
-            acquired = fields.get("acquired_at")
+            acquired, renewed = fields.get("acquired_at"), fields.get("renewed_at")
+            pid, pid_space = fields.get("pid"), fields.get("pid_space")
             return cls(
                 run_id=str(fields["run_id"]),
                 token=str(fields["token"]),
                 host=str(fields.get("host") or "?"),
-                pid=fields.get("pid"),
+                pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
                 acquired_at=datetime.fromisoformat(acquired) if acquired else fallback_time,
+                renewed_at=datetime.fromisoformat(renewed) if renewed else None,
+                pid_space=str(pid_space) if pid_space else None,
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             return cls("<unreadable lock file>", "", "?", None, fallback_time)
@@ -593,11 +613,10 @@ class LockOwner:
 
     def describe(self) -> str:
         """Return a one-line description for messages."""
-        since = ""
-        if self.acquired_at:
-            age = self.age(datetime.now(timezone.utc))
-            since = f" since {self.acquired_at.isoformat(timespec='seconds')}"
-            since += f" ({_format_duration(age)} ago)" if age is not None else ""
+        now = _utcnow()
+        since = f" since {self.acquired_at.isoformat(timespec='seconds')}" if self.acquired_at else ""
+        if self.last_renewed:
+            since += f", last renewed {_format_duration(now - self.last_renewed)} ago"
         pid = f", pid {self.pid}" if self.pid is not None else ""
         return f"run {self.run_id!r} (host {self.host}{pid}){since}"
 
@@ -626,14 +645,50 @@ def _modification_time(info: Mapping[str, Any]) -> datetime | None:
     return None
 
 
-class _SyncLock:
-    """The lock object ``<key>.lock`` of a sync."""
+def _pid_space() -> str | None:
+    """Identify this process's pid namespace (boot id and namespace), where Linux tells; else ``None``."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot_id:
+            return f"{boot_id.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
 
-    def __init__(self, path: ObjectStoragePath, key: str, stale_after: timedelta) -> None:
+
+def _holder_is_dead(owner: LockOwner) -> bool:
+    """
+    Whether the lock's holder provably died: it ran on this host (same host name, and same pid namespace when
+    the lock says) and its pid names no process. Pids of other hosts or containers prove nothing.
+    """
+    pid = owner.pid
+    if os.name != "posix" or owner.host != socket.gethostname() or pid is None or pid <= 0:
+        return False
+    if owner.pid_space is not None and owner.pid_space != _pid_space():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. PermissionError: the process exists, under another user
+        return False
+    return False
+
+
+class _SyncLock:
+    """
+    The lock object ``<key>.lock`` of a sync, held as a lease: a daemon thread renews it every
+    ``renew_interval`` while the run holds it.
+    """
+
+    def __init__(
+        self, path: ObjectStoragePath, key: str, stale_after: timedelta, renew_interval: timedelta
+    ) -> None:
         self.path = path
         self.key = key
         self.stale_after = stale_after
+        self.renew_interval = renew_interval
         self.owner: LockOwner | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def read_owner(self) -> LockOwner | None:
         """Return the current owner, or ``None`` if the sync is not locked."""
@@ -646,31 +701,42 @@ class _SyncLock:
 
     def acquire(self, run_id: str) -> LockOwner:
         """
-        Take the lock for ``run_id``.
+        Take the lock for ``run_id`` and start renewing it.
 
         :raises SyncStateLockedError: another run holds it.
         """
         current = self.read_owner()
         if current is not None:
             self._take_over(current, run_id)
-        owner = LockOwner(run_id, uuid.uuid4().hex, socket.gethostname(), os.getpid(), _utcnow())
+        now = _utcnow()
+        owner = LockOwner(run_id, uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now, _pid_space())
         self._create(owner)
         confirmed = self.read_owner()
         if confirmed is None or confirmed.token != owner.token:
             raise self._locked(confirmed)
         self.owner = owner
+        self._renewer = threading.Thread(
+            target=self._renew_loop, args=(owner,), name=f"lsg-lock-{self.key}", daemon=True
+        )
+        self._renewer.start()
         return owner
 
     def _take_over(self, current: LockOwner, run_id: str) -> None:
-        age = current.age(_utcnow())
+        renewed = current.last_renewed
         if current.run_id == run_id:
             log.warning("Taking over the lock of sync %s left by an earlier try of this run.", self.key)
-        elif age is not None and age > self.stale_after:
+        elif _holder_is_dead(current):
             log.warning(
-                "Taking over the stale lock of sync %s held by %s (older than %s).",
+                "Taking over the lock of sync %s held by %s: its process is gone.",
                 self.key,
                 current.describe(),
-                self.stale_after,
+            )
+        elif renewed is not None and _utcnow() - renewed > self.stale_after:
+            log.warning(
+                "Taking over the stale lock of sync %s held by %s (not renewed for more than %g seconds).",
+                self.key,
+                current.describe(),
+                self.stale_after.total_seconds(),
             )
         else:
             raise self._locked(current)
@@ -683,17 +749,43 @@ class _SyncLock:
         except FileExistsError:
             raise self._locked(self.read_owner()) from None
         except (NotImplementedError, ValueError, TypeError):
-            # No exclusive creation on this filesystem: the existence check above, the read-back check in
-            # acquire() and the state_id check at commit guard it instead.
+            log.warning(
+                "The filesystem of %s cannot create a file exclusively: the lock of sync %s is weaker there "
+                "(two runs starting at the same moment could both take it; the state check at commit still "
+                "keeps the second from saving its state).",
+                self.path,
+                self.key,
+            )
             self.path.write_bytes(owner.to_bytes())
 
     def _locked(self, owner: LockOwner | None) -> SyncStateLockedError:
         return SyncStateLockedError(self.key, str(self.path), owner, self.stale_after)
 
+    def _renew_loop(self, owner: LockOwner) -> None:
+        """Rewrite ``renewed_at`` every ``renew_interval`` while this run still holds the lock (its token)."""
+        while not self._stop.wait(self.renew_interval.total_seconds()):
+            try:
+                current = self.read_owner()
+                if current is None or current.token != owner.token:
+                    log.warning(
+                        "Sync %s: this run lost its lock (now held by %s) and stops renewing it; its commit "
+                        "fails if another run saves the state meanwhile.",
+                        self.key,
+                        current.describe() if current else "nobody",
+                    )
+                    return
+                if not self._stop.is_set():
+                    self.path.write_bytes(replace(owner, renewed_at=_utcnow()).to_bytes())
+            except Exception:
+                log.warning("Could not renew the lock %s; trying again.", self.path, exc_info=True)
+
     def release(self) -> None:
-        """Remove the lock if this process still holds it (never raises)."""
+        """Stop renewing and remove the lock if this process still holds it (never raises)."""
         if self.owner is None:
             return
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(self.stale_after.total_seconds())  # so that no renewal follows the removal
         try:
             current = self.read_owner()
             if current is not None and current.token == self.owner.token:
@@ -709,6 +801,10 @@ class _SyncLock:
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _as_timedelta(value: timedelta | float) -> timedelta:
+    return value if isinstance(value, timedelta) else timedelta(seconds=value)
 
 
 # --------------------------------------------------------------------------------------------- previous state
@@ -1007,7 +1103,9 @@ class CohortStateStore:
         (``file:///...``, ``s3://...``, ``gs://...``, any fsspec URL Airflow knows); a local folder is
         created if missing.
     :param key: the sync's key, from :func:`sync_key`.
-    :param lock_stale_after: a lock older than this is taken over (it must exceed the longest run).
+    :param lock_stale_after: a lock not renewed for this long (timedelta or seconds) is taken over. Hosts
+        sharing the state must have synchronised clocks (well within this).
+    :param lock_renew_interval: how often a run renews its lock (default: a third of ``lock_stale_after``).
     :param tmp_dir: local folder for the run's temporary files (default: the system's temporary folder).
     """
 
@@ -1017,6 +1115,7 @@ class CohortStateStore:
         key: str,
         *,
         lock_stale_after: timedelta | float = DEFAULT_LOCK_STALE_AFTER,
+        lock_renew_interval: timedelta | float | None = None,
         tmp_dir: str | None = None,
     ) -> None:
         if not key or _UNSAFE_KEY_CHARS.search(key):
@@ -1025,11 +1124,12 @@ class CohortStateStore:
             base_path if isinstance(base_path, ObjectStoragePath) else ObjectStoragePath(base_path)
         )
         self.key = key
-        self.lock_stale_after = (
-            lock_stale_after
-            if isinstance(lock_stale_after, timedelta)
-            else timedelta(seconds=lock_stale_after)
+        self.lock_stale_after = _as_timedelta(lock_stale_after)
+        self.lock_renew_interval = (
+            self.lock_stale_after / 3 if lock_renew_interval is None else _as_timedelta(lock_renew_interval)
         )
+        if not timedelta(0) < self.lock_renew_interval < self.lock_stale_after:
+            raise ValueError("lock_renew_interval must be positive and shorter than lock_stale_after")
         self.tmp_dir = tmp_dir
 
     @property
@@ -1048,20 +1148,20 @@ class CohortStateStore:
 
         :param run_id: identifies the task instance (not the try): a lock left by the same ``run_id`` (an
             earlier, crashed try) is taken over.
-        :param full_refresh: ignore the previous state (it is not even read, so a damaged file can be
-            recovered this way): every identity is new, no exit is computed, and the commit rebuilds the
-            state from this run only.
+        :param full_refresh: classify every identity as sent (:data:`NEW` or :data:`CHANGED`, whatever its
+            digest); exits are still listed against the previous state. An unreadable previous state is then
+            ignored with a warning (that is how a damaged file is recovered): the run is a first run.
         :raises SyncStateLockedError: another run of this sync holds the lock.
         :raises SyncStateCorruptError: the previous state is unreadable (and ``full_refresh`` is false).
         """
         self._prepare_base()
-        lock = _SyncLock(self.lock_path, self.key, self.lock_stale_after)
+        lock = _SyncLock(self.lock_path, self.key, self.lock_stale_after, self.lock_renew_interval)
         lock.acquire(run_id)
         workdir = Path(tempfile.mkdtemp(prefix="lsg-sync-state-", dir=self.tmp_dir))
         try:
             self._sweep_temporaries()
             if full_refresh:
-                previous, token = _PreviousState.empty(str(self.state_path)), self._state_token()
+                previous, token = self._load_for_refresh(workdir / "previous.body")
             else:
                 previous = self._load(workdir / "previous.body")
                 token = previous.header.state_id if previous.header else _STATE_ABSENT
@@ -1135,6 +1235,22 @@ class CohortStateStore:
         if not _strictly_increasing(hashes):
             raise SyncStateCorruptError(source, "its identity hashes are not in increasing order")
         return _PreviousState(header, hashes, digests, body_path, source)
+
+    def _load_for_refresh(self, body_path: Path) -> tuple[_PreviousState, str]:
+        """Load the previous state for a full refresh; if it is unreadable, warn and start from none."""
+        try:
+            previous = self._load(body_path)
+            for _ in previous.iter_identities():  # fail now, not at the exits, if its identities are damaged
+                pass
+        except SyncStateCorruptError as error:
+            log.warning(
+                "Sync %s: full refresh without the previous state, which is unreadable (%s): the identities "
+                "that left the cohort cannot be computed, so no exit is sent for them.",
+                self.key,
+                error.reason,
+            )
+            return _PreviousState.empty(str(self.state_path)), self._state_token()
+        return previous, previous.header.state_id if previous.header else _STATE_ABSENT
 
     def _check_body(self, header: StateHeader, size: int, checksum: str) -> None:
         source = str(self.state_path)
@@ -1230,7 +1346,7 @@ class SyncRun:
 
     @property
     def previous_count(self) -> int:
-        """Identities in the previous state (0 on a first run or a full refresh)."""
+        """Identities in the previous state (0 on a first run or when a full refresh could not read it)."""
         return self._previous.count
 
     @property
@@ -1266,9 +1382,9 @@ class SyncRun:
         :param identity: the userId or anonymousId.
         :param digest: the digest of what is sent (see :func:`traits_digest`), 0 <= digest < 2**64.
         :param ihash: ``identity_hash(kind, identity)`` if already computed (e.g. for the messageId).
-        :return: :data:`NEW` (not in the previous state), :data:`CHANGED` (digest differs) or
-            :data:`UNCHANGED` (nothing to send). An identity given twice is classified twice; the state
-            keeps its last occurrence.
+        :return: :data:`NEW` (not in the previous state), :data:`CHANGED` (digest differs, or any digest in
+            a full refresh) or :data:`UNCHANGED` (nothing to send). An identity given twice is classified
+            twice; the state keeps its last occurrence.
         """
         self._check_usable()
         kind_code = _check_kind(kind)
@@ -1279,7 +1395,7 @@ class SyncRun:
         hashes = self._previous.hashes
         index = bisect.bisect_left(hashes, ihash)
         if index < len(hashes) and hashes[index] == ihash:
-            if self._previous.digests[index] == digest:
+            if self._previous.digests[index] == digest and not self.full_refresh:
                 self._presence[index] = max(self._presence[index], _SEEN_UNCHANGED)
                 self.unchanged_count += 1
                 return UNCHANGED
@@ -1314,8 +1430,9 @@ class SyncRun:
 
         :param not_delivered: identity hashes of the events (new, changed or exit) rejected or failed, or
             ``None`` when it is unknown which (e.g. the failure list was capped): nothing sent advances.
-        :param exits_sent: ``False`` when the exits were not sent at all (a possibly truncated Look, or the
-            exit guard tripped): every exited identity stays in the state.
+        :param exits_sent: ``False`` when the departed identities must stay in the state (a possibly
+            truncated Look, or the exit guard tripped); ``True`` lets each leave once its exit call is
+            delivered, or at once when no exit call is made (no membership trait).
         :raises SyncStateConflictError: the stored state changed since this run loaded it.
         """
         self._check_usable()

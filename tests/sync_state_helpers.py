@@ -3,17 +3,25 @@
 ``python tests/sync_state_helpers.py BASE_URL COUNT [--numeric]`` runs two syncs of COUNT identities against
 a state under BASE_URL (run 1: all new; run 2: 1 % left, 1 % joined, 2 % changed) and prints a JSON report
 with the peak RSS of the process, its growth during the runs and the state file's size.
+
+``python tests/sync_state_helpers.py hold-lock|try-lock BASE_URL KEY RUN_ID OPTIONS`` (OPTIONS: JSON with
+``stale_after``, ``renew_interval``, ``host``) holds a sync's lock until stdin closes, or tries to take it
+and prints ``acquired`` or ``refused``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import resource
+import socket
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import fsspec
 from airflow.sdk.io import attach
 from fsspec.implementations.memory import MemoryFileSystem
 
@@ -22,6 +30,7 @@ from airflow_provider_looker_segment.sync_state import (
     USER_ID,
     CohortStateStore,
     SyncRun,
+    SyncStateLockedError,
     traits_digest,
 )
 
@@ -35,6 +44,56 @@ REFERENCE_TRAITS = {"name": "Ty Arthur", "email": "ty.arthur@segment.com", "sess
 def attach_memory_fs() -> None:
     """Make ``memory://`` usable through ObjectStoragePath (Airflow registers no filesystem for it)."""
     attach(protocol="memory", fs=MemoryFileSystem())
+
+
+class NoExclusiveCreateFileSystem(MemoryFileSystem):
+    """An in-memory filesystem that cannot create a file exclusively (``open("xb")``), like some stores."""
+
+    protocol = "lsgnoexcl"
+    store: dict[str, Any] = {}  # its own files, not those of memory://
+    pseudo_dirs = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        if isinstance(path, str) and path.startswith("lsgnoexcl://"):
+            path = path[len("lsgnoexcl://") :]
+        return super()._strip_protocol(path)
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        if "x" in mode:
+            raise NotImplementedError("no exclusive creation on this filesystem")
+        return super()._open(path, mode, **kwargs)
+
+
+def attach_no_exclusive_fs() -> None:
+    """Make ``lsgnoexcl://`` (:class:`NoExclusiveCreateFileSystem`) usable through ObjectStoragePath."""
+    fsspec.register_implementation("lsgnoexcl", NoExclusiveCreateFileSystem, clobber=True)
+    attach(protocol="lsgnoexcl", fs=NoExclusiveCreateFileSystem())
+
+
+def _lock_store(base_url: str, key: str, options: dict[str, Any]) -> CohortStateStore:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True, format="%(message)s")
+    if options.get("host"):  # a holder on another machine, as far as the lock can tell
+        socket.gethostname = lambda: options["host"]
+    timing = {"stale_after": "lock_stale_after", "renew_interval": "lock_renew_interval"}
+    return CohortStateStore(base_url, key, **{timing[k]: v for k, v in options.items() if k in timing})
+
+
+def hold_lock(base_url: str, key: str, run_id: str, options: dict[str, Any]) -> None:
+    """Take the sync's lock, print ``locked``, hold it until stdin closes, release it, print ``released``."""
+    with _lock_store(base_url, key, options).begin(run_id):
+        print("locked", flush=True)
+        sys.stdin.read()
+    print("released", flush=True)
+
+
+def try_lock(base_url: str, key: str, run_id: str, options: dict[str, Any]) -> str:
+    """Try to take the sync's lock (releasing it at once); return ``acquired`` or ``refused``."""
+    try:
+        with _lock_store(base_url, key, options).begin(run_id):
+            return "acquired"
+    except SyncStateLockedError:
+        return "refused"
 
 
 def bench_identity(number: int) -> tuple[str, str]:
@@ -107,5 +166,10 @@ def run_benchmark(base_url: str, count: int) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    NUMERIC_IDS = "--numeric" in sys.argv[3:]
-    print(json.dumps(run_benchmark(sys.argv[1], int(sys.argv[2]))))
+    if sys.argv[1] == "hold-lock":
+        hold_lock(*sys.argv[2:5], json.loads(sys.argv[5]))
+    elif sys.argv[1] == "try-lock":
+        print(try_lock(*sys.argv[2:5], json.loads(sys.argv[5])), flush=True)
+    else:
+        NUMERIC_IDS = "--numeric" in sys.argv[3:]
+        print(json.dumps(run_benchmark(sys.argv[1], int(sys.argv[2]))))

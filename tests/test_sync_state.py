@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import queue
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -17,7 +24,7 @@ import pytest
 from airflow.sdk import ObjectStoragePath
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sync_state_helpers import REFERENCE_TRAITS, attach_memory_fs
+from sync_state_helpers import REFERENCE_TRAITS, attach_memory_fs, attach_no_exclusive_fs
 
 from airflow_provider_looker_segment import sync_state
 from airflow_provider_looker_segment.exceptions import LookerSegmentError
@@ -292,25 +299,34 @@ class TestRuns:
         assert result.entries == len(COHORT) - 1 + 1
         assert result.size == store.state_path.stat().st_size
 
-    def test_full_refresh_rebuilds_from_this_run(self, store):
+    def test_full_refresh_sends_everyone_and_lists_exits(self, store):
         sync(store, COHORT)
-        cohort = {(USER_ID, "user-1"): 5, (USER_ID, "fresh"): 6}
+        same = (USER_ID, "user-1")
+        cohort = {same: COHORT[same], (USER_ID, "user-2"): 5, (USER_ID, "fresh"): 6}
         with store.begin("run-2", full_refresh=True) as run:
             classes = classify_all(run, cohort)
-            assert run.previous_count == 0
-            assert run.exit_count == 0
-            assert list(run.iter_exits()) == []
+            assert run.previous_count == len(COHORT)
+            exits = {(e.kind, e.identity) for e in run.iter_exits()}
             run.commit({identity_hash(USER_ID, "fresh")})
-        assert set(classes.values()) == {NEW}
-        assert stored(store) == {(USER_ID, "user-1"): 5}
-        assert store.read_header().generation == 1
+        assert classes == {same: CHANGED, (USER_ID, "user-2"): CHANGED, (USER_ID, "fresh"): NEW}
+        assert exits == set(COHORT) - set(cohort)
+        assert stored(store) == {same: COHORT[same], (USER_ID, "user-2"): 5}  # delivered exits left
+        assert store.read_header().generation == 2
 
-    def test_full_refresh_recovers_a_corrupted_file(self, store):
+    @pytest.mark.parametrize("damage", ["garbage", "identity count"])
+    def test_full_refresh_recovers_a_corrupted_file(self, store, caplog, damage):
         sync(store, COHORT)
-        store.state_path.write_bytes(b"garbage")
-        classes, _ = sync(store, COHORT, full_refresh=True)
-        assert set(classes.values()) == {NEW}
-        assert stored(store) == COHORT
+        if damage == "garbage":
+            store.state_path.write_bytes(b"garbage")
+        else:
+            _rewrite(store, _drop_one_hash)  # readable header and checksum, damaged identities
+        with caplog.at_level(logging.WARNING, logger=sync_state.__name__):
+            classes, exits = sync(store, {(USER_ID, "user-1"): 1}, full_refresh=True)
+        assert classes == {(USER_ID, "user-1"): NEW} and exits == []
+        assert "full refresh without the previous state" in caplog.text
+        assert "cannot be computed" in caplog.text
+        assert stored(store) == {(USER_ID, "user-1"): 1}
+        assert store.read_header().generation == 1
 
     def test_duplicate_identity_keeps_last(self, store, small_spool_runs):
         with store.begin("run-1") as run:
@@ -382,6 +398,7 @@ class TestRuns:
             st.dictionaries(st.integers(0, 15), st.integers(0, 2), max_size=16),  # present identity -> digest
             st.sets(st.integers(0, 15)),  # failed identities
             st.sampled_from(["known", "unknown", "no-exits"]),
+            st.booleans(),  # full refresh
         ),
         min_size=1,
         max_size=5,
@@ -395,10 +412,10 @@ def test_state_follows_a_model(runs, tmp_path_factory):
     saved = sync_state._SPOOL_RUN_RECORDS
     sync_state._SPOOL_RUN_RECORDS = 4
     try:
-        for present, failed_numbers, delivery in runs:
+        for present, failed_numbers, delivery, full_refresh in runs:
             cohort = {(USER_ID, f"id-{n}"): digest for n, digest in present.items()}
             failed = {(USER_ID, f"id-{n}") for n in failed_numbers}
-            with store.begin("run") as run:
+            with store.begin("run", full_refresh=full_refresh) as run:
                 classes = classify_all(run, cohort)
                 exits = {(e.kind, e.identity) for e in run.iter_exits()}
                 not_delivered = None if delivery == "unknown" else {identity_hash(*k) for k in failed}
@@ -406,7 +423,11 @@ def test_state_follows_a_model(runs, tmp_path_factory):
             assert exits == set(model) - set(cohort)
             for key, digest in cohort.items():
                 assert classes[key] == (
-                    NEW if key not in model else UNCHANGED if model[key] == digest else CHANGED
+                    NEW
+                    if key not in model
+                    else UNCHANGED
+                    if model[key] == digest and not full_refresh
+                    else CHANGED
                 )
             delivered = {k for k in [*cohort, *exits] if delivery != "unknown" and k not in failed}
             for key, digest in cohort.items():
@@ -511,6 +532,8 @@ class TestConcurrency:
             assert owner.run_id == "run-1"
             assert owner.pid == os.getpid()
             assert abs(owner.acquired_at - datetime.now(timezone.utc)) < timedelta(minutes=1)
+            assert owner.renewed_at == owner.acquired_at
+            assert owner.pid_space == sync_state._pid_space()
 
     def test_stale_lock_taken_over(self, store):
         old = LockOwner("crashed-run", "t", "h", 1, datetime.now(timezone.utc) - timedelta(hours=7))
@@ -536,6 +559,38 @@ class TestConcurrency:
             store.begin("run")
         assert "delete" in str(raised.value)
 
+    def test_unreadable_lock_not_renewed_is_taken_over(self, tmp_path):
+        """Without a readable time, a lock's age is its file's modification time."""
+        store = CohortStateStore(f"file://{tmp_path}/state", KEY)
+        store.base_path.mkdir(parents=True, exist_ok=True)
+        store.lock_path.write_bytes(b"\x00not json")
+        two_minutes_ago = time.time() - 120
+        os.utime(store.lock_path.path, (two_minutes_ago, two_minutes_ago))
+        sync(store, COHORT, run_id="next-run")
+
+    @pytest.mark.parametrize(("age", "taken"), [(timedelta(minutes=2), True), (timedelta(seconds=5), False)])
+    def test_lock_file_of_an_earlier_version(self, store, age, taken):
+        """A lock without renewed_at (written by an earlier version) ages from acquired_at."""
+        acquired = (datetime.now(timezone.utc) - age).isoformat()
+        content = {"run_id": "old-run", "token": "t", "host": "h", "pid": 1, "acquired_at": acquired}
+        store.base_path.mkdir(parents=True, exist_ok=True)
+        store.lock_path.write_bytes(orjson.dumps(content))
+        if taken:
+            sync(store, COHORT, run_id="next-run")
+        else:
+            with pytest.raises(SyncStateLockedError, match="old-run"):
+                store.begin("next-run")
+
+    def test_lock_timing_arguments(self, base):
+        store = CohortStateStore(base, KEY, lock_stale_after=30)
+        assert (store.lock_stale_after, store.lock_renew_interval) == (
+            timedelta(seconds=30),
+            timedelta(seconds=10),
+        )
+        assert CohortStateStore(base, KEY).lock_stale_after == timedelta(seconds=60)
+        with pytest.raises(ValueError, match="lock_renew_interval"):
+            CohortStateStore(base, KEY, lock_stale_after=10, lock_renew_interval=10)
+
     def test_other_writer_detected_at_commit(self, store):
         sync(store, COHORT)
         run = store.begin("run-a")
@@ -560,6 +615,175 @@ class TestConcurrency:
             run.close()
 
 
+# --------------------------------------------------------------------------------------------- lease
+
+
+class _Holder:
+    """Another process holding the sync's lock (``sync_state_helpers.py hold-lock``) until it is released."""
+
+    def __init__(self, base_url: str, run_id: str, **options: object) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(HELPERS), "hold-lock", base_url, KEY, run_id, json.dumps(options)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.pid = self.process.pid
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_for("locked")
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, text: str) -> str:
+        """Return the output up to the first line containing ``text``."""
+        seen: list[str] = []
+        while (line := self._lines.get(timeout=300)) is not None:
+            seen.append(line)
+            if text in line:
+                return "".join(seen)
+        raise AssertionError(f"the holder ended without printing {text!r}:\n{''.join(seen)}")
+
+    def release(self) -> str:
+        self.process.stdin.close()
+        output = self.wait_for("released")
+        self.process.wait(timeout=300)
+        return output
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a lost worker does; wait for it (its pid then names no process)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=300)
+
+
+def _eventually(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never became true"
+        time.sleep(0.02)
+
+
+def _lock_of(store: CohortStateStore) -> LockOwner:
+    return LockOwner.from_bytes(store.lock_path.read_bytes(), None)
+
+
+class TestLease:
+    def test_live_holder_refused_then_dead_holder_taken_over_at_once(self, tmp_path, caplog):
+        url = f"file://{tmp_path}/state"
+        store = CohortStateStore(url, KEY)  # default: taken over after 60 s without renewal
+        holder = _Holder(url, "holder-run")
+        try:
+            with pytest.raises(SyncStateLockedError) as raised:
+                store.begin("next-run")
+        finally:
+            holder.kill()
+        message = str(raised.value)
+        assert raised.value.owner.pid == holder.pid and "holder-run" in message
+        assert "last renewed" in message and "once not renewed for 60 seconds" in message
+        with caplog.at_level(logging.WARNING, logger=sync_state.__name__), store.begin("next-run") as run:
+            assert _lock_of(store).run_id == "next-run"
+            run.commit(set())
+        assert "its process is gone" in caplog.text and "holder-run" in caplog.text
+
+    @pytest.mark.parametrize(
+        ("host", "pid_space", "taken"),
+        [
+            ("this host", "this namespace", True),
+            ("this host", None, True),  # a lock that does not say (earlier version, not Linux)
+            ("worker-2.example", "this namespace", False),  # pids of other hosts prove nothing
+            ("this host", "another namespace", False),  # nor those of another container of this name
+        ],
+    )
+    def test_only_a_dead_pid_of_this_host_proves_the_holder_dead(self, store, host, pid_space, taken):
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()  # reaped: its pid names no process any more
+        now = datetime.now(timezone.utc)
+        owner = LockOwner(
+            "crashed-run",
+            "t",
+            socket.gethostname() if host == "this host" else host,
+            child.pid,
+            now,
+            now,
+            sync_state._pid_space() if pid_space == "this namespace" else pid_space,
+        )
+        store.base_path.mkdir(parents=True, exist_ok=True)
+        store.lock_path.write_bytes(owner.to_bytes())
+        if taken:
+            sync(store, COHORT, run_id="next-run")
+        else:
+            with pytest.raises(SyncStateLockedError, match="crashed-run"):
+                store.begin("next-run")
+
+    def test_a_lease_not_renewed_is_taken_over(self, tmp_path, caplog):
+        """A holder on another host that stops renewing (a hung worker) loses the lock after the expiry."""
+        url = f"file://{tmp_path}/state"
+        timing = {"stale_after": 1.0, "renew_interval": 0.2}
+        store = CohortStateStore(url, KEY, lock_stale_after=1.0, lock_renew_interval=0.2)
+        holder = _Holder(url, "hung-run", host="worker-2.example", **timing)
+        try:
+            with pytest.raises(SyncStateLockedError, match="hung-run"):
+                store.begin("next-run")
+            os.kill(holder.pid, signal.SIGSTOP)
+            time.sleep(2)  # twice the expiry without renewal
+            with caplog.at_level(logging.WARNING, logger=sync_state.__name__), store.begin("next-run"):
+                assert "not renewed for more than 1 seconds" in caplog.text
+                os.kill(holder.pid, signal.SIGCONT)
+                holder.wait_for("this run lost its lock")  # its renewal checks the token first
+                assert "was taken over by run 'next-run'" in holder.release()
+                assert _lock_of(store).run_id == "next-run"  # the old holder left it alone
+            assert not store.lock_path.exists()
+        finally:
+            holder.kill()
+
+    def test_renewal_keeps_a_long_run_locked(self, tmp_path):
+        url = f"file://{tmp_path}/state"
+        timing = {"stale_after": 1.0, "renew_interval": 0.2}
+        store = CohortStateStore(url, KEY, lock_stale_after=1.0, lock_renew_interval=0.2)
+        with store.begin("long-run"):
+            time.sleep(3)  # three times the expiry
+            contender = subprocess.run(
+                [sys.executable, str(HELPERS), "try-lock", url, KEY, "next-run", json.dumps(timing)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert contender.stdout.splitlines()[-1:] == ["refused"], contender.stdout + contender.stderr
+            owner = _lock_of(store)
+            assert owner.run_id == "long-run" and owner.renewed_at > owner.acquired_at
+        assert not store.lock_path.exists()
+
+    def test_renewal_stops_on_release_and_when_the_lock_is_lost(self, base, caplog):
+        store = CohortStateStore(base, KEY, lock_stale_after=1.0, lock_renew_interval=0.05)
+        now = datetime.now(timezone.utc)
+        with caplog.at_level(logging.WARNING, logger=sync_state.__name__):
+            with store.begin("run-1"):
+                pass
+            with store.begin("run-2"):
+                other = LockOwner("other-run", "other-token", "worker-2.example", 1, now, now)
+                store.lock_path.write_bytes(other.to_bytes())  # e.g. taken over while this run hung
+                _eventually(lambda: "this run lost its lock" in caplog.text)
+        assert "was taken over by run 'other-run'" in caplog.text
+        assert _lock_of(store).token == "other-token"  # neither renewed nor removed by run-2
+        assert not [thread for thread in threading.enumerate() if thread.name.startswith("lsg-lock-")]
+
+    @pytest.mark.filterwarnings("ignore:UPath 'lsgnoexcl' filesystem not explicitly implemented")
+    def test_without_exclusive_creation_the_lock_warns(self, caplog):
+        attach_no_exclusive_fs()
+        store = CohortStateStore(f"lsgnoexcl://state-tests/{uuid.uuid4().hex}", KEY)
+        with caplog.at_level(logging.WARNING, logger=sync_state.__name__):
+            with store.begin("run-1"), pytest.raises(SyncStateLockedError):
+                store.begin("run-2")
+        assert "cannot create a file exclusively" in caplog.text and "weaker" in caplog.text
+        sync(store, COHORT)
+        assert stored(store) == COHORT
+
+
 # --------------------------------------------------------------------------------------------- corruption
 
 
@@ -575,6 +799,16 @@ def _header_line(data: bytes) -> tuple[int, int]:
 def _with_header(data: bytes, **fields) -> bytes:
     start, end = _header_line(data)
     return data[:start] + orjson.dumps({**json.loads(data[start:end]), **fields}) + data[end:]
+
+
+def _drop_one_hash(data: bytes) -> bytes:
+    """A well-formed file (header, checksum) listing one identity more than it has hashes."""
+    start, end = _header_line(data)
+    header = json.loads(data[start:end])
+    n, body = header["count"], data[end + 1 :]
+    body = body[8 : 8 * n] + body[8 * n + 8 : 16 * n] + body[16 * n :]
+    checksum = hashlib.blake2b(body, digest_size=16).hexdigest()
+    return _with_header(data[: end + 1], count=n - 1, checksum=checksum) + body
 
 
 CORRUPTIONS = {
@@ -609,16 +843,7 @@ class TestCorruption:
     def test_identity_count_mismatch(self, store):
         """A well-formed file whose identities outnumber its hashes (a writer bug) is reported when read."""
         sync(store, COHORT)
-
-        def drop_one_hash(data: bytes) -> bytes:
-            start, end = _header_line(data)
-            header = json.loads(data[start:end])
-            n, body = header["count"], data[end + 1 :]
-            body = body[8 : 8 * n] + body[8 * n + 8 : 16 * n] + body[16 * n :]
-            checksum = hashlib.blake2b(body, digest_size=16).hexdigest()
-            return _with_header(data[: end + 1], count=n - 1, checksum=checksum) + body
-
-        _rewrite(store, drop_one_hash)
+        _rewrite(store, _drop_one_hash)
         with store.begin("run") as run, pytest.raises(SyncStateCorruptError, match="lists 21 identities"):
             list(run.iter_exits())
 
