@@ -361,7 +361,8 @@ def test_full_refresh_resends_everything(changed, looker, segment):
     changed()
     segment.reset()
     _dag_run, _ti, summary = changed(full_refresh=True)
-    assert summary["sent"] == 5 and summary["new"] == 5
+    assert summary["sent"] == 5 and summary["changed"] == 5 and summary["new"] == 0
+    assert summary["full_refresh"] is True
     assert len(segment.events()) == 5
 
 
@@ -445,3 +446,60 @@ def test_changed_mode_dry_run_reads_but_keeps_the_state(changed, looker, segment
     assert summary["would_send"] == 3 and summary["new"] == 3 and segment.stats()["requests"] == 0
     _dag_run, _ti, summary = changed()
     assert summary["new"] == 3 and summary["sent"] == 3
+
+
+# ------------------------------------------------------------------------------- duplicates, limits
+
+
+def _duplicated_cohort(looker: LookerStandIn, plans: tuple[str, str]) -> None:
+    """Look 600 listing u1 twice (a join gone wrong), with the given plans for its two rows."""
+    rows = [("u0", "free"), ("u1", plans[0]), ("u2", "free"), ("u1", plans[1]), ("u1", plans[1])]
+    _cohort(looker, rows)
+
+
+def test_duplicate_identities_send_the_first_row_only(run, looker, segment, capfd):
+    _duplicated_cohort(looker, ("pro", "free"))
+    dag_run, _ti, summary = run(look_id=COHORT_LOOK_ID)
+    assert dag_run.state == "success"
+    assert (summary["rows"], summary["sent"], summary["duplicates"], summary["invalid"]) == (5, 3, 2, 0)
+    events = segment.events()
+    assert _user_ids(events) == ["u0", "u1", "u2"]
+    assert events[1]["traits"]["plan"] == "pro"  # the first row of u1 in the Look's order
+    warnings = [line for line in capfd.readouterr().out.splitlines() if "repeat an identity" in line]
+    assert len(warnings) == 1 and "2 rows" in warnings[0] and "userId u1" in warnings[0]
+
+
+def test_duplicate_identities_do_not_flip_a_changed_sync(changed, looker, segment):
+    _duplicated_cohort(looker, ("pro", "free"))
+    _dag_run, _ti, first = changed(membership_trait="in_cohort")
+    assert (first["sent"], first["new"], first["duplicates"]) == (3, 3, 2)
+    for _ in range(2):  # the same data again: nothing to send, whichever row the state kept
+        segment.reset()
+        dag_run, _ti, again = changed(membership_trait="in_cohort")
+        assert dag_run.state == "success"
+        assert (again["sent"], again["unchanged"], again["duplicates"], again["exited"]) == (0, 3, 2, 0)
+        assert segment.events() == []
+
+
+def test_limit_beyond_what_looker_takes_is_refused(run, looker, segment, capfd):
+    runs_before = looker.counters.get("runs", 0)
+    dag_run, _ti, _summary = run(limit=10**30)
+    assert dag_run.state == "failed"
+    text = "".join(capfd.readouterr())
+    assert "limit must be at most 9,223,372,036,854,775,807" in text and "use -1 for all rows" in text
+    assert looker.counters.get("runs", 0) == runs_before and segment.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("executor", "warned"),
+    [("CeleryExecutor", True), ("LocalExecutor", False), ("LocalExecutor,KubernetesExecutor", True)],
+)
+def test_local_state_under_a_distributed_executor_is_warned(
+    changed, looker, segment, capfd, monkeypatch, executor, warned
+):
+    _cohort(looker, [("u0", "free")])
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", executor)
+    dag_run, _ti, summary = changed()
+    assert dag_run.state == "success" and summary["sent"] == 1
+    text = "".join(capfd.readouterr())
+    assert ("keeps its state on this worker's local disk" in text) is warned

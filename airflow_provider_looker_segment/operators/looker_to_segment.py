@@ -25,6 +25,7 @@ from airflow_provider_looker_segment.cohort_sync import (
     exit_messages,
     undelivered_identities,
 )
+from airflow_provider_looker_segment.dedupe import DuplicateCounts, drop_duplicates
 from airflow_provider_looker_segment.destinations import (
     Destination,
     check_destinations,
@@ -64,6 +65,10 @@ if TYPE_CHECKING:
 DRY_RUN_EXAMPLES = 3
 #: How many rejected / failed messageIds the summary (XCom) lists; the log has the counts per reason.
 SUMMARY_MESSAGE_IDS = 100
+#: The largest row limit Looker's API takes (a 64-bit integer).
+MAX_LIMIT = 2**63 - 1
+#: Executors that run every task on the scheduler's machine: local state is shared by all of them.
+LOCAL_EXECUTORS = frozenset({"LocalExecutor", "SequentialExecutor", "DebugExecutor"})
 #: Folder of the state files under AIRFLOW_HOME when ``state_path`` is not given.
 DEFAULT_STATE_FOLDER = "looker_segment_state"
 
@@ -139,13 +144,14 @@ class LookerToSegmentOperator(BaseOperator):
     :param state_path: folder of the ``sync_mode="changed"`` state files: a local path or any URL Airflow's
         ObjectStoragePath reads (``s3://bucket/looker-segment/``, ``gs://...``); use shared storage when tasks
         run on several workers. Default: ``$AIRFLOW_HOME/looker_segment_state``. (templated)
-    :param full_refresh: with ``sync_mode="changed"``, send everything and rebuild the state. (templated)
+    :param full_refresh: with ``sync_mode="changed"``, send everything whatever the state says; exits are
+        still computed against the previous state. (templated)
     :param membership_trait: a trait set to ``true`` on every call (e.g. ``in_active_users``); with
         ``sync_mode="changed"``, identities that left the Look since the last run get one call with it
         set to ``false`` and leave the state. (templated)
-    :param max_exit_ratio: with a membership trait, fail before sending any exit when more than this share of
-        the previous cohort would leave at once (a broken or truncated query looks like everyone leaving);
-        default 0.5. (templated)
+    :param max_exit_ratio: with ``sync_mode="changed"``, when more than this share of the previous cohort
+        would leave at once (a broken, empty or truncated query looks like everyone leaving), send no exit,
+        keep them all in the state and fail the task after the summary; default 0.5. (templated)
     :param max_in_flight: batch requests sent at once (default: the Segment connection's, else 4).
     :param gzip: gzip request bodies (default: the Segment connection's setting).
     :param requests_per_second: client-side rate limit for workspaces with low limits.
@@ -239,6 +245,11 @@ class LookerToSegmentOperator(BaseOperator):
         limit = to_optional_int(self.limit, name="limit")
         if limit is not None and limit < -1:
             raise InvalidParameterError(f"limit must be -1 (all rows) or a positive number, got {limit}")
+        if limit is not None and limit > MAX_LIMIT:
+            raise InvalidParameterError(
+                f"limit must be at most {MAX_LIMIT:,} (Looker's largest row limit), got {limit:,}: "
+                "use -1 for all rows"
+            )
         max_invalid = to_optional_int(self.max_invalid_rows, name="max_invalid_rows")
         if max_invalid is not None and max_invalid < 0:
             raise TransformConfigError(f"max_invalid_rows must be 0 or more, got {max_invalid}")
@@ -274,6 +285,20 @@ class LookerToSegmentOperator(BaseOperator):
             state_path=_state_folder(self.state_path) if sync_mode == SYNC_CHANGED else None,
         )
 
+    def _warn_if_state_is_local(self, state_path: ObjectStoragePath) -> None:
+        """Warn when the changed-only state is on local disk but tasks may run on several machines."""
+        if state_path.protocol not in ("", "file", "local"):
+            return
+        remote = sorted(set(_configured_executors()) - LOCAL_EXECUTORS)
+        if remote:
+            self.log.warning(
+                "sync_mode='changed' keeps its state on this worker's local disk (%s) but the executor (%s) "
+                "may run the next run on another machine, which would not see it and would send everyone "
+                "again. Set state_path to shared storage, e.g. s3://aws_default@bucket/looker-segment/.",
+                state_path,
+                ", ".join(remote),
+            )
+
     def _segment_hook(self) -> SegmentHook:
         tuning: dict[str, Any] = {}
         if self.max_in_flight is not None:
@@ -297,6 +322,8 @@ class LookerToSegmentOperator(BaseOperator):
 
     def _execute(self, context: Context) -> dict[str, Any]:
         settings = self._settings()
+        if settings.state_path is not None:
+            self._warn_if_state_is_local(settings.state_path)
         destinations = resolve_destinations(settings.destinations)
         segment = self._segment_hook()
         if not settings.dry_run or settings.sync_mode == SYNC_CHANGED:
@@ -325,6 +352,7 @@ class LookerToSegmentOperator(BaseOperator):
     ) -> dict[str, Any]:
         """Stream the Look, turn rows into messages, deliver them (or plan them in a dry run)."""
         counter = _RowCounter()
+        duplicates = DuplicateCounts()
         cohort = CohortCounts()
         library = {"name": PACKAGE_NAME, "version": __version__}
         with LookerHook(looker_conn_id=self.looker_conn_id).stream_look(
@@ -337,7 +365,7 @@ class LookerToSegmentOperator(BaseOperator):
             transform = make_row_transformer(
                 plan, ran_at=ran_at, message_id_namespace=namespace, library=library
             )
-            row_messages = _messages(stream.rows, transform, counter)
+            row_messages = drop_duplicates(_messages(stream.rows, transform, counter), duplicates)
             messages: Iterable[dict] = row_messages
             if sync_run is not None:
 
@@ -365,6 +393,10 @@ class LookerToSegmentOperator(BaseOperator):
                 undelivered = undelivered_identities(report.rejected_ids + report.failed_ids, complete)
             possibly_truncated = stream.possibly_truncated
         summary = _summary(settings, plan, destinations, counter, delivery, possibly_truncated, ran_at)
+        summary["duplicates"] = duplicates.duplicates
+        warning = duplicates.warning(settings.look_id)
+        if warning:
+            self.log.warning("%s", warning)
         if sync_run is not None:
             summary.update(self._finish_sync(settings, sync_run, cohort, undelivered))
         summary["seconds"] = round(time.monotonic() - started, 3)
@@ -391,6 +423,7 @@ class LookerToSegmentOperator(BaseOperator):
             "exits_skipped": cohort.exits_skipped,
             "previous_cohort": sync_run.previous_count,
             "state_generation": sync_run.previous_generation,
+            "full_refresh": sync_run.full_refresh,
         }
         if cohort.exits_skipped and cohort.exits:
             self.log.warning(
@@ -404,10 +437,7 @@ class LookerToSegmentOperator(BaseOperator):
         if settings.dry_run:
             self.log.info("Dry run: the sync state was read, not changed.")
             return counts
-        exits_sent = cohort.guard_tripped is None and not (
-            cohort.exits_skipped and cohort.exits_skipped.startswith("the Look may be truncated")
-        )
-        result = sync_run.commit(undelivered, exits_sent=exits_sent)
+        result = sync_run.commit(undelivered, exits_sent=not cohort.keep_departed)
         counts["state_generation"] = result.generation
         counts["state_identities"] = result.entries
         return counts
@@ -630,6 +660,14 @@ def _summary(
         "possibly_truncated": possibly_truncated,
         "ran_at": ran_at.isoformat() if ran_at is not None else None,
     }
+
+
+def _configured_executors() -> list[str]:
+    """The executor class names of ``[core] executor`` (a comma-separated list, entries may be aliased)."""
+    from airflow.configuration import conf
+
+    names = conf.get("core", "executor", fallback="") or ""
+    return [entry.split(":")[-1].strip().rsplit(".", 1)[-1] for entry in names.split(",") if entry.strip()]
 
 
 def _state_folder(state_path: str | ObjectStoragePath | None) -> ObjectStoragePath:
