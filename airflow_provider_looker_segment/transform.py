@@ -13,22 +13,27 @@ Two steps, so that the per-row work is as small as possible:
 
 Documented formats
 ------------------
-* **Identifiers.** ``userId`` and ``anonymousId`` are strings: ``42`` and ``42.0`` → ``"42"``, ``4.5`` →
-  ``"4.5"``; ``None``, ``0``, ``""``, blank strings, booleans, NaN/±Infinity, arrays and objects are not
-  identifiers. The email field gives ``traits.email`` (its raw value, whatever the trait key style).
+* **Identifiers.** ``userId`` and ``anonymousId`` are strings, trimmed: ``" 42 "``, ``42`` and ``42.0`` →
+  ``"42"``, ``4.5`` → ``"4.5"``, ``2**64`` → ``"18446744073709551616"`` (integral numbers exactly), a
+  number beyond a float's range → its decimal text (``1e400`` → ``"1E+400"``); ``None``, ``0``, ``""``,
+  blank strings, booleans, NaN/±Infinity, arrays and objects are not identifiers. The email field gives
+  ``traits.email`` (its raw value, whatever the trait key style).
 * **Anonymous id derived from the email.** A row without ``userId`` and ``anonymousId`` but with an email
   (a string containing ``@``) gets
   ``anonymousId = str(uuid5(ANONYMOUS_ID_NAMESPACE, email.strip().lower()))``: the same email gives the
   same id on every run, in every DAG. A row with no identifier at all is invalid
   (:data:`INVALID_NO_IDENTIFIER`).
 * **Trait values.** Strings, integers, floats and booleans are kept (``0``, ``false`` and ``""``
-  round-trip); ``null`` stays ``null``; NaN and ±Infinity become ``null``; ``Decimal`` becomes a float;
-  integers outside the 64-bit range become strings; ``date``/``datetime``/``time`` objects become ISO 8601
-  strings. In fields whose LookML type starts with ``date`` or is ``time``/``datetime``/``timestamp``,
-  Looker's unformatted ``"YYYY-MM-DD HH:MM[:SS[.ffffff]]"`` strings become ISO 8601
-  ``"YYYY-MM-DDTHH:MM[:SS[.ffffff]]"`` (``"2024-01-05 10"`` of a ``date_hour`` becomes
-  ``"2024-01-05T10:00"``); no UTC offset is added because Looker gives these values in the query's time
-  zone. Other strings (``"2024-01-05"``, ``"2024-01"``) are already ISO 8601 and are left alone.
+  round-trip); ``null`` stays ``null``; NaN and ±Infinity become ``null``; ``Decimal`` (how JSON numbers
+  with a fraction or an exponent are read) becomes a float, or its decimal text beyond a float's range
+  (``1E+400``); integers outside the 64-bit range become strings; a lone UTF-16 surrogate in a string
+  (``"\\ud800"`` in JSON) becomes U+FFFD, the replacement character (in identifiers too);
+  ``date``/``datetime``/``time`` objects become ISO 8601 strings. In fields whose LookML type starts with
+  ``date`` or is ``time``/``datetime``/``timestamp``, Looker's unformatted
+  ``"YYYY-MM-DD HH:MM[:SS[.ffffff]]"`` strings become ISO 8601 ``"YYYY-MM-DDTHH:MM[:SS[.ffffff]]"``
+  (``"2024-01-05 10"`` of a ``date_hour`` becomes ``"2024-01-05T10:00"``); no UTC offset is added because
+  Looker gives these values in the query's time zone. Other strings (``"2024-01-05"``, ``"2024-01"``) are
+  already ISO 8601 and are left alone.
 * **Arrays and objects** (Segment supports neither) become their compact JSON text, keys in their original
   order, non-ASCII characters kept: ``["a", 1]`` → ``'["a",1]'``, ``{"k": null}`` → ``'{"k":null}'``.
 * **Pivoted measures** give one trait per pivot value. The key is the measure's key joined with the pivot's
@@ -668,7 +673,7 @@ def _general_warnings(specs: tuple[_TraitSpec, ...], membership: str | None) -> 
 def _json_default(value: Any) -> Any:
     """orjson fallback for values of arrays/objects that JSON does not know."""
     if isinstance(value, Decimal):
-        return float(value)
+        return _decimal_value(value)
     if isinstance(value, (set, frozenset)):
         return list(value)
     return str(value)
@@ -686,6 +691,14 @@ def _finite_float(value: float) -> float | None:
     return value if value - value == 0.0 else None
 
 
+def _decimal_value(value: Decimal) -> float | str | None:
+    """A JSON number with a fraction or an exponent: a float, or its decimal text beyond a float's range."""
+    if not value.is_finite():
+        return None
+    number = float(value)
+    return number if number - number == 0.0 else str(value)
+
+
 def to_trait_value(value: Any) -> Any:
     """
     Convert one raw Looker value into a trait value (a JSON scalar), as documented in this module.
@@ -695,10 +708,10 @@ def to_trait_value(value: Any) -> Any:
     """
     if value is None or value.__class__ in (str, int, bool):
         return value
+    if isinstance(value, Decimal):
+        return _decimal_value(value)
     if isinstance(value, float):
         return _finite_float(float(value))
-    if isinstance(value, Decimal):
-        return _finite_float(float(value)) if value.is_finite() else None
     if isinstance(value, (datetime, date, time)):
         return value.isoformat()
     if isinstance(value, (list, tuple, dict, set, frozenset)):
@@ -720,20 +733,27 @@ def _to_time_trait_value(value: Any) -> Any:
 
 
 def _json_safe(value: Any) -> Any:
-    """Last-resort fix of a trait value orjson refuses (an integer beyond 64 bits, a lone surrogate)."""
+    """Last-resort fix of a value orjson refuses: an integer beyond 64 bits, a lone surrogate (U+FFFD)."""
     if value.__class__ is int and not _INT64_MIN <= value <= _UINT64_MAX:
         return str(value)
-    if isinstance(value, str):
-        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, str):  # surrogate pairs are joined, each lone surrogate becomes U+FFFD
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     return value
 
 
 def _identifier_slow(value: Any) -> str | None:
-    """Identifier from a non-``str``/``int`` value: integral floats lose their ``.0``; others are refused."""
+    """Identifier from a non-``str``/``int`` value: integral numbers lose their ``.0``; others are refused."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, Decimal):
-        value = float(value) if value.is_finite() else 0.0
+        if not value.is_finite():
+            return None
+        number = float(value)
+        if number - number != 0.0:
+            return str(value)  # beyond a float's range: its decimal text, e.g. 1E+400
+        if number and value == value.to_integral_value():
+            return str(int(value))  # exactly, also beyond 2**53
+        value = number
     if isinstance(value, float):
         if not value or value - value != 0.0:
             return None
@@ -749,7 +769,7 @@ def _identifier(value: Any) -> str | None:
     """Return a userId/anonymousId string, or ``None`` for values that are not identifiers."""
     cls = value.__class__
     if cls is str:
-        return value if value and not value.isspace() else None
+        return value.strip() or None
     if cls is int:
         return str(value) if value else None
     return _identifier_slow(value)

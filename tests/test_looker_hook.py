@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import subprocess
@@ -9,8 +11,10 @@ import sys
 import textwrap
 import time
 from datetime import datetime
+from decimal import Decimal
 
 import certifi
+import orjson
 import pytest
 from airflow.sdk import BaseHook
 from looker_helpers import (
@@ -31,10 +35,11 @@ from airflow_provider_looker_segment.exceptions import (
     LookStreamError,
     LookTruncatedError,
 )
-from airflow_provider_looker_segment.hooks.looker import IJSON, LookerHook, normalise_base_url
-from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION
+from airflow_provider_looker_segment.hooks.looker import IJSON, LookerHook, LookStream, normalise_base_url
+from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION, LookInfo
 from airflow_provider_looker_segment.testing.looker_fixtures import (
     DELETED_LOOK_ID,
+    EDGE_VALUES_LOOK_ID,
     GENERATED_LOOK_BASE,
     HIDDEN_FIELDS_LOOK_ID,
     PIVOT_LOOK_ID,
@@ -51,6 +56,12 @@ from airflow_provider_looker_segment.testing.looker_fixtures import (
     generated_row,
 )
 from airflow_provider_looker_segment.testing.looker_standin import LookerStandIn
+from airflow_provider_looker_segment.transform import (
+    TransformOptions,
+    anonymous_id_from_email,
+    make_row_transformer,
+    plan_transform,
+)
 
 CONN_ID = "looker_test"
 WRONG_SECRET = "Wr0ng-S3cret-value-7f3c"
@@ -376,7 +387,7 @@ def test_hidden_fields(hook):
         "users.internal_score": True,  # hidden in the visualisation
         "users.row_key": True,  # hidden in LookML
     }
-    assert rows[0]["users.internal_score"] == 0.82
+    assert rows[0]["users.internal_score"] == Decimal("0.82")
     assert rows[2]["users.internal_score"] is None
 
 
@@ -411,7 +422,7 @@ def test_table_calculations(hook):
     ]
     assert [r["is_big_spender"] for r in rows] == [False, True, False]
     assert rows[2]["average_order_value"] is None
-    assert rows[0]["average_order_value"] == 35.1225
+    assert rows[0]["average_order_value"] == Decimal("35.1225")
 
 
 def test_value_types_are_raw(hook):
@@ -444,7 +455,9 @@ def test_value_types_are_raw(hook):
         "date_time",
         "yesno",
     )
-    assert all(isinstance(v, float) for v in (rows[0]["users.balance"], rows[2]["users.balance"]))
+    # fractions are read exactly, as Decimal (the transform makes them floats)
+    assert [rows[0]["users.balance"], rows[2]["users.balance"]] == [Decimal("120.75"), Decimal("0.0")]
+    assert all(isinstance(v, Decimal) for v in (rows[0]["users.balance"], rows[2]["users.balance"]))
 
 
 def test_failed_sql_raises_with_lookers_message(hook):
@@ -589,6 +602,175 @@ def test_read_timeout_mid_stream_is_a_stream_error(looker, make_hook):
         LookStreamError, match=r"^Look 79: result ended after 2 rows: no data for 0.3 seconds"
     ):
         stream_all(hook, "79")
+
+
+def test_waits_before_retries_are_logged_without_secrets(looker, make_hook, caplog):
+    caplog.set_level(logging.INFO, logger="airflow_provider_looker_segment.hooks.looker")
+    hook = make_hook(looker.base_url)  # 2 retries, max_backoff 0.1 s
+    looker.fail_next_runs(1, status=429, retry_after=1)
+    stream_all(hook, TOASTMATES_LOOK_ID)
+    looker.fail_next_runs(2, status=503, retry_after=None)
+    stream_all(hook, TOASTMATES_LOOK_ID)
+    looker.drop_next_runs(1)
+    stream_all(hook, TOASTMATES_LOOK_ID)
+    run = "GET /api/4.0/looks/1/run/json_detail"
+    assert [r.getMessage() for r in caplog.records if r.name.endswith("hooks.looker")] == [
+        f"Looker answered HTTP 429 to {run}; retry 1 of 2 in 0.1 s (Retry-After)",
+        f"Looker answered HTTP 503 to {run}; retry 1 of 2 in 0 s (backoff)",
+        f"Looker answered HTTP 503 to {run}; retry 2 of 2 in 0 s (backoff)",
+        f"Looker request {run} failed (ProtocolError); retry 1 of 2 in 0 s (backoff)",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.name.endswith("hooks.looker"))
+    for secret in (CLIENT_SECRET, hook.sdk.auth.token.access_token):
+        assert secret not in caplog.text
+
+
+# --- values at JSON's edges; bodies that are not JSON -----------------------------------------------------
+
+
+def test_numbers_beyond_64_bits_or_beyond_a_float_are_read_exactly(hook):
+    stream, rows = stream_all(hook, EDGE_VALUES_LOOK_ID)
+    assert stream.exhausted and stream.row_count == 4
+    assert [r["users.external_id"] for r in rows] == [2**64, -(2**64) - 1, 2**63 - 1, 0]
+    assert [r["users.score"] for r in rows] == [
+        Decimal("1E+400"),
+        Decimal("-1E+400"),
+        Decimal("1.5"),
+        Decimal("0.1"),
+    ]
+    assert [r["users.id"] for r in rows] == ["  00MWWFOLRcETcTCf ", 2**64, Decimal("42.0"), "   "]
+
+
+def test_numbers_beyond_64_bits_in_the_head_and_in_pivoted_cells(hook, looker):
+    base = fixture_looks()[PIVOT_LOOK_ID]
+    revenue = {"complete": Decimal("1E+400"), "pending": 2**64, "cancelled": None}
+    pivots = ({"key": "complete", "data": {"orders.status": 2**64}}, *base.pivot_values[1:])
+    row = dict(base.rows[0], **{"orders.total_revenue": revenue})
+    looker.add_look(dataclasses.replace(base, id="80", rows=(row,), pivot_values=pivots))
+    stream, rows = stream_all(hook, "80")
+    assert [p.label for p in stream.meta.pivots] == ["18446744073709551616", "pending", "cancelled"]
+    assert stream.meta.ran_at is not None  # the head is read past the pivots
+    assert rows == [{**base.rows[0], "orders.total_revenue": revenue}]
+
+
+def test_lone_surrogate_escapes_are_read_as_replacement_characters(hook):
+    _, rows = stream_all(hook, EDGE_VALUES_LOOK_ID)
+    names = ["Ty \ufffdArthur", "Priya \ufffdRaman", "Marcus \U0001f600", "Zo\u00eb \ufffd\ufffd"]
+    assert [r["users.name"] for r in rows] == names
+
+
+def test_edge_values_become_identify_calls(hook):
+    stream, rows = stream_all(hook, EDGE_VALUES_LOOK_ID)
+    plan = plan_transform(stream.meta, TransformOptions())
+    transform = make_row_transformer(plan, ran_at=stream.meta.ran_at, message_id_namespace="edge")
+    messages = [transform(row)[0] for row in rows]
+    assert [m.get("userId") for m in messages] == ["00MWWFOLRcETcTCf", "18446744073709551616", "42", None]
+    assert messages[3]["anonymousId"] == anonymous_id_from_email("zoe@example.com")
+    assert [m["traits"]["external id"] for m in messages] == [
+        "18446744073709551616",
+        "-18446744073709551617",
+        2**63 - 1,
+        0,
+    ]
+    assert [m["traits"]["score"] for m in messages] == ["1E+400", "-1E+400", 1.5, 0.1]
+    assert messages[0]["traits"]["name"] == "Ty \ufffdArthur"
+    assert all(m.encoded == orjson.dumps(m) for m in messages)
+
+
+_INFO = LookInfo("1", "t", None, None, ("users.name",), None, (), (), False)
+
+
+class _Trickle:
+    """A body handed over ``size`` bytes at a time, so that escapes are split at every place."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self._data, self._size = data, size
+
+    def read(self, size: int = -1) -> bytes:
+        piece, self._data = self._data[: min(size, self._size)], self._data[min(size, self._size) :]
+        return piece
+
+
+#: JSON string contents: lone surrogates, pairs (any case), escaped backslashes before "u", a high
+#: surrogate before a non-surrogate escape or at the end of the string.
+_ESCAPES = [
+    r"\ud800",
+    r"a\udc00b",
+    r"x\ud800\ud800y",
+    r"\ud83d\ude00",
+    r"\uD83D\uDE00!",
+    r"\\ud800",
+    r"\\\ud800",
+    r"\\\\ud800",
+    r"\ud800\u0041",
+    r"end\ud83d",
+    r"\\",
+    r"\u00e9\\u",
+]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 11, 13, 64 * 1024])
+def test_surrogate_escapes_split_between_reads(size):
+    cells = ",".join(f'{{"users.name":{{"value":"{text}"}}}}' for text in _ESCAPES)
+    body = f'{{"fields":{{"dimensions":[{{"name":"users.name"}}]}},"data":[{cells}]}}'.encode()
+    stream = LookStream("1", _Trickle(body, size), _INFO, -1)
+    # what json.loads reads, with each lone surrogate replaced (pairs joined), as every JSON decoder does
+    expected = [
+        json.loads(f'"{text}"').encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        for text in _ESCAPES
+    ]
+    assert [row["users.name"] for row in stream.rows] == expected
+    assert expected[:4] == ["\ufffd", "a\ufffdb", "x\ufffd\ufffdy", "\U0001f600"]
+
+
+def test_an_html_page_with_http_200_is_not_json(hook, looker):
+    looker.answer_html_next_runs(1, echo_authorization=True)
+    with pytest.raises(LookStreamError) as caught:
+        stream_all(hook, TOASTMATES_LOOK_ID)
+    message = str(caught.value)
+    assert message.startswith(
+        "Look 1: result ended after 0 rows: the body is not valid JSON (lexical error: invalid char in json "
+        "text.; content type text/html; charset=utf-8); the body starts with: '<!DOCTYPE html> <html> "
+        "<head><title>Sign in - Corporate Access Gateway</title></head> <body> "
+        "<!-- request headers: Authorization: Bearer *** --> <h1>"
+    )
+    assert len(message) < 500 and "\n" not in message
+    assert hook.sdk.auth.token.access_token not in message
+    assert len(looker.run_requests()) == 1  # not retried
+
+
+def test_garbage_after_rows_is_not_json(hook, looker):
+    looker.add_look(generated_look(5_000, look_id="42"))
+    looker.garble_after("42", 4_000)
+    received = []
+    with pytest.raises(LookStreamError) as caught:
+        with hook.stream_look(42) as stream:
+            received.extend(stream.rows)
+    message = str(caught.value)
+    assert message.startswith(
+        "Look 42: result ended after 4,000 rows: the body is not valid JSON (lexical error: invalid char in "
+        "json text.; content type application/json; charset=utf-8); the last bytes received: '"
+    )
+    assert message.endswith(
+        "<h1>Your session has expired</h1> <p>Sign in again to reach looker.example.com.</p> </body> </html>'"
+    )
+    assert len(received) == stream.row_count == 4_000
+    assert received[-1] == generated_row(3_999)
+
+
+def test_the_excerpt_is_redacted_before_it_is_cut():
+    secret = "s3cr3t-" * 6
+    body = io.BytesIO(("<html>" + "x" * 180 + secret + "</html>").encode())  # the secret spans char 200
+    with pytest.raises(LookStreamError, match="not valid JSON") as caught:
+        LookStream("1", body, _INFO, -1, redact=lambda text: text.replace(secret, "***"))
+    assert str(caught.value).endswith("xxx***</html>'") and "s3cr" not in str(caught.value)
+
+
+def test_a_body_ending_inside_a_row_is_a_closed_connection(hook, looker):
+    # yajl calls this a "lexical error" too: only the end of the body tells it is not bad JSON
+    looker.garble_after(TOASTMATES_LOOK_ID, 3, garbage=b',{"users.id":{"value":tr')
+    with pytest.raises(LookStreamError, match=r"^Look 1: result ended after 3 rows: connection closed$"):
+        stream_all(hook, TOASTMATES_LOOK_ID)
 
 
 # --- scale --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from decimal import Decimal
 
 import looker_sdk
 import pytest
@@ -19,6 +20,7 @@ from looker_sdk import error as sdk_error
 
 from airflow_provider_looker_segment.testing.looker_fixtures import (
     DELETED_LOOK_ID,
+    EDGE_VALUES_LOOK_ID,
     GENERATED_LOOK_BASE,
     HIDDEN_FIELDS_LOOK_ID,
     PIVOT_LOOK_ID,
@@ -31,7 +33,7 @@ from airflow_provider_looker_segment.testing.looker_fixtures import (
     generated_look,
     generated_row,
 )
-from airflow_provider_looker_segment.testing.looker_standin import DOCS_BASE, LookerStandIn
+from airflow_provider_looker_segment.testing.looker_standin import DOCS_BASE, PROXY_PAGE, LookerStandIn
 
 DOCS_PREFIX = "https://docs.cloud.google.com/looker/docs/r/err/"
 
@@ -261,6 +263,33 @@ def test_pivoted_look_nests_measures_by_pivot_key(looker):
     assert detail["data"][0]["users.id"] == {"value": "00MWWFOLRcETcTCf"}
 
 
+def test_edge_values_are_written_as_exact_json_numbers_and_surrogate_escapes(looker):
+    token = login(looker)
+    answer = run(looker, EDGE_VALUES_LOOK_ID, "json_detail", token)
+    text = answer.content.decode("utf-8")  # valid UTF-8: lone surrogates are escapes, not bytes
+    assert '"users.external_id":{"value":18446744073709551616}' in text
+    assert '"users.score":{"value":1E+400}' in text and '"users.score":{"value":-1E+400}' in text
+    assert '"Ty \\ud800Arthur"' in text and '"Marcus \\ud83d\\ude00"' in text
+    rows = [{k: c["value"] for k, c in row.items()} for row in json.loads(text, parse_float=Decimal)["data"]]
+    assert rows[0] == {
+        "users.id": "  00MWWFOLRcETcTCf ",
+        "users.email": "ty.arthur@segment.com",
+        "users.name": "Ty \ud800Arthur",
+        "users.external_id": 2**64,
+        "users.score": Decimal("1E+400"),
+    }
+    assert [r["users.id"] for r in rows] == [rows[0]["users.id"], 2**64, Decimal("42.0"), "   "]
+    assert [r["users.external_id"] for r in rows][1:] == [-(2**64) - 1, 2**63 - 1, 0]
+    assert rows[2]["users.name"] == "Marcus 😀"
+    assert json.loads(run(looker, EDGE_VALUES_LOOK_ID, "json", token).text)[0]["users.external_id"] == 2**64
+    lines = run(looker, EDGE_VALUES_LOOK_ID, "csv", token).text.splitlines()
+    assert lines[1:4] == [
+        "  00MWWFOLRcETcTCf ,ty.arthur@segment.com,Ty \ufffdArthur,18446744073709551616,1E+400",
+        "18446744073709551616,priya.raman@toastmates.com,Priya \ufffdRaman,-18446744073709551617,-1E+400",
+        "42.0,marcus.oyelaran@example.org,Marcus 😀,9223372036854775807,1.5",
+    ]
+
+
 def test_generated_look_streams_in_chunks(looker):
     looker.chunk_rows = 700
     token = login(looker)
@@ -328,6 +357,35 @@ def test_cut_connection_after_rows(looker):
         run(looker, TOASTMATES_LOOK_ID, "json_detail", token).json()
     assert looker.counters["rows_sent"] == 7
     assert len(run(looker, TOASTMATES_LOOK_ID, "json_detail", token).json()["data"]) == 10
+
+
+def test_garble_after_rows_sends_garbage_and_ends_the_body(looker):
+    token = login(looker)
+    looker.garble_after(TOASTMATES_LOOK_ID, 3)
+    answer = run(looker, TOASTMATES_LOOK_ID, "json_detail", token)  # the whole body arrives
+    assert (answer.status_code, answer.headers["Content-Type"]) == (200, "application/json; charset=utf-8")
+    assert answer.content.endswith(b"}}" + PROXY_PAGE)
+    assert answer.content.count(b'{"users.id":{"value"') == 3
+    with pytest.raises(ValueError):
+        answer.json()
+    assert looker.counters["rows_sent"] == 3
+    looker.garble_after(TOASTMATES_LOOK_ID, 0, garbage=b"upstream timed out")
+    body = run(looker, TOASTMATES_LOOK_ID, "json_detail", token).content
+    assert body.endswith(b'"data":[upstream timed out')
+    assert len(run(looker, TOASTMATES_LOOK_ID, "json_detail", token).json()["data"]) == 10
+
+
+def test_answer_html_next_runs_serves_a_gateway_page_with_http_200(looker):
+    token = login(looker)
+    looker.answer_html_next_runs(2)
+    answer = run(looker, TOASTMATES_LOOK_ID, "json_detail", token)
+    assert (answer.status_code, answer.headers["Content-Type"]) == (200, "text/html; charset=utf-8")
+    assert answer.content == PROXY_PAGE and answer.text.startswith("<!DOCTYPE html>")
+    assert run(looker, TOASTMATES_LOOK_ID, "csv", token).content == PROXY_PAGE
+    assert len(run(looker, TOASTMATES_LOOK_ID, "json_detail", token).json()["data"]) == 10
+    looker.answer_html_next_runs(1, echo_authorization=True)
+    assert f"Authorization: token {token} -->" in run(looker, TOASTMATES_LOOK_ID, "json", token).text
+    assert [r.status for r in looker.run_requests()] == [200] * 4
 
 
 def test_delay_applies_to_matching_paths(looker):

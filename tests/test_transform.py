@@ -206,10 +206,27 @@ def test_values_zero_false_and_empty_string_round_trip():
     assert orjson.dumps(message["traits"]) == b'{"n":0,"b":false,"s":""}'
 
 
-@pytest.mark.parametrize("value", [0, "", "   ", None, False, True, 0.0, float("nan"), [], {}])
+@pytest.mark.parametrize(
+    "value",
+    [0, "", "   ", "\t\n", None, False, True, 0.0, float("nan"), [], {}, Decimal("0.0"), Decimal("NaN")],
+)
 def test_values_that_are_not_identifiers(value):
     meta = look(fld("users.id", "ID", "user_id"))
     assert transformer(meta)({"users.id": value}) == (None, INVALID_NO_IDENTIFIER)
+
+
+def test_identifiers_are_trimmed_and_the_identity_is_the_trimmed_one():
+    meta = look(
+        fld("users.id", "ID", "user_id"),
+        fld("users.anon", "Anon", "segment_anonymous_id"),
+        fld("users.email", "Email", "email"),
+    )
+    padded = one(meta, {"users.id": "  42 ", "users.anon": "\ta-1 ", "users.email": "x@y.z"})
+    clean = one(meta, {"users.id": "42", "users.anon": "a-1", "users.email": "x@y.z"})
+    assert (padded["userId"], padded["anonymousId"]) == ("42", "a-1")
+    assert padded["messageId"] == clean["messageId"] and padded.encoded == clean.encoded
+    blank = one(meta, {"users.id": " \u00a0 ", "users.anon": "", "users.email": "x@y.z"})
+    assert "userId" not in blank and blank["anonymousId"] == anonymous_id_from_email("x@y.z")
 
 
 def test_zero_user_id_falls_back_to_email():
@@ -236,6 +253,15 @@ def test_row_without_identifier_is_invalid():
         (Decimal("42.0"), "42"),
         ("abc", "abc"),
         (1e20, None),
+        (2**64, "18446744073709551616"),
+        (-(2**64) - 1, "-18446744073709551617"),
+        (Decimal("4.5"), "4.5"),
+        (Decimal("1.5E+3"), "1500"),
+        (Decimal("12345678901234567890.0"), "12345678901234567890"),  # exactly, not 1.2345678901234567e19
+        (Decimal("1E+400"), "1E+400"),  # beyond a float: its decimal text, as in traits
+        ("  42 ", "42"),
+        ("\t u-1\n", "u-1"),
+        ("a\ud800", "a\ufffd"),
     ],
 )
 def test_user_id_values_become_strings(value, expected):
@@ -548,6 +574,11 @@ def test_keys_differing_only_by_case_warn():
         (float("-inf"), None),
         (Decimal("1.25"), 1.25),
         (Decimal("NaN"), None),
+        (Decimal("1E+400"), "1E+400"),
+        (Decimal("-1E+400"), "-1E+400"),
+        (Decimal("1.7976931348623157E+308"), 1.7976931348623157e308),
+        (Decimal("1E-400"), 0.0),
+        ([Decimal("1E+400"), Decimal("0.5")], '["1E+400",0.5]'),
         (date(2024, 1, 5), "2024-01-05"),
         (datetime(2024, 1, 5, 10, 0, tzinfo=timezone.utc), "2024-01-05T10:00:00+00:00"),
         (time(10, 30), "10:30:00"),
@@ -589,11 +620,39 @@ def test_integers_beyond_64_bits_become_strings():
     orjson.dumps(message)
 
 
-def test_lone_surrogates_are_replaced():
-    meta = look(fld("users.id", "ID", "user_id"), fld("users.s", "S"))
-    message = one(meta, {"users.id": "a\ud800", "users.s": "b\udfff"})
+def test_decimals_in_plain_time_and_pivoted_fields():
+    pivots = (PivotValue("complete", {"orders.status": "complete"}, "complete"),)
+    meta = look(
+        fld("users.id", "ID", "user_id"),
+        fld("users.score", "Score"),
+        fld("users.seen", "Seen", type="date_epoch"),
+        fld("orders.total", "Total", category="measure", pivoted=True),
+        pivots=pivots,
+    )
+    row = {
+        "users.id": Decimal("7.0"),
+        "users.score": Decimal("-1E+400"),
+        "users.seen": Decimal("1E+400"),
+        "orders.total": {"complete": Decimal("0.1")},
+    }
+    message = one(meta, row)
+    assert message["userId"] == "7"
+    assert message["traits"] == {"score": "-1E+400", "seen": "1E+400", "total | complete": 0.1}
+    assert type(message["traits"]["total | complete"]) is float
     assert message.encoded == orjson.dumps(message)
-    assert message["userId"] == "a?" and message["traits"] == {"s": "b?"}
+
+
+def test_lone_surrogates_are_replaced():
+    meta = look(fld("users.id", "ID", "user_id"), fld("users.s", "S"), fld("users.a", "A"))
+    row = {"users.id": "a\ud800", "users.s": "b\udfff", "users.a": ["\ud83d\ude00", "\udc00"]}
+    message = one(meta, row)
+    assert message.encoded == orjson.dumps(message)
+    assert message["userId"] == "a\ufffd"
+    assert message["traits"] == {"s": "b\ufffd", "a": '["\U0001f600","\ufffd"]'}  # pairs joined
+    fixed = one(meta, {"users.id": "a\ufffd", "users.s": "b\ufffd", "users.a": '["\U0001f600","\ufffd"]'})
+    assert fixed["messageId"] == message["messageId"]  # the identity is the id as sent
+    anonymous = look(fld("v.anon", "Anon", "segment_anonymous_id"))
+    assert one(anonymous, {"v.anon": "x\udfffy"})["anonymousId"] == "x\ufffdy"
 
 
 # ------------------------------------------------------------------------------------------ messageId

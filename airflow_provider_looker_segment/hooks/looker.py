@@ -16,6 +16,7 @@ import math
 import re
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ _TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1", "on"})
 _FALSE_WORDS = frozenset({"false", "f", "no", "n", "0", "off"})
 _CATEGORIES = (("dimensions", DIMENSION), ("measures", MEASURE), ("table_calculations", TABLE_CALCULATION))
 _ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
+_log = logging.getLogger(__name__)
 
 
 def _fastest_ijson_backend() -> Any:
@@ -86,8 +88,8 @@ def _fastest_ijson_backend() -> Any:
 
 IJSON = _fastest_ijson_backend()
 
-#: What reading a streamed body can raise when the connection or the body breaks.
-_STREAM_ERRORS = (ijson.JSONError, urllib3.exceptions.HTTPError, requests.RequestException, OSError)
+#: What reading a streamed body can raise when the connection or body breaks (requests' errors are OSErrors).
+_STREAM_ERRORS = (ijson.JSONError, UnicodeDecodeError, urllib3.exceptions.HTTPError, OSError)
 #: What looker_sdk raises on a body it cannot deserialize.
 _DESERIALIZE_ERRORS = (serialize.DeserializeError, CattrsError, KeyError, TypeError, ValueError)
 
@@ -227,12 +229,30 @@ class ConnectionApiSettings(api_settings.ApiSettings):
 
 
 class _BoundedRetry(Retry):
-    """urllib3 ``Retry`` whose ``Retry-After`` waits are capped by ``backoff_max``."""
+    """urllib3 ``Retry`` whose ``Retry-After`` waits are capped by ``backoff_max`` and logged."""
 
     def get_retry_after(self, response: Any) -> float | None:
-        """Return the server's ``Retry-After`` in seconds, at most ``backoff_max``."""
-        value = super().get_retry_after(response)
+        """Return the server's ``Retry-After`` in seconds, at most ``backoff_max`` (unreadable: ``None``)."""
+        try:
+            value = super().get_retry_after(response)
+        except urllib3.exceptions.InvalidHeader:
+            return None
         return None if value is None else min(value, self.backoff_max)
+
+    def sleep(self, response: Any = None) -> None:
+        """Log the wait before the next attempt (what failed, which call, how long, which try), then wait."""
+        last = self.history[-1] if self.history else None
+        asked = self.get_retry_after(response) if response is not None else None
+        wait, why = (asked, "Retry-After") if asked else (self.get_backoff_time(), "backoff")
+        if last is not None:
+            call = f"{last.method} {urlsplit(last.url or '').path}"  # the path only: no query, no secret
+            what = f"answered HTTP {last.status} to {call}" if last.status else f"request {call} failed"
+            what += "" if last.status else f" ({type(last.error).__name__})"
+            done = len(self.history)
+            of = done + int(self.total or 0)
+            _log.warning("%s", f"Looker {what}; retry {done} of {of} in {wait:g} s ({why})")
+        if wait > 0:
+            time.sleep(wait)
 
 
 class LookerSession(requests.Session):
@@ -338,18 +358,60 @@ def _looker_message(text: str) -> str:
 # --- result stream ----------------------------------------------------------------------------------------
 
 
+#: An escaped backslash, a surrogate pair's escape, or a lone surrogate's (so ``\\ud800`` stays text).
+_SURROGATE_ESCAPE = re.compile(
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+)
+#: The end of a read that may be the start of such an escape (kept back for the next read).
+_ESCAPE_TAIL = re.compile(rb"(?:\\u[dD][89abAB][0-9a-fA-F]{2})?(?:\\(?:u(?:[dD][0-9a-fA-F]{0,2})?)?)?\Z")
+#: Characters of the body quoted when it is not JSON.
+EXCERPT_CHARS = 200
+
+
+def _escape_cut(data: bytes) -> int:
+    """Where to cut a read so that it does not end inside a ``\\u`` escape or a surrogate pair."""
+    found = _ESCAPE_TAIL.search(data, max(0, len(data) - 12)) if data.rfind(b"\\", -12) >= 0 else None
+    if found is None:
+        return len(data)
+    start = found.start()
+    while start and data[start - 1] == 0x5C:  # keep the whole run of backslashes: its parity matters
+        start -= 1
+    return start
+
+
 class _HeadCapture:
-    """A file-like wrapper of the body that keeps the bytes read until :meth:`release` (the result's head)."""
+    """
+    The body as the JSON parser reads it: keeps the bytes read until :meth:`release` (the result's head),
+    knows whether the body ended and what was read last, and makes lone-surrogate escapes U+FFFD escapes.
+    """
 
     def __init__(self, raw: Any, look_id: str) -> None:
         # read1 hands over whatever has arrived, so rows received before a connection breaks are not lost
         self._read = getattr(raw, "read1", raw.read)
         self._look_id = look_id
         self._head: bytearray | None = bytearray()
+        self._held = b""  # the start of an escape, for the next read
+        self.ended = False  # the end of the body was read
+        self.last = b""  # the bytes handed over last
 
     def read(self, size: int = -1) -> bytes:
         """Read from the body, keeping a copy while capturing."""
-        data = self._read(size)
+        if size == 0:
+            return b""
+        data, self._held = self._held, b""
+        while True:
+            chunk = self._read(size)
+            if not chunk:
+                self.ended = True
+                break
+            data = data + chunk if data else chunk
+            cut = _escape_cut(data)
+            if cut:
+                data, self._held = data[:cut], data[cut:]
+                break
+        if b"\\ud" in data or b"\\uD" in data:  # lone surrogates: U+FFFD (yajl gives ? or fails)
+            data = _SURROGATE_ESCAPE.sub(lambda m: b"\\ufffd" if len(m[0]) == 6 else m[0], data)
+        self.last = data
         head = self._head
         if head is not None:
             head += data
@@ -365,6 +427,13 @@ class _HeadCapture:
         """Stop capturing and return the captured bytes."""
         head, self._head = self._head, None
         return bytes(head or b"")
+
+    def excerpt(self, redact: Callable[[str], str]) -> str:
+        """The body's start while capturing, else the last bytes read: redacted, one line, 200 characters."""
+        head, most = self._head, EXCERPT_CHARS * 4  # redacted before it is cut: no secret is cut in two
+        data = bytes(head[:most]) if head is not None else self.last[-most:]
+        text = redact(" ".join(data.decode("utf-8", "replace").split()))
+        return text[:EXCERPT_CHARS] if head is not None else text[-EXCERPT_CHARS:]
 
 
 def _parse_ran_at(value: Any) -> datetime | None:
@@ -398,7 +467,8 @@ class LookStream:
     A Look's result being streamed: metadata first, then the rows, one at a time.
 
     :ivar meta: field metadata, pivots, ``ran_at`` and the row limit in effect (available before rows).
-    :ivar rows: the rows (``{field name: raw value}``), a lazy single-use iterator.
+    :ivar rows: the rows (``{field name: raw value}``), a lazy single-use iterator. Numbers are ``int`` (of
+        any size) or, with a fraction or an exponent, ``Decimal`` (any of JSON's numbers is read exactly).
     :ivar row_count: rows handed out so far; the total once ``rows`` is exhausted.
     :ivar possibly_truncated: set once exhausted: the row count reached the limit in effect.
     :ivar exhausted: every row has been read.
@@ -414,6 +484,7 @@ class LookStream:
         strict_limit: bool = False,
         read_timeout: float | None = None,
         logger: logging.Logger | None = None,
+        redact: Callable[[str], str] = str,
     ) -> None:
         self.look_id = look_id
         self.row_count = 0
@@ -423,8 +494,10 @@ class LookStream:
         self._strict = strict_limit
         self._read_timeout = read_timeout
         self._log = logger or logging.getLogger(__name__)
-        capture = _HeadCapture(body, look_id)
-        self._items = IJSON.items(capture, "data.item", use_float=True, buf_size=READ_SIZE)
+        self._redact = redact
+        self._content_type = getattr(body, "headers", {}).get("Content-Type")
+        self._body = capture = _HeadCapture(body, look_id)
+        self._items = IJSON.items(capture, "data.item", use_float=False, buf_size=READ_SIZE)
         first = self._first_row()
         self.meta = self._meta(capture.release(), info, first)
         self._pivoted = frozenset(f.name for f in self.meta.fields if f.pivoted)
@@ -463,16 +536,12 @@ class LookStream:
             raise self._array_error(head)
         doc: dict[str, Any] = {}
         try:
-            for key, value in IJSON.kvitems(io.BytesIO(head), "", use_float=True):
+            for key, value in IJSON.kvitems(io.BytesIO(head), "", use_float=False):
                 if key == "data":
                     break
                 doc[key] = value
-        except ijson.IncompleteJSONError:
-            pass  # the head stops inside the rows: everything before "data" has been read
-        except ijson.JSONError as exc:
-            raise LookStreamError(
-                f"Look {self.look_id}: the result is not valid JSON: {exc}", look_id=self.look_id
-            ) from exc
+        except ijson.JSONError:
+            pass  # the head stops inside the rows (the row stream reports a body that breaks off there)
         if not isinstance(doc.get("fields"), dict):
             raise LookStreamError(
                 f"Look {self.look_id}: the result has no field metadata before its rows (not json_detail?)",
@@ -569,12 +638,20 @@ class LookStream:
         ):
             waited = f"{self._read_timeout:g} seconds" if self._read_timeout else "too long"
             reason = f"no data for {waited} (read timeout)"
-        elif isinstance(exc, ijson.JSONError) and not isinstance(exc, ijson.IncompleteJSONError):
-            reason = f"the body is not valid JSON ({exc})"
+        elif isinstance(exc, ijson.JSONError | UnicodeDecodeError) and not self._body.ended:
+            # yajl reports bad JSON as an IncompleteJSONError too: what tells them apart is the body's end
+            complaint = str(exc).strip().split("\n", 1)[0][:120]
+            content_type = self._content_type or "not given"
+            where = "the body starts with" if count == 0 else "the last bytes received"
+            reason = (
+                f"the body is not valid JSON ({complaint}; content type {content_type}); "
+                f"{where}: {self._body.excerpt(self._redact)!r}"
+            )
         else:
             reason = "connection closed"
         return LookStreamError(
-            f"Look {self.look_id}: result ended after {count:,} rows: {reason}", look_id=self.look_id
+            self._redact(f"Look {self.look_id}: result ended after {count:,} rows: {reason}"),
+            look_id=self.look_id,
         )
 
     def _finish(self, count: int) -> None:
@@ -759,6 +836,7 @@ class LookerHook(BaseHook):
                 strict_limit=strict_limit,
                 read_timeout=self.settings.timeout,
                 logger=self.log,
+                redact=self._redact,
             )
         finally:
             response.close()

@@ -20,6 +20,8 @@ Id      What it covers
 11      a deleted Look
 12      a saved limit (5) smaller than its rows (8): truncation unless ``limit=-1``
 13      a Look with no rows
+14      values at JSON's edges: integers beyond 64 bits, numbers beyond a float's range (``1E+400``),
+        lone-surrogate escapes (``\\ud800``), user ids with surrounding blanks
 1000000 + N   a generated Look of N rows (e.g. ``1001000`` has 1,000 rows, ``2000000`` has 1 M rows)
 ======  =====================================================================================
 
@@ -32,7 +34,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION
@@ -56,6 +60,7 @@ SQL_ERROR_LOOK_ID = "10"
 DELETED_LOOK_ID = "11"
 TRUNCATED_LOOK_ID = "12"
 EMPTY_LOOK_ID = "13"
+EDGE_VALUES_LOOK_ID = "14"
 #: Look ids from here on are generated Looks: Look ``GENERATED_LOOK_BASE + n`` has ``n`` rows.
 GENERATED_LOOK_BASE = 1_000_000
 
@@ -66,6 +71,10 @@ TOASTMATES_FIRST_ROW = {
     "users.email": "ty.arthur@segment.com",
     "users.sessions_count": 2,
 }
+
+#: Marks a ``Decimal`` in ``json.dumps`` output, written back as the bare number (``1E+400`` has no float).
+_RAW_NUMBER = "\ue000"
+_RAW_NUMBER_STRING = re.compile(f'"{_RAW_NUMBER}([-+.0-9eE]+)"'.encode())
 
 _NUMERIC_TYPES = frozenset(
     {"number", "count", "count_distinct", "sum", "sum_distinct", "average", "average_distinct", "min", "max"}
@@ -282,23 +291,22 @@ class FixtureLook:
             writer = csv.writer(out, lineterminator="\n")
             for index in range(start, stop):
                 writer.writerow(self._csv_cells(self.row(index), columns))
-            return out.getvalue().encode()
+            text = out.getvalue().encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+            return text.encode()  # surrogate pairs joined, lone surrogates U+FFFD
         pivoted = self.pivoted_names()
         encode = _detail_cell if fmt == JSON_DETAIL else _plain_cell
         rows = [
-            json.dumps(
+            json_bytes(
                 {
                     f.name: _pivot_cell(self.row(i).get(f.name), encode)
                     if f.name in pivoted
                     else encode(self.row(i).get(f.name), f)
                     for f in columns
-                },
-                separators=(",", ":"),
-                ensure_ascii=False,
+                }
             )
             for i in range(start, stop)
         ]
-        return ",".join(rows).encode()
+        return b",".join(rows)
 
     def csv_header(self, columns: tuple[FixtureField, ...]) -> bytes:
         """Return the CSV header line (labels; one column per pivot value for pivoted fields)."""
@@ -324,6 +332,23 @@ class FixtureLook:
             else:
                 cells.append(_csv_value(value))
         return cells
+
+
+def _raw_number(value: Any) -> str:
+    """``json.dumps`` fallback: a ``Decimal`` becomes a marked string that :func:`json_bytes` unquotes."""
+    if isinstance(value, Decimal) and value.is_finite():
+        return f"{_RAW_NUMBER}{value}"
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON serializable")
+
+
+def json_bytes(value: Any) -> bytes:
+    """
+    Compact UTF-8 JSON as Looker writes it; a ``Decimal`` is written as the exact number it is (``1E+400``,
+    beyond a float's range) and a lone surrogate in a string as its escape (``"\\ud800"``).
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_raw_number)
+    data = text.encode("utf-8", "backslashreplace")  # only lone surrogates cannot be encoded: \udXXX
+    return _RAW_NUMBER_STRING.sub(rb"\1", data) if _RAW_NUMBER in text else data
 
 
 def _detail_cell(value: Any, fixture_field: FixtureField | None = None) -> dict[str, Any]:
@@ -783,6 +808,24 @@ def _empty() -> FixtureLook:
     return FixtureLook(EMPTY_LOOK_ID, "Nobody yet", "toastmates", "users", _TOASTMATES_FIELDS, (), "500")
 
 
+def _edge_values() -> FixtureLook:
+    fields = (
+        _USER_ID,
+        _EMAIL,
+        _NAME,
+        _dim("users.external_id", "External ID", "number"),
+        _dim("users.score", "Score", "number"),
+    )
+    rows = _rows(
+        tuple(f.name for f in fields),
+        ("  00MWWFOLRcETcTCf ", "ty.arthur@segment.com", "Ty \ud800Arthur", 2**64, Decimal("1E+400")),
+        (2**64, "priya.raman@toastmates.com", "Priya \udc00Raman", -(2**64) - 1, Decimal("-1E+400")),
+        (Decimal("42.0"), "marcus.oyelaran@example.org", "Marcus \ud83d\ude00", 2**63 - 1, Decimal("1.5")),
+        ("   ", "zoe@example.com", "Zoë \ud800\ud800", 0, Decimal("0.1")),
+    )
+    return FixtureLook(EDGE_VALUES_LOOK_ID, "Values at JSON's edges", "toastmates", "users", fields, rows)
+
+
 def fixture_looks() -> dict[str, FixtureLook]:
     """Return a fresh registry of every fixture Look, by id (generated Looks are resolved on demand)."""
     looks = (
@@ -799,5 +842,6 @@ def fixture_looks() -> dict[str, FixtureLook]:
         _deleted(),
         _truncated(),
         _empty(),
+        _edge_values(),
     )
     return {look.id: look for look in looks}

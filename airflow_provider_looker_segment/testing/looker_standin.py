@@ -8,6 +8,8 @@ It serves the Looks of :mod:`.looker_fixtures` over plain HTTP (or HTTPS with a 
         sdk = looker_sdk.init40(...)           # base_url = looker.base_url
         looker.add_look(generated_look(1_000_000, look_id="900"))
         looker.fail_next_runs(2, status=503)   # fault injection
+        looker.garble_after("1", 3)             # the body goes on with a proxy's HTML page after 3 rows
+        looker.answer_html_next_runs(1)         # HTTP 200 with a text/html page instead of the result
         assert looker.counters["runs"] == 1
 
 Endpoints: ``POST /api/4.0/login``, ``DELETE /api/logout`` and ``/api/4.0/logout``, ``GET /api/versions``,
@@ -57,6 +59,12 @@ DEFAULT_CHUNK_ROWS = 2000
 _LOOK_PATH = re.compile(r"^/api/4\.0/looks/([^/]+)$")
 _RUN_PATH = re.compile(r"^/api/4\.0/looks/([^/]+)/run/([^/]+)$")
 _TRUE = frozenset({"true", "1", "yes"})
+#: What a proxy or single sign-on gateway in front of Looker answers instead of the result (HTTP 200).
+PROXY_PAGE = (
+    b"<!DOCTYPE html>\n<html>\n<head><title>Sign in - Corporate Access Gateway</title></head>\n<body>\n"
+    b"<h1>Your session has expired</h1>\n<p>Sign in again to reach   looker.example.com.</p>\n"
+    b"</body>\n</html>\n"
+)
 
 
 @dataclass
@@ -84,10 +92,13 @@ class RecordedRequest:
 class _Faults:
     """Fault injection settings; guarded by the stand-in's lock."""
 
-    cut_after: dict[str, list[int]] = field(default_factory=dict)  # look id -> [rows, times left]
+    # look id -> [rows, times left, bytes sent after the rows (None: close the connection instead)]
+    cut_after: dict[str, list[Any]] = field(default_factory=dict)
     fail_runs: int = 0
     fail_status: int = 503
     fail_retry_after: float | None = 0
+    html_runs: int = 0
+    html_echo: bool = False
     drop_runs: int = 0
     delay: float = 0.0
     delay_prefix: str = API_PREFIX
@@ -245,7 +256,23 @@ class LookerStandIn:
     def cut_connection_after(self, look_id: str | int, rows: int, *, times: int = 1) -> None:
         """Close the connection after ``rows`` rows of the next ``times`` runs of a Look (no final chunk)."""
         with self._lock:
-            self._faults.cut_after[str(look_id)] = [rows, times]
+            self._faults.cut_after[str(look_id)] = [rows, times, None]
+
+    def garble_after(
+        self, look_id: str | int, rows: int, *, garbage: bytes = PROXY_PAGE, times: int = 1
+    ) -> None:
+        """After ``rows`` rows of the next ``times`` runs of a Look, send ``garbage`` and end the body."""
+        with self._lock:
+            self._faults.cut_after[str(look_id)] = [rows, times, garbage]
+
+    def answer_html_next_runs(self, count: int, *, echo_authorization: bool = False) -> None:
+        """
+        Answer the next ``count`` Look runs with HTTP 200 and a ``text/html`` page, as a proxy or single
+        sign-on gateway in front of Looker may; ``echo_authorization`` quotes the request's credentials in it.
+        """
+        with self._lock:
+            self._faults.html_runs = count
+            self._faults.html_echo = echo_authorization
 
     def fail_next_runs(self, count: int, *, status: int = 503, retry_after: float | None = 0) -> None:
         """Answer the next ``count`` Look runs with ``status`` (and ``Retry-After`` unless ``None``)."""
@@ -306,7 +333,10 @@ class LookerStandIn:
             self._counters[name] += amount
 
     def _take_run_fault(self, look_id: str) -> tuple[str, Any] | None:
-        """Consume this run's fault: ``("drop", None)``, ``("fail", (status, retry))``, ``("cut", rows)``."""
+        """
+        Consume this run's fault: ``("drop", None)``, ``("fail", (status, retry))``, ``("html", echo)`` or
+        ``("cut", (rows, garbage or None))``.
+        """
         with self._lock:
             faults = self._faults
             if faults.drop_runs > 0:
@@ -315,12 +345,15 @@ class LookerStandIn:
             if faults.fail_runs > 0:
                 faults.fail_runs -= 1
                 return ("fail", (faults.fail_status, faults.fail_retry_after))
+            if faults.html_runs > 0:
+                faults.html_runs -= 1
+                return ("html", faults.html_echo)
             cut = faults.cut_after.get(look_id)
             if cut is not None:
                 cut[1] -= 1
                 if cut[1] <= 0:
                     del faults.cut_after[look_id]
-                return ("cut", cut[0])
+                return ("cut", (cut[0], cut[2]))
         return None
 
     def _mark_run(self, look_id: str) -> bool:
@@ -417,10 +450,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _send_json(self, record: RecordedRequest, status: int, payload: Any) -> None:
-        body = json.dumps(payload).encode()
+        self._send_body(record, status, "application/json", json.dumps(payload).encode())
+
+    def _send_body(self, record: RecordedRequest, status: int, content_type: str, body: bytes) -> None:
+        """Answer ``status`` with a whole body."""
         record.status = status
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -554,9 +590,13 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
             self._send_error(record, status, "Service temporarily unavailable.", template, headers)
             return
-        cut = fault[1] if fault and fault[0] == "cut" else None
+        if fault and fault[0] == "html":
+            echo = self.headers.get("Authorization") if fault[1] else None
+            self._send_body(record, 200, "text/html; charset=utf-8", _proxy_page(echo))
+            return
+        cut, garbage = fault[1] if fault and fault[0] == "cut" else (None, None)
         cached = ran_before and query.get("cache", "true").lower() in _TRUE
-        self._stream_result(record, look, fmt, query, cut, cached)
+        self._stream_result(record, look, fmt, query, cut, cached, garbage)
 
     # --- results --------------------------------------------------------------------------------------
 
@@ -568,8 +608,12 @@ class _Handler(BaseHTTPRequestHandler):
         query: dict[str, str],
         cut: int | None,
         cached: bool,
+        garbage: bytes | None = None,
     ) -> None:
-        """Send the result in HTTP chunks; ``cut`` closes the connection after so many rows."""
+        """
+        Send the result in HTTP chunks; ``cut`` closes the connection after so many rows, or, with
+        ``garbage``, sends it instead of the rest and ends the body.
+        """
         record.status = 200
         self.send_response(200)
         content_type = "text/csv" if fmt == CSV else "application/json"
@@ -587,7 +631,9 @@ class _Handler(BaseHTTPRequestHandler):
                 rows_sent += rows
         finally:
             self.standin._count("rows_sent", rows_sent)
-        if cut is not None:
+        if garbage is not None:
+            self._write_chunk(garbage)
+        elif cut is not None:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
@@ -657,6 +703,12 @@ def _detail_frame(look: FixtureLook, apply_vis: bool, cached: bool) -> tuple[byt
     prefix = head[:-1].encode() + b',"data":['
     suffix = b'],"null_sort_treatment":"low","expired":false}'
     return prefix, suffix
+
+
+def _proxy_page(authorization: str | None = None) -> bytes:
+    """The page of a gateway in front of Looker; a debugging one quotes the request's ``Authorization``."""
+    echo = f"<!-- request headers: Authorization: {authorization} -->\n" if authorization else ""
+    return PROXY_PAGE.replace(b"<body>\n", f"<body>\n{echo}".encode(), 1)
 
 
 def _api_user() -> dict[str, Any]:
