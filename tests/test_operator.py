@@ -503,3 +503,29 @@ def test_local_state_under_a_distributed_executor_is_warned(
     assert dag_run.state == "success" and summary["sent"] == 1
     text = "".join(capfd.readouterr())
     assert ("keeps its state on this worker's local disk" in text) is warned
+
+
+def test_an_empty_look_never_wipes_the_state(changed, looker, segment, capfd):
+    cohort = [(f"u{n}", "free") for n in range(10)]
+    _cohort(looker, cohort)
+    changed()  # no membership trait
+    segment.reset()
+    _cohort(looker, [])  # the query broke: no rows at all
+    dag_run, _ti, _summary = changed()
+    assert dag_run.state == "failed" and segment.events() == []
+    assert "10 of the 10 identities" in "".join(capfd.readouterr())
+    _cohort(looker, cohort)  # fixed: nobody is sent again under new messageIds
+    dag_run, _ti, summary = changed()
+    assert dag_run.state == "success"
+    assert (summary["sent"], summary["unchanged"]) == (0, 10) and segment.events() == []
+
+
+def test_full_refresh_still_sends_the_exits(changed, looker, segment):
+    _cohort(looker, [(f"u{n}", "free") for n in range(5)])
+    changed(membership_trait="in_cohort")
+    segment.reset()
+    _cohort(looker, [(f"u{n}", "free") for n in range(4)])  # u4 left
+    _dag_run, _ti, summary = changed(membership_trait="in_cohort", full_refresh=True)
+    assert (summary["sent"], summary["changed"], summary["exited"]) == (5, 4, 1)
+    exits = [e for e in segment.events() if e["traits"] == {"in_cohort": False}]
+    assert [e["userId"] for e in exits] == ["u4"]
