@@ -63,3 +63,7 @@ class DestinationError(LookerSegmentError):
 
 class InvalidParameterError(LookerSegmentError, ValueError):
     """An operator argument (after template rendering) has a value that cannot be used."""
+
+
+class ConnectionConfigError(LookerSegmentError):
+    """An Airflow connection's fields (Host, Login, Password) cannot be used."""
