@@ -26,7 +26,7 @@ from looks import look_info  # noqa: E402
 
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__  # noqa: E402
 from airflow_provider_looker_segment.batching import Batch, Batcher, format_sent_at  # noqa: E402
-from airflow_provider_looker_segment.hooks.looker import IJSON, LookStream  # noqa: E402
+from airflow_provider_looker_segment.look_stream import IJSON, LookStream  # noqa: E402
 from airflow_provider_looker_segment.transform import (  # noqa: E402
     TransformOptions,
     build_message_id_namespace,

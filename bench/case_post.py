@@ -25,7 +25,7 @@ import requests  # noqa: E402
 from looks import look_info  # noqa: E402
 
 from airflow_provider_looker_segment.batching import Batch, Batcher, format_sent_at  # noqa: E402
-from airflow_provider_looker_segment.hooks.looker import LookStream  # noqa: E402
+from airflow_provider_looker_segment.look_stream import LookStream  # noqa: E402
 from airflow_provider_looker_segment.transform import (  # noqa: E402
     TransformOptions,
     make_row_transformer,

@@ -27,6 +27,8 @@ from looker_helpers import (
 )
 
 from airflow_provider_looker_segment.exceptions import (
+    ConnectionConfigError,
+    InvalidParameterError,
     LookDeletedError,
     LookerApiError,
     LookerSegmentError,
@@ -35,7 +37,8 @@ from airflow_provider_looker_segment.exceptions import (
     LookStreamError,
     LookTruncatedError,
 )
-from airflow_provider_looker_segment.hooks.looker import IJSON, LookerHook, LookStream, normalise_base_url
+from airflow_provider_looker_segment.hooks.looker import LookerHook
+from airflow_provider_looker_segment.look_stream import IJSON, LookStream
 from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION, LookInfo
 from airflow_provider_looker_segment.testing.looker_fixtures import (
     DELETED_LOOK_ID,
@@ -111,6 +114,13 @@ def test_hook_identity():
     assert IJSON.backend_name == "yajl2_c"
 
 
+def _connection_settings(monkeypatch, host, schema=None, port=None, **extra):
+    """The hook's settings for a connection with these Host, Schema, Port and extras."""
+    conn = {"conn_type": "looker", "host": host, "schema": schema, "port": port, "extra": extra}
+    set_connection(monkeypatch, CONN_ID, json.dumps({**conn, "login": CLIENT_ID, "password": CLIENT_SECRET}))
+    return LookerHook(CONN_ID).settings
+
+
 @pytest.mark.parametrize(
     ("host", "schema", "port", "expected"),
     [
@@ -119,20 +129,20 @@ def test_hook_identity():
         ("https://x.cloud.looker.com/api/4.0/", None, None, "https://x.cloud.looker.com"),
         ("x.cloud.looker.com", None, 19999, "https://x.cloud.looker.com:19999"),
         ("x.cloud.looker.com", "http", None, "http://x.cloud.looker.com"),
-        ("x.cloud.looker.com", "HTTPS", 443, "https://x.cloud.looker.com:443"),
+        ("x.cloud.looker.com", "HTTPS", 443, "https://x.cloud.looker.com"),
         ("https://x.cloud.looker.com:8443", None, 19999, "https://x.cloud.looker.com:8443"),
         ("  http://127.0.0.1:8080  ", None, None, "http://127.0.0.1:8080"),
         ("https://[::1]:8443/", None, None, "https://[::1]:8443"),
     ],
 )
-def test_host_is_normalised(host, schema, port, expected):
-    assert normalise_base_url(host, schema, port) == expected
+def test_host_is_normalised(monkeypatch, host, schema, port, expected):
+    assert _connection_settings(monkeypatch, host, schema, port).base_url == expected
 
 
 @pytest.mark.parametrize("host", ["", None, "ftp://x.example.com", "https://x.example.com:notaport"])
-def test_unusable_host_is_rejected(host):
-    with pytest.raises(LookerSegmentError):
-        normalise_base_url(host)
+def test_unusable_host_is_rejected(monkeypatch, host):
+    with pytest.raises(ConnectionConfigError, match="The Looker connection"):
+        _connection_settings(monkeypatch, host)
 
 
 def test_uri_connection_with_port_schema_and_string_extras(monkeypatch):
@@ -156,7 +166,10 @@ def test_uri_connection_with_port_schema_and_string_extras(monkeypatch):
         ("no", False),
         (True, True),
         ("True", True),
+        ("y", True),
+        ("n", False),
         (None, True),
+        ("", True),
     ],
 )
 def test_verify_ssl_extra_forms(monkeypatch, value, expected):
@@ -165,11 +178,22 @@ def test_verify_ssl_extra_forms(monkeypatch, value, expected):
     assert LookerHook(CONN_ID).settings.verify_ssl is expected
 
 
-@pytest.mark.parametrize("extra", [{"verify_ssl": "maybe"}, {"timeout": "soon"}, {"timeout": 0}])
-def test_invalid_extras_are_rejected(monkeypatch, extra):
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"verify_ssl": "maybe"},
+            "verify_ssl (extra of connection 'looker_test') must be true or false, got 'maybe'",
+        ),
+        ({"timeout": "soon"}, "timeout (extra of connection 'looker_test') must be a number, got 'soon'"),
+        ({"timeout": 0}, "timeout (extra of connection 'looker_test') must be a number above 0, got 0"),
+    ],
+)
+def test_invalid_extras_are_rejected_naming_the_parameter(monkeypatch, extra, message):
     set_connection(monkeypatch, CONN_ID, connection_json("https://x.example.com", **extra))
-    with pytest.raises(LookerSegmentError):
+    with pytest.raises(InvalidParameterError) as caught:
         _ = LookerHook(CONN_ID).settings
+    assert str(caught.value) == message
 
 
 def test_missing_login_or_password_is_named_not_shown(monkeypatch):
@@ -232,6 +256,29 @@ def test_unreachable_host(make_hook, looker):
     ok, message = make_hook(url, retries=1).test_connection()
     assert not ok
     assert message.startswith(f"Reading the API user: cannot reach {url}: [Errno 111] Connection refused")
+
+
+def test_https_to_a_plain_http_port_names_the_scheme(make_hook, looker):
+    url = looker.base_url.replace("http://", "https://")
+    ok, message = make_hook(url, retries=0).test_connection()
+    assert not ok
+    assert message == (
+        f"Reading the API user: TLS failure talking to {url}: the server answered in plain HTTP. The Host "
+        "says https:// but this port speaks plain HTTP: use http://, or the port of Looker's HTTPS API"
+    )
+
+
+def test_a_connection_closed_without_an_answer(make_hook, looker):
+    looker.drop_next_runs(1)
+    with pytest.raises(LookerApiError) as caught:
+        stream_all(make_hook(looker.base_url, retries=0), TOASTMATES_LOOK_ID)
+    reasons = (
+        "connection reset by the server",
+        "connection closed without an answer",
+    )  # as the OS reports it
+    assert str(caught.value) in [
+        f"Running Look 1: cannot reach {looker.base_url}: {reason}" for reason in reasons
+    ]
 
 
 def test_missing_connection_is_reported_by_test_connection():
@@ -771,6 +818,56 @@ def test_a_body_ending_inside_a_row_is_a_closed_connection(hook, looker):
     looker.garble_after(TOASTMATES_LOOK_ID, 3, garbage=b',{"users.id":{"value":tr')
     with pytest.raises(LookStreamError, match=r"^Look 1: result ended after 3 rows: connection closed$"):
         stream_all(hook, TOASTMATES_LOOK_ID)
+
+
+# --- the end of a run: one logout, failed or not ---------------------------------------------------------
+
+
+class _CallerFailed(Exception):
+    """Raised by the code using the stream (e.g. the delivery failed)."""
+
+
+def test_a_run_ends_with_one_logout(looker, make_hook):
+    with make_hook(looker.base_url) as hook, hook.stream_look(TOASTMATES_LOOK_ID) as stream:
+        token = hook.sdk.auth.token.access_token
+        assert len(list(stream.rows)) == 10
+        assert looker.counters.get("logouts", 0) == 0
+    assert looker.counters["logouts"] == 1
+    assert not looker.token_valid(token)
+    assert looker.requests[-1].method == "DELETE" and looker.requests[-1].path == "/api/4.0/logout"
+    hook.close()  # closing again does not log out again
+    assert looker.counters["logouts"] == 1
+
+
+@pytest.mark.parametrize("failure", ["body cut off", "SQL error", "caller failed"])
+def test_a_failed_run_ends_with_one_logout(looker, make_hook, failure):
+    looker.add_look(generated_look(2_000, look_id="42"))
+    looker.cut_connection_after("42", 1_000)
+    look_id = {"body cut off": "42", "SQL error": SQL_ERROR_LOOK_ID}.get(failure, TOASTMATES_LOOK_ID)
+    expected = _CallerFailed if failure == "caller failed" else LookerApiError
+    with pytest.raises(expected):
+        with make_hook(looker.base_url) as hook, hook.stream_look(look_id) as stream:
+            for _row in stream.rows:
+                if failure == "caller failed":
+                    raise _CallerFailed
+    assert looker.counters["logouts"] == 1
+    assert looker.revoke_tokens() == 0  # no token left alive
+
+
+def test_close_never_raises_nor_logs_a_secret(looker, make_hook, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    make_hook(looker.base_url).close()  # never logged in: nothing to log out of
+    assert looker.counters.get("requests", 0) == 0
+    hook = make_hook(looker.base_url, retries=0)
+    assert hook.test_connection()[0]
+    token = hook.sdk.auth.token.access_token
+    looker.revoke_tokens()  # Looker answers the logout with 401
+    hook.close()
+    output = capfd.readouterr()
+    logs = caplog.text + output.out + output.err
+    assert "Could not log out of Looker (SDKError); the token expires on its own" in logs
+    for secret in (token, CLIENT_SECRET):
+        assert secret not in logs
 
 
 # --- scale --------------------------------------------------------------------------------------------------

@@ -16,14 +16,16 @@ from airflow_provider_looker_segment import PACKAGE_NAME, __version__
 from airflow_provider_looker_segment.exceptions import TransformConfigError
 from airflow_provider_looker_segment.models import LookField, LookResultMeta, PivotValue
 from airflow_provider_looker_segment.transform import (
-    ANONYMOUS_ID_NAMESPACE,
     INVALID_NO_IDENTIFIER,
     TransformOptions,
-    anonymous_id_from_email,
     build_message_id_namespace,
-    format_timestamp,
     make_row_transformer,
     plan_transform,
+)
+from airflow_provider_looker_segment.values import (
+    ANONYMOUS_ID_NAMESPACE,
+    anonymous_id_from_email,
+    format_timestamp,
     to_trait_value,
 )
 
@@ -780,3 +782,14 @@ def test_any_row_gives_scalar_traits(user_id, email, a, b, c):
     assert message.encoded == encoded  # the one encoding made by the transform is the message's JSON
     assert orjson.loads(encoded)["traits"] == message["traits"]
     assert len(message["messageId"]) < 100
+
+
+def test_the_public_names_are_importable_from_transform():
+    """The operator, the pipeline and cohort_sync import these from ``transform``, wherever they live."""
+    from airflow_provider_looker_segment import transform
+
+    for name in transform.__all__:
+        assert getattr(transform, name) is not None
+    assert {"format_timestamp", "anonymous_id_from_email", "to_trait_value", "MESSAGE_ID_PREFIX"} <= set(
+        transform.__all__
+    )

@@ -4,28 +4,25 @@ Hook for the Looker API 4.0: a Look's definition, and its result streamed row by
 This is the only module of the provider that talks to Looker. The ``looker_sdk`` client is built from the
 Airflow connection alone (no ``looker.ini``, ``LOOKERSDK_*`` variables ignored). Look results are streamed:
 the SDK's authentication headers are reused for a streaming ``requests`` call whose ``json_detail`` body is
-parsed incrementally with ijson, so peak memory does not depend on the number of rows.
+read by :class:`~airflow_provider_looker_segment.look_stream.LookStream`, so peak memory does not depend on
+the number of rows. :meth:`LookerHook.close` logs out of Looker: use the hook as a context manager.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import re
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
-import ijson
 import requests
 import urllib3
 from airflow.sdk import BaseHook
@@ -39,57 +36,32 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from airflow_provider_looker_segment.exceptions import (
+    ConnectionConfigError,
     LookDeletedError,
     LookerApiError,
     LookerSegmentError,
     LookNotFoundError,
-    LookQueryError,
-    LookStreamError,
-    LookTruncatedError,
 )
-from airflow_provider_looker_segment.models import (
-    DIMENSION,
-    MEASURE,
-    TABLE_CALCULATION,
-    LookField,
-    LookInfo,
-    LookResultMeta,
-    PivotValue,
-    Row,
+from airflow_provider_looker_segment.look_stream import LookStream
+from airflow_provider_looker_segment.models import LookInfo
+from airflow_provider_looker_segment.net import (
+    PLAIN_HTTP,
+    TIMEOUT,
+    TLS,
+    normalise_base_url,
+    redact,
+    transport_problem,
 )
+from airflow_provider_looker_segment.params import to_bool, to_number
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
 API_VERSION = "4.0"
 #: Statuses retried with backoff (before a body starts), as are connection errors.
 RETRY_STATUSES = (429, 500, 502, 503, 504)
-#: Bytes read from the result body at a time by the JSON parser.
-READ_SIZE = 128 * 1024
-#: Most bytes kept to read the result's metadata (everything before ``"data"`` plus the first rows).
-MAX_HEAD_BYTES = 16 * 1024 * 1024
 
-_TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1", "on"})
-_FALSE_WORDS = frozenset({"false", "f", "no", "n", "0", "off"})
-_CATEGORIES = (("dimensions", DIMENSION), ("measures", MEASURE), ("table_calculations", TABLE_CALCULATION))
-_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
-_log = logging.getLogger(__name__)
-
-
-def _fastest_ijson_backend() -> Any:
-    """Return the fastest ijson backend available (the C extension ``yajl2_c`` when installed)."""
-    for name in ("yajl2_c", "yajl2_cffi", "yajl2", "python"):
-        try:
-            return ijson.get_backend(name)
-        except (ImportError, OSError):
-            continue
-    return ijson  # pragma: no cover - ijson always has its pure-python backend
-
-
-IJSON = _fastest_ijson_backend()
-
-#: What reading a streamed body can raise when the connection or body breaks (requests' errors are OSErrors).
-_STREAM_ERRORS = (ijson.JSONError, UnicodeDecodeError, urllib3.exceptions.HTTPError, OSError)
 #: What looker_sdk raises on a body it cannot deserialize.
 _DESERIALIZE_ERRORS = (serialize.DeserializeError, CattrsError, KeyError, TypeError, ValueError)
 
@@ -116,86 +88,29 @@ class LookerConnectionSettings:
     timeout: float = DEFAULT_TIMEOUT
 
 
-def normalise_base_url(host: str | None, schema: str | None = None, port: int | None = None) -> str:
-    """
-    Return ``scheme://host[:port]`` from a connection's Host (a full URL or a bare host), Schema and Port.
-
-    :param host: e.g. ``https://x.cloud.looker.com:19999/api/4.0/`` or ``x.cloud.looker.com``.
-    :param schema: ``http`` or ``https`` for a bare host (default ``https``).
-    :param port: used when the host does not carry a port.
-    """
-    raw = (host or "").strip()
-    if not raw:
-        raise LookerSegmentError(
-            "The Looker connection has no Host: set it to e.g. https://company.cloud.looker.com"
-        )
-    if "://" not in raw:
-        scheme = (schema or "").strip().lower()
-        raw = f"{scheme if scheme in ('http', 'https') else 'https'}://{raw}"
-    parts = urlsplit(raw)
-    scheme = parts.scheme.lower()
-    try:
-        hostname, url_port = parts.hostname, parts.port
-    except ValueError as exc:
-        raise LookerSegmentError(f"The Looker connection's Host is not a valid URL: {exc}") from None
-    if scheme not in ("http", "https") or not hostname:
-        raise LookerSegmentError(
-            f"The Looker connection's Host must be an http(s) URL, got scheme '{scheme}'"
-        )
-    netloc = f"[{hostname}]" if ":" in hostname else hostname
-    effective_port = url_port or port
-    return f"{scheme}://{netloc}:{effective_port}" if effective_port else f"{scheme}://{netloc}"
-
-
-def _as_bool(value: Any, name: str, default: bool) -> bool:
-    """Read a boolean extra given as a boolean, a number or a string (URI connections give strings)."""
-    if value is None or value == "":
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
-        return bool(value)
-    word = str(value).strip().lower()
-    if word in _TRUE_WORDS:
-        return True
-    if word in _FALSE_WORDS:
-        return False
-    raise LookerSegmentError(f"The Looker connection's extra '{name}' must be true or false, got {value!r}")
-
-
-def _as_timeout(value: Any) -> float:
-    """Read the ``timeout`` extra (seconds, > 0)."""
-    if value is None or value == "":
-        return DEFAULT_TIMEOUT
-    try:
-        timeout = float(value)
-    except (TypeError, ValueError):
-        timeout = -1.0
-    if not timeout > 0 or math.isinf(timeout):
-        raise LookerSegmentError(
-            f"The Looker connection's extra 'timeout' must be a positive number, got {value!r}"
-        )
-    return timeout
-
-
 def settings_from_connection(conn: Any) -> LookerConnectionSettings:
     """
     Build :class:`LookerConnectionSettings` from an Airflow connection (JSON or URI form).
 
     :param conn: an ``airflow.sdk.Connection``.
+    :raises ConnectionConfigError: no Login or Password, or an unusable Host.
+    :raises InvalidParameterError: an extra that is not a boolean (``verify_ssl``) or a positive number
+        (``timeout``).
     """
     extra = conn.extra_dejson or {}
     client_id = (conn.login or "").strip()
     client_secret = conn.password or ""
     if not client_id or not client_secret:
         missing = "Login (API client ID)" if not client_id else "Password (API client secret)"
-        raise LookerSegmentError(f"The Looker connection '{conn.conn_id}' has no {missing}")
+        raise ConnectionConfigError(f"The Looker connection '{conn.conn_id}' has no {missing}")
+    of = f"extra of connection '{conn.conn_id}'"
+    timeout = to_number(extra.get("timeout"), name=f"timeout ({of})", default=DEFAULT_TIMEOUT, above=0)
     return LookerConnectionSettings(
-        base_url=normalise_base_url(conn.host, conn.schema, conn.port),
+        base_url=normalise_base_url(conn.host, conn.schema, conn.port, what="The Looker connection"),
         client_id=client_id,
         client_secret=client_secret,
-        verify_ssl=_as_bool(extra.get("verify_ssl"), "verify_ssl", True),
-        timeout=_as_timeout(extra.get("timeout")),
+        verify_ssl=to_bool(extra.get("verify_ssl"), name=f"verify_ssl ({of})", default=True),
+        timeout=float(timeout),
     )
 
 
@@ -305,42 +220,7 @@ def _make_session(retries: int, backoff_factor: float, max_backoff: float) -> Lo
     return session
 
 
-# --- error descriptions -----------------------------------------------------------------------------------
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    """Return ``exc`` and every exception it wraps (args, ``reason``, cause, context), outermost first."""
-    seen: list[BaseException] = []
-    pending = [exc]
-    while pending:
-        item = pending.pop(0)
-        if any(item is s for s in seen):
-            continue
-        seen.append(item)
-        pending += [a for a in item.args if isinstance(a, BaseException)]
-        for attr in ("reason", "__cause__", "__context__"):
-            inner = getattr(item, attr, None)
-            if isinstance(inner, BaseException):
-                pending.append(inner)
-    return seen
-
-
-def _transport_problem(exc: BaseException) -> tuple[str, str]:
-    """Classify a transport error as ``tls``, ``timeout`` or ``unreachable``, with a short reason."""
-    chain = _exception_chain(exc)
-    for item in chain:
-        if isinstance(item, ssl.SSLError | urllib3.exceptions.SSLError | requests.exceptions.SSLError):
-            return "tls", str(chain[-1] if isinstance(chain[-1], ssl.SSLError) else item)
-    # urllib3's NewConnectionError (refused, no route...) subclasses its ConnectTimeoutError: test it first
-    refused = any(isinstance(item, urllib3.exceptions.NewConnectionError) for item in chain)
-    for item in chain if not refused else ():
-        if isinstance(item, TimeoutError | urllib3.exceptions.TimeoutError | requests.exceptions.Timeout):
-            return "timeout", ""
-    for item in reversed(chain):
-        found = _ERRNO.search(str(item))
-        if found:
-            return "unreachable", found.group(0).strip()
-    return "unreachable", str(chain[-1]) or type(chain[-1]).__name__
+# --- Looker's answers -----------------------------------------------------------------------------------
 
 
 def _looker_message(text: str) -> str:
@@ -353,329 +233,6 @@ def _looker_message(text: str) -> str:
     if isinstance(body, dict) and body.get("message"):
         return str(body["message"])
     return text[:500]
-
-
-# --- result stream ----------------------------------------------------------------------------------------
-
-
-#: An escaped backslash, a surrogate pair's escape, or a lone surrogate's (so ``\\ud800`` stays text).
-_SURROGATE_ESCAPE = re.compile(
-    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
-)
-#: The end of a read that may be the start of such an escape (kept back for the next read).
-_ESCAPE_TAIL = re.compile(rb"(?:\\u[dD][89abAB][0-9a-fA-F]{2})?(?:\\(?:u(?:[dD][0-9a-fA-F]{0,2})?)?)?\Z")
-#: Characters of the body quoted when it is not JSON.
-EXCERPT_CHARS = 200
-
-
-def _escape_cut(data: bytes) -> int:
-    """Where to cut a read so that it does not end inside a ``\\u`` escape or a surrogate pair."""
-    found = _ESCAPE_TAIL.search(data, max(0, len(data) - 12)) if data.rfind(b"\\", -12) >= 0 else None
-    if found is None:
-        return len(data)
-    start = found.start()
-    while start and data[start - 1] == 0x5C:  # keep the whole run of backslashes: its parity matters
-        start -= 1
-    return start
-
-
-class _HeadCapture:
-    """
-    The body as the JSON parser reads it: keeps the bytes read until :meth:`release` (the result's head),
-    knows whether the body ended and what was read last, and makes lone-surrogate escapes U+FFFD escapes.
-    """
-
-    def __init__(self, raw: Any, look_id: str) -> None:
-        # read1 hands over whatever has arrived, so rows received before a connection breaks are not lost
-        self._read = getattr(raw, "read1", raw.read)
-        self._look_id = look_id
-        self._head: bytearray | None = bytearray()
-        self._held = b""  # the start of an escape, for the next read
-        self.ended = False  # the end of the body was read
-        self.last = b""  # the bytes handed over last
-
-    def read(self, size: int = -1) -> bytes:
-        """Read from the body, keeping a copy while capturing."""
-        if size == 0:
-            return b""
-        data, self._held = self._held, b""
-        while True:
-            chunk = self._read(size)
-            if not chunk:
-                self.ended = True
-                break
-            data = data + chunk if data else chunk
-            cut = _escape_cut(data)
-            if cut:
-                data, self._held = data[:cut], data[cut:]
-                break
-        if b"\\ud" in data or b"\\uD" in data:  # lone surrogates: U+FFFD (yajl gives ? or fails)
-            data = _SURROGATE_ESCAPE.sub(lambda m: b"\\ufffd" if len(m[0]) == 6 else m[0], data)
-        self.last = data
-        head = self._head
-        if head is not None:
-            head += data
-            if len(head) > MAX_HEAD_BYTES:
-                raise LookStreamError(
-                    f"Look {self._look_id}: no rows or field metadata in the first {MAX_HEAD_BYTES:,} bytes "
-                    "of the result",
-                    look_id=self._look_id,
-                )
-        return data
-
-    def release(self) -> bytes:
-        """Stop capturing and return the captured bytes."""
-        head, self._head = self._head, None
-        return bytes(head or b"")
-
-    def excerpt(self, redact: Callable[[str], str]) -> str:
-        """The body's start while capturing, else the last bytes read: redacted, one line, 200 characters."""
-        head, most = self._head, EXCERPT_CHARS * 4  # redacted before it is cut: no secret is cut in two
-        data = bytes(head[:most]) if head is not None else self.last[-most:]
-        text = redact(" ".join(data.decode("utf-8", "replace").split()))
-        return text[:EXCERPT_CHARS] if head is not None else text[-EXCERPT_CHARS:]
-
-
-def _parse_ran_at(value: Any) -> datetime | None:
-    """Parse Looker's ``ran_at`` into a timezone-aware datetime (UTC when Looker gives no offset)."""
-    if not isinstance(value, str) or not value:
-        return None
-    text = value.strip().replace(" ", "T", 1)
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
-def _is_pivoted_cell(cell: Any) -> bool:
-    """Whether a ``json_detail`` cell is pivoted: ``{pivot key: {"value": ...}}``, not ``{"value": ...}``."""
-    return isinstance(cell, dict) and "value" not in cell
-
-
-def _unwrap_pivoted(cell: Any) -> dict[str, Any]:
-    """``{pivot key: {"value": x}}`` -> ``{pivot key: x}``."""
-    if not isinstance(cell, dict):
-        return {}
-    return {key: (inner.get("value") if isinstance(inner, dict) else inner) for key, inner in cell.items()}
-
-
-class LookStream:
-    """
-    A Look's result being streamed: metadata first, then the rows, one at a time.
-
-    :ivar meta: field metadata, pivots, ``ran_at`` and the row limit in effect (available before rows).
-    :ivar rows: the rows (``{field name: raw value}``), a lazy single-use iterator. Numbers are ``int`` (of
-        any size) or, with a fraction or an exponent, ``Decimal`` (any of JSON's numbers is read exactly).
-    :ivar row_count: rows handed out so far; the total once ``rows`` is exhausted.
-    :ivar possibly_truncated: set once exhausted: the row count reached the limit in effect.
-    :ivar exhausted: every row has been read.
-    """
-
-    def __init__(
-        self,
-        look_id: str,
-        body: Any,
-        info: LookInfo,
-        limit: int | None,
-        *,
-        strict_limit: bool = False,
-        read_timeout: float | None = None,
-        logger: logging.Logger | None = None,
-        redact: Callable[[str], str] = str,
-    ) -> None:
-        self.look_id = look_id
-        self.row_count = 0
-        self.possibly_truncated = False
-        self.exhausted = False
-        self._limit = limit
-        self._strict = strict_limit
-        self._read_timeout = read_timeout
-        self._log = logger or logging.getLogger(__name__)
-        self._redact = redact
-        self._content_type = getattr(body, "headers", {}).get("Content-Type")
-        self._body = capture = _HeadCapture(body, look_id)
-        self._items = IJSON.items(capture, "data.item", use_float=False, buf_size=READ_SIZE)
-        first = self._first_row()
-        self.meta = self._meta(capture.release(), info, first)
-        self._pivoted = frozenset(f.name for f in self.meta.fields if f.pivoted)
-        self.rows: Iterator[Row] = self._iter_rows(first)
-
-    def __iter__(self) -> Iterator[Row]:
-        return self.rows
-
-    # --- set-up -------------------------------------------------------------------------------------------
-
-    def _first_row(self) -> dict[str, Any] | None:
-        """Read up to the first row (so that everything before ``data`` has been read)."""
-        try:
-            return next(self._items)
-        except StopIteration:
-            return None
-        except _STREAM_ERRORS as exc:
-            raise self._broken(exc, 0) from exc
-
-    def _meta(self, head: bytes, info: LookInfo, first: dict[str, Any] | None) -> LookResultMeta:
-        """Build the result's metadata from the body's head (everything before ``data``)."""
-        doc = self._parse_head(head)
-        pivots = tuple(_pivot_value(p) for p in doc.get("pivots") or () if isinstance(p, dict))
-        fields = tuple(self._fields(doc.get("fields") or {}, info, first, bool(pivots)))
-        return LookResultMeta(
-            look_id=self.look_id,
-            fields=fields,
-            pivots=pivots,
-            ran_at=_parse_ran_at(doc.get("ran_at")),
-            limit=self._limit,
-        )
-
-    def _parse_head(self, head: bytes) -> dict[str, Any]:
-        """Return the top-level keys before ``data``; raise on a ``looker_error`` answer."""
-        if head.lstrip().startswith(b"["):
-            raise self._array_error(head)
-        doc: dict[str, Any] = {}
-        try:
-            for key, value in IJSON.kvitems(io.BytesIO(head), "", use_float=False):
-                if key == "data":
-                    break
-                doc[key] = value
-        except ijson.JSONError:
-            pass  # the head stops inside the rows (the row stream reports a body that breaks off there)
-        if not isinstance(doc.get("fields"), dict):
-            raise LookStreamError(
-                f"Look {self.look_id}: the result has no field metadata before its rows (not json_detail?)",
-                look_id=self.look_id,
-            )
-        return doc
-
-    def _array_error(self, head: bytes) -> LookerApiError:
-        """Explain a JSON array answer: Looker's ``[{"looker_error": ...}]``, or an unexpected format."""
-        try:
-            first = next(iter(IJSON.items(io.BytesIO(head), "item")), None)
-        except ijson.JSONError:
-            first = None
-        if isinstance(first, dict) and "looker_error" in first:
-            return self._query_error(first["looker_error"])
-        return LookStreamError(f"Look {self.look_id}: Looker answered a JSON array, not a json_detail result")
-
-    def _query_error(self, message: Any) -> LookQueryError:
-        return LookQueryError(
-            f"Look {self.look_id}: Looker could not run the query: {message}", look_id=self.look_id
-        )
-
-    def _fields(
-        self, block: dict[str, Any], info: LookInfo, first: dict[str, Any] | None, has_pivots: bool
-    ) -> Iterator[LookField]:
-        """Yield the result's columns (dimensions, measures, table calculations) as :class:`LookField`."""
-        hidden_in_vis = set(info.hidden_fields)
-        for key, category in _CATEGORIES:
-            for entry in block.get(key) or ():
-                name = str(entry.get("name"))
-                if first is not None and name in first:
-                    pivoted = _is_pivoted_cell(first[name])
-                else:
-                    pivoted = has_pivots and category != DIMENSION
-                yield LookField(
-                    name=name,
-                    label=entry.get("label"),
-                    label_short=entry.get("label_short"),
-                    type=entry.get("type"),
-                    tags=tuple(str(t) for t in entry.get("tags") or ()),
-                    hidden=bool(entry.get("hidden")) or name in hidden_in_vis,
-                    category=category,
-                    pivoted=pivoted,
-                )
-
-    # --- rows ---------------------------------------------------------------------------------------------
-
-    def _iter_rows(self, first: dict[str, Any] | None) -> Iterator[Row]:
-        """Yield the unwrapped rows; raise :class:`LookStreamError` if the body breaks off."""
-        count = 0  # rows handed out
-        raw: Any = first
-        pivoted = self._pivoted
-        try:
-            if first is not None:
-                row = self._unwrap(first)
-                count = 1
-                yield row
-            if pivoted:
-                for raw in self._items:
-                    count += 1
-                    yield {k: (_unwrap_pivoted(c) if k in pivoted else c["value"]) for k, c in raw.items()}
-            else:
-                for raw in self._items:  # the hot path: one dict comprehension per row
-                    count += 1
-                    yield {k: c["value"] for k, c in raw.items()}
-        except _STREAM_ERRORS as exc:
-            raise self._broken(exc, count) from exc
-        except (KeyError, TypeError, AttributeError) as exc:
-            count -= 1  # the row that failed to unwrap was not handed out
-            raise self._bad_row(raw, count + 1) from exc
-        finally:
-            self.row_count = count
-        self._finish(count)
-
-    def _unwrap(self, raw: dict[str, Any]) -> Row:
-        """Unwrap one ``json_detail`` row (the slow, careful path used for the first row)."""
-        try:
-            return {k: (_unwrap_pivoted(c) if k in self._pivoted else c["value"]) for k, c in raw.items()}
-        except (KeyError, TypeError, AttributeError):
-            raise self._bad_row(raw, 1) from None
-
-    def _bad_row(self, raw: Any, number: int) -> LookerApiError:
-        if isinstance(raw, dict) and "looker_error" in raw:
-            return self._query_error(raw["looker_error"])
-        return LookStreamError(
-            f'Look {self.look_id}: row {number:,} is not a json_detail row (cells must be {{"value": ...}})',
-            look_id=self.look_id,
-        )
-
-    def _broken(self, exc: BaseException, count: int) -> LookStreamError:
-        """The error for a body that broke off after ``count`` rows."""
-        if any(
-            isinstance(e, urllib3.exceptions.ReadTimeoutError | TimeoutError) for e in _exception_chain(exc)
-        ):
-            waited = f"{self._read_timeout:g} seconds" if self._read_timeout else "too long"
-            reason = f"no data for {waited} (read timeout)"
-        elif isinstance(exc, ijson.JSONError | UnicodeDecodeError) and not self._body.ended:
-            # yajl reports bad JSON as an IncompleteJSONError too: what tells them apart is the body's end
-            complaint = str(exc).strip().split("\n", 1)[0][:120]
-            content_type = self._content_type or "not given"
-            where = "the body starts with" if count == 0 else "the last bytes received"
-            reason = (
-                f"the body is not valid JSON ({complaint}; content type {content_type}); "
-                f"{where}: {self._body.excerpt(self._redact)!r}"
-            )
-        else:
-            reason = "connection closed"
-        return LookStreamError(
-            self._redact(f"Look {self.look_id}: result ended after {count:,} rows: {reason}"),
-            look_id=self.look_id,
-        )
-
-    def _finish(self, count: int) -> None:
-        """Record the total and check it against the limit in effect."""
-        self.row_count = count
-        self.exhausted = True
-        limit = self._limit
-        if limit is None or limit <= 0 or count < limit:
-            return
-        self.possibly_truncated = True
-        message = (
-            f"Look {self.look_id}: the result has {count:,} rows, as many as the row limit of {limit:,}, "
-            "so it may be truncated; use limit=-1 for all rows, or a larger limit"
-        )
-        if self._strict:
-            raise LookTruncatedError(message, look_id=self.look_id)
-        self._log.warning("%s", message)
-
-
-def _pivot_value(entry: dict[str, Any]) -> PivotValue:
-    """Build a :class:`PivotValue` from a ``json_detail`` pivot entry."""
-    data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
-    label = " | ".join("" if v is None else str(v) for v in data.values())
-    return PivotValue(key=str(entry.get("key")), data=dict(data), label=label)
 
 
 def _look_info(look_id: str, look: models40.LookWithQuery) -> LookInfo:
@@ -713,6 +270,12 @@ class LookerHook(BaseHook):
     The connection (type ``looker``): Host = the API base URL (``https://company.cloud.looker.com``, a port
     such as ``:19999`` in the URL or in Port), Login = API client ID, Password = API client secret; extras
     ``verify_ssl`` (default true) and ``timeout`` (seconds, default 120).
+
+    Use it as a context manager: on exit, failed or not, it logs out of Looker (:meth:`close`)::
+
+        with LookerHook("looker_default") as looker, looker.stream_look(42) as stream:
+            for row in stream.rows:
+                ...
 
     :param looker_conn_id: the Airflow connection id.
     :param retries: retries of a request that failed with a connection error, 429 or 5xx before its body
@@ -768,14 +331,29 @@ class LookerHook(BaseHook):
         return self.sdk
 
     def close(self) -> None:
-        """Log out from Looker (best effort) and close the HTTP session."""
-        if "sdk" in self.__dict__:
+        """
+        Log out of Looker (``DELETE /api/4.0/logout``, when logged in) and close the HTTP session.
+
+        Never raises: a failed logout is logged without its details (they could echo the access token), and
+        the token then expires on its own. The hook can still be used afterwards (it logs in again).
+        """
+        if "sdk" in self.__dict__ and self.sdk.auth.is_authenticated:
             try:
-                self.sdk.auth.logout()
-            except (sdk_error.SDKError, *_DESERIALIZE_ERRORS, requests.RequestException):
-                self.log.debug("Logging out of Looker failed; ignored")
+                self.sdk.logout()  # DELETE /api/4.0/logout with the current token
+            except Exception as exc:  # closing must not hide the run's own outcome
+                self.log.warning(
+                    "Could not log out of Looker (%s); the token expires on its own", type(exc).__name__
+                )
+            finally:
+                self._forget_token()
         if "session" in self.__dict__:
             self.session.close()
+
+    def __enter__(self) -> LookerHook:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # --- public API ---------------------------------------------------------------------------------------
 
@@ -820,7 +398,8 @@ class LookerHook(BaseHook):
         :param cache: let Looker answer from its cache.
         :param strict_limit: raise :class:`LookTruncatedError` instead of warning when the number of rows
             equals the limit in effect (the result may be truncated).
-        :return: a context manager giving a :class:`LookStream`; the HTTP response is closed on exit.
+        :return: a context manager giving a :class:`LookStream`; the HTTP response is closed on exit (the
+            hook stays logged in until :meth:`close`).
         """
         look_id = _normalise_look_id(look_id)
         info = self.get_look(look_id)
@@ -932,15 +511,20 @@ class LookerHook(BaseHook):
         return LookerApiError(f"{action} failed ({shown}): {message}", status=status, look_id=look_id)
 
     def _transport_message(self, action: str, exc: BaseException) -> str:
-        """Describe a connection-level failure (TLS, timeout, unreachable host)."""
-        kind, reason = _transport_problem(exc)
+        """Describe a connection-level failure (TLS, timeout, unreachable host, closed connection)."""
+        kind, reason = transport_problem(exc)
         base = self.settings.base_url
-        if kind == "tls":
+        if kind == PLAIN_HTTP:
+            text = (
+                f"{action}: TLS failure talking to {base}: {reason}. The Host says https:// but this port "
+                "speaks plain HTTP: use http://, or the port of Looker's HTTPS API"
+            )
+        elif kind == TLS:
             text = (
                 f"{action}: TLS failure talking to {base}: {reason}. Install the server's CA certificate, "
                 "or set verify_ssl to false in the connection (test servers only)"
             )
-        elif kind == "timeout":
+        elif kind == TIMEOUT:
             text = f"{action}: {base} did not answer within {self.settings.timeout:g} seconds (timeout)"
         else:
             text = f"{action}: cannot reach {base}: {reason}"
@@ -953,9 +537,6 @@ class LookerHook(BaseHook):
     def _redact(self, text: str) -> str:
         """Remove the client secret and the access token from a text that may echo a server's answer."""
         secrets = [self.settings.client_secret] if "settings" in self.__dict__ else []
-        if "sdk" in self.__dict__ and self.sdk.auth.token.access_token:
+        if "sdk" in self.__dict__:
             secrets.append(self.sdk.auth.token.access_token)
-        for secret in secrets:
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        return redact(text, secrets)

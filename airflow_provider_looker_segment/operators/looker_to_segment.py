@@ -202,8 +202,8 @@ class LookerToSegmentOperator(BaseOperator):
                     state = resources.enter_context(
                         store.begin(namespace, full_refresh=settings.full_refresh)
                     )
-                looker = LookerHook(looker_conn_id=self.looker_conn_id)
-                resources.callback(looker.close)  # logs out of Looker, also after a failure
+                # Leaving the hook logs out of Looker, also after a failure.
+                looker = resources.enter_context(LookerHook(looker_conn_id=self.looker_conn_id))
                 stream = resources.enter_context(looker.stream_look(settings.look_id, limit=settings.limit))
                 summary = sync_look(
                     settings,

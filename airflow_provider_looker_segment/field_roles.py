@@ -1,0 +1,375 @@
+"""
+What each of a Look's fields becomes in an identify call (pure, used by :func:`.transform.plan_transform`).
+
+* **Identifiers**: which field gives the ``userId``, the email and the ``anonymousId``: the explicit
+  options; else the LookML tags ``user_id``, ``email`` and ``segment_anonymous_id``; else field names or
+  labels meaning a user id (``users.user_id``, ``users.id``, label ``User ID``), an email (``users.email``,
+  label ``Email Address``) or an anonymous id, visible fields first.
+* **Trait keys**: every other visible field is a trait (the email field included, as ``email``), keyed by
+  the chosen style. Pivoted measures give one trait per pivot value: the measure's key joined with the
+  pivot's label (its ``label``, else its dimension values joined with ``" | "``, else its key):
+  ``"orders count | complete"`` for the ``label`` style, ``"orders.count | complete"`` for ``field``, and
+  ``"orders_count__complete"`` (pivot label snake-cased, double underscore) for ``snake``.
+* **Warnings**: reserved Segment traits reached by an unlikely column, keys differing only by case, and
+  the list of traits every identify overwrites.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_looker_segment.exceptions import TransformConfigError
+from airflow_provider_looker_segment.models import LookField, LookResultMeta, PivotValue
+from airflow_provider_looker_segment.values import trait_converter
+
+if TYPE_CHECKING:
+    from airflow_provider_looker_segment.transform import TransformOptions
+
+#: Segment's reserved identify traits (https://segment.com/docs/connections/spec/identify/#traits).
+RESERVED_TRAITS = tuple(
+    "address age avatar birthday company createdAt description email firstName gender id lastName name "
+    "phone title username website".split()
+)
+
+# Identifier kinds, the options naming them, their names in Segment's message and their LookML tags (the
+# tags of Looker's own Segment action).
+USER_ID, EMAIL, ANONYMOUS_ID = "user_id", "email", "anonymous_id"
+_OPTION_NAMES = {USER_ID: "user_id_field", EMAIL: "email_field", ANONYMOUS_ID: "anonymous_id_field"}
+_MESSAGE_NAMES = {USER_ID: "userId", EMAIL: "email", ANONYMOUS_ID: "anonymousId"}
+_TAGS = {USER_ID: "user_id", EMAIL: "email", ANONYMOUS_ID: "segment_anonymous_id"}
+
+# Field-name endings (after the view) and normalised labels that mean an identifier.
+_NAME_HINTS = {
+    USER_ID: frozenset({"user_id", "userid", "segment_user_id"}),
+    EMAIL: frozenset({"email", "email_address", "emailaddress", "e_mail"}),
+    ANONYMOUS_ID: frozenset({"anonymous_id", "anonymousid", "segment_anonymous_id", "anon_id"}),
+}
+_LABEL_HINTS = {
+    USER_ID: frozenset({"user id", "userid", "segment user id"}),
+    EMAIL: frozenset({"email", "email address", "e mail", "e mail address"}),
+    ANONYMOUS_ID: frozenset({"anonymous id", "anonymousid", "segment anonymous id", "anon id"}),
+}
+#: View-name words of views that describe people (``users.id`` is a user id, ``orders.id`` is not).
+_USER_ID_VIEW_WORDS = frozenset({"user", "users"})
+_PERSON_VIEW_WORDS = frozenset(
+    "user users customer customers person people persons contact contacts member members profile profiles "
+    "lead leads subscriber subscribers".split()
+)
+
+_NON_ALNUM = re.compile(r"[^0-9a-z]+")
+_SNAKE_SPLIT = re.compile(r"\W+")
+_LABEL_SEPARATORS = re.compile(r"[\s_\-]+")
+_RESERVED_BY_NORM = {_NON_ALNUM.sub("", t.lower()): t for t in RESERVED_TRAITS}
+
+#: One trait source, precomputed for the row loop: (field name, trait key or None for a pivoted field,
+#: pivot (key, trait key) pairs or None, value classes kept as they are, converter for other values).
+TraitSpec = tuple[str, str | None, tuple[tuple[str, str], ...] | None, frozenset, Callable[[Any], Any]]
+
+
+@dataclass(frozen=True)
+class IdentifierChoice:
+    """
+    The field chosen for one identifier and why.
+
+    :param field: the Looker field name.
+    :param how: ``parameter``, ``tag user_id``/``tag email``/``tag segment_anonymous_id``, ``field name``,
+        ``label`` or ``derived from email, for rows without a userId``.
+    """
+
+    field: str
+    how: str
+
+    def to_dict(self) -> dict[str, str]:
+        """Return ``{"field": ..., "how": ...}``."""
+        return {"field": self.field, "how": self.how}
+
+
+def field_list(meta: LookResultMeta) -> str:
+    """The Look's field names, for error messages."""
+    return ", ".join(f.name for f in meta.fields) or "(none)"
+
+
+# --- identifiers ------------------------------------------------------------------------------------------
+
+
+def _normalise_label(label: str | None) -> str:
+    return _LABEL_SEPARATORS.sub(" ", label).strip().lower() if label else ""
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """Return ``(view, field)`` of ``view.field`` (view ``""`` for table calculations)."""
+    view, _, last = name.lower().rpartition(".")
+    return view, last
+
+
+def _view_words(view: str) -> set[str]:
+    return set(_NON_ALNUM.sub(" ", view).split())
+
+
+def _hint(kind: str, f: LookField) -> str | None:
+    """Return ``field name`` or ``label`` when the field's name or label means identifier ``kind``."""
+    view, last = _split_name(f.name)
+    if last in _NAME_HINTS[kind] or (
+        kind == USER_ID and last == "id" and _view_words(view) & _USER_ID_VIEW_WORDS
+    ):
+        return "field name"
+    labels = {_normalise_label(f.label_short), _normalise_label(f.label)}
+    return "label" if labels & _LABEL_HINTS[kind] else None
+
+
+def _single(kind: str, candidates: list[LookField], how: str, look_id: str) -> IdentifierChoice | None:
+    """Return the only candidate, or raise an error naming every candidate."""
+    if not candidates:
+        return None
+    if len(candidates) > 1:
+        names = " and ".join(f.name for f in candidates)
+        raise TransformConfigError(
+            f"Look {look_id}: {names} all qualify as the {_MESSAGE_NAMES[kind]} field ({how}). "
+            f"Keep one (remove the tag, rename or remove the others) or set {_OPTION_NAMES[kind]}."
+        )
+    return IdentifierChoice(candidates[0].name, how)
+
+
+def _by_tag(kind: str, meta: LookResultMeta, taken: set[str]) -> IdentifierChoice | None:
+    tag = _TAGS[kind]
+    candidates = [
+        f for f in meta.fields if any(t.strip().lower() == tag for t in f.tags) and f.name not in taken
+    ]
+    return _single(kind, candidates, f"tag {tag}", meta.look_id)
+
+
+def _by_hint(kind: str, meta: LookResultMeta, taken: set[str]) -> IdentifierChoice | None:
+    """Name/label detection; visible fields win over hidden ones, pivoted fields never qualify."""
+    hints = [(f, _hint(kind, f)) for f in meta.fields if not f.pivoted and f.name not in taken]
+    hints = [(f, how) for f, how in hints if how]
+    chosen = [(f, how) for f, how in hints if not f.hidden] or hints
+    if len(chosen) > 1:
+        _single(kind, [f for f, _how in chosen], "field name or label", meta.look_id)
+    return IdentifierChoice(chosen[0][0].name, chosen[0][1]) if chosen else None
+
+
+def choose_identifiers(meta: LookResultMeta, options: TransformOptions) -> dict[str, IdentifierChoice | None]:
+    """
+    Choose the identifier fields: explicit options first, then tags, then names/labels.
+
+    :param meta: the Look's fields.
+    :param options: the user's choices.
+    :return: ``{USER_ID: choice or None, EMAIL: ..., ANONYMOUS_ID: ...}``, at least one chosen.
+    :raises TransformConfigError: no identifier, two candidates for one, one field for both userId and
+        anonymousId, or a pivoted identifier.
+    """
+    kinds = (USER_ID, EMAIL, ANONYMOUS_ID)
+    explicit = {kind: getattr(options, _OPTION_NAMES[kind]) for kind in kinds}
+    choices = {kind: IdentifierChoice(name, "parameter") if name else None for kind, name in explicit.items()}
+    counterpart = {USER_ID: ANONYMOUS_ID, ANONYMOUS_ID: USER_ID}
+    for kind in kinds:
+        if choices[kind] is None:
+            # A field explicitly set as the userId is not the anonymousId because of a tag (and vice versa).
+            other = explicit.get(counterpart[kind]) if kind in counterpart else None
+            choices[kind] = _by_tag(kind, meta, {other} if other else set())
+    for kind in kinds:
+        if choices[kind] is None:
+            taken = {c.field for k, c in choices.items() if c and k != kind}
+            choices[kind] = _by_hint(kind, meta, taken)
+    if not any(choices.values()):
+        raise TransformConfigError(
+            f"Look {meta.look_id} has no identifier field: no field is tagged user_id, email or "
+            "segment_anonymous_id in LookML, and none is named or labelled like a user id, an email or an "
+            "anonymous id. Tag a field or set user_id_field, email_field or anonymous_id_field. "
+            f"The Look's fields: {field_list(meta)}"
+        )
+    user_id, anonymous_id = choices[USER_ID], choices[ANONYMOUS_ID]
+    if user_id and anonymous_id and user_id.field == anonymous_id.field:
+        raise TransformConfigError(
+            f"Look {meta.look_id}: {user_id.field} is chosen as the userId ({user_id.how}) and as the "
+            f"anonymousId ({anonymous_id.how}); an anonymous id must not become the userId. "
+            "Choose different fields."
+        )
+    for kind, choice in choices.items():
+        look_field = meta.field_by_name(choice.field) if choice else None
+        if choice and look_field is not None and look_field.pivoted:
+            raise TransformConfigError(
+                f"Look {meta.look_id}: {look_field.name} is a pivoted measure and cannot be the "
+                f"{_MESSAGE_NAMES[kind]} field ({choice.how})."
+            )
+    return choices
+
+
+# --- trait keys -------------------------------------------------------------------------------------------
+
+
+def trait_keys(specs: tuple[TraitSpec, ...]) -> list[str]:
+    """Every trait key the specs give, in order (a pivoted field's per-pivot keys in pivot order)."""
+    keys: list[str] = []
+    for _name, key, pivots, _plain, _convert in specs:
+        keys.extend([key] if pivots is None else [pair[1] for pair in pivots])
+    return keys
+
+
+def plan_traits(
+    meta: LookResultMeta, options: TransformOptions, choices: dict[str, IdentifierChoice | None]
+) -> tuple[tuple[TraitSpec, ...], list[str]]:
+    """
+    Decide which fields become which traits, and what about them is worth a warning.
+
+    :param meta: the Look's fields and pivots.
+    :param options: the user's choices (``trait_names``, ``trait_key_style``, ``exclude_fields``...).
+    :param choices: the identifier fields, from :func:`choose_identifiers`.
+    :return: the row loop's trait sources in field order, and the warnings.
+    :raises TransformConfigError: ``trait_names`` names an identifier or renames the email field, or two
+        columns give the same trait key.
+    """
+    email = choices[EMAIL].field if choices[EMAIL] else None
+    pairs = _trait_pairs(meta, options, choices, email)
+    warnings: list[str] = []
+    style = options.trait_key_style
+    specs = tuple(_trait_spec(f, key, meta.pivots, style, warnings) for f, key in pairs)
+    _check_duplicate_keys(specs, options.membership_trait)
+    warnings += _reserved_trait_warnings(pairs, set(options.trait_names), email, options.membership_trait)
+    warnings += _general_warnings(trait_keys(specs), options.membership_trait)
+    return specs, warnings
+
+
+def _trait_pairs(
+    meta: LookResultMeta,
+    options: TransformOptions,
+    choices: dict[str, IdentifierChoice | None],
+    email: str | None,
+) -> list[tuple[LookField, str]]:
+    """Return ``[(field, base trait key)]`` in field order."""
+    identifiers = {c.field: kind for kind, c in choices.items() if c and kind != EMAIL}
+    for name in options.trait_names:
+        if name in identifiers and name != email:
+            raise TransformConfigError(
+                f"trait_names names {name}, the {_MESSAGE_NAMES[identifiers[name]]} field; identifier "
+                "fields are not traits. Remove it from trait_names."
+            )
+        if name == email and options.trait_names[name] != "email":
+            raise TransformConfigError(
+                f"trait_names renames {name}, the email field, which always becomes traits.email. "
+                "Remove it from trait_names (or exclude it with exclude_fields)."
+            )
+    excluded = set(options.exclude_fields)
+    pairs = []
+    for f in meta.fields:
+        if f.name in excluded or (f.name in identifiers and f.name != email):
+            continue
+        if f.hidden and f.name not in options.trait_names and f.name != email:
+            continue
+        if f.name == email:
+            key = "email"
+        else:
+            key = options.trait_names.get(f.name) or _style_key(f, options.trait_key_style)
+        pairs.append((f, key))
+    return pairs
+
+
+def _snake(text: str) -> str:
+    return _SNAKE_SPLIT.sub("_", text.lower()).strip("_")
+
+
+def _style_key(f: LookField, style: str) -> str:
+    """The trait key of field ``f`` in ``style``; falls back to the name's last part when labels are empty."""
+    if style == "field":
+        return f.name
+    fallback = f.name.rpartition(".")[2]
+    label = " ".join((f.label_short or f.label or "").split())
+    if style == "snake":
+        return _snake(label) or _snake(fallback) or f.name
+    return label.lower() or " ".join(fallback.replace("_", " ").split()).lower() or f.name
+
+
+def _pivot_key(base: str, pivot: PivotValue, style: str) -> str:
+    label = pivot.label or " | ".join("" if v is None else str(v) for v in pivot.data.values())
+    label = " ".join(label.split()) or pivot.key
+    if style == "snake":
+        return f"{base}__{_snake(label) or _snake(pivot.key) or 'null'}"
+    return f"{base} | {label}"
+
+
+def _trait_spec(
+    f: LookField, key: str, pivots: tuple[PivotValue, ...], style: str, warnings: list[str]
+) -> TraitSpec:
+    """Precompute the row-loop entry of one field."""
+    plain, convert = trait_converter(f.type)
+    if not f.pivoted:
+        return (f.name, key, None, plain, convert)
+    if not pivots:
+        warnings.append(f"{f.name} is pivoted but the Look has no pivot values: it gives no trait.")
+    pairs = tuple((p.key, _pivot_key(key, p, style)) for p in pivots)
+    return (f.name, None, pairs, plain, convert)
+
+
+def _check_duplicate_keys(specs: tuple[TraitSpec, ...], membership_trait: str | None) -> None:
+    """Two sources of one trait key would silently overwrite each other: refuse."""
+    sources: dict[str | None, list[str]] = {}
+    for name, key, pivots, _plain, _convert in specs:
+        if pivots is None:
+            sources.setdefault(key, []).append(name)
+        for pivot_key, trait_key in pivots or ():
+            sources.setdefault(trait_key, []).append(f"{name} (pivot {pivot_key!r})")
+    if membership_trait:
+        sources.setdefault(membership_trait, []).append("membership_trait")
+    clashes = [f"{key!r} from {' and '.join(names)}" for key, names in sources.items() if len(names) > 1]
+    if clashes:
+        raise TransformConfigError(
+            f"Two columns give the same trait key: {'; '.join(clashes)}. Rename one with trait_names, "
+            "choose another trait_key_style or drop one with exclude_fields."
+        )
+
+
+# --- warnings ---------------------------------------------------------------------------------------------
+
+
+def _is_intended(reserved: str, f: LookField, explicit: set[str], email_field: str | None) -> bool:
+    """Whether the column is the natural source of a reserved trait (``users.name`` → ``name``)."""
+    if reserved == "id":
+        return False
+    if reserved == "email":
+        return f.name == email_field
+    if f.name in explicit:
+        return True
+    view, last = _split_name(f.name)
+    same_name = _NON_ALNUM.sub("", last) == reserved.lower()
+    return same_name and (not view or bool(_view_words(view) & _PERSON_VIEW_WORDS))
+
+
+def _reserved_trait_warnings(
+    pairs: list[tuple[LookField, str]], explicit: set[str], email_field: str | None, membership: str | None
+) -> list[str]:
+    warnings = []
+    for f, key in pairs:
+        reserved = None if f.pivoted else _RESERVED_BY_NORM.get(_NON_ALNUM.sub("", key.lower()))
+        if reserved and not _is_intended(reserved, f, explicit, email_field):
+            warnings.append(
+                f"Trait {key!r} comes from {f.name} (label {f.label_short or f.label!r}), which does not "
+                f"look like the source of Segment's reserved trait {reserved!r}; downstream tools give it a "
+                "special meaning. Rename it with trait_names or drop it with exclude_fields."
+            )
+    if membership and _NON_ALNUM.sub("", membership.lower()) in _RESERVED_BY_NORM:
+        warnings.append(f"membership_trait {membership!r} is one of Segment's reserved traits.")
+    return warnings
+
+
+def _general_warnings(keys: list[str], membership: str | None) -> list[str]:
+    warnings = []
+    by_lower: dict[str, list[str]] = {}
+    for key in keys:
+        by_lower.setdefault(key.lower(), []).append(key)
+    for same in (v for v in by_lower.values() if len(v) > 1):
+        warnings.append(
+            f"Trait keys {', '.join(map(repr, same))} differ only by case; some tools merge them."
+        )
+    if membership:
+        keys = [*keys, membership]
+    if keys:
+        warnings.append(
+            "Each identify overwrites these traits in downstream tools that already have them: "
+            f"{', '.join(keys)} (avoid trait names your marketing tools already use)."
+        )
+    else:
+        warnings.append("The Look gives no trait: the identify calls will carry identifiers only.")
+    return warnings
