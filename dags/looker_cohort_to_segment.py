@@ -15,6 +15,11 @@ from airflow.sdk import DAG, Asset, Param
 
 from airflow_provider_looker_segment.operators.looker_to_segment import LookerToSegmentOperator
 
+#: The Airflow Variable giving the state path of changed-only syncs when the trigger form leaves it empty.
+STATE_PATH_VARIABLE = "looker_segment_state_path"
+#: ``state_path``: the trigger form's value, else the Variable, else "" (the operator's default folder).
+STATE_PATH_TEMPLATE = "{{ params.state_path or var.value.get('looker_segment_state_path', '') }}"
+
 #: The Look that the daily schedule syncs. Airflow allows a schedule only when every param has a valid
 #: default, so without it the DAG runs only when triggered (from the UI) with a ``look_id``.
 DAILY_LOOK_ID = os.environ.get("LOOKER_SEGMENT_DAILY_LOOK_ID", "").strip() or None
@@ -53,8 +58,12 @@ Segment `identify` call per row through the Tracking API (connection `segment_de
   DAG processor runs to give it a default and switch the `@daily` schedule on;
 * **dry_run**: build and validate every call and log examples, send nothing;
 * **sync_mode**: `all` sends every row on every run; `changed` sends only the users who are new or whose
-  traits changed since the last sync of this Look (state under `$AIRFLOW_HOME/looker_segment_state`);
-  **full_refresh** resends everything and rebuilds that state.
+  traits changed since the last sync of this Look; **full_refresh** resends everything and rebuilds that
+  state;
+* **state_path** (optional): where `changed` keeps its state, e.g.
+  `s3://aws_default@my-bucket/looker-segment-state/`; empty = the Airflow Variable
+  `looker_segment_state_path`, and without it `$AIRFLOW_HOME/looker_segment_state` on the worker, which
+  is right only when every task runs on one machine (with several workers, use shared storage).
 
 The task returns a summary (XCom `return_value`): rows read, events sent, invalid rows by reason,
 rejected and failed events, batches, which fields gave the identifiers, and the trait keys.
@@ -110,6 +119,14 @@ with DAG(
             title="Full refresh",
             description="With sync mode 'changed': send every row and rebuild the sync state.",
         ),
+        "state_path": Param(
+            None,
+            type=["null", "string"],
+            title="State path",
+            description="With sync mode 'changed': the folder of the sync state, shared by every worker "
+            "(e.g. s3://aws_default@my-bucket/looker-segment-state/). Empty: the Airflow Variable "
+            f"{STATE_PATH_VARIABLE}, else $AIRFLOW_HOME/looker_segment_state on the worker.",
+        ),
     },
 ) as dag:
     LookerToSegmentOperator(
@@ -120,5 +137,6 @@ with DAG(
         trait_key_style="{{ params.trait_key_style }}",
         sync_mode="{{ params.sync_mode }}",
         full_refresh="{{ params.full_refresh }}",
+        state_path=STATE_PATH_TEMPLATE,
         outlets=[COHORT_SYNCED],
     )

@@ -16,14 +16,28 @@ from airflow.sdk import DAG, Param, Variable, task
 from airflow_provider_looker_segment.operators.looker_to_segment import LookerToSegmentOperator
 
 LOOK_IDS_VARIABLE = "looker_segment_look_ids"
+#: The Airflow Variable giving the state path of changed-only syncs when the trigger form leaves it empty.
+STATE_PATH_VARIABLE = "looker_segment_state_path"
+#: ``state_path``: the trigger form's value, else the Variable, else "" (the operator's default folder).
+STATE_PATH_TEMPLATE = "{{ params.state_path or var.value.get('looker_segment_state_path', '') }}"
 
 DOC = """
 ### Several Looker cohorts → Segment
 
 One `LookerToSegmentOperator` task per Look (dynamic task mapping), all sending to the same Segment
 source. The Looks come from the **look_ids** param, or from the Airflow Variable
-`looker_segment_look_ids` (a JSON list) when the param is empty. The last task adds up the summaries and
-is the DAG's result: rows read, events sent, invalid, rejected and failed, per Look and in total.
+`looker_segment_look_ids` (a JSON list) when the param is empty; a Look listed twice is synced once. The
+last task adds up the summaries and is the DAG's result: rows read, events sent, invalid, rejected and
+failed, per Look and in total.
+
+* **dry_run**: build and validate every call, send nothing;
+* **sync_mode**: `all` sends every row on every run; `changed` sends only the users who are new or whose
+  traits changed since the last sync of each Look; **full_refresh** resends everything and rebuilds that
+  state;
+* **state_path** (optional): where `changed` keeps its state, e.g.
+  `s3://aws_default@my-bucket/looker-segment-state/`; empty = the Airflow Variable
+  `looker_segment_state_path`, and without it `$AIRFLOW_HOME/looker_segment_state` on the worker, which
+  is right only when every task runs on one machine (with several workers, use shared storage).
 """
 
 SUMMED = ("rows", "sent", "invalid", "rejected", "failed", "batches")
@@ -50,6 +64,28 @@ with DAG(
         "dry_run": Param(
             False, type="boolean", title="Dry run", description="Build every call, send nothing."
         ),
+        "sync_mode": Param(
+            "all",
+            type="string",
+            enum=["all", "changed"],
+            title="Sync mode",
+            description="all: send every row; changed: send only users who are new or whose traits "
+            "changed since the last sync of the Look to this Segment source.",
+        ),
+        "full_refresh": Param(
+            False,
+            type="boolean",
+            title="Full refresh",
+            description="With sync mode 'changed': send every row and rebuild the sync state.",
+        ),
+        "state_path": Param(
+            None,
+            type=["null", "string"],
+            title="State path",
+            description="With sync mode 'changed': the folder of the sync state, shared by every worker "
+            "(e.g. s3://aws_default@my-bucket/looker-segment-state/). Empty: the Airflow Variable "
+            f"{STATE_PATH_VARIABLE}, else $AIRFLOW_HOME/looker_segment_state on the worker.",
+        ),
     },
 ) as dag:
 
@@ -59,7 +95,8 @@ with DAG(
         look_ids = list((params or {}).get("look_ids") or [])
         if not look_ids:
             look_ids = Variable.get(LOOK_IDS_VARIABLE, default=[], deserialize_json=True)
-        look_ids = [str(look_id).strip() for look_id in look_ids if str(look_id).strip()]
+        # Each Look once, in the order given: two tasks of one Look would contend for its sync state.
+        look_ids = list(dict.fromkeys(str(look_id).strip() for look_id in look_ids if str(look_id).strip()))
         if not look_ids:
             raise ValueError(
                 f"No Looks to sync: pass look_ids when triggering, or set the Variable {LOOK_IDS_VARIABLE} "
@@ -77,6 +114,9 @@ with DAG(
     synced = LookerToSegmentOperator.partial(
         task_id="sync_cohort",
         dry_run="{{ params.dry_run }}",
+        sync_mode="{{ params.sync_mode }}",
+        full_refresh="{{ params.full_refresh }}",
+        state_path=STATE_PATH_TEMPLATE,
         max_active_tis_per_dagrun=4,
     ).expand(look_id=list_looks())
     add_up(synced.output)

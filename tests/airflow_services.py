@@ -353,3 +353,29 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
     except ProcessLookupError:
         pass
+
+
+# -- process groups of other services (used by the deployment test, tests/deploy) --------------------------
+
+
+def process_groups(pids: list[int]) -> set[int]:
+    """
+    The process groups of the given processes and of all their live descendants (task processes put
+    themselves in groups of their own), never this process's own group.
+    """
+    groups = set(pids)
+    groups.update(_process_group(pid) for pid in _descendants(pids))
+    groups.discard(os.getpgrp())
+    groups.discard(0)
+    return groups
+
+
+def live_group_members(groups: set[int]) -> dict[int, list[int]]:
+    """The live processes (zombies excepted) of the given process groups: group -> PIDs."""
+    return _live_members(groups)
+
+
+def signal_groups(groups: set[int], sig: signal.Signals) -> None:
+    """Send ``sig`` to every given process group that still has a live member."""
+    for pgid in _live_members(groups):
+        _signal_group(pgid, sig)

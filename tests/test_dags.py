@@ -59,6 +59,7 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
         "trait_key_style",
         "sync_mode",
         "full_refresh",
+        "state_path",
     }
     schema = {name: params.get_param(name).schema for name in params}
     assert schema["look_id"]["type"] == "string" and params.get_param("look_id").description
@@ -67,6 +68,7 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     assert schema["trait_key_style"]["enum"] == ["label", "snake", "field"]
     assert schema["sync_mode"]["enum"] == ["all", "changed"] and params["sync_mode"] == "all"
     assert params["full_refresh"] is False
+    assert schema["state_path"]["type"] == ["null", "string"] and params["state_path"] is None
     assert dag.max_active_runs == 1 and dag.catchup is False
     task = dag.get_task("sync_cohort")
     assert task.look_id == "{{ params.look_id }}"
@@ -92,3 +94,48 @@ def test_mapped_dag_expands_over_looks(monkeypatch: pytest.MonkeyPatch):
     assert {t.task_id for t in dag.tasks} == {"list_looks", "sync_cohort", "add_up"}
     assert dag.get_task("sync_cohort").upstream_task_ids == {"list_looks"}
     assert dag.get_task("add_up").upstream_task_ids == {"sync_cohort"}
+
+
+def test_mapped_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
+    dag = _load(DAGS / "looker_cohorts_to_segment_mapped.py", monkeypatch).dag
+    params = dag.params
+    assert set(params) == {"look_ids", "dry_run", "sync_mode", "full_refresh", "state_path"}
+    schema = {name: params.get_param(name).schema for name in params}
+    assert schema["look_ids"]["type"] == "array" and params["look_ids"] == []
+    assert schema["sync_mode"]["enum"] == ["all", "changed"] and params["sync_mode"] == "all"
+    assert params["dry_run"] is False and params["full_refresh"] is False
+    assert schema["state_path"]["type"] == ["null", "string"] and params["state_path"] is None
+    partial = dag.get_task("sync_cohort").partial_kwargs
+    assert partial["sync_mode"] == "{{ params.sync_mode }}"
+    assert partial["full_refresh"] == "{{ params.full_refresh }}"
+
+
+class _Variables:
+    """``var.value`` of a template context, with the given Airflow Variables."""
+
+    def __init__(self, **variables: str) -> None:
+        self.variables = variables
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.variables.get(key, default)
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_state_path_comes_from_the_form_else_the_variable(path: Path, monkeypatch: pytest.MonkeyPatch):
+    module = _load(path, monkeypatch)
+    assert module.STATE_PATH_VARIABLE == "looker_segment_state_path"
+    task = module.dag.get_task("sync_cohort")
+    template = getattr(task, "partial_kwargs", {}).get("state_path") or task.state_path
+    assert template == module.STATE_PATH_TEMPLATE
+    env = module.dag.get_template_env()
+
+    def render(state_path: str | None, **variables: str) -> object:
+        context = {"params": {"state_path": state_path}, "var": {"value": _Variables(**variables)}}
+        return env.from_string(template).render(**context)
+
+    variable = {"looker_segment_state_path": "s3://aws_default@bucket/from-variable/"}
+    form = "s3://aws_default@bucket/from-form/"
+    assert render(form, **variable) == form  # the trigger form wins
+    assert render(None, **variable) == variable["looker_segment_state_path"]
+    assert render("", **variable) == variable["looker_segment_state_path"]
+    assert render(None) in ("", None)  # neither: the operator's default, $AIRFLOW_HOME/looker_segment_state
