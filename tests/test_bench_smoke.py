@@ -6,6 +6,8 @@ venv that does not exist, so it must be skipped with a note. Only sanity is asse
 
 from __future__ import annotations
 
+import os
+
 import json
 import subprocess
 import sys
@@ -80,7 +82,7 @@ def test_ours_delivered_through_the_stand_ins(smoke):
     results, _markdown = smoke
     (run,) = _runs(results, "ours", ROWS)
     assert run["result"]["requests"] >= run["result"]["batches"] >= 1
-    assert run["segment_cpu"] >= 0 and run["looker_cpu"] >= 0
+    assert run["segment_cpu"] + run["looker_cpu"] > 0  # the stand-ins' own CPU is measured, apart from ours
 
 
 def test_fixed_start_up_cost_measured_on_an_empty_look(smoke):
@@ -105,7 +107,7 @@ def test_report_has_the_tables(smoke):
     assert "| Rows | Run | rows/s |" in markdown
     assert "ours ÷ floor" in markdown
     assert f"| {ROWS:,} | ours: " in markdown
-    assert results["machine"]["cores"] >= 1
+    assert results["machine"]["cores"] == os.cpu_count()
     assert results["versions"]["main"]["airflow-provider-looker-segment"] != "-"
     assert {ceiling["case"] for ceiling in results["ceilings"]} == {"ceiling-looker", "ceiling-segment"}
     assert results["profile"]["rows"] == ROWS and results["profile"]["functions"]
