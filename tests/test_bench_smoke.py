@@ -6,9 +6,8 @@ venv that does not exist, so it must be skipped with a note. Only sanity is asse
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
