@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_looker_segment.batching import EncodedMessage
-from airflow_provider_looker_segment.exceptions import LookerSegmentError
 from airflow_provider_looker_segment.sync_state import (
     ANONYMOUS_ID,
+    NEW,
     UNCHANGED,
     USER_ID,
     ExitIdentity,
@@ -36,10 +36,6 @@ from airflow_provider_looker_segment.transform import MESSAGE_ID_PREFIX
 SYNC_ALL = "all"
 SYNC_CHANGED = "changed"
 SYNC_MODES = (SYNC_ALL, SYNC_CHANGED)
-
-
-class ExitGuardError(LookerSegmentError):
-    """More of the previous cohort would leave in one run than ``max_exit_ratio`` allows."""
 
 
 @dataclass
@@ -72,14 +68,9 @@ class CohortCounts:
 
 
 def identity_of(message: Mapping[str, Any]) -> tuple[str, str]:
-    """
-    Return the identity a message is keyed by in the state: ``("userId", ...)`` when it has a userId, else
-    ``("anonymousId", ...)``.
-    """
+    """Return the identity a message is keyed by in the state: its userId if any, else its anonymousId."""
     user_id = message.get("userId")
-    if user_id:
-        return USER_ID, user_id
-    return ANONYMOUS_ID, message["anonymousId"]
+    return (USER_ID, user_id) if user_id else (ANONYMOUS_ID, message["anonymousId"])
 
 
 def keyed_message_id(ihash: int, message_id: str) -> str:
@@ -100,7 +91,7 @@ def changed_only(messages: Iterable[dict[str, Any]], run: SyncRun, counts: Cohor
         if verdict == UNCHANGED:
             counts.unchanged += 1
             continue
-        if verdict == "new":
+        if verdict == NEW:
             counts.new += 1
         else:
             counts.changed += 1

@@ -67,3 +67,57 @@ class InvalidParameterError(LookerSegmentError, ValueError):
 
 class ConnectionConfigError(LookerSegmentError):
     """An Airflow connection's fields (Host, Login, Password) cannot be used."""
+
+
+class SyncStateError(LookerSegmentError):
+    """The state of a ``sync_mode="changed"`` sync cannot be used or saved."""
+
+
+class SyncStateCorruptError(SyncStateError):
+    """
+    A state file is unreadable, damaged or of an unknown format version.
+
+    :param path: the state file (URI).
+    :param reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"The sync state file {path} is unreadable: {reason}. Delete it, or run the task once with "
+            "full_refresh=True to rebuild it (every identity in the Look is then sent again)."
+        )
+        self.path = path
+        self.reason = reason
+
+
+class SyncStateLockedError(SyncStateError):
+    """
+    Another run of the same sync holds its lock.
+
+    :param sync_key: the sync.
+    :param lock_path: the lock file (URI).
+    :param owner: who holds the lock (a :class:`~airflow_provider_looker_segment.sync_state.LockOwner`, whose
+        ``str()`` describes it), if it could be read.
+    :param stale_after: seconds without renewal after which the lock is taken over.
+    """
+
+    def __init__(self, sync_key: str, lock_path: str, owner: object | None, stale_after: float) -> None:
+        held_by = owner if owner is not None else "another run (its lock could not be read)"
+        super().__init__(
+            f"Sync {sync_key} is locked by {held_by}: another run of this sync appears to be in progress, "
+            "and two concurrent runs would corrupt its state. Wait for it to finish (and set "
+            f"max_active_runs=1). The lock is taken over automatically once not renewed for {stale_after:g} "
+            "seconds (at once if its holder's process is gone, on the same host); if no such run is active, "
+            f"you may delete {lock_path}."
+        )
+        self.sync_key = sync_key
+        self.lock_path = lock_path
+        self.owner = owner
+
+
+class SyncStateConflictError(SyncStateError):
+    """The stored state changed since this run loaded it (another run wrote it concurrently)."""
+
+
+class ExitGuardError(LookerSegmentError):
+    """More of the previous cohort would leave in one run than ``max_exit_ratio`` allows."""

@@ -25,7 +25,6 @@ from airflow_provider_looker_segment.cohort_sync import (
     SYNC_CHANGED,
     SYNC_MODES,
     CohortCounts,
-    ExitGuardError,
     changed_only,
     exit_messages,
     undelivered_identities,
@@ -34,6 +33,7 @@ from airflow_provider_looker_segment.dedupe import DuplicateCounts, drop_duplica
 from airflow_provider_looker_segment.destinations import Destination, check_destinations
 from airflow_provider_looker_segment.exceptions import (
     DestinationError,
+    ExitGuardError,
     InvalidParameterError,
     LookerSegmentError,
     SegmentDeliveryError,
