@@ -1,18 +1,14 @@
 """
 Pure encoding and batching of Segment messages for the Tracking API's ``POST /v1/batch`` (no I/O here).
 
-Each message is encoded to JSON once (orjson), checked against Segment's per-event limit, and joined with
-others into batches that respect Segment's per-request limits, measured on the encoded bytes:
+Each message is encoded to JSON once (orjson) and joined with others into batches within Segment's limits,
+measured on the encoded bytes: an event at most 32 KB (:data:`MAX_EVENT_BYTES`), a request body at most
+500 KB (:data:`MAX_REQUEST_BYTES`; the batcher keeps a margin, :data:`DEFAULT_MAX_BATCH_BYTES`, envelope
+included), a batch at most 2,500 events (:data:`MAX_BATCH_EVENTS`).
 
-* an event may be at most 32 KB (:data:`MAX_EVENT_BYTES`) once encoded;
-* a request body may be at most 500 KB (:data:`MAX_REQUEST_BYTES`); the batcher keeps a margin below it
-  (:data:`DEFAULT_MAX_BATCH_BYTES`, envelope included);
-* a batch may hold at most 2,500 events (:data:`MAX_BATCH_EVENTS`).
-
-An event that cannot be sent (too large, not JSON-serialisable, without ``userId`` and ``anonymousId``) is
-returned on its own as a :class:`RejectedEvent`, in input order, and never sinks the batch around it. The
-operator's dry run uses :class:`Batcher` to validate sizes without a network; :class:`SegmentHook` uses it
-to feed its senders.
+An event that cannot be sent comes out on its own as a :class:`RejectedEvent`, in input order, and never
+sinks the batch around it. The operator's dry run counts batches with :func:`plan_batches`; the delivery
+engine (:mod:`airflow_provider_looker_segment.delivery`) sends what :meth:`Batcher.split` yields.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
+from enum import Enum
 from typing import Any, NamedTuple
 
 import orjson
@@ -46,10 +43,14 @@ SENT_AT_LENGTH = 24
 #: Bytes of a batch body that are not events: ``{"batch":[`` + ``],"sentAt":"...Z"}``.
 ENVELOPE_BYTES = len(_PREFIX) + len(_SENT_AT) + SENT_AT_LENGTH + len(_SUFFIX)
 
-REASON_OVERSIZE = f"event over Segment's 32 KB limit ({MAX_EVENT_BYTES} bytes encoded)"
-REASON_NOT_JSON = "event is not JSON-serialisable"
-REASON_NO_IDENTITY = "event has neither userId nor anonymousId"
-REASON_NOT_A_MAPPING = "event is not a mapping"
+
+class Rejection(str, Enum):
+    """Why the batcher refused an event; the value is the reason shown in reports and logs."""
+
+    OVERSIZE = f"event over Segment's 32 KB limit ({MAX_EVENT_BYTES} bytes encoded)"
+    NOT_JSON = "event is not JSON-serialisable"
+    NO_IDENTITY = "event has neither userId nor anonymousId"
+    NOT_A_MAPPING = "event is not a mapping"
 
 
 class RejectedEvent(NamedTuple):
@@ -57,12 +58,12 @@ class RejectedEvent(NamedTuple):
     An event the batcher refused before any request.
 
     :param message_id: the event's ``messageId`` (``None`` when it has none and could not be encoded).
-    :param reason: why, one of the ``REASON_*`` constants of this module.
+    :param reason: why.
     :param size: the encoded size in bytes, ``0`` when the event could not be encoded.
     """
 
     message_id: Any
-    reason: str
+    reason: Rejection
     size: int
 
 
@@ -153,14 +154,8 @@ class EncodedMessage(dict):
 
 
 def _has_identity(message: Mapping[str, Any]) -> bool:
-    """Whether the message carries a non-empty ``userId`` or ``anonymousId`` (Segment drops others)."""
+    """Whether the message carries a non-empty ``userId`` or ``anonymousId`` (``0`` counts)."""
     return any(message.get(key) not in (None, "") for key in ("userId", "anonymousId"))
-
-
-def _with_message_id(message: Mapping[str, Any]) -> tuple[bytes, str]:
-    """Give a message without ``messageId`` a random one (so retries deduplicate) and re-encode it."""
-    message_id = str(uuid.uuid4())
-    return encode_event({**message, "messageId": message_id}), message_id
 
 
 class Batcher:
@@ -170,9 +165,8 @@ class Batcher:
     :param max_batch_bytes: cap on a whole request body, envelope included (at most
         :data:`MAX_REQUEST_BYTES`).
     :param max_batch_events: cap on the events of a batch (at most :data:`MAX_BATCH_EVENTS`).
-    :param max_event_bytes: cap on one encoded event (at most :data:`MAX_EVENT_BYTES`).
-    :param require_identity: reject events without ``userId`` and ``anonymousId``, which Segment accepts
-        with HTTP 200 and then drops.
+    :param max_event_bytes: cap on one encoded event (at most :data:`MAX_EVENT_BYTES`; a larger event is
+        rejected as :attr:`Rejection.OVERSIZE`; tests use smaller caps).
     """
 
     def __init__(
@@ -181,7 +175,6 @@ class Batcher:
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_batch_events: int = MAX_BATCH_EVENTS,
         max_event_bytes: int = MAX_EVENT_BYTES,
-        require_identity: bool = True,
     ) -> None:
         if not 1 <= max_batch_events <= MAX_BATCH_EVENTS:
             raise SegmentConfigurationError(
@@ -200,12 +193,6 @@ class Batcher:
         self.max_batch_bytes = max_batch_bytes
         self.max_batch_events = max_batch_events
         self.max_event_bytes = max_event_bytes
-        self.require_identity = require_identity
-        self.oversize_reason = (
-            REASON_OVERSIZE
-            if max_event_bytes == MAX_EVENT_BYTES
-            else f"event over the {max_event_bytes}-byte limit set for this batcher"
-        )
 
     def split(self, messages: Iterable[Mapping[str, Any]]) -> Iterator[Batch | RejectedEvent]:
         """
@@ -214,11 +201,13 @@ class Batcher:
         A batch is yielded as soon as the next event would not fit, so at most one batch is held here. Every
         input message comes out exactly once: in a :class:`Batch` or as a :class:`RejectedEvent`. The batches
         in order reproduce the input without the rejected events; a rejected event never closes a batch.
+        Events without a non-empty ``userId`` or ``anonymousId`` are rejected: Segment would accept them with
+        HTTP 200, then drop them.
 
-        :param messages: Segment messages; each should carry a ``messageId`` (one is added when missing).
+        :param messages: Segment messages; each should carry a ``messageId`` (a random one is added when
+            missing, so that retries deduplicate).
         """
         max_bytes, max_events, max_event = self.max_batch_bytes, self.max_batch_events, self.max_event_bytes
-        require_identity, oversize_reason = self.require_identity, self.oversize_reason
         dumps, default = orjson.dumps, _default
         events: list[bytes] = []
         ids: list[Any] = []
@@ -232,19 +221,21 @@ class Batcher:
                 )
                 message_id = message.get("messageId")
                 if message_id is None:
-                    data, message_id = _with_message_id(message)
-                if require_identity and not message.get("userId") and not _has_identity(message):
-                    yield RejectedEvent(message_id, REASON_NO_IDENTITY, len(data))
+                    message_id = str(uuid.uuid4())
+                    data = dumps({**message, "messageId": message_id}, default=default)
+                if not message.get("userId") and not _has_identity(message):
+                    yield RejectedEvent(message_id, Rejection.NO_IDENTITY, len(data))
                     continue
             except TypeError:
-                yield RejectedEvent(_message_id_of(message), REASON_NOT_JSON, 0)
+                message_id = message.get("messageId") if isinstance(message, Mapping) else None
+                yield RejectedEvent(message_id, Rejection.NOT_JSON, 0)
                 continue
             except AttributeError:
-                yield RejectedEvent(None, REASON_NOT_A_MAPPING, 0)
+                yield RejectedEvent(None, Rejection.NOT_A_MAPPING, 0)
                 continue
             length = len(data)
             if length > max_event:
-                yield RejectedEvent(message_id, oversize_reason, length)
+                yield RejectedEvent(message_id, Rejection.OVERSIZE, length)
                 continue
             if events:
                 if size + length + 1 > max_bytes or len(events) >= max_events:
@@ -260,11 +251,6 @@ class Batcher:
             yield Batch(events, ids, size)
 
 
-def _message_id_of(message: Any) -> Any:
-    """The ``messageId`` of something that may not even be a mapping."""
-    return message.get("messageId") if isinstance(message, Mapping) else None
-
-
 @dataclass
 class BatchPlan:
     """
@@ -274,61 +260,37 @@ class BatchPlan:
     :param batches: requests that would be made (no retries).
     :param bytes: request body bytes, uncompressed, envelopes included.
     :param rejected: events refused before sending.
-    :param oversize: of those, events over the per-event size limit.
     :param reasons: rejected events per reason.
-    :param rejected_events: the first ``max_listed`` rejected events, with their reason and size.
-    :param max_listed: cap on :attr:`rejected_events`.
+    :param rejected_message_ids: the first ``max_listed`` rejected events' messageIds.
     """
 
     events: int = 0
     batches: int = 0
     bytes: int = 0
     rejected: int = 0
-    oversize: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    rejected_events: list[RejectedEvent] = field(default_factory=list)
-    max_listed: int = 10_000
-
-    @property
-    def rejected_message_ids(self) -> list[Any]:
-        """The listed rejected events' messageIds."""
-        return [event.message_id for event in self.rejected_events]
-
-    @property
-    def oversize_message_ids(self) -> list[Any]:
-        """The listed oversize events' messageIds."""
-        return [event.message_id for event in self.rejected_events if event.reason.startswith("event over")]
+    rejected_message_ids: list[Any] = field(default_factory=list)
 
 
 def plan_batches(
-    messages: Iterable[Mapping[str, Any] | tuple[Mapping[str, Any], bytes]],
-    *,
-    batcher: Batcher | None = None,
-    max_listed: int = 10_000,
+    messages: Iterable[Mapping[str, Any]], *, batcher: Batcher | None = None, max_listed: int = 10_000
 ) -> BatchPlan:
     """
-    Batch messages exactly as :class:`SegmentHook` would and count the result; nothing is sent.
+    Batch messages exactly as a delivery would and count the result; nothing is sent.
 
-    :param messages: Segment messages, or ``(message, encoded)`` pairs (the encoding is redone here).
+    :param messages: Segment messages.
     :param batcher: the batcher to use; Segment's limits when omitted.
-    :param max_listed: cap on the rejected events listed in the plan.
+    :param max_listed: cap on the rejected messageIds listed in the plan.
     """
-    plan = BatchPlan(max_listed=max_listed)
-    for item in (batcher or Batcher()).split(_only_messages(messages)):
+    plan = BatchPlan()
+    for item in (batcher or Batcher()).split(messages):
         if isinstance(item, Batch):
             plan.events += len(item)
             plan.batches += 1
             plan.bytes += item.size
             continue
         plan.rejected += 1
-        plan.oversize += item.reason.startswith("event over")
-        plan.reasons[item.reason] = plan.reasons.get(item.reason, 0) + 1
-        if len(plan.rejected_events) < max_listed:
-            plan.rejected_events.append(item)
+        plan.reasons[item.reason.value] = plan.reasons.get(item.reason.value, 0) + 1
+        if len(plan.rejected_message_ids) < max_listed:
+            plan.rejected_message_ids.append(item.message_id)
     return plan
-
-
-def _only_messages(items: Iterable[Any]) -> Iterator[Any]:
-    """Accept ``(message, encoded)`` pairs as well as messages."""
-    for item in items:
-        yield item[0] if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], bytes) else item

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -101,3 +103,37 @@ def attempts_by_batch(standin: SegmentStandIn) -> dict[Any, list[Any]]:
     for record in standin.records():
         grouped[record.first_message_id].append(record)
     return grouped
+
+
+class FakeClock:
+    """
+    A clock and a sleep for :class:`SegmentHook` (``clock=fake, sleep=fake.sleep``): time moves only when
+    the hook sleeps, by exactly what it asked for, so waits are checked without depending on the machine.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.sleeps.append(seconds)
+            self.now += seconds
+
+
+def wait_until(condition: Callable[[], bool], what: str, guard: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``guard`` seconds (a hang guard, not a timing check)."""
+    deadline = time.monotonic() + guard
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.005)
+
+
+def sender_threads() -> list[threading.Thread]:
+    """The delivery's sender threads still alive."""
+    return [thread for thread in threading.enumerate() if thread.name.startswith("segment-send")]

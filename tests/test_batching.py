@@ -16,14 +16,11 @@ from airflow_provider_looker_segment.batching import (
     MAX_BATCH_EVENTS,
     MAX_EVENT_BYTES,
     MAX_REQUEST_BYTES,
-    REASON_NO_IDENTITY,
-    REASON_NOT_A_MAPPING,
-    REASON_NOT_JSON,
-    REASON_OVERSIZE,
     SENT_AT_LENGTH,
     Batch,
     Batcher,
     RejectedEvent,
+    Rejection,
     encode_event,
     format_sent_at,
     plan_batches,
@@ -116,7 +113,7 @@ def test_sizes_are_bytes_not_characters(char: str):
     message = {"type": "identify", "userId": "u", "messageId": "big", "traits": {"p": char * chars}}
     assert len(orjson.dumps(message).decode()) < MAX_EVENT_BYTES < len(encode_event(message))
     (rejected,) = split([message])
-    assert rejected == RejectedEvent("big", REASON_OVERSIZE, len(encode_event(message)))
+    assert rejected == RejectedEvent("big", Rejection.OVERSIZE, len(encode_event(message)))
 
 
 def test_oversize_event_is_rejected_alone():
@@ -127,7 +124,7 @@ def test_oversize_event_is_rejected_alone():
         sized("c", MAX_EVENT_BYTES),
     ]
     rejected, batch = split(messages)
-    assert rejected == RejectedEvent("big", REASON_OVERSIZE, MAX_EVENT_BYTES + 1)
+    assert rejected == RejectedEvent("big", Rejection.OVERSIZE, MAX_EVENT_BYTES + 1)
     assert batch.message_ids == ["a", "b", "c"]  # the oversize event did not sink nor split the batch
 
 
@@ -142,10 +139,10 @@ def test_unsendable_events_are_rejected_with_a_reason():
     ]
     items = split(messages)
     assert [(i.message_id, i.reason) for i in items if isinstance(i, RejectedEvent)] == [
-        ("no-id", REASON_NO_IDENTITY),
-        ("empty-id", REASON_NO_IDENTITY),
-        ("not-json", REASON_NOT_JSON),
-        (None, REASON_NOT_A_MAPPING),
+        ("no-id", Rejection.NO_IDENTITY),
+        ("empty-id", Rejection.NO_IDENTITY),
+        ("not-json", Rejection.NOT_JSON),
+        (None, Rejection.NOT_A_MAPPING),
     ]
     (batch,) = [i for i in items if isinstance(i, Batch)]
     assert batch.message_ids == ["ok", "zero-user"]
@@ -186,12 +183,20 @@ def test_limits_beyond_segments_are_refused(limits: dict):
 
 
 def test_plan_batches_counts_like_a_delivery():
-    messages = [sized("a", 100), sized("big", MAX_EVENT_BYTES + 5), sized("b", 100)]
-    plan = plan_batches((m, encode_event(m)) for m in messages)
-    assert (plan.events, plan.batches, plan.rejected, plan.oversize) == (2, 1, 1, 1)
+    messages = [sized("a", 100), sized("big", MAX_EVENT_BYTES + 5), sized("b", 100), {"userId": None}]
+    plan = plan_batches(iter(messages))
+    assert (plan.events, plan.batches, plan.rejected) == (2, 1, 2)
     assert plan.bytes == ENVELOPE_BYTES + 201
-    assert plan.rejected_message_ids == plan.oversize_message_ids == ["big"]
-    assert plan.reasons == {REASON_OVERSIZE: 1}
+    assert plan.rejected_message_ids[0] == "big"
+    assert plan.reasons == {Rejection.OVERSIZE.value: 1, Rejection.NO_IDENTITY.value: 1}
+    assert all(type(reason) is str for reason in plan.reasons)  # plain strings: JSON, XCom
+    assert plan_batches(messages, max_listed=0).rejected_message_ids == []
+
+
+def test_rejection_reasons_are_the_documented_texts():
+    """The README and the task's summary show these reasons as they are."""
+    assert Rejection.OVERSIZE.value == "event over Segment's 32 KB limit (32768 bytes encoded)"
+    assert Rejection.NO_IDENTITY.value == "event has neither userId nor anonymousId"
 
 
 @settings(max_examples=300, deadline=None)

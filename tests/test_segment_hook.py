@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import ssl
-import time
+import threading
 from collections.abc import Iterator
 from http import HTTPStatus
 from itertools import pairwise
@@ -16,12 +15,15 @@ import orjson
 import pytest
 import requests
 from segment_helpers import (
+    FakeClock,
     assert_received_equals_delivered,
     attempts_by_batch,
     connect,
     hook,
     identifies,
     identify,
+    sender_threads,
+    wait_until,
 )
 
 from airflow_provider_looker_segment.batching import (
@@ -30,17 +32,16 @@ from airflow_provider_looker_segment.batching import (
     MAX_BATCH_EVENTS,
     MAX_EVENT_BYTES,
     MAX_REQUEST_BYTES,
-    REASON_OVERSIZE,
+    Rejection,
     encode_event,
 )
-from airflow_provider_looker_segment.exceptions import SegmentConfigurationError, SegmentDeliveryError
-from airflow_provider_looker_segment.hooks.segment import (
-    DEFAULT_HOST,
-    DeliveryReport,
-    SegmentHook,
-    build_base_url,
-    describe_exception,
+from airflow_provider_looker_segment.delivery import asked_wait, describe_transport_error
+from airflow_provider_looker_segment.exceptions import (
+    ConnectionConfigError,
+    InvalidParameterError,
+    SegmentConfigurationError,
 )
+from airflow_provider_looker_segment.hooks.segment import DEFAULT_HOST, DeliveryReport, SegmentHook
 from airflow_provider_looker_segment.sync_state import sync_key
 from airflow_provider_looker_segment.testing.segment_standin import SegmentStandIn
 
@@ -123,14 +124,16 @@ def test_batches_split_by_bytes_exactly_at_the_limit(segment, conn_id, limit):
     assert_received_equals_delivered(segment, report, ids(messages))
 
 
-def test_an_oversize_event_is_rejected_alone(segment, conn_id):
+def test_an_oversize_event_is_rejected_alone(segment, conn_id, capsys):
     messages = [sized(i, 600) for i in range(10)]
     messages[4] = sized(4, MAX_EVENT_BYTES + 1)
     messages[7] = sized(7, MAX_EVENT_BYTES)  # exactly at the limit: sent
     report = hook(conn_id).send(messages)
     assert (report.delivered, report.rejected, report.failed) == (9, 1, 0)
-    assert report.rejected_events == [("msg-0000004", f"{REASON_OVERSIZE} ({MAX_EVENT_BYTES + 1} bytes)")]
-    assert report.rejected_reasons == {REASON_OVERSIZE: 1}
+    assert report.rejected_ids == ["msg-0000004"]
+    assert report.rejected_reasons == {Rejection.OVERSIZE.value: 1}
+    logged = f"'msg-0000004' rejected before sending: {Rejection.OVERSIZE.value} (32769 bytes)"
+    assert logged in capsys.readouterr().out
     assert [r.events for r in segment.records()] == [9]  # its neighbours went in one batch
     assert_received_equals_delivered(segment, report, ids(messages))
 
@@ -169,8 +172,7 @@ def test_a_wrong_write_key_gives_401_reported_and_not_retried(segment, monkeypat
     assert report.failed_reasons["not sent: HTTP 401: invalid write key"] == 2000 - report.requests * 100
     assert all(len(attempts) == 1 for attempts in attempts_by_batch(segment).values())
     assert_received_equals_delivered(segment, report, ids(messages))
-    with pytest.raises(SegmentDeliveryError, match="2,000 failed"):
-        report.raise_for_failures()
+    assert "2,000 failed" in report.summary() and "stopped early: HTTP 401" in report.summary()
 
 
 @pytest.mark.parametrize("status", [400, 413])
@@ -308,13 +310,56 @@ def test_delivery_stops_after_consecutive_failed_batches(segment, conn_id):
     assert_received_equals_delivered(segment, report, ids(messages))
 
 
-def test_client_side_rate_limit_spaces_requests(segment, conn_id):
+def test_backoff_doubles_with_jitter_up_to_its_cap(segment, conn_id):
+    clock = FakeClock()
+    segment.set_faults(every_500=1)
+    settings = {"backoff_factor": 0.5, "backoff_max": 1.6, "backoff_jitter": 0.25}
+    report = hook(conn_id, max_attempts=5, clock=clock, sleep=clock.sleep, **settings).send(identifies(100))
+    assert (report.failed, report.requests, report.retries) == (100, 5, 4)
+    assert list(report.failed_reasons) == ["HTTP 500: Internal Server Error (retry attempts exhausted)"]
+    assert len(clock.sleeps) == 4  # one wait between two attempts, none after the last
+    for waited, base in zip(clock.sleeps, [0.5, 1.0, 2.0, 4.0], strict=True):
+        assert min(base, 1.6) <= waited <= min(base + 0.25, 1.6)
+
+
+def test_no_retry_starts_past_the_time_budget(segment, conn_id):
+    clock = FakeClock()
+    segment.set_faults(every_500=1)
+    settings = {"backoff_factor": 1, "backoff_max": 30, "backoff_jitter": 0, "max_retry_time": 2.5}
+    report = hook(conn_id, max_attempts=10, clock=clock, sleep=clock.sleep, **settings).send(identifies(100))
+    # the first retry starts 1 s after the first request; the second would start at 3 s, past 2.5 s
+    assert (report.requests, clock.sleeps) == (2, [1.0])
+    assert list(report.failed_reasons) == ["HTTP 500: Internal Server Error (retry time budget exhausted)"]
+
+
+def test_a_retry_after_is_waited_for_instead_of_the_backoff(segment, conn_id):
+    clock = FakeClock()
+    segment.set_faults(script=["429", "500"], retry_after=7)
+    messages = list(identifies(100))
+    report = hook(conn_id, backoff_jitter=0, clock=clock, sleep=clock.sleep).send(messages)
+    assert (report.delivered, report.retries) == (100, 2)
+    assert clock.sleeps == [7.0, 0.02]  # the 429 says how long; the 500 gets the second backoff (2 x 0.01)
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+@pytest.mark.parametrize("in_flight", [1, 4])
+def test_client_side_rate_limit_spaces_requests(segment, conn_id, in_flight):
+    """8 requests at 20/s: each waits for its own slot, 50 ms after the previous one, whatever the senders."""
+    clock = FakeClock()
     messages = list(identifies(800))
-    report = hook(conn_id, max_batch_events=100, max_in_flight=4, requests_per_second=20).send(messages)
-    arrivals = sorted(r.arrived for r in segment.records())
-    assert report.delivered == 800 and len(arrivals) == 8
-    assert arrivals[-1] - arrivals[0] >= 7 * 0.05 - 0.03  # 8 requests at 20/s, by the stand-in's clock
-    assert all(b - a >= 0.025 for a, b in pairwise(arrivals))
+    report = hook(
+        conn_id,
+        max_batch_events=100,
+        max_in_flight=in_flight,
+        requests_per_second=20,
+        clock=clock,
+        sleep=clock.sleep,
+    ).send(messages)
+    assert report.delivered == 800 and report.requests == 8
+    assert clock() >= 7 * 0.05 - 1e-9  # the 8th slot is 7 intervals after the first
+    if in_flight == 1:
+        assert clock.sleeps == pytest.approx([0.05] * 7)
+    assert_received_equals_delivered(segment, report, ids(messages))
 
 
 # -- streaming, progress, input errors -----------------------------------------------------------------------
@@ -341,14 +386,83 @@ def test_input_is_consumed_lazily_with_bounded_batches_in_flight(segment, conn_i
     assert max(gaps) <= (2 * 2 + 1) * 100 + 1  # queued + sending + the batch being filled
 
 
-def test_an_error_of_the_input_propagates_after_requests_in_flight(segment, conn_id):
+def test_an_error_of_the_input_propagates_after_requests_in_flight(segment, conn_id, capsys):
+    """The input breaks while one request is answered and one hangs: the error waits for both to end."""
+    segment.set_faults(script=["ok", "hang"], hang_seconds=1)
+
     def messages() -> Iterator[dict[str, Any]]:
         yield from identifies(250)
+        wait_until(lambda: segment.stats()["by_status"].keys() >= {"200", "hang"}, "both requests")
         raise ValueError("Looker stream broke")
 
     with pytest.raises(ValueError, match="Looker stream broke"):
         hook(conn_id, max_batch_events=100).send(messages())
-    assert segment.stats()["events"] == 200
+    assert (segment.stats()["requests"], segment.stats()["events"]) == (2, 100)
+    # both batches were accounted for before the error propagated; the broken one was not retried
+    assert "so far: 100 delivered, 0 rejected, 100 failed in 2 batches, 2 requests" in capsys.readouterr().out
+
+
+# -- stopping (the operator's on_kill) -----------------------------------------------------------------------
+
+
+def test_stop_from_another_thread_ends_a_slow_send_promptly(segment, conn_id):
+    """Stopped while its first requests are on the wire (each answered after 1.5 s): nothing more is sent."""
+    segment.set_faults(delay=1.5)
+    pulled = 0
+
+    def messages() -> Iterator[dict[str, Any]]:
+        nonlocal pulled
+        for message in identifies(20_000):
+            pulled += 1
+            yield message
+
+    sender = hook(conn_id, max_batch_events=100, max_in_flight=2)
+
+    def stop_once_the_pipeline_is_full() -> None:
+        # 2 batches sending + 2 queued, the 5th formed and waiting for room: reading stops at message 501
+        wait_until(lambda: pulled > 5 * 100, "a full pipeline")
+        sender.stop()
+
+    stopper = threading.Thread(target=stop_once_the_pipeline_is_full)
+    stopper.start()
+    report = sender.send(messages())
+    stopper.join()
+    # the input was no longer read, and every message read is accounted for
+    assert report.total == pulled == 5 * 100 + 1
+    assert (report.delivered, report.failed, report.failed_reasons) == (0, pulled, {"stopped": pulled})
+    assert set(report.failed_ids) == {f"msg-{n:07d}" for n in range(pulled)} and report.aborted == "stopped"
+    # at most the two senders' requests were made, and none after the stop
+    assert report.requests <= 2 and report.retries == 0
+    for thread in sender_threads():
+        thread.join(timeout=30)  # they end with their abandoned request
+    assert not sender_threads()
+    assert segment.stats()["requests"] == report.requests
+    assert set(segment.message_ids()) <= set(report.failed_ids)
+
+
+def test_stop_cuts_a_wait_asked_by_segment_short(segment, conn_id):
+    segment.set_faults(script=["429"], retry_after=600)
+    sender = hook(conn_id, max_in_flight=1, max_retry_time=3600)
+    stopper = threading.Thread(
+        target=lambda: (wait_until(lambda: segment.stats()["requests"] == 1, "the 429"), sender.stop())
+    )
+    stopper.start()
+    report = sender.send(identifies(100))
+    stopper.join()
+    assert (report.requests, report.failed_reasons, report.aborted) == (1, {"stopped": 100}, "stopped")
+    for thread in sender_threads():
+        thread.join(timeout=30)
+    assert not sender_threads()  # the sender did not wait the 600 s
+    assert segment.stats()["requests"] == 1
+
+
+def test_a_stopped_hook_sends_nothing(segment, conn_id):
+    sender = hook(conn_id)
+    sender.stop()
+    pulled = []
+    report = sender.send(pulled.append(m) or m for m in identifies(10))
+    assert (pulled, report.total, report.requests, report.aborted) == ([], 0, 0, "stopped")
+    assert segment.stats()["requests"] == 0
 
 
 # -- connection and configuration ----------------------------------------------------------------------
@@ -404,7 +518,9 @@ def test_extras_are_read_and_arguments_override_them(segment, monkeypatch):
 )
 def test_unusable_settings_are_configuration_errors(segment, monkeypatch, extra):
     conn_id = connect(monkeypatch, segment, extra=extra)
-    with pytest.raises(SegmentConfigurationError):
+    (name,) = extra
+    where = r"\(extra of connection 'segment_test'\)"
+    with pytest.raises(InvalidParameterError, match=rf"^{name} {where} must be"):
         SegmentHook(conn_id).validate_config()
 
 
@@ -428,14 +544,17 @@ def test_unusable_settings_are_configuration_errors(segment, monkeypatch, extra)
         ("https://proxy.example.com/Segment/v1", None, None, "https://proxy.example.com/Segment"),
     ],
 )
-def test_base_url_from_the_connection(host, schema, port, expected):
-    assert build_base_url(host, schema, port) == expected
+def test_base_url_from_the_connection(monkeypatch, host, schema, port, expected):
+    definition = {"conn_type": "segment_tracking", "password": SECRET_KEY, "host": host, "schema": schema}
+    monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_URL", json.dumps({**definition, "port": port}))
+    assert SegmentHook("segment_url").validate_config().base_url == expected
 
 
 @pytest.mark.parametrize("host", ["https://api.segment.io:https", "https://api.segment.io:99999", "ftp://x"])
-def test_a_malformed_host_is_a_configuration_error(host):
-    with pytest.raises(SegmentConfigurationError, match="must be an http"):
-        build_base_url(host)
+def test_a_malformed_host_is_a_configuration_error(monkeypatch, host):
+    monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_BAD", json.dumps({"host": host, "password": SECRET_KEY}))
+    with pytest.raises(ConnectionConfigError, match="The Segment connection's Host must be an http"):
+        SegmentHook("segment_bad").validate_config()
 
 
 @pytest.mark.parametrize(
@@ -468,7 +587,8 @@ def test_test_connection_says_what_it_checked(segment, conn_id, monkeypatch):
     closed = {"conn_type": "segment_tracking", "host": "http://127.0.0.1:9", "password": "k" * 20}
     monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_CLOSED", json.dumps(closed))
     ok, message = SegmentHook("segment_closed").test_connection()
-    assert not ok and "connection refused" in message
+    assert not ok and message.startswith("Could not reach http://127.0.0.1:9/v1/batch: could not connect: ")
+    assert "Connection refused" in message
 
 
 def test_the_write_key_never_appears_in_logs_errors_or_urls(segment, monkeypatch, caplog, capsys):
@@ -484,10 +604,7 @@ def test_the_write_key_never_appears_in_logs_errors_or_urls(segment, monkeypatch
     texts.append(SegmentHook(conn_id).test_connection()[1])
     segment.set_faults(every_500=1)
     failed = hook(conn_id, max_attempts=2).send(identifies(100))
-    texts += [json.dumps(failed.to_dict())]
-    with pytest.raises(SegmentDeliveryError) as raised:
-        failed.raise_for_failures()
-    texts.append(str(raised.value))
+    texts += [json.dumps(failed.to_dict()), failed.summary()]
     wrong_key = SECRET_KEY[::-1]
     monkeypatch.setenv(
         "AIRFLOW_CONN_SEGMENT_USERINFO",
@@ -495,7 +612,7 @@ def test_the_write_key_never_appears_in_logs_errors_or_urls(segment, monkeypatch
             {"conn_type": "segment_tracking", "host": f"http://{wrong_key}@127.0.0.1:1", "password": "x" * 9}
         ),
     )
-    with pytest.raises(SegmentConfigurationError) as config_error:
+    with pytest.raises(ConnectionConfigError) as config_error:
         SegmentHook("segment_userinfo").validate_config()
     texts.append(str(config_error.value))
     captured = capsys.readouterr()
@@ -579,8 +696,7 @@ def test_https_to_a_plain_http_port_fails_at_once_with_a_hint(segment, monkeypat
     assert (segment.stats()["tls_handshakes"], segment.stats()["requests"]) == (1, 0)
     assert report.failed_reasons == {reason: 100, f"not sent: {reason}": 900}
     assert_received_equals_delivered(segment, report, ids(messages))
-    with pytest.raises(SegmentDeliveryError, match="wrong scheme or port"):
-        report.raise_for_failures()
+    assert "wrong scheme or port" in report.summary()
     ok, message = SegmentHook(conn_id).test_connection()
     assert not ok and message == f"Could not reach https://127.0.0.1:{segment.port}/v1/batch: {reason}."
 
@@ -605,35 +721,40 @@ def test_tls_errors_are_described_with_a_hint(text, expected):
     error = requests.exceptions.SSLError(
         MaxRetryError(None, "/v1/batch", Urllib3SSLError(ssl.SSLError(1, text)))
     )
-    description = describe_exception(error)
+    kind, description = describe_transport_error(error)
+    assert kind == ("plain_http" if expected == "plain HTTP" else "tls")
     assert description.startswith("TLS error") and expected in description and "scheme or port" in description
 
 
+RATE_RANGE = "must be 0 (no limit) or a number at least 0.1 (one request every 10 s)"
+
+
 @pytest.mark.parametrize(
-    ("name", "value", "shown", "accepted"),
+    ("name", "value", "expected"),
     [
-        ("requests_per_second", 0.001, "0.001", "from 0.1 (one request every 10 s) up"),
-        ("requests_per_second", "0.05", "0.05", "from 0.1"),
-        ("requests_per_second", -1, "-1.0", "from 0.1"),
-        ("requests_per_second", "nan", "nan", "from 0.1"),
-        ("requests_per_second", "inf", "inf", "from 0.1"),
-        ("max_in_flight", 0, "0", "a whole number from 1 to 32"),
-        ("max_in_flight", 33, "33", "a whole number from 1 to 32"),
-        ("timeout", 0, "0.0", "seconds above 0"),
-        ("timeout", "nan", "nan", "seconds above 0"),
-        ("timeout", "inf", "inf", "seconds above 0"),
+        ("requests_per_second", 0.001, f"{RATE_RANGE}, got 0.001"),
+        ("requests_per_second", "0.05", f"{RATE_RANGE}, got '0.05'"),
+        ("requests_per_second", -1, f"{RATE_RANGE}, got -1"),
+        ("requests_per_second", "nan", "must be a number, got 'nan'"),
+        ("requests_per_second", "inf", "must be a number, got 'inf'"),
+        ("max_in_flight", 0, "must be a whole number at least 1 and at most 32, got 0"),
+        ("max_in_flight", 33, "must be a whole number at least 1 and at most 32, got 33"),
+        ("max_in_flight", 2.5, "must be a whole number, got 2.5"),
+        ("timeout", 0, "must be a number above 0, got 0"),
+        ("timeout", "nan", "must be a number, got 'nan'"),
+        ("timeout", "inf", "must be a number, got 'inf'"),
+        ("gzip", "perhaps", "must be true or false, got 'perhaps'"),
     ],
 )
 @pytest.mark.parametrize("source", ["extra", "argument"])
 def test_a_setting_out_of_range_is_refused_naming_it_its_value_and_the_range(
-    segment, monkeypatch, name, value, shown, accepted, source
+    segment, monkeypatch, name, value, expected, source
 ):
     conn_id = connect(monkeypatch, segment, extra={name: value} if source == "extra" else {})
-    with pytest.raises(SegmentConfigurationError) as raised:
+    with pytest.raises(InvalidParameterError) as raised:
         SegmentHook(conn_id, **({name: value} if source == "argument" else {})).validate_config()
     where = "operator or hook argument" if source == "argument" else f"extra of connection {conn_id!r}"
-    assert str(raised.value).startswith(f"Segment setting {name!r} is {shown} ({where}): ")
-    assert accepted in str(raised.value)
+    assert str(raised.value) == f"{name} ({where}) {expected}"
     assert segment.stats()["requests"] == 0
 
 
@@ -650,24 +771,34 @@ def test_report_is_json_serialisable_and_bounded():
     report = DeliveryReport(max_listed_events=3)
     report.add("delivered", ["a", "b"])
     report.add("failed", [f"f{i}" for i in range(5)], "HTTP 500 (retry attempts exhausted)")
-    report.add("rejected", ["big"], REASON_OVERSIZE, f"{REASON_OVERSIZE} (40000 bytes)")
+    report.add("rejected", ["big"], Rejection.OVERSIZE.value)
     data = orjson.loads(orjson.dumps(report.to_dict()))
-    assert (data["delivered"], data["failed"], data["rejected"]) == (2, 5, 1)
-    assert data["failed_message_ids"] == ["f0", "f1", "f2"] and data["failed_events_omitted"] == 2
-    assert data["rejected_events"] == [{"messageId": "big", "reason": f"{REASON_OVERSIZE} (40000 bytes)"}]
-    assert data["reasons"] == {"HTTP 500 (retry attempts exhausted)": 5, REASON_OVERSIZE: 1}
-    assert report.total == 8 and not report.ok
-    snapshot = report.snapshot()
+    assert data == {
+        "delivered": 2,
+        "rejected": 1,
+        "failed": 5,
+        "batches": 0,
+        "requests": 0,
+        "retries": 0,
+        "bytes": 0,
+        "rejected_reasons": {Rejection.OVERSIZE.value: 1},
+        "failed_reasons": {"HTTP 500 (retry attempts exhausted)": 5},
+        "rejected_message_ids": ["big"],
+        "failed_message_ids": ["f0", "f1", "f2"],
+    }
+    assert (report.failed_events_omitted, report.rejected_events_omitted, report.total) == (2, 0, 8)
     report.add("failed", ["late"], "x")
-    assert snapshot.failed == 5 and len(snapshot.failed_events) == 3
+    assert (report.failed, report.failed_ids, report.failed_events_omitted) == (6, ["f0", "f1", "f2"], 3)
 
 
 def test_retry_after_header_parsing():
-    from airflow_provider_looker_segment.hooks.segment import _parse_rate_limit_reset
-
-    now = time.time()
-    assert _parse_rate_limit_reset("2") == 2
-    assert math.isclose(_parse_rate_limit_reset(str(int((now + 5) * 1000))), 5, abs_tol=0.1)
-    assert math.isclose(_parse_rate_limit_reset(str(int(now + 5))), 5, abs_tol=1.1)
-    assert _parse_rate_limit_reset("Thu, 01 Jan 1970 00:00:00 GMT") == 0
-    assert _parse_rate_limit_reset("garbage") is None
+    now = 1_700_000_000.0
+    assert asked_wait({"Retry-After": "2"}, now) == 2
+    assert asked_wait({"Retry-After": "Tue, 14 Nov 2023 22:13:25 GMT"}, now) == 5  # an HTTP date
+    assert asked_wait({"X-RateLimit-Reset": str(int((now + 5) * 1000))}, now) == 5  # epoch milliseconds
+    assert asked_wait({"X-RateLimit-Reset": str(int(now + 5))}, now) == 5  # epoch seconds
+    assert asked_wait({"X-RateLimit-Reset": "Thu, 01 Jan 1970 00:00:00 GMT"}, now) == 0  # in the past
+    assert asked_wait({"Retry-After": "3", "X-RateLimit-Reset": "9"}, now) == 3  # Retry-After wins
+    assert asked_wait({"Retry-After": "soon", "X-RateLimit-Reset": "9"}, now) == 9  # unreadable: the other
+    assert asked_wait({"Retry-After": "garbage"}, now) is None
+    assert asked_wait({}, now) is None

@@ -1,0 +1,594 @@
+"""
+Delivery of Segment batches: sender threads, one retry loop, and the report of what became of each event.
+
+A :class:`Delivery` runs one :meth:`~airflow_provider_looker_segment.hooks.segment.SegmentHook.send`. The
+calling thread reads the input and forms batches (:class:`~airflow_provider_looker_segment.batching.Batcher`);
+``max_in_flight`` sender threads POST them to ``/v1/batch``, each on its own ``requests`` session (connections
+reused, urllib3's own retries off). :meth:`Delivery._post` is the only retry mechanism: a plain loop that
+re-sends the batch byte for byte (so Segment deduplicates it by ``messageId``) as the README's "Delivery"
+section describes. Every event ends in exactly one of delivered, rejected or failed of the
+:class:`DeliveryReport`.
+"""
+
+from __future__ import annotations
+
+import copy
+import email.utils
+import gzip as gzip_module
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import orjson
+import requests
+
+from airflow_provider_looker_segment import net
+from airflow_provider_looker_segment.batching import Batch, Batcher, RejectedEvent, format_sent_at
+
+if TYPE_CHECKING:
+    from logging import Logger
+
+    from airflow_provider_looker_segment.hooks.segment import SegmentSettings
+
+DELIVERED, REJECTED, FAILED = "delivered", "rejected", "failed"
+#: The reason of the events a :meth:`Delivery.stop` left unsent or in flight.
+STOPPED = "stopped"
+#: Statuses worth another attempt: timeouts, rate limits and server errors.
+RETRY_STATUSES = frozenset({408, 429, *range(500, 600)})
+#: Statuses whose ``Retry-After`` (or ``X-RateLimit-Reset``) is obeyed.
+WAIT_STATUSES = frozenset({429, 503})
+#: Statuses that will not get better for the next batch either: stop sending at once.
+FATAL_STATUSES = frozenset({401, 403, 404})
+PLAIN_HTTP_TLS_ERROR = (
+    "TLS error: the server answered in plain HTTP (wrong scheme or port: use http:// for a plain-HTTP "
+    "endpoint, or the port that serves HTTPS)"
+)
+DEFAULT_MAX_LISTED_EVENTS = 10_000
+_GZIP_LEVEL = 6
+_MAX_REASONS = 100
+_MAX_REASON_TEXT = 200
+#: How often the calling thread, waiting for the senders, looks for a stop (a signal handler cannot wake it).
+_POLL_SECONDS = 0.05
+
+
+@dataclass
+class DeliveryReport:
+    """
+    What became of the messages given to a delivery; each is counted exactly once.
+
+    :param delivered: events Segment accepted (HTTP 2xx).
+    :param rejected: events Segment (or the batcher, before sending) refused: too large, invalid, HTTP
+        400/413. Re-sending them as they are will not help.
+    :param failed: events not delivered although they may be valid: retries exhausted (429, 5xx, timeouts,
+        connection errors), HTTP 401/403/404, not sent after delivery stopped, or in flight when it was
+        stopped.
+    :param requests: HTTP requests made, retries included.
+    :param batches: batches formed (sent or not).
+    :param bytes: request body bytes sent, as on the wire (after gzip), retries included.
+    :param retries: requests that re-sent a batch.
+    :param rejected_reasons: number of rejected events per reason.
+    :param failed_reasons: number of failed events per reason.
+    :param rejected_ids: messageIds of rejected events, the first ``max_listed_events``.
+    :param failed_ids: messageIds of failed events, the first ``max_listed_events``.
+    :param rejected_events_omitted: rejected events beyond the listed ones.
+    :param failed_events_omitted: failed events beyond the listed ones.
+    :param aborted: why sending stopped early, if it did.
+    :param max_listed_events: cap on each of the two lists, so memory stays bounded.
+    """
+
+    delivered: int = 0
+    rejected: int = 0
+    failed: int = 0
+    requests: int = 0
+    batches: int = 0
+    bytes: int = 0
+    retries: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+    failed_reasons: dict[str, int] = field(default_factory=dict)
+    rejected_ids: list[Any] = field(default_factory=list)
+    failed_ids: list[Any] = field(default_factory=list)
+    rejected_events_omitted: int = 0
+    failed_events_omitted: int = 0
+    aborted: str | None = None
+    max_listed_events: int = DEFAULT_MAX_LISTED_EVENTS
+
+    @property
+    def total(self) -> int:
+        """All events accounted for: delivered + rejected + failed."""
+        return self.delivered + self.rejected + self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict (e.g. for XCom or a task log)."""
+        return {
+            "delivered": self.delivered,
+            "rejected": self.rejected,
+            "failed": self.failed,
+            "batches": self.batches,
+            "requests": self.requests,
+            "retries": self.retries,
+            "bytes": self.bytes,
+            "rejected_reasons": dict(self.rejected_reasons),
+            "failed_reasons": dict(self.failed_reasons),
+            "rejected_message_ids": list(self.rejected_ids),
+            "failed_message_ids": list(self.failed_ids),
+        }
+
+    def summary(self) -> str:
+        """One line for a task log."""
+        text = (
+            f"{self.delivered:,} delivered, {self.rejected:,} rejected, {self.failed:,} failed "
+            f"in {self.batches:,} batches, {self.requests:,} requests ({self.retries:,} retries), "
+            f"{self.bytes:,} bytes"
+        )
+        reasons = {**self.rejected_reasons, **self.failed_reasons}  # a reason is either kind, not both
+        if reasons:
+            top = sorted(reasons.items(), key=lambda item: -item[1])[:5]
+            text += "; reasons: " + "; ".join(f"{reason} ({count:,})" for reason, count in top)
+        if self.aborted:
+            text += f"; stopped early: {self.aborted}"
+        return text
+
+    def add(self, category: str, message_ids: Sequence[Any], reason: str = "") -> None:
+        """
+        Account for events (not thread-safe: the delivery holds its lock).
+
+        :param category: :data:`DELIVERED`, :data:`REJECTED` or :data:`FAILED`.
+        :param message_ids: the events' messageIds.
+        :param reason: why they were rejected or failed.
+        """
+        count = len(message_ids)
+        if category == DELIVERED:
+            self.delivered += count
+            return
+        rejected = category == REJECTED
+        reasons, listed = (
+            (self.rejected_reasons, self.rejected_ids) if rejected else (self.failed_reasons, self.failed_ids)
+        )
+        key = reason if reason in reasons or len(reasons) < _MAX_REASONS else "other reasons"
+        reasons[key] = reasons.get(key, 0) + count
+        room = max(0, self.max_listed_events - len(listed))
+        listed.extend(message_ids[:room])
+        omitted = max(0, count - room)
+        if rejected:
+            self.rejected += count
+            self.rejected_events_omitted += omitted
+        else:
+            self.failed += count
+            self.failed_events_omitted += omitted
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """
+    How a batch is retried.
+
+    :param max_attempts: requests per batch at most, the first included.
+    :param max_retry_time: seconds from a batch's first request after which no retry is started (a wait
+        reaching past it ends the retries at once).
+    :param backoff_factor: first backoff in seconds; doubled on each further retry.
+    :param backoff_max: longest backoff in seconds.
+    :param backoff_jitter: up to this many random seconds added to each backoff (before the cap).
+    """
+
+    max_attempts: int = 8
+    max_retry_time: float = 300.0
+    backoff_factor: float = 0.5
+    backoff_max: float = 30.0
+    backoff_jitter: float = 1.0
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failed attempt when Segment did not say how long."""
+        wait = self.backoff_factor * 2.0 ** (failures - 1) + random.random() * self.backoff_jitter
+        return min(self.backoff_max, wait)
+
+
+def asked_wait(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """
+    Seconds Segment asks the client to wait: ``Retry-After`` (seconds or an HTTP date), else
+    ``X-RateLimit-Reset`` (epoch milliseconds, epoch seconds, seconds or an HTTP date); ``None`` when neither
+    is there and readable.
+
+    :param headers: the answer's headers.
+    :param now: the current epoch time (``time.time()`` when omitted).
+    """
+    now = time.time() if now is None else now
+    for value in (headers.get("Retry-After"), headers.get("X-RateLimit-Reset")):
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except TypeError:  # absent
+            continue
+        except ValueError:
+            try:
+                moment = email.utils.parsedate_to_datetime(value).timestamp()  # type: ignore[arg-type]
+            except (TypeError, ValueError, IndexError):
+                continue
+        else:
+            if not math.isfinite(number):
+                continue
+            moment = number / 1000.0 if number > 1e11 else number if number > 1e9 else now + number
+        return max(0.0, moment - now)
+    return None
+
+
+def describe_transport_error(exc: BaseException) -> tuple[str, str]:
+    """
+    A request that got no answer, in a few secret-free words.
+
+    :return: ``(kind, text)``: the kind from :func:`~airflow_provider_looker_segment.net.transport_problem`
+        (:data:`~airflow_provider_looker_segment.net.PLAIN_HTTP` is fatal) and the text for reports and logs.
+    """
+    kind, reason = net.transport_problem(exc)
+    texts = {
+        net.PLAIN_HTTP: PLAIN_HTTP_TLS_ERROR,
+        net.TLS: f"TLS error ({reason}): check the scheme or port of the connection's host, and that the "
+        "worker trusts the server's certificate",
+        net.TIMEOUT: f"timeout: {reason}",
+        net.UNREACHABLE: f"could not connect: {reason}",
+    }
+    return kind, texts.get(kind, reason)
+
+
+def response_message(response: requests.Response) -> str:
+    """Segment's error message from an answer's body, short and on one line (not yet redacted)."""
+    text = response.text or ""
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        text = str(data.get("message") or data.get("error") or data.get("errors") or text)
+    return " ".join(text.split())[:_MAX_REASON_TEXT]
+
+
+class _Outcome(NamedTuple):
+    """What became of one batch; ``fatal`` stops the delivery (the next batches would fare no better)."""
+
+    category: str
+    reason: str = ""
+    fatal: bool = False
+
+
+class _Throttle:
+    """Shared by the senders: the optional requests-per-second cap, and pauses Segment asked for."""
+
+    def __init__(self, requests_per_second: float | None, clock: Callable[[], float]) -> None:
+        self._interval = 1.0 / requests_per_second if requests_per_second else 0.0
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next_slot = 0.0
+        self._paused_until = 0.0
+
+    def pause_until(self, moment: float) -> None:
+        """Hold every sender's next request until ``moment`` (a ``clock()`` reading)."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, moment)
+
+    def reserve(self) -> float:
+        """Take the next request slot; return the seconds to wait before using it."""
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._paused_until, self._next_slot)
+            if self._interval:
+                self._next_slot = start + self._interval
+        return start - now
+
+
+class Delivery:
+    """
+    One :meth:`SegmentHook.send`: the calling thread feeds batches to a bounded pool of sender threads.
+
+    Memory is bounded by ``2 * max_in_flight`` batches queued or sending, plus the one being filled.
+
+    :param settings: the hook's resolved settings.
+    :param new_session: makes an authenticated ``requests`` session (one per sender thread).
+    :param batcher: splits the input into batches.
+    :param policy: how a batch is retried.
+    :param max_consecutive_failed_batches: stop sending after this many failed batches in a row (or never).
+    :param log: where to log.
+    :param clock: monotonic seconds, for the rate limit, pauses and the retry time budget.
+    :param sleep: waits a number of seconds; by default a wait that :meth:`stop` cuts short.
+    """
+
+    def __init__(
+        self,
+        settings: SegmentSettings,
+        *,
+        new_session: Callable[[], requests.Session],
+        batcher: Batcher,
+        policy: RetryPolicy,
+        max_consecutive_failed_batches: int | None,
+        log: Logger,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.new_session = new_session
+        self.batcher = batcher
+        self.policy = policy
+        self.max_consecutive_failures = max_consecutive_failed_batches
+        self.log = log
+        self.clock = clock
+        self.stopping = threading.Event()
+        self.sleep = sleep or self.stopping.wait
+        self.throttle = _Throttle(settings.requests_per_second, clock)
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if settings.gzip:
+            self.headers["Content-Encoding"] = "gzip"
+        self.timeouts = (min(settings.timeout, 10.0), settings.timeout)
+        self.window = 2 * settings.max_in_flight
+        # ``lock`` guards the report and the state below; senders wait for ``work``, the caller for ``room``.
+        self.lock = threading.Lock()
+        self.work, self.room = threading.Condition(self.lock), threading.Condition(self.lock)
+        self.report = DeliveryReport()
+        self.queue: deque[Batch] = deque()
+        self.pending: dict[Batch, None] = {}  # queued or sending, not yet accounted for (in order)
+        self.sending = 0  # batches a sender holds: requests on the wire, or waits between attempts
+        self.closed = False  # no more batches will come: idle senders exit
+        self.halted = False  # accounting is over: no more requests, late outcomes are dropped
+        self.consecutive_failures = 0
+        self.rejections_logged = 0
+
+    def stop(self) -> None:
+        """
+        Make :meth:`run` return promptly: no new request, no retry, no more input read. Batches not yet
+        accounted for (queued, in flight, or being filled) count as failed with reason :data:`STOPPED`;
+        requests in flight are abandoned and their senders exit when they end. Thread-safe, and safe to call
+        from a signal handler (it takes no lock the calling thread may hold).
+        """
+        self.stopping.set()
+
+    # -- calling thread ------------------------------------------------------------------------------------
+    def run(
+        self,
+        messages: Iterable[Mapping[str, Any]],
+        progress: Callable[[DeliveryReport], None] | None = None,
+        progress_interval: float = 10.0,
+    ) -> DeliveryReport:
+        """
+        Send everything and return the report; an exception of the input (or any other) propagates once the
+        requests on the wire have ended (no new request, no retry meanwhile).
+        """
+        self.progress, self.progress_interval = progress, max(progress_interval, 0.01)
+        self.next_report = time.monotonic() + self.progress_interval
+        senders = [
+            threading.Thread(target=self._sender, name=f"segment-send-{number}", daemon=True)
+            for number in range(self.settings.max_in_flight)
+        ]
+        for sender in senders:
+            sender.start()
+        try:
+            for item in self.batcher.split(self._until_stopped(messages)):
+                if isinstance(item, Batch):
+                    self._wait(lambda: len(self.pending) < self.window)
+                    self._dispatch(item)
+                else:
+                    self._reject(item)
+                self._report_progress()
+            with self.lock:
+                self.closed = True
+                self.work.notify_all()
+            self._wait(lambda: not self.pending)
+        except BaseException:
+            self.stopping.set()
+            self._wait(lambda: not self.sending, stoppable=False)
+            self._halt(STOPPED)
+            self.log.warning("Segment delivery interrupted; so far: %s", self.report.summary())
+            raise
+        if self.stopping.is_set():
+            self._halt(STOPPED)
+            self.log.warning("Segment delivery stopped: %s", self.report.summary())
+        else:
+            for sender in senders:
+                sender.join()
+        return self.report
+
+    def _until_stopped(self, messages: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+        """The input, ending early after a stop (so the batch being filled is still accounted for)."""
+        stopping = self.stopping
+        if stopping.is_set():
+            return
+        for message in messages:
+            yield message
+            if stopping.is_set():
+                return
+
+    def _wait(self, ready: Callable[[], bool], *, stoppable: bool = True) -> None:
+        """Wait until ``ready()`` (checked under the lock) or, if ``stoppable``, a stop; report progress."""
+        while True:
+            with self.lock:
+                if ready() or (stoppable and self.stopping.is_set()):
+                    return
+                self.room.wait(min(_POLL_SECONDS, max(0.0, self.next_report - time.monotonic())))
+            if stoppable:
+                self._report_progress()
+
+    def _report_progress(self) -> None:
+        """Call the progress callback with a copy of the report (or log it) when it is due."""
+        now = time.monotonic()
+        if now < self.next_report:
+            return
+        self.next_report = now + self.progress_interval
+        with self.lock:
+            snapshot = copy.deepcopy(self.report)  # later updates must not change what the callback got
+        if self.progress is not None:
+            self.progress(snapshot)
+        else:
+            self.log.info("Segment delivery in progress: %s", snapshot.summary())
+
+    def _dispatch(self, batch: Batch) -> None:
+        """Queue a batch for the senders, or count it failed if delivery was stopped."""
+        with self.lock:
+            self.report.batches += 1
+            if self.stopping.is_set():
+                self.report.add(FAILED, batch.message_ids, STOPPED)
+            elif self.report.aborted:
+                self.report.add(FAILED, batch.message_ids, f"not sent: {self.report.aborted}")
+            else:
+                self.pending[batch] = None
+                self.queue.append(batch)
+                self.work.notify()
+
+    def _reject(self, item: RejectedEvent) -> None:
+        """Account for an event the batcher refused (too large, not JSON, no identity); log the first ten."""
+        with self.lock:
+            self.report.add(REJECTED, [item.message_id], item.reason.value)
+            self.rejections_logged += 1
+            first = self.rejections_logged <= 10
+        if first:
+            size = f" ({item.size} bytes)" if item.size else ""
+            self.log.warning(
+                "Segment event %r rejected before sending: %s%s", item.message_id, item.reason.value, size
+            )
+
+    def _halt(self, reason: str) -> None:
+        """Close the accounting: batches still pending count as failed; senders make no more requests."""
+        with self.lock:
+            self.halted = self.closed = True
+            if self.report.aborted is None:
+                self.report.aborted = reason
+            for batch in self.pending:
+                self.report.add(FAILED, batch.message_ids, reason)
+            self.pending.clear()
+            self.queue.clear()
+            self.work.notify_all()
+
+    # -- sender threads ------------------------------------------------------------------------------------
+    def _sender(self) -> None:
+        """Take batches from the queue and deliver them until there are no more."""
+        session = self.new_session()
+        try:
+            while True:
+                with self.lock:
+                    while not self.queue and not self.closed:
+                        self.work.wait()
+                    if not self.queue:
+                        return
+                    batch = self.queue.popleft()
+                    self.sending += 1
+                    aborted = self.report.aborted
+                try:
+                    outcome = (
+                        _Outcome(FAILED, f"not sent: {aborted}") if aborted else self._post(session, batch)
+                    )
+                except BaseException as exc:  # whatever happens, the batch is accounted for
+                    outcome = _Outcome(FAILED, f"internal error: {type(exc).__name__}")
+                    self.log.exception("Unexpected error while sending a Segment batch")
+                self._settle(batch, outcome)
+        finally:
+            session.close()
+
+    def _post(self, session: requests.Session, batch: Batch) -> _Outcome:
+        """
+        POST one batch until Segment accepts or refuses it for good, or attempts or time run out.
+
+        Retried: 408, 429 and 5xx answers, timeouts, connection errors and resets, answers broken off. The
+        wait before a retry is what Segment asked for (429/503 with ``Retry-After`` or
+        ``X-RateLimit-Reset``; every sender then holds its next request until then), else an exponential
+        backoff with jitter. No retry is started past ``max_retry_time`` from the first request.
+        """
+        body = batch.body(format_sent_at())
+        if self.settings.gzip:
+            body = gzip_module.compress(body, compresslevel=_GZIP_LEVEL, mtime=0)
+        policy, secrets = self.policy, (self.settings.write_key,)
+        deadline = math.inf
+        attempt = 0
+        while True:
+            attempt += 1
+            wait = self.throttle.reserve()
+            if wait > 0:
+                self.sleep(wait)
+            if attempt == 1:
+                deadline = self.clock() + policy.max_retry_time
+            if not self._count_request(len(body), retry=attempt > 1):
+                return _Outcome(FAILED, STOPPED)
+            try:
+                response = session.post(
+                    self.settings.batch_url,
+                    data=body,
+                    headers=self.headers,
+                    timeout=self.timeouts,
+                    allow_redirects=False,
+                )
+            except requests.RequestException as exc:
+                kind, problem = describe_transport_error(exc)
+                if kind == net.PLAIN_HTTP:  # wrong scheme or port: no retry can help
+                    return _Outcome(FAILED, problem, fatal=True)
+                asked = None
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    return _Outcome(DELIVERED)
+                message = net.redact(response_message(response), secrets, basic_auth=True)
+                problem = f"HTTP {status}: {message}" if message else f"HTTP {status}"
+                if 300 <= status < 400:
+                    redirect = f"HTTP {status}: unexpected redirect; check the connection's host"
+                    return _Outcome(FAILED, redirect, fatal=True)
+                if status in FATAL_STATUSES:
+                    return _Outcome(FAILED, problem, fatal=True)
+                if status not in RETRY_STATUSES:
+                    return _Outcome(REJECTED, problem)
+                asked = asked_wait(response.headers) if status in WAIT_STATUSES else None
+            if attempt >= policy.max_attempts:
+                return _Outcome(FAILED, f"{problem} (retry attempts exhausted)")
+            delay = policy.backoff(attempt) if asked is None else asked
+            if self.clock() + delay > deadline:
+                return _Outcome(FAILED, f"{problem} (retry time budget exhausted)")
+            if self.stopping.is_set():
+                return _Outcome(FAILED, STOPPED)
+            self.log.warning(
+                "Retrying a Segment batch of %d events in %.2f s (%s): attempt %d of %d failed: %s",
+                len(batch),
+                delay,
+                "asked by Segment" if asked is not None else "backoff",
+                attempt,
+                policy.max_attempts,
+                problem,
+            )
+            if asked is None:
+                self.sleep(delay)
+            else:
+                self.throttle.pause_until(self.clock() + delay)
+
+    def _count_request(self, size: int, *, retry: bool) -> bool:
+        """Count a request about to be made; ``False`` (and nothing counted) once delivery is stopping."""
+        with self.lock:
+            if self.halted or self.stopping.is_set():
+                return False
+            self.report.requests += 1
+            self.report.retries += int(retry)
+            self.report.bytes += size
+        return True
+
+    def _settle(self, batch: Batch, outcome: _Outcome) -> None:
+        """Account for a batch; stop sending after a fatal answer or too many failed batches in a row."""
+        stop_reason = None
+        with self.lock:
+            self.sending -= 1
+            self.room.notify()
+            if batch not in self.pending:  # accounted for when delivery was halted
+                return
+            del self.pending[batch]
+            self.report.add(outcome.category, batch.message_ids, outcome.reason)
+            if outcome.category == DELIVERED:
+                self.consecutive_failures = 0
+            elif outcome.category == FAILED and not self.stopping.is_set():
+                self.consecutive_failures += 1
+                limit = self.max_consecutive_failures
+                if self.report.aborted is None and (
+                    outcome.fatal or (limit and self.consecutive_failures >= limit)
+                ):
+                    stop_reason = outcome.reason if outcome.fatal else f"{limit} batches failed in a row"
+                    self.report.aborted = stop_reason
+        if outcome.category != DELIVERED:
+            self.log.warning(
+                "Segment batch of %d events %s: %s", len(batch), outcome.category, outcome.reason
+            )
+        if stop_reason:
+            self.log.error(
+                "Stopped sending to Segment: %s; the remaining events count as failed.", stop_reason
+            )
