@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m airflow_provider_looker_segment.testing.demo
+	PYTHONPATH=tests $(BIN)/python -m standins.demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

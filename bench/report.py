@@ -559,7 +559,7 @@ def _method_lines(report: Report) -> list[str]:
         "## How it was measured",
         "",
         "- Looks: generated Looks of the Looker stand-in (Look id 1000000 + N: user id, email, name, plan, "
-        "sessions count), served by `python -m airflow_provider_looker_segment.testing.looker_standin`; "
+        "sessions count), served by `python -m standins.looker_standin`; "
         "receiver: the Segment stand-in (`segment_standin --record count`, write key `demo-write-key`); "
         "each stand-in in its own process.",
         "- Every measurement is a fresh child process started by a small launcher (`bench/run.py`); the "

@@ -41,20 +41,21 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(1, str(BENCH_DIR.parent / "tests"))  # the stand-ins (tests/standins)
 
 from probe import RESULT_PREFIX  # noqa: E402
 from report import Report, render_markdown  # noqa: E402
-from standins import (  # noqa: E402
+from standin_processes import (  # noqa: E402
     LOOKER_CLIENT_ID,
     LOOKER_CLIENT_SECRET,
     SEGMENT_WRITE_KEY,
     StandInProcess,
     looker_standin,
+    process_cpu_seconds,
     segment_standin,
 )
-
-from airflow_provider_looker_segment.testing.looker_fixtures import GENERATED_LOOK_BASE  # noqa: E402
-from airflow_provider_looker_segment.testing.segment_standin import SegmentStandInClient  # noqa: E402
+from standins.looker_fixtures import GENERATED_LOOK_BASE  # noqa: E402
+from standins.segment_standin import SegmentStandInClient  # noqa: E402
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 DEFAULT_BASELINE_PYTHON = BENCH_DIR / ".venv" / "bin" / "python"
@@ -336,10 +337,10 @@ class Bench:
     ) -> RunRecord:
         assert self.client is not None
         self.client.reset()
-        looker_cpu, segment_cpu = self.looker.cpu_seconds(), self.segment.cpu_seconds()
+        looker_cpu, segment_cpu = process_cpu_seconds(self.looker.pid), process_cpu_seconds(self.segment.pid)
         result, wall = self.spawn(python, script, config, self._env(case), f"{name}-{rows}")
-        looker_cpu = self.looker.cpu_seconds() - looker_cpu
-        segment_cpu = self.segment.cpu_seconds() - segment_cpu
+        looker_cpu = process_cpu_seconds(self.looker.pid) - looker_cpu
+        segment_cpu = process_cpu_seconds(self.segment.pid) - segment_cpu
         stats = self.client.stats()
         if case is None or case.network:
             received, rejected = int(stats["events"]), int(stats["rejected_events"])

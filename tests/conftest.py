@@ -30,8 +30,13 @@ os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(_DAGS_FOLDER))
 for _name in [n for n in os.environ if n.startswith("LOOKERSDK_")]:
     del os.environ[_name]
 
-# Helper modules in tests/ (looker_helpers, segment_helpers, ...) are imported by name.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Helper modules in tests/ (looker_helpers, segment_helpers, ...) and the stand-ins (the package
+# tests/standins) are imported by name, here and in the child processes the tests start.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+sys.path.insert(0, _TESTS_DIR)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    dict.fromkeys([_TESTS_DIR, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_looker_segment.testing.looker_standin import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from standins.looker_standin import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
 CLIENT_ID = DEFAULT_CLIENT_ID
 CLIENT_SECRET = DEFAULT_CLIENT_SECRET

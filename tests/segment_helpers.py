@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from standins.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
 
 from airflow_provider_looker_segment.hooks.segment import DeliveryReport, SegmentHook
-from airflow_provider_looker_segment.testing.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
 
 #: Retry settings that keep the tests quick; a test overrides what it is about.
 FAST = {

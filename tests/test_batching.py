@@ -9,6 +9,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from standins import segment_standin
 
 from airflow_provider_looker_segment.batching import (
     DEFAULT_MAX_BATCH_BYTES,
@@ -26,7 +27,6 @@ from airflow_provider_looker_segment.batching import (
     plan_batches,
 )
 from airflow_provider_looker_segment.exceptions import SegmentConfigurationError
-from airflow_provider_looker_segment.testing import segment_standin
 
 SENT_AT = "2024-01-31T12:00:00.000Z"
 

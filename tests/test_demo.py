@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from airflow_provider_looker_segment.testing.demo import SEED_CALL
+from standins.demo import SEED_CALL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_reproduces_the_seed_example(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LOOKERSDK_"))}
     done = subprocess.run(
-        [sys.executable, "-m", "airflow_provider_looker_segment.testing.demo"],
+        [sys.executable, "-m", "standins.demo"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -23,13 +23,13 @@ from typing import Any
 import pytest
 import requests
 from airflow_services import AirflowServices, quote
+from standins.connections import standin_connections
+from standins.looker_fixtures import TOASTMATES_LOOK_ID, fixture_looks
+from standins.looker_standin import LookerStandIn
+from standins.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
 
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__
 from airflow_provider_looker_segment.get_provider_info import get_provider_info
-from airflow_provider_looker_segment.testing.connections import standin_connections
-from airflow_provider_looker_segment.testing.looker_fixtures import TOASTMATES_LOOK_ID, fixture_looks
-from airflow_provider_looker_segment.testing.looker_standin import LookerStandIn
-from airflow_provider_looker_segment.testing.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
 
 pytestmark = pytest.mark.e2e
 

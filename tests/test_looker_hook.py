@@ -25,22 +25,7 @@ from looker_helpers import (
     make_self_signed_cert,
     set_connection,
 )
-
-from airflow_provider_looker_segment.exceptions import (
-    ConnectionConfigError,
-    InvalidParameterError,
-    LookDeletedError,
-    LookerApiError,
-    LookerSegmentError,
-    LookNotFoundError,
-    LookQueryError,
-    LookStreamError,
-    LookTruncatedError,
-)
-from airflow_provider_looker_segment.hooks.looker import LookerHook
-from airflow_provider_looker_segment.look_stream import IJSON, LookStream
-from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION, LookInfo
-from airflow_provider_looker_segment.testing.looker_fixtures import (
+from standins.looker_fixtures import (
     DELETED_LOOK_ID,
     EDGE_VALUES_LOOK_ID,
     GENERATED_LOOK_BASE,
@@ -58,7 +43,22 @@ from airflow_provider_looker_segment.testing.looker_fixtures import (
     generated_look,
     generated_row,
 )
-from airflow_provider_looker_segment.testing.looker_standin import LookerStandIn
+from standins.looker_standin import LookerStandIn
+
+from airflow_provider_looker_segment.exceptions import (
+    ConnectionConfigError,
+    InvalidParameterError,
+    LookDeletedError,
+    LookerApiError,
+    LookerSegmentError,
+    LookNotFoundError,
+    LookQueryError,
+    LookStreamError,
+    LookTruncatedError,
+)
+from airflow_provider_looker_segment.hooks.looker import LookerHook
+from airflow_provider_looker_segment.look_stream import IJSON, LookStream
+from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION, LookInfo
 from airflow_provider_looker_segment.transform import (
     TransformOptions,
     anonymous_id_from_email,

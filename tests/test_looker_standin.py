@@ -17,8 +17,7 @@ import pytest
 import requests
 from looker_helpers import CLIENT_ID, CLIENT_SECRET, make_self_signed_cert
 from looker_sdk import error as sdk_error
-
-from airflow_provider_looker_segment.testing.looker_fixtures import (
+from standins.looker_fixtures import (
     DELETED_LOOK_ID,
     EDGE_VALUES_LOOK_ID,
     GENERATED_LOOK_BASE,
@@ -33,7 +32,7 @@ from airflow_provider_looker_segment.testing.looker_fixtures import (
     generated_look,
     generated_row,
 )
-from airflow_provider_looker_segment.testing.looker_standin import DOCS_BASE, PROXY_PAGE, LookerStandIn
+from standins.looker_standin import DOCS_BASE, PROXY_PAGE, LookerStandIn
 
 DOCS_PREFIX = "https://docs.cloud.google.com/looker/docs/r/err/"
 
@@ -430,7 +429,7 @@ def test_https_with_a_self_signed_certificate(tmp_path):
 
 def test_module_entry_point_serves_until_interrupted():
     process = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_looker_segment.testing.looker_standin", "--port", "0"],
+        [sys.executable, "-m", "standins.looker_standin", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )

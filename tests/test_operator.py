@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from airflow_provider_looker_segment import PACKAGE_NAME, __version__
-from airflow_provider_looker_segment.testing.connections import segment_connection, standin_connections
-from airflow_provider_looker_segment.testing.demo import read_return_value
-from airflow_provider_looker_segment.testing.looker_fixtures import (
+from standins.connections import segment_connection, standin_connections
+from standins.demo import read_return_value
+from standins.looker_fixtures import (
     ANONYMOUS_ID_LOOK_ID,
     DELETED_LOOK_ID,
     SQL_ERROR_LOOK_ID,
@@ -22,8 +20,10 @@ from airflow_provider_looker_segment.testing.looker_fixtures import (
     FixtureLook,
     fixture_looks,
 )
-from airflow_provider_looker_segment.testing.looker_standin import LookerStandIn
-from airflow_provider_looker_segment.testing.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
+from standins.looker_standin import LookerStandIn
+from standins.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
+
+from airflow_provider_looker_segment import PACKAGE_NAME, __version__
 
 DAG_FILE = Path(__file__).resolve().parent / "dag_files" / "lsg_operator_test.py"
 
@@ -190,7 +190,7 @@ def test_dry_run_needs_no_segment_connection(run, segment, monkeypatch):
 
 
 def test_retried_task_sends_identical_message_ids(run, segment):
-    from airflow_provider_looker_segment.testing.segment_standin import Faults
+    from standins.segment_standin import Faults
 
     segment.set_faults(Faults(script=["400"]))  # the first try's batch is refused: the task fails, retries
     dag_run, ti, summary = run()
@@ -204,7 +204,7 @@ def test_retried_task_sends_identical_message_ids(run, segment):
 
 
 def test_rejected_events_fail_the_task_with_the_summary(run, segment, capfd):
-    from airflow_provider_looker_segment.testing.segment_standin import Faults
+    from standins.segment_standin import Faults
 
     segment.set_faults(Faults(script=["400", "400"]))
     dag_run, ti, _summary = run()
@@ -397,7 +397,7 @@ def test_truncated_look_never_produces_exits(changed, looker, segment):
 
 
 def test_failed_batch_is_sent_again_by_the_next_run(changed, looker, segment):
-    from airflow_provider_looker_segment.testing.segment_standin import Faults
+    from standins.segment_standin import Faults
 
     cohort = [(f"u{n}", "free") for n in range(6)]
     _cohort(looker, cohort)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from standins.connections import standin_connections
+from standins.looker_fixtures import TOASTMATES_LOOK_ID
+from standins.looker_standin import LookerStandIn
+from standins.segment_standin import Faults, SegmentStandIn
 
 from airflow_provider_looker_segment.destinations import resolve_destinations
 from airflow_provider_looker_segment.exceptions import InvalidParameterError, SegmentDeliveryError
@@ -12,10 +16,6 @@ from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.hooks.segment import SegmentHook
 from airflow_provider_looker_segment.pipeline import SyncSettings, failure, sync_look
 from airflow_provider_looker_segment.sync_state import CohortStateStore
-from airflow_provider_looker_segment.testing.connections import standin_connections
-from airflow_provider_looker_segment.testing.looker_fixtures import TOASTMATES_LOOK_ID
-from airflow_provider_looker_segment.testing.looker_standin import LookerStandIn
-from airflow_provider_looker_segment.testing.segment_standin import Faults, SegmentStandIn
 
 NAMESPACE = '["pipeline_test", "sync", "run-1", -1, "1"]'
 

@@ -25,6 +25,7 @@ from segment_helpers import (
     sender_threads,
     wait_until,
 )
+from standins.segment_standin import SegmentStandIn
 
 from airflow_provider_looker_segment.batching import (
     DEFAULT_MAX_BATCH_BYTES,
@@ -43,7 +44,6 @@ from airflow_provider_looker_segment.exceptions import (
 )
 from airflow_provider_looker_segment.hooks.segment import DEFAULT_HOST, DeliveryReport, SegmentHook
 from airflow_provider_looker_segment.sync_state import sync_key
-from airflow_provider_looker_segment.testing.segment_standin import SegmentStandIn
 
 SECRET_KEY = "wk-S3cr3t-Wr1te-Key-0123456789"
 

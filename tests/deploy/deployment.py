@@ -267,7 +267,7 @@ def start_moto(daemons: Daemons) -> str:
 def start_looker_standin(daemons: Daemons) -> str:
     """The Looker API stand-in (its command-line program) on a free loopback port; return its URL."""
     port = free_port()
-    module = "airflow_provider_looker_segment.testing.looker_standin"
+    module = "standins.looker_standin"
     daemon = daemons.start("looker-standin", [sys.executable, "-m", module, "--port", str(port)])
     url = f"http://127.0.0.1:{port}"
     daemons.wait_until(
@@ -279,7 +279,7 @@ def start_looker_standin(daemons: Daemons) -> str:
 def start_segment_standin(daemons: Daemons, folder: Path) -> str:
     """The Segment stand-in (its command-line program, recording every event); return its URL."""
     url_file = folder / "segment-standin.url"
-    module = "airflow_provider_looker_segment.testing.segment_standin"
+    module = "standins.segment_standin"
     argv = [sys.executable, "-m", module, "--port", "0", "--record", "full", "--url-file", str(url_file)]
     daemon = daemons.start("segment-standin", argv)
     daemons.wait_until("Segment stand-in", lambda: url_file.read_text().strip() != "", 60, daemon.log)

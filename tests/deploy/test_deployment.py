@@ -54,15 +54,14 @@ from deployment import (
     start_redis,
     start_segment_standin,
 )
-
-from airflow_provider_looker_segment.testing.connections import standin_connections
-from airflow_provider_looker_segment.testing.looker_fixtures import (
+from standins.connections import standin_connections
+from standins.looker_fixtures import (
     GENERATED_LOOK_BASE,
     TOASTMATES_LOOK_ID,
     fixture_looks,
     generated_row,
 )
-from airflow_provider_looker_segment.testing.segment_standin import SegmentStandInClient
+from standins.segment_standin import SegmentStandInClient
 
 pytestmark = pytest.mark.e2e
 

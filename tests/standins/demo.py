@@ -6,7 +6,7 @@ It starts the Looker API stand-in and the Segment stand-in on 127.0.0.1, points 
 ``looker_cohort_to_segment`` with ``dag.test()`` for Look 1 (Segment's "Active users, last 30 days" example)
 and prints what Segment received and the task's summary. Nothing leaves the machine.
 
-Run it with ``python -m airflow_provider_looker_segment.testing.demo [--look-id 1] [--keep-home]``.
+Run it with ``python -m standins.demo [--look-id 1] [--keep-home]``.
 The exit status is 0 when Segment received the seed's reference ``identify`` call, 1 otherwise.
 """
 
@@ -80,9 +80,9 @@ def run_demo(look_id: str, dags_folder: Path) -> int:
 
     from airflow.utils import db
 
-    from airflow_provider_looker_segment.testing.connections import standin_connections
-    from airflow_provider_looker_segment.testing.looker_standin import LookerStandIn
-    from airflow_provider_looker_segment.testing.segment_standin import SegmentStandIn
+    from standins.connections import standin_connections
+    from standins.looker_standin import LookerStandIn
+    from standins.segment_standin import SegmentStandIn
 
     with LookerStandIn() as looker, SegmentStandIn(record="full") as segment:
         os.environ.update(standin_connections(looker.base_url, segment.base_url))

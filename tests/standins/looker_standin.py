@@ -17,7 +17,7 @@ Endpoints: ``POST /api/4.0/login``, ``DELETE /api/logout`` and ``/api/4.0/logout
 Errors have Looker's shape ``{"message", "documentation_url"}``; the documentation URLs use the
 ``https://docs.cloud.google.com/looker/docs/r/err/`` form, which looker_sdk does not try to download.
 
-Run it by hand with ``python -m airflow_provider_looker_segment.testing.looker_standin --port 0``.
+Run it by hand with ``python -m standins.looker_standin --port 0``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from airflow_provider_looker_segment.testing.looker_fixtures import (
+from standins.looker_fixtures import (
     CSV,
     JSON_DETAIL,
     RESULT_FORMATS,
@@ -48,6 +48,7 @@ from airflow_provider_looker_segment.testing.looker_fixtures import (
     fixture_looks,
     resolve_generated,
 )
+from standins.processes import ServerThread
 
 DEFAULT_CLIENT_ID = "looker-demo-id"
 DEFAULT_CLIENT_SECRET = "looker-demo-secret"
@@ -152,7 +153,7 @@ class LookerStandIn:
         self._faults = _Faults()
         self._stopping = threading.Event()
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._serving: ServerThread | None = None
 
     # --- life cycle -----------------------------------------------------------------------------------
 
@@ -174,13 +175,7 @@ class LookerStandIn:
             return self.base_url
         self._stopping.clear()
         self._server = _Server((self.host, self.port), _Handler, self, self._ssl_context)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="looker-standin",
-            daemon=True,
-        )
-        self._thread.start()
+        self._serving = ServerThread(self._server, "looker-standin")
         return self.base_url
 
     def stop(self) -> None:
@@ -189,11 +184,9 @@ class LookerStandIn:
         if server is None:
             return
         self._stopping.set()
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._serving is not None:
+            self._serving.stop()
+            self._serving = None
 
     def __enter__(self) -> LookerStandIn:
         self.start()

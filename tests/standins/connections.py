@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 # The stand-ins' demo credentials (not secrets: they only open the local stand-ins).
-from airflow_provider_looker_segment.testing.looker_standin import (
+from standins.looker_standin import (
     DEFAULT_CLIENT_ID as DEMO_LOOKER_CLIENT_ID,
 )
-from airflow_provider_looker_segment.testing.looker_standin import (
+from standins.looker_standin import (
     DEFAULT_CLIENT_SECRET as DEMO_LOOKER_CLIENT_SECRET,
 )
-from airflow_provider_looker_segment.testing.segment_standin import (
+from standins.segment_standin import (
     DEFAULT_WRITE_KEY as DEMO_SEGMENT_WRITE_KEY,
 )
 

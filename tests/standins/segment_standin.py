@@ -33,7 +33,7 @@ Control endpoints, for tests running in another process (see :class:`SegmentStan
   replaces the faults and restarts their request count);
 * ``POST /_standin/reset`` - forget everything received and clear the faults.
 
-Run it by hand: ``python -m airflow_provider_looker_segment.testing.segment_standin --port 0`` (it prints
+Run it by hand: ``python -m standins.segment_standin --port 0`` (it prints
 ``SEGMENT_STANDIN_URL=...`` and ``SEGMENT_STANDIN_WRITE_KEY=...`` first), or from Python in a child process
 with :class:`SegmentStandInProcess` - the fastest set-up (its own interpreter), e.g. for the benchmark.
 """
@@ -50,7 +50,6 @@ import math
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -65,9 +64,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from airflow_provider_looker_segment.testing.processes import stop_process
+from standins.processes import ServerThread, StandInProcess
 
-MODULE = "airflow_provider_looker_segment.testing.segment_standin"
+MODULE = "standins.segment_standin"
 DEFAULT_WRITE_KEY = "demo-write-key"
 #: Segment's documented limits (the same values as :mod:`airflow_provider_looker_segment.batching`).
 MAX_EVENT_BYTES = 32 * 1024
@@ -257,7 +256,7 @@ class SegmentStandIn:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._serving: ServerThread | None = None
         self._faults = faults or Faults()
         self._fault_seq = 0
         self._script_pos = 0
@@ -283,13 +282,7 @@ class SegmentStandIn:
         self._stopping.clear()
         self._server = _Server((self.host, self.port), self)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name="segment-standin",
-            daemon=True,
-        )
-        self._thread.start()
+        self._serving = ServerThread(self._server, "segment-standin")
         return self.base_url
 
     def stop(self) -> None:
@@ -298,11 +291,9 @@ class SegmentStandIn:
         if server is None:
             return
         self._stopping.set()
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._serving is not None:
+            self._serving.stop(before_close=server.close_connections)
+            self._serving = None
 
     def serve_forever(self) -> None:
         """Serve in the calling thread until :meth:`stop` is called from elsewhere (or Ctrl-C)."""
@@ -920,9 +911,9 @@ class SegmentStandInClient:
         return False
 
 
-class SegmentStandInProcess:
+class SegmentStandInProcess(StandInProcess):
     """
-    A stand-in running in a child process (``python -m ...segment_standin``), read over HTTP.
+    A stand-in running in a child process (``python -m standins.segment_standin``), read over HTTP.
 
     Its own interpreter keeps it off the caller's GIL (the way to benchmark the hook against it) and lets
     tests whose Airflow tasks run in other processes assert what it received, through :attr:`client`.
@@ -941,53 +932,18 @@ class SegmentStandInProcess:
         faults: Faults | None = None,
         port: int = 0,
     ) -> None:
-        self.record = record
-        self.write_keys = tuple(write_keys)
-        self.write_key = self.write_keys[0]
-        self.faults = faults
-        self.port = port
-        self.base_url = ""
-        self._process: subprocess.Popen[str] | None = None
+        args = ["--port", str(port), "--record", record]
+        for key in write_keys:
+            args += ["--write-key", key]
+        if faults is not None:
+            args += ["--faults", orjson.dumps(faults.to_dict()).decode()]
+        super().__init__("segment-standin", [sys.executable, "-m", MODULE, *args], "SEGMENT_STANDIN_URL=")
+        self.write_key = next(iter(write_keys))
 
     @property
     def client(self) -> SegmentStandInClient:
         """A client for the control endpoints."""
         return SegmentStandInClient(self.base_url)
-
-    def start(self) -> str:
-        """Start the child process and return its base URL once it listens."""
-        command = [sys.executable, "-m", MODULE, "--port", str(self.port), "--record", self.record]
-        for key in self.write_keys:
-            command += ["--write-key", key]
-        if self.faults is not None:
-            command += ["--faults", orjson.dumps(self.faults.to_dict()).decode()]
-        self._process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        assert self._process.stdout is not None
-        line = self._process.stdout.readline().strip()
-        if not line.startswith("SEGMENT_STANDIN_URL="):
-            self.stop()
-            raise RuntimeError(f"the Segment stand-in did not start (printed {line!r})")
-        self.base_url = line.partition("=")[2]
-        self._process.stdout.readline()
-        return self.base_url
-
-    def stop(self) -> None:
-        """Stop the child process (SIGTERM, then SIGKILL after 10 s)."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        stop_process(process)
-        if process.stdout is not None:
-            process.stdout.close()
-
-    def __enter__(self) -> SegmentStandInProcess:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def _record_from_json(data: dict[str, Any]) -> RequestRecord:
