@@ -16,8 +16,8 @@ next repeat) so that a noisy machine slows them alike, and the median of the rep
 Runs at N = 0 give the fixed start-up cost (imports, then hook set-up on an empty Look); the stand-ins' own
 ceilings are measured once per size (``case_fetch.py``, ``case_post.py``), and the floor is profiled once
 (cProfile) to show where our CPU time goes. The Markdown report is printed and written to
-``bench/RESULTS.md`` (with ``bench/NOTES.md``, the hand-written closing note, appended); every run's figures
-go to ``bench/out/results.json``, from which ``--render-only`` rebuilds the report.
+``bench/RESULTS.md`` (with a hand-written closing note appended when ``--notes`` names one); every run's
+figures go to ``bench/out/results.json``, from which ``--render-only`` rebuilds the report.
 
 Usage: ``python bench/run.py [--sizes 10000,100000] [--repeat 3] [--cases ours,floor] ...`` (``--help``).
 """
@@ -61,7 +61,6 @@ DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 DEFAULT_BASELINE_PYTHON = BENCH_DIR / ".venv" / "bin" / "python"
 DEFAULT_RESULTS = BENCH_DIR / "RESULTS.md"
 DEFAULT_JSON = BENCH_DIR / "out" / "results.json"
-DEFAULT_NOTES = BENCH_DIR / "NOTES.md"
 #: Sizes from which the baseline cases are repeated ``--large-repeat`` times.
 LARGE_SIZE = 1_000_000
 #: The floor is profiled at the largest size up to this one (cProfile doubles its time).
@@ -179,7 +178,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-profile", action="store_true", help="skip profiling the floor")
     parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="Markdown report ('-': none)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="JSON of every run ('-': none)")
-    parser.add_argument("--notes", default=str(DEFAULT_NOTES), help="closing note appended to the report")
+    parser.add_argument(
+        "--notes",
+        default="-",
+        help="a hand-written closing note (Markdown file) to append to the report, e.g. bench/NOTES.md "
+        "written for this run; default none: a note written for an earlier run never follows new figures",
+    )
     parser.add_argument("--render-only", metavar="JSON", help="rebuild the report from a results JSON")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per child run (1800)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the children's stdout and stderr")
