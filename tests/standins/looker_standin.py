@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -48,7 +47,7 @@ from standins.looker_fixtures import (
     fixture_looks,
     resolve_generated,
 )
-from standins.processes import ServerThread
+from standins.processes import ThreadedStandIn
 
 DEFAULT_CLIENT_ID = "looker-demo-id"
 DEFAULT_CLIENT_SECRET = "looker-demo-secret"
@@ -105,7 +104,7 @@ class _Faults:
     delay_prefix: str = API_PREFIX
 
 
-class LookerStandIn:
+class LookerStandIn(ThreadedStandIn):
     """
     A Looker API 4.0 stand-in on 127.0.0.1 (``ThreadingHTTPServer``; thread-safe counters and records).
 
@@ -136,6 +135,7 @@ class LookerStandIn:
         tls_keyfile: str | None = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ) -> None:
+        super().__init__()
         self.client_id = client_id
         self.client_secret = client_secret
         self.host = host
@@ -151,9 +151,6 @@ class LookerStandIn:
         self._requests: list[RecordedRequest] = []
         self._counters: Counter[str] = Counter()
         self._faults = _Faults()
-        self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._serving: ServerThread | None = None
 
     # --- life cycle -----------------------------------------------------------------------------------
 
@@ -165,37 +162,14 @@ class LookerStandIn:
     @property
     def base_url(self) -> str:
         """``scheme://127.0.0.1:PORT`` of the running server."""
-        if self._server is None:
+        if self._serving is None:
             raise RuntimeError("the Looker stand-in is not running")
-        return f"{self.scheme}://{self.host}:{self._server.server_address[1]}"
+        return f"{self.scheme}://{self.host}:{self._serving.port}"
 
-    def start(self) -> str:
-        """Start serving in a background thread and return the base URL."""
-        if self._server is not None:
-            return self.base_url
-        self._stopping.clear()
-        self._server = _Server((self.host, self.port), _Handler, self, self._ssl_context)
-        self._serving = ServerThread(self._server, "looker-standin")
-        return self.base_url
+    _thread_name = "looker-standin"
 
-    def stop(self) -> None:
-        """Stop serving and close the socket (idempotent)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self._stopping.set()
-        if self._serving is not None:
-            self._serving.stop()
-            self._serving = None
-
-    def __enter__(self) -> LookerStandIn:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    def _make_server(self) -> _Server:
+        return _Server((self.host, self.port), _Handler, self, self._ssl_context)
 
     # --- Looks ----------------------------------------------------------------------------------------
 

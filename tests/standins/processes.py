@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from typing_extensions import Self
+
 #: The folder that holds the ``standins`` package: child processes need it on their ``PYTHONPATH``.
 TESTS_DIR = Path(__file__).resolve().parents[1]
 
@@ -65,6 +67,60 @@ class ServerThread:
             before_close()
         self.server.server_close()
         self._thread.join(timeout=5)
+
+
+class ThreadedStandIn:
+    """
+    The life cycle of a stand-in served by this process on a background thread: :meth:`start`, :meth:`stop`,
+    ``with``. A subclass builds its bound server in :meth:`_make_server` and may drop open connections in
+    :meth:`_before_close`; its handlers wait on :attr:`_stopping`, which :meth:`stop` sets.
+    """
+
+    _thread_name = "standin"
+
+    def __init__(self) -> None:
+        self._stopping = threading.Event()
+        self._serving: ServerThread | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether it is serving."""
+        return self._serving is not None
+
+    @property
+    def base_url(self) -> str:
+        """``scheme://host:port`` of the running server."""
+        raise NotImplementedError
+
+    def _make_server(self) -> socketserver.BaseServer:
+        raise NotImplementedError
+
+    def _before_close(self, server: socketserver.BaseServer) -> None:
+        """Called once the server stopped serving, before its socket is closed."""
+
+    def start(self) -> str:
+        """Start serving in a background thread (if not already) and return :attr:`base_url`."""
+        if self._serving is None:
+            self._stopping.clear()
+            self._serving = ServerThread(self._make_server(), self._thread_name)
+        return self.base_url
+
+    def stop(self) -> None:
+        """Stop serving, release waiting handlers and close the socket (idempotent)."""
+        serving, self._serving = self._serving, None
+        if serving is None:
+            return
+        self._stopping.set()
+        serving.stop(before_close=lambda: self._before_close(serving.server))
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 class StandInProcess:

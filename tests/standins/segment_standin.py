@@ -58,13 +58,13 @@ import zlib
 from dataclasses import asdict, dataclass, field, fields
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from standins.processes import ServerThread, StandInProcess
+from standins.processes import StandInProcess, ThreadedStandIn
 
 MODULE = "standins.segment_standin"
 DEFAULT_WRITE_KEY = "demo-write-key"
@@ -215,7 +215,7 @@ class _Rejected(Exception):
         self.message = message
 
 
-class SegmentStandIn:
+class SegmentStandIn(ThreadedStandIn):
     """
     Segment Tracking API stand-in server.
 
@@ -245,6 +245,7 @@ class SegmentStandIn:
             raise ValueError(f"record must be one of {RECORD_MODES}, not {record!r}")
         if not write_keys:
             raise ValueError("at least one write key is needed")
+        super().__init__()
         self.host = host
         self.port = port
         self.write_keys = frozenset(write_keys)
@@ -254,9 +255,6 @@ class SegmentStandIn:
         self.max_event_bytes = max_event_bytes
         self.max_batch_events = max_batch_events
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._serving: ServerThread | None = None
         self._faults = faults or Faults()
         self._fault_seq = 0
         self._script_pos = 0
@@ -275,43 +273,24 @@ class SegmentStandIn:
         """URL of ``POST /v1/batch``."""
         return f"{self.base_url}/v1/batch"
 
-    def start(self) -> str:
-        """Bind, serve in a background thread and return :attr:`base_url`."""
-        if self._server is not None:
-            return self.base_url
-        self._stopping.clear()
-        self._server = _Server((self.host, self.port), self)
-        self.port = self._server.server_address[1]
-        self._serving = ServerThread(self._server, "segment-standin")
-        return self.base_url
+    _thread_name = "segment-standin"
 
-    def stop(self) -> None:
-        """Stop serving, release hanging requests and close open connections."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self._stopping.set()
-        if self._serving is not None:
-            self._serving.stop(before_close=server.close_connections)
-            self._serving = None
+    def _make_server(self) -> _Server:
+        server = _Server((self.host, self.port), self)
+        self.port = server.server_address[1]
+        return server
+
+    def _before_close(self, server: _Server) -> None:
+        server.close_connections()  # hanging requests were released by stop()
 
     def serve_forever(self) -> None:
         """Serve in the calling thread until :meth:`stop` is called from elsewhere (or Ctrl-C)."""
         self.start()
         try:
-            while self._server is not None and not self._stopping.wait(0.5):
+            while self.running and not self._stopping.wait(0.5):
                 pass
         finally:
             self.stop()
-
-    def __enter__(self) -> SegmentStandIn:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- faults ------------------------------------------------------------------------------------------
     @property
