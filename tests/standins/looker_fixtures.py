@@ -61,6 +61,8 @@ DELETED_LOOK_ID = "11"
 TRUNCATED_LOOK_ID = "12"
 EMPTY_LOOK_ID = "13"
 EDGE_VALUES_LOOK_ID = "14"
+ACCOUNTS_LOOK_ID = "15"
+ACCOUNT_USERS_LOOK_ID = "16"
 #: Look ids from here on are generated Looks: Look ``GENERATED_LOOK_BASE + n`` has ``n`` rows.
 GENERATED_LOOK_BASE = 1_000_000
 
@@ -826,6 +828,36 @@ def _edge_values() -> FixtureLook:
     return FixtureLook(EDGE_VALUES_LOOK_ID, "Values at JSON's edges", "toastmates", "users", fields, rows)
 
 
+_ACCOUNT_ID = _dim("accounts.id", "Account ID", "string", "segment_group_id")
+_ACCOUNT_NAME = _dim("accounts.name", "Name")
+_ACCOUNT_PLAN = _dim("accounts.plan", "Plan")
+_ACCOUNT_SEATS = _dim("accounts.seats", "Seats", "number")
+_ACCOUNTS = (
+    ("acct-toastmates", "Toastmates Inc.", "enterprise", 120),
+    ("acct-brightloaf", "Brightloaf Bakery", "pro", 12),
+    ("acct-ferncastle", "Ferncastle Labs", "free", 3),
+)
+
+
+def _accounts() -> FixtureLook:
+    """An account-level Look (one row per account, no user column): the group id is tagged."""
+    fields = (_ACCOUNT_ID, _ACCOUNT_NAME, _ACCOUNT_PLAN, _ACCOUNT_SEATS)
+    rows = _rows(tuple(f.name for f in fields), *_ACCOUNTS, (None, "No account yet", "free", 0))
+    return FixtureLook(ACCOUNTS_LOOK_ID, "Paying accounts", "toastmates", "accounts", fields, rows)
+
+
+def _account_users() -> FixtureLook:
+    """Users with their account (tagged segment_group_id) and account traits, one row per account."""
+    fields = (_USER_ID, _EMAIL, _ACCOUNT_ID, _ACCOUNT_NAME, _ACCOUNT_PLAN)
+    rows = _rows(
+        tuple(f.name for f in fields),
+        ("00MWWFOLRcETcTCf", "ty.arthur@segment.com", "acct-toastmates", "Toastmates Inc.", "enterprise"),
+        ("01HQZ3V8K2M5N7PB", "priya.raman@toastmates.com", "acct-brightloaf", "Brightloaf Bakery", "pro"),
+        (None, "marcus.oyelaran@example.org", "acct-ferncastle", "Ferncastle Labs", "free"),
+    )
+    return FixtureLook(ACCOUNT_USERS_LOOK_ID, "Account owners", "toastmates", "users", fields, rows)
+
+
 def fixture_looks() -> dict[str, FixtureLook]:
     """Return a fresh registry of every fixture Look, by id (generated Looks are resolved on demand)."""
     looks = (
@@ -843,5 +875,7 @@ def fixture_looks() -> dict[str, FixtureLook]:
         _truncated(),
         _empty(),
         _edge_values(),
+        _accounts(),
+        _account_users(),
     )
     return {look.id: look for look in looks}
