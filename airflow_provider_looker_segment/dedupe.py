@@ -7,9 +7,10 @@ Which row is kept: the **first one in the Look's order**. The rule is determinis
 example ``updated_at`` descending keeps the newest). The other rows of that identity are dropped before any
 call is made, counted, and reported once with an example id.
 
-The identity of a call is its ``userId`` or, without one, its ``anonymousId`` (the key of the changed-only
-state, see :func:`~airflow_provider_looker_segment.cohort_sync.identity_of`), so a run never sends two calls
-for one identity and a changed-only sync never flips a trait between two rows from one run to the next.
+The identity of a call is its ``userId`` or, without one, its ``anonymousId``; a group call's identity is
+its ``groupId`` (one group call per account and run). It is the key of the changed-only state (see
+:func:`~airflow_provider_looker_segment.cohort_sync.identity_of`), so a run never sends two calls for one
+identity and a changed-only sync never flips a trait between two rows from one run to the next.
 
 Memory is about 16 bytes per distinct identity: 64-bit hashes in an open-addressing table backed by one
 ``array('q')`` (a Python ``set`` of ints needs about 60 bytes each). Two distinct identities share a hash
@@ -109,15 +110,27 @@ class DuplicateCounts:
         )
 
 
-def drop_duplicates(messages: Iterable[dict[str, Any]], counts: DuplicateCounts) -> Iterator[dict[str, Any]]:
+def drop_duplicates(
+    messages: Iterable[dict[str, Any]], counts: DuplicateCounts, *, by_group: bool = False
+) -> Iterator[dict[str, Any]]:
     """
     Yield the messages whose identity was not seen earlier in ``messages``; count the others in ``counts``.
 
-    :param messages: calls with a ``userId`` or an ``anonymousId``.
+    :param messages: calls with a ``userId`` or an ``anonymousId`` (group calls: a ``groupId``).
     :param counts: updated as duplicates are found.
+    :param by_group: the messages are group calls, keyed by their ``groupId``.
     """
     seen = IdentitySet()
     add = seen.add
+    if by_group:
+        for message in messages:
+            if add(hash(message["groupId"])):
+                yield message
+                continue
+            counts.duplicates += 1
+            if counts.example is None:
+                counts.example = f"groupId {message['groupId']}"
+        return
     for message in messages:
         user_id = message.get("userId")
         if add(hash(user_id) if user_id else hash(message["anonymousId"]) ^ _ANONYMOUS_SALT):

@@ -10,8 +10,14 @@ How the notes are applied by :func:`check_destinations`:
 
 * ``*or anonymousId`` (amazon-kinesis, calq, kissmetrics): a userId **or** an anonymousId is enough (an
   anonymousId comes from an anonymous-id field or is derived from the email).
-* totango, ``*Also requires context.groupId``: an **error**. Identify calls made from a Look carry no
-  ``context.groupId`` (this provider sends no group), so Totango would drop every one of them.
+* totango, ``*Also requires context.groupId``: an **error** for identify and track calls, which carry no
+  ``context.groupId``, so Totango would drop every one of them; group calls (``call="group"``) carry the
+  ``groupId`` Totango needs.
+
+The table lists what destinations need from identify calls. Track calls are checked against its identifier
+columns (a userId, an email, either), except that their columns are ``properties``, so they never carry the
+email *trait*; the trait notes (zendesk, salesmachine, marketo-v2) do not apply to them. Group calls are
+checked for a group id and for totango's note only (a warning says so).
 * zendesk, ``*Also requires a name trait``: an error unless the Look gives a ``name`` trait.
 * salesmachine, ``*account_uid``: an error unless the Look gives an ``account_uid`` trait.
 * woopra, ``*or cooke set in destination settings``: without a userId, a warning (not an error), since a
@@ -267,14 +273,18 @@ def _identifier_errors(
     return errors, warnings
 
 
-def _special_note(d: Destination, trait_keys: set[str]) -> tuple[list[str], list[str]]:
+def _special_note(d: Destination, trait_keys: set[str], call: str) -> tuple[list[str], list[str]]:
     """Errors and warnings of one destination's special note."""
-    errors, warnings = [], []
-    if d.name == "totango":
+    errors: list[str] = []
+    warnings: list[str] = []
+    if d.name == "totango" and call != "group":
         errors.append(
-            "totango also needs context.groupId, which identify calls made from a Look do not carry "
-            "(this provider sends no group): Totango would drop them. Remove totango from destinations."
+            f"totango also needs context.groupId, which {call} calls made from a Look do not carry: Totango "
+            "would drop them. Send group calls (call='group', with the account id as group_id_field) to "
+            "feed Totango accounts, or remove totango from destinations."
         )
+    elif call == "track" and d.name in ("zendesk", "salesmachine", "marketo-v2"):
+        pass  # notes about identify traits
     elif d.name == "zendesk" and "name" not in trait_keys:
         errors.append(
             "zendesk also needs a `name` trait: the Look gives none (add a column whose trait key is `name`, "
@@ -306,6 +316,8 @@ def check_destinations(
     has_email: bool,
     has_anonymous_id: bool,
     trait_keys: Iterable[str],
+    call: str = "identify",
+    has_group_id: bool = False,
 ) -> DestinationCheck:
     """
     Check that the Look gives every destination the identifiers and traits it needs.
@@ -318,15 +330,34 @@ def check_destinations(
     :param has_email: messages carry ``traits.email``.
     :param has_anonymous_id: rows can carry an anonymousId (a field, or derived from the email).
     :param trait_keys: every trait key the messages can carry.
+    :param call: ``"identify"`` (default), ``"group"`` or ``"track"`` (see the module's rules).
+    :param has_group_id: the messages carry a ``groupId`` (group calls).
     :return: errors (the task should fail naming them) and warnings (for the log).
     """
     keys = set(trait_keys)
     check = DestinationCheck()
+    destinations = list(destinations)
+    if call == "group":
+        if not has_group_id:
+            check.errors.append(
+                "group calls need a groupId: tag the group id field segment_group_id in LookML or set "
+                "group_id_field"
+            )
+        if destinations:
+            check.warnings.append(
+                "Segment's table lists what destinations need from identify calls; for group calls only the "
+                "group id (and totango's groupId note) is checked: make sure each destination accepts group "
+                f"calls ({', '.join(d.name for d in destinations)})."
+            )
+        return check
     for d in destinations:
         errors, warnings = _identifier_errors(
             d, has_user_id=has_user_id, has_email=has_email, has_anonymous_id=has_anonymous_id
         )
-        note_errors, note_warnings = _special_note(d, keys)
+        if call == "track":
+            carry = "an email trait, which track calls do not carry:"
+            errors = [e.replace("an email trait:", carry) for e in errors]
+        note_errors, note_warnings = _special_note(d, keys, call)
         check.errors.extend(errors + note_errors)
         check.warnings.extend(warnings + note_warnings)
     return check

@@ -1,10 +1,12 @@
 """
-What each of a Look's fields becomes in an identify call (pure, used by :func:`.transform.plan_transform`).
+What each of a Look's fields becomes in a Segment call (pure, used by :func:`.transform.plan_transform`).
 
-* **Identifiers**: which field gives the ``userId``, the email and the ``anonymousId``: the explicit
-  options; else the LookML tags ``user_id``, ``email`` and ``segment_anonymous_id``; else field names or
-  labels meaning a user id (``users.user_id``, ``users.id``, label ``User ID``), an email (``users.email``,
-  label ``Email Address``) or an anonymous id, visible fields first.
+* **Identifiers**: which field gives the ``userId``, the email and the ``anonymousId`` (and, for group
+  calls, the ``groupId``): the explicit options; else the LookML tags ``user_id``, ``email``,
+  ``segment_anonymous_id`` (and ``segment_group_id``); else field names or labels meaning a user id
+  (``users.user_id``, ``users.id``, label ``User ID``), an email (``users.email``, label ``Email Address``),
+  an anonymous id or a group id (``accounts.group_id``, ``accounts.id``, label ``Account ID``), visible
+  fields first.
 * **Trait keys**: every other visible field is a trait (the email field included, as ``email``), keyed by
   the chosen style. Pivoted measures give one trait per pivot value: the measure's key joined with the
   pivot's label (its ``label``, else its dimension values joined with ``" | "``, else its key):
@@ -36,33 +38,61 @@ RESERVED_TRAITS = tuple(
 
 # Identifier kinds, the options naming them, their names in Segment's message and their LookML tags (the
 # tags of Looker's own Segment action).
-USER_ID, EMAIL, ANONYMOUS_ID = "user_id", "email", "anonymous_id"
-_OPTION_NAMES = {USER_ID: "user_id_field", EMAIL: "email_field", ANONYMOUS_ID: "anonymous_id_field"}
-_MESSAGE_NAMES = {USER_ID: "userId", EMAIL: "email", ANONYMOUS_ID: "anonymousId"}
-_TAGS = {USER_ID: "user_id", EMAIL: "email", ANONYMOUS_ID: "segment_anonymous_id"}
+USER_ID, EMAIL, ANONYMOUS_ID, GROUP_ID = "user_id", "email", "anonymous_id", "group_id"
+_OPTION_NAMES = {
+    USER_ID: "user_id_field",
+    EMAIL: "email_field",
+    ANONYMOUS_ID: "anonymous_id_field",
+    GROUP_ID: "group_id_field",
+}
+_MESSAGE_NAMES = {USER_ID: "userId", EMAIL: "email", ANONYMOUS_ID: "anonymousId", GROUP_ID: "groupId"}
+_TAGS = {
+    USER_ID: "user_id",
+    EMAIL: "email",
+    ANONYMOUS_ID: "segment_anonymous_id",
+    GROUP_ID: "segment_group_id",
+}
 
 # Field-name endings (after the view) and normalised labels that mean an identifier.
 _NAME_HINTS = {
     USER_ID: frozenset({"user_id", "userid", "segment_user_id"}),
     EMAIL: frozenset({"email", "email_address", "emailaddress", "e_mail"}),
     ANONYMOUS_ID: frozenset({"anonymous_id", "anonymousid", "segment_anonymous_id", "anon_id"}),
+    GROUP_ID: frozenset({"group_id", "groupid", "segment_group_id"}),
 }
 _LABEL_HINTS = {
     USER_ID: frozenset({"user id", "userid", "segment user id"}),
     EMAIL: frozenset({"email", "email address", "e mail", "e mail address"}),
     ANONYMOUS_ID: frozenset({"anonymous id", "anonymousid", "segment anonymous id", "anon id"}),
+    GROUP_ID: frozenset({"group id", "groupid", "segment group id", "account id"}),
 }
 #: View-name words of views that describe people (``users.id`` is a user id, ``orders.id`` is not).
 _USER_ID_VIEW_WORDS = frozenset({"user", "users"})
+#: View-name words of views whose ``id`` is a group id (``accounts.id``), for group calls.
+_GROUP_ID_VIEW_WORDS = frozenset(
+    "account accounts group groups company companies organization organizations organisation organisations "
+    "org orgs team teams workspace workspaces".split()
+)
 _PERSON_VIEW_WORDS = frozenset(
     "user users customer customers person people persons contact contacts member members profile profiles "
     "lead leads subscriber subscribers".split()
 )
 
+#: Segment's reserved group traits (https://segment.com/docs/connections/spec/group/#traits).
+RESERVED_GROUP_TRAITS = tuple(
+    "address avatar createdAt description email employees id industry name phone website plan".split()
+)
+#: What each call calls its column values.
+VALUES_KEY = {"identify": "traits", "group": "traits", "track": "properties"}
+
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 _SNAKE_SPLIT = re.compile(r"\W+")
 _LABEL_SEPARATORS = re.compile(r"[\s_\-]+")
-_RESERVED_BY_NORM = {_NON_ALNUM.sub("", t.lower()): t for t in RESERVED_TRAITS}
+_RESERVED_BY_NORM = {
+    "identify": {_NON_ALNUM.sub("", t.lower()): t for t in RESERVED_TRAITS},
+    "group": {_NON_ALNUM.sub("", t.lower()): t for t in RESERVED_GROUP_TRAITS},
+    "track": {},
+}
 
 #: One trait source, precomputed for the row loop: (field name, trait key or None for a pivoted field,
 #: pivot (key, trait key) pairs or None, value classes kept as they are, converter for other values).
@@ -112,9 +142,10 @@ def _view_words(view: str) -> set[str]:
 def _hint(kind: str, f: LookField) -> str | None:
     """Return ``field name`` or ``label`` when the field's name or label means identifier ``kind``."""
     view, last = _split_name(f.name)
-    if last in _NAME_HINTS[kind] or (
-        kind == USER_ID and last == "id" and _view_words(view) & _USER_ID_VIEW_WORDS
-    ):
+    id_views = (
+        _USER_ID_VIEW_WORDS if kind == USER_ID else _GROUP_ID_VIEW_WORDS if kind == GROUP_ID else frozenset()
+    )
+    if last in _NAME_HINTS[kind] or (last == "id" and _view_words(view) & id_views):
         return "field name"
     labels = {_normalise_label(f.label_short), _normalise_label(f.label)}
     return "label" if labels & _LABEL_HINTS[kind] else None
@@ -155,13 +186,19 @@ def choose_identifiers(meta: LookResultMeta, options: TransformOptions) -> dict[
     """
     Choose the identifier fields: explicit options first, then tags, then names/labels.
 
+    For group calls (``options.call == "group"``) the group id is chosen first and required; the user
+    identifiers are then optional. For identify and track calls there is no group id: a field tagged
+    ``segment_group_id`` is an ordinary trait.
+
     :param meta: the Look's fields.
     :param options: the user's choices.
-    :return: ``{USER_ID: choice or None, EMAIL: ..., ANONYMOUS_ID: ...}``, at least one chosen.
-    :raises TransformConfigError: no identifier, two candidates for one, one field for both userId and
-        anonymousId, or a pivoted identifier.
+    :return: ``{USER_ID: choice or None, EMAIL: ..., ANONYMOUS_ID: ..., GROUP_ID: ...}``, at least one user
+        identifier chosen (a group id for group calls).
+    :raises TransformConfigError: no identifier, two candidates for one, one field for two identifiers, or
+        a pivoted identifier.
     """
-    kinds = (USER_ID, EMAIL, ANONYMOUS_ID)
+    group = options.call == "group"
+    kinds = (GROUP_ID, USER_ID, EMAIL, ANONYMOUS_ID) if group else (USER_ID, EMAIL, ANONYMOUS_ID)
     explicit = {kind: getattr(options, _OPTION_NAMES[kind]) for kind in kinds}
     choices = {kind: IdentifierChoice(name, "parameter") if name else None for kind, name in explicit.items()}
     counterpart = {USER_ID: ANONYMOUS_ID, ANONYMOUS_ID: USER_ID}
@@ -169,25 +206,44 @@ def choose_identifiers(meta: LookResultMeta, options: TransformOptions) -> dict[
         if choices[kind] is None:
             # A field explicitly set as the userId is not the anonymousId because of a tag (and vice versa).
             other = explicit.get(counterpart[kind]) if kind in counterpart else None
-            choices[kind] = _by_tag(kind, meta, {other} if other else set())
+            taken = {other} if other else set()
+            if kind != GROUP_ID and choices.get(GROUP_ID):
+                taken.add(choices[GROUP_ID].field)
+            choices[kind] = _by_tag(kind, meta, taken)
     for kind in kinds:
         if choices[kind] is None:
             taken = {c.field for k, c in choices.items() if c and k != kind}
             choices[kind] = _by_hint(kind, meta, taken)
-    if not any(choices.values()):
+    if group and choices[GROUP_ID] is None:
+        raise TransformConfigError(
+            f"Look {meta.look_id} has no group id field, which group calls need: no field is tagged "
+            "segment_group_id in LookML, and none is named or labelled like a group or account id. Tag a "
+            f"field or set group_id_field. The Look's fields: {field_list(meta)}"
+        )
+    choices.setdefault(GROUP_ID, None)
+    if not group and not any(choices.values()):
         raise TransformConfigError(
             f"Look {meta.look_id} has no identifier field: no field is tagged user_id, email or "
             "segment_anonymous_id in LookML, and none is named or labelled like a user id, an email or an "
             "anonymous id. Tag a field or set user_id_field, email_field or anonymous_id_field. "
             f"The Look's fields: {field_list(meta)}"
         )
-    user_id, anonymous_id = choices[USER_ID], choices[ANONYMOUS_ID]
-    if user_id and anonymous_id and user_id.field == anonymous_id.field:
-        raise TransformConfigError(
-            f"Look {meta.look_id}: {user_id.field} is chosen as the userId ({user_id.how}) and as the "
-            f"anonymousId ({anonymous_id.how}); an anonymous id must not become the userId. "
-            "Choose different fields."
-        )
+    by_field: dict[str, list[str]] = {}
+    for kind in (GROUP_ID, USER_ID, ANONYMOUS_ID):
+        if choices[kind]:
+            by_field.setdefault(choices[kind].field, []).append(kind)
+    for name, kinds_of_field in by_field.items():
+        if len(kinds_of_field) > 1:
+            roles = " and the ".join(
+                f"{_MESSAGE_NAMES[k]} ({choices[k].how})"
+                for k in kinds_of_field  # type: ignore[union-attr]
+            )
+            raise TransformConfigError(
+                f"Look {meta.look_id}: {name} is chosen as the {roles}; one field cannot give two "
+                "identifiers"
+                + (" (an anonymous id must not become the userId)" if ANONYMOUS_ID in kinds_of_field else "")
+                + f". Choose different fields (set {_OPTION_NAMES[kinds_of_field[0]]})."
+            )
     for kind, choice in choices.items():
         look_field = meta.field_by_name(choice.field) if choice else None
         if choice and look_field is not None and look_field.pivoted:
@@ -228,8 +284,16 @@ def plan_traits(
     style = options.trait_key_style
     specs = tuple(_trait_spec(f, key, meta.pivots, style, warnings) for f, key in pairs)
     _check_duplicate_keys(specs, options.membership_trait)
-    warnings += _reserved_trait_warnings(pairs, set(options.trait_names), email, options.membership_trait)
-    warnings += _general_warnings(trait_keys(specs), options.membership_trait)
+    if options.call == "group" and email and choices[USER_ID] and email not in options.exclude_fields:
+        warnings.append(
+            f"{email} gives traits.email of the group calls, which downstream tools store as the group's "
+            "(account's) email; if it is the user's email, exclude it with exclude_fields."
+        )
+    reserved = _RESERVED_BY_NORM[options.call]
+    warnings += _reserved_trait_warnings(
+        pairs, set(options.trait_names), email, options.membership_trait, reserved
+    )
+    warnings += _general_warnings(trait_keys(specs), options.membership_trait, options.call)
     return specs, warnings
 
 
@@ -240,7 +304,7 @@ def _trait_pairs(
     email: str | None,
 ) -> list[tuple[LookField, str]]:
     """Return ``[(field, base trait key)]`` in field order."""
-    identifiers = {c.field: kind for kind, c in choices.items() if c and kind != EMAIL}
+    identifiers = {c.field: kind for kind, c in choices.items() if c and kind != EMAIL}  # group id too
     for name in options.trait_names:
         if name in identifiers and name != email:
             raise TransformConfigError(
@@ -338,23 +402,27 @@ def _is_intended(reserved: str, f: LookField, explicit: set[str], email_field: s
 
 
 def _reserved_trait_warnings(
-    pairs: list[tuple[LookField, str]], explicit: set[str], email_field: str | None, membership: str | None
+    pairs: list[tuple[LookField, str]],
+    explicit: set[str],
+    email_field: str | None,
+    membership: str | None,
+    reserved_by_norm: dict[str, str],
 ) -> list[str]:
     warnings = []
     for f, key in pairs:
-        reserved = None if f.pivoted else _RESERVED_BY_NORM.get(_NON_ALNUM.sub("", key.lower()))
+        reserved = None if f.pivoted else reserved_by_norm.get(_NON_ALNUM.sub("", key.lower()))
         if reserved and not _is_intended(reserved, f, explicit, email_field):
             warnings.append(
                 f"Trait {key!r} comes from {f.name} (label {f.label_short or f.label!r}), which does not "
                 f"look like the source of Segment's reserved trait {reserved!r}; downstream tools give it a "
                 "special meaning. Rename it with trait_names or drop it with exclude_fields."
             )
-    if membership and _NON_ALNUM.sub("", membership.lower()) in _RESERVED_BY_NORM:
+    if membership and _NON_ALNUM.sub("", membership.lower()) in reserved_by_norm:
         warnings.append(f"membership_trait {membership!r} is one of Segment's reserved traits.")
     return warnings
 
 
-def _general_warnings(keys: list[str], membership: str | None) -> list[str]:
+def _general_warnings(keys: list[str], membership: str | None, call: str) -> list[str]:
     warnings = []
     by_lower: dict[str, list[str]] = {}
     for key in keys:
@@ -365,11 +433,18 @@ def _general_warnings(keys: list[str], membership: str | None) -> list[str]:
         )
     if membership:
         keys = [*keys, membership]
-    if keys:
+    if keys and call == "identify":
         warnings.append(
             "Each identify overwrites these traits in downstream tools that already have them: "
             f"{', '.join(keys)} (avoid trait names your marketing tools already use)."
         )
-    else:
-        warnings.append("The Look gives no trait: the identify calls will carry identifiers only.")
+    elif keys and call == "group":
+        warnings.append(
+            "Each group call overwrites these group traits in downstream tools that already have them: "
+            f"{', '.join(keys)}."
+        )
+    elif not keys:
+        warnings.append(
+            f"The Look gives no {VALUES_KEY[call]}: the {call} calls will carry identifiers only."
+        )
     return warnings

@@ -21,10 +21,8 @@ import orjson
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__
 from airflow_provider_looker_segment.batching import encode_event, plan_batches
 from airflow_provider_looker_segment.cohort_sync import (
-    SYNC_ALL,
-    SYNC_CHANGED,
-    SYNC_MODES,
     CohortCounts,
+    CohortEvents,
     changed_only,
     exit_messages,
     undelivered_identities,
@@ -34,22 +32,13 @@ from airflow_provider_looker_segment.destinations import Destination, check_dest
 from airflow_provider_looker_segment.exceptions import (
     DestinationError,
     ExitGuardError,
-    InvalidParameterError,
     LookerSegmentError,
     SegmentDeliveryError,
 )
 from airflow_provider_looker_segment.models import LookResultMeta, Row
-from airflow_provider_looker_segment.params import (
-    to_bool,
-    to_number,
-    to_optional_str,
-    to_str_dict,
-    to_str_list,
-)
+from airflow_provider_looker_segment.settings import MAX_LIMIT, SyncSettings
 from airflow_provider_looker_segment.sync_state import SyncRun
 from airflow_provider_looker_segment.transform import (
-    TRAIT_KEY_STYLES,
-    TransformOptions,
     TransformPlan,
     format_timestamp,
     make_row_transformer,
@@ -60,109 +49,9 @@ from airflow_provider_looker_segment.transform import (
 DRY_RUN_EXAMPLES = 3
 #: How many rejected / failed messageIds the summary (XCom) lists; the log has the counts per reason.
 SUMMARY_MESSAGE_IDS = 100
-#: The largest row limit Looker's API takes (a 64-bit integer).
-MAX_LIMIT = 2**63 - 1
 LIBRARY = {"name": PACKAGE_NAME, "version": __version__}
 
-
-@dataclass(frozen=True)
-class SyncSettings:
-    """
-    What one sync does, read from the operator's (rendered) arguments by :meth:`from_arguments`.
-
-    The fields mean what the operator's parameters of the same names mean.
-    """
-
-    look_id: str
-    user_id_field: str | None = None
-    email_field: str | None = None
-    anonymous_id_field: str | None = None
-    trait_names: dict[str, str] = field(default_factory=dict)
-    trait_key_style: str = "label"
-    exclude_fields: tuple[str, ...] = ()
-    destinations: tuple[str, ...] = ()
-    dry_run: bool = False
-    limit: int = -1
-    max_invalid_rows: int | None = None
-    sync_mode: str = SYNC_ALL
-    full_refresh: bool = False
-    membership_trait: str | None = None
-    max_exit_ratio: float = 0.5
-
-    @classmethod
-    def from_arguments(cls, **arguments: Any) -> SyncSettings:
-        """
-        Coerce rendered arguments (strings or native values) and check them.
-
-        :raises InvalidParameterError: a value cannot be used; the message names the parameter.
-        """
-        look_id = to_optional_str(arguments.get("look_id"))
-        if look_id is None:
-            raise InvalidParameterError(
-                "look_id is empty: pass the id of the Look to sync (as in /looks/42)."
-            )
-        style = to_optional_str(arguments.get("trait_key_style")) or "label"
-        if style not in TRAIT_KEY_STYLES:
-            raise InvalidParameterError(
-                f"trait_key_style must be one of {', '.join(TRAIT_KEY_STYLES)}, "
-                f"got {arguments.get('trait_key_style')!r}"
-            )
-        limit = to_number(arguments.get("limit"), name="limit", whole=True)
-        if limit is not None and limit < -1:
-            raise InvalidParameterError(f"limit must be -1 (all rows) or a positive number, got {limit}")
-        if limit is not None and limit > MAX_LIMIT:
-            raise InvalidParameterError(
-                f"limit must be at most {MAX_LIMIT:,} (Looker's largest row limit), got {limit:,}: "
-                "use -1 for all rows"
-            )
-        sync_mode = to_optional_str(arguments.get("sync_mode")) or SYNC_ALL
-        if sync_mode not in SYNC_MODES:
-            raise InvalidParameterError(
-                f"sync_mode must be one of {', '.join(SYNC_MODES)}, got {arguments.get('sync_mode')!r}"
-            )
-        ratio = arguments.get("max_exit_ratio")
-        try:
-            max_exit_ratio = to_number(ratio, name="max_exit_ratio", default=0.5, minimum=0, maximum=1)
-        except InvalidParameterError:
-            raise InvalidParameterError(
-                f"max_exit_ratio must be a number from 0 to 1, got {ratio!r}"
-            ) from None
-        return cls(
-            look_id=look_id,
-            user_id_field=to_optional_str(arguments.get("user_id_field")),
-            email_field=to_optional_str(arguments.get("email_field")),
-            anonymous_id_field=to_optional_str(arguments.get("anonymous_id_field")),
-            trait_names=to_str_dict(arguments.get("trait_names"), name="trait_names"),
-            trait_key_style=style,
-            exclude_fields=tuple(to_str_list(arguments.get("exclude_fields"), name="exclude_fields")),
-            destinations=tuple(to_str_list(arguments.get("destinations"), name="destinations")),
-            dry_run=to_bool(arguments.get("dry_run"), name="dry_run"),
-            limit=-1 if not limit else limit,
-            max_invalid_rows=to_number(
-                arguments.get("max_invalid_rows"), name="max_invalid_rows", whole=True, minimum=0
-            ),
-            sync_mode=sync_mode,
-            full_refresh=to_bool(arguments.get("full_refresh"), name="full_refresh"),
-            membership_trait=to_optional_str(arguments.get("membership_trait")),
-            max_exit_ratio=float(max_exit_ratio),
-        )
-
-    @property
-    def changed_only(self) -> bool:
-        """Whether this sync keeps state and sends only what changed."""
-        return self.sync_mode == SYNC_CHANGED
-
-    def transform_options(self) -> TransformOptions:
-        """The transform's options."""
-        return TransformOptions(
-            user_id_field=self.user_id_field,
-            email_field=self.email_field,
-            anonymous_id_field=self.anonymous_id_field,
-            trait_names=self.trait_names,
-            trait_key_style=self.trait_key_style,
-            exclude_fields=self.exclude_fields,
-            membership_trait=self.membership_trait,
-        )
+__all__ = ["MAX_LIMIT", "CohortSummary", "SyncSettings", "SyncSummary", "failure", "log_summary", "sync_look"]
 
 
 @dataclass
@@ -175,6 +64,8 @@ class CohortSummary:
     exited: int
     departed: int
     exits_skipped: str | None
+    entered_events: int
+    exited_events: int
     previous_cohort: int
     state_generation: int
     full_refresh: bool
@@ -188,6 +79,8 @@ class SyncSummary:
 
     look_id: str
     dry_run: bool
+    call: str
+    event: str | None
     rows: int
     sent: int
     would_send: int | None
@@ -211,6 +104,7 @@ class SyncSummary:
     sync_mode: str
     possibly_truncated: bool
     ran_at: str | None
+    events_by_type: dict[str, int] = field(default_factory=dict)
     cohort: CohortSummary | None = None
     seconds: float = 0.0
 
@@ -276,10 +170,13 @@ def sync_look(
     counts = _RowCounts()
     duplicates = DuplicateCounts()
     cohort = CohortCounts()
-    unique = drop_duplicates(_messages(stream.rows, transform, counts), duplicates)
+    by_group = plan.call == "group"
+    unique = drop_duplicates(_messages(stream.rows, transform, counts), duplicates, by_group=by_group)
     messages: Iterable[dict] = unique
     if state is not None:
         messages = _with_exits(unique, state, cohort, settings, stream, message_id_namespace, ran_at)
+    by_type: Counter[str] = Counter()
+    messages = _counted(messages, by_type, plan.call)
     undelivered: set[int] | None = None
     if settings.dry_run or send is None:
         delivery = _dry_run(messages, log)
@@ -295,6 +192,8 @@ def sync_look(
     summary = SyncSummary(
         look_id=settings.look_id,
         dry_run=settings.dry_run,
+        call=settings.call,
+        event=settings.event,
         rows=counts.rows,
         sent=delivery["delivered"],
         would_send=delivery.get("would_send"),
@@ -318,6 +217,7 @@ def sync_look(
         sync_mode=settings.sync_mode,
         possibly_truncated=stream.possibly_truncated,
         ran_at=ran_at.isoformat() if ran_at is not None else None,
+        events_by_type=dict(by_type),
     )
     if state is not None:
         summary.cohort = _finish_cohort(settings, state, cohort, undelivered, log)
@@ -340,6 +240,10 @@ def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
         f" ({summary.duplicates} duplicate rows not sent)" if summary.duplicates else "",
         " (dry run: nothing sent)" if summary.dry_run else "",
     )
+    if summary.events_by_type:
+        per_type = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.events_by_type.items()))
+        verb = "would be sent" if summary.dry_run else "handed to Segment"
+        log.info("Look %s: events %s per call type: %s", summary.look_id, verb, per_type)
     if summary.possibly_truncated:
         log.warning(
             "Look %s returned exactly as many rows as the limit (%s): the cohort may be truncated; "
@@ -400,6 +304,19 @@ def _messages(
             yield message
 
 
+def _counted(messages: Iterable[dict], by_type: Counter[str], call: str) -> Iterator[dict]:
+    """Count the messages per call type (the run's own calls counted at the end, entry/exit ones here)."""
+    made = 0
+    for message in messages:
+        kind = message["type"]
+        if kind == call:
+            made += 1
+        else:
+            by_type[kind] += 1
+        yield message
+    by_type[call] += made
+
+
 def _with_exits(
     messages: Iterable[dict],
     state: SyncRun,
@@ -409,17 +326,24 @@ def _with_exits(
     namespace: str,
     ran_at: Any,
 ) -> Iterator[dict]:
-    """The new and changed identities' calls, then the exit calls (once every row was classified)."""
-    yield from changed_only(messages, state, cohort)
-    yield from exit_messages(
-        state,
-        cohort,
+    """The new and changed identities' calls and entry events, then the exits (once every row was seen)."""
+    events = CohortEvents(
+        call=settings.call,
+        event=settings.event,
         membership_trait=settings.membership_trait,
-        max_exit_ratio=settings.max_exit_ratio,
-        possibly_truncated=stream.possibly_truncated,
+        entered_event=settings.entered_event,
+        exited_event=settings.exited_event,
         message_id_namespace=namespace,
         timestamp=format_timestamp(ran_at) if ran_at is not None else None,
         library=LIBRARY,
+    )
+    yield from changed_only(messages, state, cohort, events)
+    yield from exit_messages(
+        state,
+        cohort,
+        events,
+        max_exit_ratio=settings.max_exit_ratio,
+        possibly_truncated=stream.possibly_truncated,
     )
 
 
@@ -438,6 +362,8 @@ def _finish_cohort(
         exited=cohort.exits_sent,
         departed=cohort.exits,
         exits_skipped=cohort.exits_skipped,
+        entered_events=cohort.entered_events,
+        exited_events=cohort.exited_events,
         previous_cohort=state.previous_count,
         state_generation=state.previous_generation,
         full_refresh=state.full_refresh,
@@ -460,12 +386,14 @@ def _finish_cohort(
 
 
 def _log_plan(log: Any, look_id: str, plan: TransformPlan) -> None:
+    what = f"track calls, event {plan.event!r}" if plan.call == "track" else f"{plan.call} calls"
+    log.info("Look %s: each row becomes one of Segment's %s", look_id, what)
     for identifier, found in plan.identifiers.items():
         if found:
             log.info("Look %s: %s from field %s (%s)", look_id, identifier, found["field"], found["how"])
         else:
             log.info("Look %s: no %s field", look_id, identifier)
-    log.info("Look %s: traits (field → key): %s", look_id, plan.traits)
+    log.info("Look %s: %s (field → key): %s", look_id, plan.values_key, plan.traits)
     for warning in plan.warnings:
         log.warning("Look %s: %s", look_id, warning)
 
@@ -479,6 +407,8 @@ def _check_destinations(log: Any, destinations: list[Destination], plan: Transfo
         has_email=plan.has_email,
         has_anonymous_id=plan.has_anonymous_id,
         trait_keys=set(plan.trait_keys),
+        call=plan.call,
+        has_group_id=plan.has_group_id,
     )
     for warning in check.warnings:
         log.warning("Destinations: %s", warning)

@@ -4,9 +4,9 @@ Per-sync state for ``sync_mode="changed"``: which identities a Look last deliver
 A sync (:func:`sync_key`) keeps one SQLite file, ``<base>/<sync key>.state``: table ``identities(ihash
 INTEGER PRIMARY KEY, digest INTEGER, kind INTEGER, identity BLOB)``, a row per identity Segment accepted (its
 :func:`identity_hash` and last :func:`traits_digest`, unsigned 64-bit values stored as the signed integers
-of the same bits; kind 0 userId, 1 anonymousId; the identity in UTF-8, to send a last call when it leaves;
-never traits) and table ``meta(key, value)``: sync_key, generation, state_id, run_id, written_at. Its header
-holds the application id ``LSG\\x01`` (format version 1) and, as user version, the state id.
+of the same bits; kind 0 userId, 1 anonymousId, 2 groupId; the identity in UTF-8, to send a last call when it
+leaves; never traits) and table ``meta(key, value)``: sync_key, generation, state_id, run_id, written_at. Its
+header holds the application id ``LSG\\x01`` (format version 1) and, as user version, the state id.
 
 A run (:meth:`CohortStateStore.begin`) locks the sync and works on a local copy in bounded memory: hashes
 and digests in two ``array('q')`` searched by bisection (16 bytes per identity), a presence byte per
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 #: Identity kinds, named like the Segment message fields they fill (stored as their index).
 USER_ID: Final = "userId"
 ANONYMOUS_ID: Final = "anonymousId"
-IDENTITY_KINDS: Final = (USER_ID, ANONYMOUS_ID)
+GROUP_ID: Final = "groupId"
+IDENTITY_KINDS: Final = (USER_ID, ANONYMOUS_ID, GROUP_ID)
 #: What :meth:`SyncRun.classify` returns.
 NEW: Final = "new"
 CHANGED: Final = "changed"
@@ -118,18 +119,26 @@ def traits_digest(traits: Mapping[str, Any]) -> int:
     return _blake2b_64(orjson.dumps(traits, option=orjson.OPT_SORT_KEYS))
 
 
-def sync_key(look_id: str, segment_host: str, write_key: str) -> str:
+def sync_key(
+    look_id: str, segment_host: str, write_key: str, *, call: str = "identify", event: str | None = None
+) -> str:
     """
     Return the filename-safe key of the sync of a Look to a Segment source, e.g.
     ``look-42-api.segment.io-1f0c9a3e5b7d2c4a``: the Look id, the host (``segment_host`` may be a base URL)
-    and a hash of both and of the write key, which never appears.
+    and a hash of both and of the write key, which never appears. Group and track syncs of the same Look
+    have keys of their own (``look-42-group-...``, ``look-42-track-...``, the event name in the hash): a Look
+    synced as identify and as group calls keeps two states, one of users, one of groups.
     """
     host = segment_host.strip()
     host = (urlsplit(host).netloc or host if "://" in host else host).strip("/").lower()
-    data = "\n".join((str(look_id), host, write_key)).encode("utf-8", "surrogatepass")
+    parts = [str(look_id), host, write_key]
+    if call != "identify":
+        parts += [call, event or ""]
+    data = "\n".join(parts).encode("utf-8", "surrogatepass")
     digest = hashlib.blake2b(data, digest_size=8, person=b"lsg-sync-key").hexdigest()
     safe = lambda value, length: _UNSAFE_KEY_CHARS.sub("_", value).strip("._-")[:length] or "_"  # noqa: E731
-    return f"look-{safe(str(look_id), 32)}-{safe(host, 48)}-{digest}"
+    kind = "" if call == "identify" else f"{safe(call, 16)}-"
+    return f"look-{safe(str(look_id), 32)}-{kind}{safe(host, 48)}-{digest}"
 
 
 def _signed(value: int) -> int:
@@ -435,8 +444,8 @@ class SyncRun:
         """
         Record an identity as present in this run and say whether its event must be sent.
 
-        :param kind: :data:`USER_ID` or :data:`ANONYMOUS_ID`.
-        :param identity: the userId or anonymousId.
+        :param kind: :data:`USER_ID`, :data:`ANONYMOUS_ID` or :data:`GROUP_ID` (group calls).
+        :param identity: the userId, anonymousId or groupId.
         :param digest: the digest of what is sent (see :func:`traits_digest`), 0 <= digest < 2**64.
         :param ihash: ``identity_hash(kind, identity)`` if already computed (e.g. for the messageId).
         :return: :data:`NEW` (not in the previous state), :data:`CHANGED` (digest differs, or any digest in

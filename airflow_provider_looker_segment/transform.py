@@ -1,5 +1,6 @@
 """
-Pure transformation of Look rows into Segment ``identify`` messages (no I/O, no Airflow, no logging).
+Pure transformation of Look rows into Segment ``identify``, ``group`` or ``track`` messages (no I/O, no
+Airflow, no logging).
 
 Two steps, so that the per-row work is as small as possible:
 
@@ -17,12 +18,19 @@ Documented formats
   trait key style). A row without ``userId`` and ``anonymousId`` but with an email (a string containing
   ``@``) gets the anonymousId derived from it (:func:`.values.anonymous_id_from_email`); a row with no
   identifier at all is invalid (:data:`INVALID_NO_IDENTIFIER`).
+* **Group calls** (``call="group"``) carry ``groupId`` from the group id field (never a trait); a row
+  without a group id is invalid (:data:`INVALID_NO_GROUP_ID`). Segment requires a ``userId`` or an
+  ``anonymousId`` on a group call: a row with neither (and no email to derive one from) gets the stable
+  anonymousId derived from its group id (:func:`.values.anonymous_id_from_group`), never a random one.
+* **Track calls** (``call="track"``) carry ``event`` and put the columns in ``properties`` instead of
+  ``traits`` (as Looker's Segment Track action does).
 * **Traits** (values: :mod:`.values`; keys and pivoted measures: :mod:`.field_roles`) in field order; a
   missing or null pivot cell gives a ``null`` trait.
 * **messageId** is ``"lsg-"`` + the 32-hex-digit BLAKE2b-128 digest of the namespace (see
-  :func:`build_message_id_namespace`), the row's ``userId``/``anonymousId`` and the compact JSON of its
-  traits: 36 characters, identical when a task instance is retried, different for the next run and for
-  two rows of one identity whose traits differ (two identical rows share one id, and Segment keeps one).
+  :func:`build_message_id_namespace`) and the compact JSON of the message's head: type, event, groupId,
+  ``userId``/``anonymousId`` and traits (or properties): 36 characters, identical when a task instance is
+  retried, different for the next run and for two rows of one identity whose traits differ (two identical
+  rows share one id, and Segment keeps one).
 * **timestamp** is the time Looker ran the query, in UTC with milliseconds: ``"2024-01-05T10:00:00.000Z"``
   (a naive ``ran_at`` is taken as UTC, :func:`format_timestamp`); omitted when unknown.
 """
@@ -43,7 +51,9 @@ from airflow_provider_looker_segment.exceptions import TransformConfigError
 from airflow_provider_looker_segment.field_roles import (
     ANONYMOUS_ID,
     EMAIL,
+    GROUP_ID,
     USER_ID,
+    VALUES_KEY,
     IdentifierChoice,
     TraitSpec,
     choose_identifiers,
@@ -54,6 +64,7 @@ from airflow_provider_looker_segment.field_roles import (
 from airflow_provider_looker_segment.models import LookResultMeta, Row
 from airflow_provider_looker_segment.values import (
     anonymous_id_from_email,
+    anonymous_id_from_group,
     format_timestamp,
     json_safe,
     to_identifier,
@@ -61,6 +72,8 @@ from airflow_provider_looker_segment.values import (
 )
 
 __all__ = [
+    "CALLS",
+    "INVALID_NO_GROUP_ID",
     "INVALID_NO_IDENTIFIER",
     "MESSAGE_ID_PREFIX",
     "TRAIT_KEY_STYLES",
@@ -80,8 +93,13 @@ __all__ = [
 #: snake case (``sessions_count``) or the Looker field name (``users.sessions_count``, as Looker's action).
 TRAIT_KEY_STYLES = ("label", "snake", "field")
 
+#: The Segment calls a Look's rows can become (the operator's ``call``).
+CALLS = ("identify", "group", "track")
+
 #: Invalid-row reason: the row has no userId, no anonymousId and no usable email.
 INVALID_NO_IDENTIFIER = "no_identifier"
+#: Invalid-row reason (group calls): the row has no group id.
+INVALID_NO_GROUP_ID = "no_group_id"
 
 #: Prefix of every messageId made here.
 MESSAGE_ID_PREFIX = "lsg-"
@@ -139,7 +157,7 @@ def _trait_name_map(value: object) -> dict[str, str]:
 @dataclass(frozen=True)
 class TransformOptions:
     """
-    The user's choices for turning a Look into identify calls; values are validated and normalised.
+    The user's choices for turning a Look into Segment calls; values are validated and normalised.
 
     :param user_id_field: Looker field giving ``userId`` (overrides detection); ``None``/``""``: detect.
     :param email_field: Looker field giving ``traits.email`` (overrides detection); ``None``/``""``: detect.
@@ -152,7 +170,11 @@ class TransformOptions:
         (``sessions_count``) or ``"field"`` (``users.sessions_count``).
     :param exclude_fields: fields never sent as traits. Excluding the email field keeps it as an identifier
         (it still derives anonymousIds) but sends no ``traits.email``.
-    :param membership_trait: when set, every message also gets ``traits[membership_trait] = True``.
+    :param membership_trait: when set, every message also gets ``traits[membership_trait] = True``
+        (``properties`` for track calls).
+    :param call: ``"identify"`` (default), ``"group"`` or ``"track"``.
+    :param group_id_field: Looker field giving ``groupId`` (group calls only); ``None``/``""``: detect.
+    :param event: the event name of track calls (required with ``call="track"``, refused otherwise).
     """
 
     user_id_field: str | None = None
@@ -162,11 +184,33 @@ class TransformOptions:
     trait_key_style: str = "label"
     exclude_fields: tuple[str, ...] = ()
     membership_trait: str | None = None
+    call: str = "identify"
+    group_id_field: str | None = None
+    event: str | None = None
 
     def __post_init__(self) -> None:
-        for option in ("user_id_field", "email_field", "anonymous_id_field"):
+        if self.call not in CALLS:
+            raise TransformConfigError(
+                f"call must be one of {', '.join(map(repr, CALLS))}, got {self.call!r}"
+            )
+        event = _optional_name("event", self.event, "an event name")
+        object.__setattr__(self, "event", event)
+        if self.call == "track" and event is None:
+            raise TransformConfigError(
+                "call='track' needs event, the name of the track event (e.g. 'Joined VIP cohort')"
+            )
+        if self.call != "track" and event is not None:
+            raise TransformConfigError(
+                f"event ({event!r}) names the event of track calls: set call='track', or leave event empty"
+            )
+        for option in ("user_id_field", "email_field", "anonymous_id_field", "group_id_field"):
             name = _optional_name(option, getattr(self, option), "a Looker field name such as 'users.id'")
             object.__setattr__(self, option, name)
+        if self.group_id_field is not None and self.call != "group":
+            raise TransformConfigError(
+                f"group_id_field ({self.group_id_field!r}) gives the groupId of group calls: set "
+                "call='group', or leave group_id_field empty"
+            )
         membership = _optional_name("membership_trait", self.membership_trait, "a trait key")
         object.__setattr__(self, "membership_trait", membership)
         object.__setattr__(self, "trait_names", _trait_name_map(self.trait_names))
@@ -184,7 +228,7 @@ class TransformOptions:
 @dataclass(frozen=True)
 class TransformPlan:
     """
-    How every row of one Look becomes an identify message (built by :func:`plan_transform`).
+    How every row of one Look becomes a Segment message (built by :func:`plan_transform`).
 
     :param look_id: the Look.
     :param user_id: field giving ``userId``, or ``None``.
@@ -193,6 +237,9 @@ class TransformPlan:
     :param specs: the trait sources in field order (internal, used by :func:`make_row_transformer`).
     :param membership_trait: trait set to ``True`` on every message, or ``None``.
     :param warnings: things worth a log line (reserved traits reached by another column, overwritten traits).
+    :param call: ``"identify"``, ``"group"`` or ``"track"``.
+    :param group_id: field giving ``groupId`` (group calls), or ``None``.
+    :param event: the event name of track calls, or ``None``.
     """
 
     look_id: str
@@ -202,22 +249,38 @@ class TransformPlan:
     specs: tuple[TraitSpec, ...]
     membership_trait: str | None = None
     warnings: list[str] = field(default_factory=list)
+    call: str = "identify"
+    group_id: IdentifierChoice | None = None
+    event: str | None = None
+
+    @property
+    def values_key(self) -> str:
+        """Where the columns go: ``"traits"`` (identify, group) or ``"properties"`` (track)."""
+        return VALUES_KEY[self.call]
 
     @property
     def identifiers(self) -> dict[str, dict[str, str] | None]:
         """
         JSON-serialisable identifier choices: ``{"userId": {"field", "how"} | None, "email": ...,
-        "anonymousId": ...}``; ``anonymousId`` reads ``derived from email, for rows without a userId`` when
-        there is no anonymousId field: rows with neither a userId nor an anonymousId get one from the email.
+        "anonymousId": ...}`` (and ``"groupId"`` for group calls); ``anonymousId`` reads ``derived from
+        email, for rows without a userId`` when there is no anonymousId field: rows with neither a userId nor
+        an anonymousId get one from the email (for group calls, else from the group id).
         """
         anonymous = self.anonymous_id
         if anonymous is None and self.email is not None:
             anonymous = IdentifierChoice(self.email.field, "derived from email, for rows without a userId")
-        return {
+        elif anonymous is None and self.group_id is not None:
+            anonymous = IdentifierChoice(
+                self.group_id.field, "derived from the group id, for rows without a user identifier"
+            )
+        found = {
             "userId": self.user_id.to_dict() if self.user_id else None,
             "email": self.email.to_dict() if self.email else None,
             "anonymousId": anonymous.to_dict() if anonymous else None,
         }
+        if self.call == "group":
+            found["groupId"] = self.group_id.to_dict() if self.group_id else None
+        return found
 
     @property
     def traits(self) -> dict[str, str | list[str]]:
@@ -242,18 +305,23 @@ class TransformPlan:
 
     @property
     def has_email(self) -> bool:
-        """Messages carry ``traits.email`` (an email field that is not excluded)."""
-        return self.email is not None and "email" in self.trait_keys
+        """Messages carry ``traits.email`` (an email field that is not excluded; never for track calls)."""
+        return self.email is not None and "email" in self.trait_keys and self.values_key == "traits"
 
     @property
     def has_anonymous_id(self) -> bool:
-        """Rows can get an anonymousId: from an anonymousId field, or derived from the email."""
-        return self.anonymous_id is not None or self.email is not None
+        """Rows can get an anonymousId: from an anonymousId field, derived from the email or the group id."""
+        return self.anonymous_id is not None or self.email is not None or self.group_id is not None
+
+    @property
+    def has_group_id(self) -> bool:
+        """Messages carry a ``groupId`` (group calls)."""
+        return self.group_id is not None
 
 
 def plan_transform(meta: LookResultMeta, options: TransformOptions | None = None) -> TransformPlan:
     """
-    Decide, from the Look's fields, how each row becomes an identify message.
+    Decide, from the Look's fields, how each row becomes a Segment message.
 
     Identifiers are the explicit options, else the LookML tags, else fields named or labelled like one;
     traits are every other visible field (the email field included, as ``email``): see :mod:`.field_roles`.
@@ -276,6 +344,9 @@ def plan_transform(meta: LookResultMeta, options: TransformOptions | None = None
         specs=specs,
         membership_trait=options.membership_trait,
         warnings=warnings,
+        call=options.call,
+        group_id=choices.get(GROUP_ID),
+        event=options.event,
     )
 
 
@@ -288,6 +359,7 @@ def _check_fields_exist(meta: LookResultMeta, options: TransformOptions) -> None
             ("user_id_field", [options.user_id_field]),
             ("email_field", [options.email_field]),
             ("anonymous_id_field", [options.anonymous_id_field]),
+            ("group_id_field", [options.group_id_field]),
             ("trait_names", list(options.trait_names)),
             ("exclude_fields", list(options.exclude_fields)),
         )
@@ -327,10 +399,10 @@ def _dump_head(message: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(message)
     except orjson.JSONEncodeError:
-        traits = message["traits"]
+        traits = message["traits"] if "traits" in message else message["properties"]
         for key, value in traits.items():
             traits[key] = json_safe(value)
-        for key in ("userId", "anonymousId"):
+        for key in ("groupId", "userId", "anonymousId"):
             if key in message:
                 message[key] = json_safe(message[key])
         return orjson.dumps(message)
@@ -364,8 +436,9 @@ def make_row_transformer(
     """
     Build the per-row function of a plan: row → ``(message, None)`` or ``(None, invalid reason)``.
 
-    Messages have the keys ``type``, ``userId``/``anonymousId``, ``traits`` (in field order), ``timestamp``,
-    ``context`` and ``messageId``, in that order. The ``context.library`` dict is shared by all messages:
+    Messages have the keys ``type``, ``event`` (track), ``groupId`` (group), ``userId``/``anonymousId``,
+    ``traits`` (``properties`` for track; in field order), ``timestamp``, ``context`` and ``messageId``, in
+    that order. The ``context.library`` dict is shared by all messages:
     treat messages as read-only.
 
     :param plan: the plan from :func:`plan_transform`.
@@ -382,8 +455,15 @@ def make_row_transformer(
     uid_field = plan.user_id.field if plan.user_id else None
     anon_field = plan.anonymous_id.field if plan.anonymous_id else None
     email_field = plan.email.field if plan.email else None
+    group_field = plan.group_id.field if plan.group_id else None
+    call, event, values_key = plan.call, plan.event, plan.values_key
     specs, membership = plan.specs, plan.membership_trait
-    identifier, from_email, dump_head = to_identifier, anonymous_id_from_email, _dump_head
+    identifier, from_email, from_group, dump_head = (
+        to_identifier,
+        anonymous_id_from_email,
+        anonymous_id_from_group,
+        _dump_head,
+    )
     fill_pivots, new_message = _fill_pivots, EncodedMessage
     context = {"library": library}
     # What follows the traits in every message of the run, encoded once: timestamp, context, messageId key.
@@ -394,12 +474,19 @@ def make_row_transformer(
 
     def transform(row: Row) -> tuple[dict[str, Any] | None, str | None]:
         get = row.get
+        group_id = None
+        if group_field is not None:
+            group_id = identifier(get(group_field))
+            if group_id is None:
+                return None, INVALID_NO_GROUP_ID
         user_id = identifier(get(uid_field)) if uid_field else None
         anonymous_id = identifier(get(anon_field)) if anon_field else None
         if user_id is None and anonymous_id is None:
             anonymous_id = from_email(get(email_field)) if email_field else None
             if anonymous_id is None:
-                return None, INVALID_NO_IDENTIFIER
+                if group_id is None:
+                    return None, INVALID_NO_IDENTIFIER
+                anonymous_id = from_group(group_id)
         traits: dict[str, Any] = {}
         for name, key, pivots, plain, convert in specs:
             value = get(name)
@@ -409,12 +496,16 @@ def make_row_transformer(
                 fill_pivots(traits, value, pivots, plain, convert)
         if membership:
             traits[membership] = True
-        message = new_message(type="identify")
+        message = new_message(type=call)
+        if event is not None:
+            message["event"] = event
+        if group_id is not None:
+            message["groupId"] = group_id
         if user_id is not None:
             message["userId"] = user_id
         if anonymous_id is not None:
             message["anonymousId"] = anonymous_id
-        message["traits"] = traits
+        message[values_key] = traits
         # One encoding per message: its head (identity and traits) is both hashed into the messageId and
         # sent, followed by the run's constant fields and the messageId.
         head = dump_head(message)

@@ -7,6 +7,8 @@ How Looker's raw values are written in Segment messages (pure functions, no I/O)
   blank strings, booleans, NaN/±Infinity, arrays and objects are not identifiers.
 * **Anonymous id derived from the email.** ``str(uuid5(ANONYMOUS_ID_NAMESPACE, email.strip().lower()))``
   for a string containing ``@``: the same email gives the same id on every run, in every DAG.
+* **Anonymous id derived from a group id** (group calls of rows without a user identifier):
+  ``str(uuid5(GROUP_ANONYMOUS_ID_NAMESPACE, group_id))``, the group id as sent (case kept).
 * **Trait values.** Strings, integers, floats and booleans are kept (``0``, ``false`` and ``""``
   round-trip); ``null`` stays ``null``; NaN and ±Infinity become ``null``; ``Decimal`` (how JSON numbers
   with a fraction or an exponent are read) becomes a float, or its decimal text beyond a float's range
@@ -40,7 +42,12 @@ import orjson
 #: Never change it: it would give every email-only profile a new anonymousId.
 ANONYMOUS_ID_NAMESPACE = uuid.UUID("939092db-b9f9-5a57-b221-ce58a1aa342a")
 
+#: Namespace of the UUID5 anonymous ids derived from group ids (``uuid5(ANONYMOUS_ID_NAMESPACE, "groupId")``):
+#: a group id and an email never give the same id. Never change it either.
+GROUP_ANONYMOUS_ID_NAMESPACE = uuid.UUID("1d983c1c-6dae-5e95-9bfe-dd6955cc3e1f")
+
 _NAMESPACE_BYTES = ANONYMOUS_ID_NAMESPACE.bytes
+_GROUP_NAMESPACE_BYTES = GROUP_ANONYMOUS_ID_NAMESPACE.bytes
 _LOOKER_DATETIME = re.compile(r"(\d{4}-\d{2}-\d{2}) (\d{2})((?::\d{2}(?::\d{2}(?:\.\d+)?)?)?)")
 _TIME_TYPES = frozenset({"time", "datetime", "timestamp"})
 _INT64_MIN = -(2**63)
@@ -206,8 +213,22 @@ def anonymous_id_from_email(email: Any) -> str | None:
     normalised = email.strip().lower()
     if "@" not in normalised:
         return None
-    # uuid.uuid5(ANONYMOUS_ID_NAMESPACE, normalised), three times faster (no UUID object).
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + normalised.encode("utf-8", "surrogatepass")).digest())
+    return _uuid5(_NAMESPACE_BYTES, normalised)
+
+
+def anonymous_id_from_group(group_id: str) -> str:
+    """
+    Return the stable anonymousId of a group call without a user identifier:
+    ``str(uuid5(GROUP_ANONYMOUS_ID_NAMESPACE, group_id))``.
+
+    :param group_id: the group id as sent (from :func:`to_identifier`).
+    """
+    return _uuid5(_GROUP_NAMESPACE_BYTES, group_id)
+
+
+def _uuid5(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(namespace, name))``, three times faster (no UUID object), surrogates allowed."""
+    digest = bytearray(hashlib.sha1(namespace + name.encode("utf-8", "surrogatepass")).digest())
     digest[6] = (digest[6] & 0x0F) | 0x50
     digest[8] = (digest[8] & 0x3F) | 0x80
     text = digest[:16].hex()

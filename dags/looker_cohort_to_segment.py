@@ -1,8 +1,8 @@
 """
-Daily sync of one Looker cohort (a Look) into Segment as identify calls.
+Daily sync of one Looker cohort (a Look) into Segment as identify, group or track calls.
 
-Trigger it from the Airflow UI ("Trigger DAG") to sync another Look, to name the destinations to check,
-or to make a dry run.
+Trigger it from the Airflow UI ("Trigger DAG") to sync another Look, to choose the call type, to name the
+destinations to check, or to make a dry run.
 """
 
 from __future__ import annotations
@@ -48,8 +48,11 @@ DOC = """
 ### Looker cohort → Segment
 
 Reads the Look given by **look_id** from the Looker API (connection `looker_default`) and sends one
-Segment `identify` call per row through the Tracking API (connection `segment_default`):
+Segment call per row through the Tracking API (connection `segment_default`):
 
+* **call**: `identify` (user traits), `group` (account traits; the field tagged `segment_group_id` or
+  named like an account id gives `groupId`) or `track` (an event named **event**, the columns as its
+  properties);
 * the user id column gives `userId`, the email column gives `traits.email`, every other visible column
   becomes a trait (key style set by **trait_key_style**);
 * **destinations** (optional): the Segment destinations this source feeds; the run fails before sending
@@ -59,7 +62,8 @@ Segment `identify` call per row through the Tracking API (connection `segment_de
 * **dry_run**: build and validate every call and log examples, send nothing;
 * **sync_mode**: `all` sends every row on every run; `changed` sends only the users who are new or whose
   traits changed since the last sync of this Look; **full_refresh** resends everything and rebuilds that
-  state;
+  state; **entered_event** / **exited_event** (with `changed`) also send a track event for each identity
+  that entered or left the cohort;
 * **state_path** (optional): where `changed` keeps its state, e.g.
   `s3://aws_default@my-bucket/looker-segment-state/`; empty = the Airflow Variable
   `looker_segment_state_path`, and without it `$AIRFLOW_HOME/looker_segment_state` on the worker, which
@@ -71,7 +75,7 @@ rejected and failed events, batches, which fields gave the identifiers, and the 
 
 with DAG(
     dag_id="looker_cohort_to_segment",
-    description="Sync a Looker cohort (Look) into Segment as identify calls",
+    description="Sync a Looker cohort (Look) into Segment as identify, group or track calls",
     doc_md=DOC,
     schedule="@daily" if DAILY_LOOK_ID else None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
@@ -95,7 +99,35 @@ with DAG(
             False,
             type="boolean",
             title="Dry run",
-            description="Read the Look and build every identify call, but send nothing.",
+            description="Read the Look and build every call, but send nothing.",
+        ),
+        "call": Param(
+            "identify",
+            type="string",
+            enum=["identify", "group", "track"],
+            title="Call type",
+            description="identify: user traits; group: account traits with a groupId (Totango, "
+            "Gainsight...); track: an event per row, the columns as its properties (Braze, Customer.io...).",
+        ),
+        "event": Param(
+            None,
+            type=["null", "string"],
+            title="Event name",
+            description="With call type 'track' (required there): the event name, e.g. 'Joined VIP cohort'.",
+        ),
+        "entered_event": Param(
+            None,
+            type=["null", "string"],
+            title="Entered event",
+            description="With sync mode 'changed': also send this track event for each identity that "
+            "entered the cohort since the last sync (e.g. 'Entered VIP cohort').",
+        ),
+        "exited_event": Param(
+            None,
+            type=["null", "string"],
+            title="Exited event",
+            description="With sync mode 'changed': also send this track event for each identity that "
+            "left the cohort since the last sync (e.g. 'Left VIP cohort').",
         ),
         "trait_key_style": Param(
             "label",
@@ -134,6 +166,10 @@ with DAG(
         look_id="{{ params.look_id }}",
         destinations="{{ params.destinations }}",
         dry_run="{{ params.dry_run }}",
+        call="{{ params.call }}",
+        event="{{ params.event }}",
+        entered_event="{{ params.entered_event }}",
+        exited_event="{{ params.exited_event }}",
         trait_key_style="{{ params.trait_key_style }}",
         sync_mode="{{ params.sync_mode }}",
         full_refresh="{{ params.full_refresh }}",

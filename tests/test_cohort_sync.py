@@ -11,14 +11,16 @@ import pytest
 
 from airflow_provider_looker_segment.cohort_sync import (
     CohortCounts,
+    CohortEvents,
     changed_only,
-    exit_message,
+    exit_calls,
     exit_messages,
     identity_of,
     keyed_message_id,
     undelivered_identities,
 )
 from airflow_provider_looker_segment.sync_state import CohortStateStore, ExitIdentity, identity_hash
+from airflow_provider_looker_segment.values import anonymous_id_from_group
 
 NAMESPACE = '["dag","task","run",-1,"42"]'
 
@@ -26,6 +28,10 @@ NAMESPACE = '["dag","task","run",-1,"42"]'
 def test_identity_prefers_user_id():
     assert identity_of({"userId": "42", "anonymousId": "a-1"}) == ("userId", "42")
     assert identity_of({"anonymousId": "a-1"}) == ("anonymousId", "a-1")
+
+
+def test_a_group_call_is_keyed_by_its_group_id():
+    assert identity_of({"type": "group", "groupId": "g-1", "userId": "42"}) == ("groupId", "g-1")
 
 
 def test_keyed_message_ids_map_back_to_identities():
@@ -37,21 +43,81 @@ def test_keyed_message_ids_map_back_to_identities():
     assert undelivered_identities(["not-ours"], complete=True) is None
 
 
-def test_exit_message_is_deterministic_and_minimal():
-    departed = ExitIdentity("anonymousId", "anon-1", identity_hash("anonymousId", "anon-1"))
-    kwargs = {
+def _events(**kwargs: Any) -> CohortEvents:
+    defaults = {
         "membership_trait": "in_cohort",
-        "message_id_namespace": '["dag","task","run",-1,"42"]',
+        "message_id_namespace": NAMESPACE,
         "timestamp": "2026-11-29T00:00:00.000Z",
         "library": {"name": "x", "version": "1"},
     }
-    message = exit_message(departed, **kwargs)
-    assert message["anonymousId"] == "anon-1" and "userId" not in message
+    return CohortEvents(**{**defaults, **kwargs})
+
+
+def test_exit_message_is_deterministic_and_minimal():
+    departed = ExitIdentity("anonymousId", "anon-1", identity_hash("anonymousId", "anon-1"))
+    (message,) = exit_calls(departed, _events())
+    assert message["type"] == "identify" and message["anonymousId"] == "anon-1" and "userId" not in message
     assert message["traits"] == {"in_cohort": False}
-    assert message == exit_message(departed, **kwargs)
+    assert message["timestamp"] == "2026-11-29T00:00:00.000Z"
+    assert [message] == exit_calls(departed, _events())
     assert undelivered_identities([message["messageId"]], complete=True) == {departed.ihash}
-    other_run = exit_message(departed, **{**kwargs, "message_id_namespace": '["dag","task","run2",-1,"42"]'})
+    (other_run,) = exit_calls(departed, _events(message_id_namespace='["dag","task","run2",-1,"42"]'))
     assert other_run["messageId"] != message["messageId"]
+
+
+def test_exit_calls_follow_the_call_type_and_the_exit_event():
+    user = ExitIdentity("userId", "u1", identity_hash("userId", "u1"))
+    group = ExitIdentity("groupId", "acct-1", identity_hash("groupId", "acct-1"))
+    track = _events(call="track", event="In VIP cohort", exited_event="Left VIP cohort")
+    membership, exited = exit_calls(user, track)
+    assert (membership["type"], membership["event"], membership["properties"]) == (
+        "track",
+        "In VIP cohort",
+        {"in_cohort": False},
+    )
+    assert (exited["type"], exited["event"], exited["userId"]) == ("track", "Left VIP cohort", "u1")
+    assert exited["properties"] == {"in_cohort": False} and "traits" not in exited
+    assert membership["messageId"] != exited["messageId"]
+    assert undelivered_identities([exited["messageId"]], complete=True) == {user.ihash}
+
+    membership, exited = exit_calls(group, _events(call="group", exited_event="Account left"))
+    derived = anonymous_id_from_group("acct-1")
+    assert membership == {
+        "type": "group",
+        "groupId": "acct-1",
+        "anonymousId": derived,
+        "traits": {"in_cohort": False},
+        "timestamp": "2026-11-29T00:00:00.000Z",
+        "context": {"library": {"name": "x", "version": "1"}},
+        "messageId": membership["messageId"],
+    }
+    assert exited["anonymousId"] == derived and exited["context"]["groupId"] == "acct-1"
+    # Without a membership trait, only the exit event, with no properties (nothing undelivered is sent).
+    (only,) = exit_calls(user, _events(membership_trait=None, exited_event="Left"))
+    assert (only["event"], only["properties"]) == ("Left", {})
+
+
+def test_entry_events_follow_new_identities_only(store):
+    events = _events(membership_trait=None, entered_event="Entered")
+    counts, sent = _run(store, _rows(range(3)), events=events)
+    assert [(m["type"], m.get("event"), m["userId"]) for m in sent] == [
+        ("identify", None, "u0"),
+        ("track", "Entered", "u0"),
+        ("identify", None, "u1"),
+        ("track", "Entered", "u1"),
+        ("identify", None, "u2"),
+        ("track", "Entered", "u2"),
+    ]
+    assert sent[1]["properties"] == {"plan": "free"} and counts.entered_events == 3
+    rows = _rows(range(4))
+    rows[0]["traits"]["plan"] = "pro"  # changed: sent, but it did not enter
+    counts, sent = _run(store, rows, events=events)
+    assert [(m["type"], m["userId"]) for m in sent] == [
+        ("identify", "u0"),
+        ("identify", "u3"),
+        ("track", "u3"),
+    ]
+    assert counts.entered_events == 1 and (counts.new, counts.changed) == (1, 1)
 
 
 # ------------------------------------------------------------------------------- exits on a real state
@@ -77,20 +143,18 @@ def _run(
     truncated: bool = False,
     full_refresh: bool = False,
     run_id: str = "run",
+    events: CohortEvents | None = None,
 ) -> tuple[CohortCounts, list[dict[str, Any]]]:
     """One run as the operator wires it (everything delivered); return the counts and the messages sent."""
     counts = CohortCounts()
+    if events is None:
+        events = CohortEvents(
+            membership_trait=trait, message_id_namespace=NAMESPACE, library={"name": "x", "version": "1"}
+        )
     with store.begin(run_id, full_refresh=full_refresh) as run:
-        sent = list(changed_only(rows, run, counts))
+        sent = list(changed_only(rows, run, counts, events))
         sent += exit_messages(
-            run,
-            counts,
-            membership_trait=trait,
-            max_exit_ratio=max_exit_ratio,
-            possibly_truncated=truncated,
-            message_id_namespace=NAMESPACE,
-            timestamp=None,
-            library={"name": "x", "version": "1"},
+            run, counts, events, max_exit_ratio=max_exit_ratio, possibly_truncated=truncated
         )
         run.commit(set(), exits_sent=not counts.keep_departed)
     return counts, sent
@@ -122,7 +186,9 @@ def test_without_a_membership_trait_departed_identities_just_leave(store):
     _run(store, _rows(range(10)))
     counts, sent = _run(store, _rows(range(7)))
     assert sent == [] and counts.exits == 3 and counts.exits_sent == 0 and counts.guard_tripped is None
-    assert counts.exits_skipped.startswith("no membership_trait") and not counts.keep_departed
+    assert (
+        counts.exits_skipped.startswith("no membership_trait nor exited_event") and not counts.keep_departed
+    )
     assert _stored_ids(store) == {f"u{n}" for n in range(7)}
 
 

@@ -60,9 +60,16 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
         "sync_mode",
         "full_refresh",
         "state_path",
+        "call",
+        "event",
+        "entered_event",
+        "exited_event",
     }
     schema = {name: params.get_param(name).schema for name in params}
     assert schema["look_id"]["type"] == "string" and params.get_param("look_id").description
+    assert schema["call"]["enum"] == ["identify", "group", "track"] and params["call"] == "identify"
+    for optional in ("event", "entered_event", "exited_event"):  # optional: no red star in the form
+        assert schema[optional]["type"] == ["null", "string"] and params[optional] is None
     assert schema["destinations"]["type"] == "array"
     assert schema["dry_run"]["type"] == "boolean" and params["dry_run"] is False
     assert schema["trait_key_style"]["enum"] == ["label", "snake", "field"]
@@ -72,6 +79,7 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     assert dag.max_active_runs == 1 and dag.catchup is False
     task = dag.get_task("sync_cohort")
     assert task.look_id == "{{ params.look_id }}"
+    assert (task.call, task.event) == ("{{ params.call }}", "{{ params.event }}")
     assert task.retries >= 1 and task.retry_delay.total_seconds() > 0
     assert [outlet.uri for outlet in task.outlets] == [
         "segment://segment_default/looker/looker_default/looks/triggered"

@@ -1,4 +1,4 @@
-"""LookerToSegmentOperator: stream a Look's rows into Segment as ``identify`` calls."""
+"""LookerToSegmentOperator: stream a Look's rows into Segment as identify, group or track calls."""
 
 from __future__ import annotations
 
@@ -32,18 +32,33 @@ _SETTINGS = tuple(SyncSettings.__dataclass_fields__)
 
 class LookerToSegmentOperator(BaseOperator):
     """
-    Send every row of a Looker Look to Segment as an ``identify`` call.
+    Send every row of a Looker Look to Segment as an ``identify`` (default), ``group`` or ``track`` call.
 
     The Look is streamed from the Looker API (memory stays flat whatever its size); each row becomes one
-    ``identify`` call by the rules of Segment's Looker source: the user id column gives ``userId``, every
-    other visible column becomes a trait (email included), and calls are delivered in batches through
-    Segment's HTTP Tracking API. The task fails, after everything deliverable was sent, if Segment rejected
-    any event or some could not be delivered. The summary is returned (XCom ``return_value``).
+    call by the rules of Segment's Looker source: the user id column gives ``userId``, every other visible
+    column becomes a trait (email included; ``properties`` of track calls), and calls are delivered in
+    batches through Segment's HTTP Tracking API. The task fails, after everything deliverable was sent, if
+    Segment rejected any event or some could not be delivered. The summary is returned (XCom
+    ``return_value``).
 
     .. seealso::
         The README's "Use it in your Airflow" section and parameter reference.
 
     :param look_id: the Look to sync (its id, as in ``/looks/42``). (templated)
+    :param call: the Segment call each row becomes: ``"identify"`` (default; user traits), ``"group"``
+        (account traits, with ``groupId``) or ``"track"`` (an event named ``event``, the columns as its
+        ``properties``). (templated)
+    :param group_id_field: with ``call="group"``, the Looker field that gives ``groupId``; detected from the
+        LookML tag ``segment_group_id`` or the field's name or label (``accounts.id``, ``Account ID``) when
+        not given. A row without a user identifier gets an anonymousId derived from its group id.
+        (templated)
+    :param event: with ``call="track"`` (required there), the event name, e.g. ``"Joined VIP cohort"``.
+        (templated)
+    :param entered_event: with ``sync_mode="changed"``, also send a track call with this event name for
+        each identity that entered the cohort since the last delivered run, its traits as properties.
+        (templated)
+    :param exited_event: with ``sync_mode="changed"``, also send a track call with this event name for
+        each identity that left the cohort since the last delivered run. (templated)
     :param looker_conn_id: connection of type ``looker``.
     :param segment_conn_id: connection of type ``segment_tracking`` (or the official provider's ``segment``).
     :param user_id_field: Looker field that gives ``userId``, e.g. ``users.id``; detected from the LookML
@@ -87,6 +102,11 @@ class LookerToSegmentOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "look_id",
+        "call",
+        "group_id_field",
+        "event",
+        "entered_event",
+        "exited_event",
         "user_id_field",
         "email_field",
         "anonymous_id_field",
@@ -127,6 +147,11 @@ class LookerToSegmentOperator(BaseOperator):
         full_refresh: bool | str = False,
         membership_trait: str | None = None,
         max_exit_ratio: float | str = 0.5,
+        call: str = "identify",
+        group_id_field: str | None = None,
+        event: str | None = None,
+        entered_event: str | None = None,
+        exited_event: str | None = None,
         max_in_flight: int | None = None,
         gzip: bool | None = None,
         requests_per_second: float | None = None,
@@ -152,6 +177,11 @@ class LookerToSegmentOperator(BaseOperator):
         self.full_refresh = full_refresh
         self.membership_trait = membership_trait
         self.max_exit_ratio = max_exit_ratio
+        self.call = call
+        self.group_id_field = group_id_field
+        self.event = event
+        self.entered_event = entered_event
+        self.exited_event = exited_event
         self.max_in_flight = max_in_flight
         self.gzip = gzip
         self.requests_per_second = requests_per_second
@@ -233,7 +263,13 @@ class LookerToSegmentOperator(BaseOperator):
     def _state_store(self, settings: SyncSettings, segment: SegmentHook) -> CohortStateStore:
         state_path = _state_folder(self.state_path)
         self._warn_if_state_is_local(state_path)
-        key = sync_key(settings.look_id, segment.settings.base_url, segment.settings.write_key)
+        key = sync_key(
+            settings.look_id,
+            segment.settings.base_url,
+            segment.settings.write_key,
+            call=settings.call,
+            event=settings.event,
+        )
         self.log.info("Sync state: %s/%s.state", state_path, key)
         return CohortStateStore(state_path, key)
 

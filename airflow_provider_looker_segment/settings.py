@@ -1,0 +1,166 @@
+"""
+What one sync does: the operator's (rendered) arguments, coerced and checked into :class:`SyncSettings`.
+
+Every problem is an :class:`~airflow_provider_looker_segment.exceptions.InvalidParameterError` naming the
+parameter and the fix, raised before Looker is read or anything is sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_looker_segment.cohort_sync import SYNC_ALL, SYNC_CHANGED, SYNC_MODES
+from airflow_provider_looker_segment.exceptions import InvalidParameterError
+from airflow_provider_looker_segment.params import (
+    to_bool,
+    to_number,
+    to_optional_str,
+    to_str_dict,
+    to_str_list,
+)
+from airflow_provider_looker_segment.transform import CALLS, TRAIT_KEY_STYLES, TransformOptions
+
+#: The largest row limit Looker's API takes (a 64-bit integer).
+MAX_LIMIT = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """
+    What one sync does, read from the operator's (rendered) arguments by :meth:`from_arguments`.
+
+    The fields mean what the operator's parameters of the same names mean.
+    """
+
+    look_id: str
+    user_id_field: str | None = None
+    email_field: str | None = None
+    anonymous_id_field: str | None = None
+    trait_names: dict[str, str] = field(default_factory=dict)
+    trait_key_style: str = "label"
+    exclude_fields: tuple[str, ...] = ()
+    destinations: tuple[str, ...] = ()
+    dry_run: bool = False
+    limit: int = -1
+    max_invalid_rows: int | None = None
+    sync_mode: str = SYNC_ALL
+    full_refresh: bool = False
+    membership_trait: str | None = None
+    max_exit_ratio: float = 0.5
+    call: str = "identify"
+    group_id_field: str | None = None
+    event: str | None = None
+    entered_event: str | None = None
+    exited_event: str | None = None
+
+    @classmethod
+    def from_arguments(cls, **arguments: Any) -> SyncSettings:
+        """
+        Coerce rendered arguments (strings or native values) and check them.
+
+        :raises InvalidParameterError: a value cannot be used; the message names the parameter.
+        """
+        look_id = to_optional_str(arguments.get("look_id"))
+        if look_id is None:
+            raise InvalidParameterError(
+                "look_id is empty: pass the id of the Look to sync (as in /looks/42)."
+            )
+        style = to_optional_str(arguments.get("trait_key_style")) or "label"
+        if style not in TRAIT_KEY_STYLES:
+            raise InvalidParameterError(
+                f"trait_key_style must be one of {', '.join(TRAIT_KEY_STYLES)}, "
+                f"got {arguments.get('trait_key_style')!r}"
+            )
+        limit = to_number(arguments.get("limit"), name="limit", whole=True)
+        if limit is not None and limit < -1:
+            raise InvalidParameterError(f"limit must be -1 (all rows) or a positive number, got {limit}")
+        if limit is not None and limit > MAX_LIMIT:
+            raise InvalidParameterError(
+                f"limit must be at most {MAX_LIMIT:,} (Looker's largest row limit), got {limit:,}: "
+                "use -1 for all rows"
+            )
+        sync_mode = to_optional_str(arguments.get("sync_mode")) or SYNC_ALL
+        if sync_mode not in SYNC_MODES:
+            raise InvalidParameterError(
+                f"sync_mode must be one of {', '.join(SYNC_MODES)}, got {arguments.get('sync_mode')!r}"
+            )
+        call = to_optional_str(arguments.get("call")) or "identify"
+        if call not in CALLS:
+            raise InvalidParameterError(
+                f"call must be one of {', '.join(CALLS)}, got {arguments.get('call')!r}"
+            )
+        event = to_optional_str(arguments.get("event"))
+        if call == "track" and event is None:
+            raise InvalidParameterError(
+                "call='track' needs event, the name of the track event (e.g. 'Joined VIP cohort'): set event"
+            )
+        if call != "track" and event is not None:
+            raise InvalidParameterError(
+                f"event ({event!r}) names the event of track calls: set call='track', or leave event empty"
+            )
+        group_id_field = to_optional_str(arguments.get("group_id_field"))
+        if call != "group" and group_id_field is not None:
+            raise InvalidParameterError(
+                f"group_id_field ({group_id_field!r}) gives the groupId of group calls: set call='group', "
+                "or leave group_id_field empty"
+            )
+        cohort_events = {}
+        for name in ("entered_event", "exited_event"):
+            cohort_events[name] = to_optional_str(arguments.get(name))
+            if cohort_events[name] is not None and sync_mode != SYNC_CHANGED:
+                raise InvalidParameterError(
+                    f"{name} ({cohort_events[name]!r}) needs sync_mode='changed': entries and exits are "
+                    "found by comparing with the last delivered run. Set sync_mode='changed' or leave "
+                    f"{name} empty"
+                )
+        ratio = arguments.get("max_exit_ratio")
+        try:
+            max_exit_ratio = to_number(ratio, name="max_exit_ratio", default=0.5, minimum=0, maximum=1)
+        except InvalidParameterError:
+            raise InvalidParameterError(
+                f"max_exit_ratio must be a number from 0 to 1, got {ratio!r}"
+            ) from None
+        return cls(
+            look_id=look_id,
+            user_id_field=to_optional_str(arguments.get("user_id_field")),
+            email_field=to_optional_str(arguments.get("email_field")),
+            anonymous_id_field=to_optional_str(arguments.get("anonymous_id_field")),
+            trait_names=to_str_dict(arguments.get("trait_names"), name="trait_names"),
+            trait_key_style=style,
+            exclude_fields=tuple(to_str_list(arguments.get("exclude_fields"), name="exclude_fields")),
+            destinations=tuple(to_str_list(arguments.get("destinations"), name="destinations")),
+            dry_run=to_bool(arguments.get("dry_run"), name="dry_run"),
+            limit=-1 if not limit else limit,
+            max_invalid_rows=to_number(
+                arguments.get("max_invalid_rows"), name="max_invalid_rows", whole=True, minimum=0
+            ),
+            sync_mode=sync_mode,
+            full_refresh=to_bool(arguments.get("full_refresh"), name="full_refresh"),
+            membership_trait=to_optional_str(arguments.get("membership_trait")),
+            max_exit_ratio=float(max_exit_ratio),
+            call=call,
+            group_id_field=group_id_field,
+            event=event,
+            **cohort_events,
+        )
+
+    @property
+    def changed_only(self) -> bool:
+        """Whether this sync keeps state and sends only what changed."""
+        return self.sync_mode == SYNC_CHANGED
+
+    def transform_options(self) -> TransformOptions:
+        """The transform's options."""
+        return TransformOptions(
+            user_id_field=self.user_id_field,
+            email_field=self.email_field,
+            anonymous_id_field=self.anonymous_id_field,
+            trait_names=self.trait_names,
+            trait_key_style=self.trait_key_style,
+            exclude_fields=self.exclude_fields,
+            membership_trait=self.membership_trait,
+            call=self.call,
+            group_id_field=self.group_id_field,
+            event=self.event,
+        )
