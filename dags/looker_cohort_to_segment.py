@@ -7,11 +7,13 @@ destinations to check, or to make a dry run.
 
 from __future__ import annotations
 
-import os
+import logging
 from datetime import timedelta
+from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, Asset, Param
+from airflow.sdk import DAG, Asset, Param, Variable, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_provider_looker_segment.operators.looker_to_segment import LookerToSegmentOperator
 
@@ -20,29 +22,18 @@ STATE_PATH_VARIABLE = "looker_segment_state_path"
 #: ``state_path``: the trigger form's value, else the Variable, else "" (the operator's default folder).
 STATE_PATH_TEMPLATE = "{{ params.state_path or var.value.get('looker_segment_state_path', '') }}"
 
-#: The Look that the daily schedule syncs. Airflow allows a schedule only when every param has a valid
-#: default, so without it the DAG runs only when triggered (from the UI) with a ``look_id``.
-DAILY_LOOK_ID = os.environ.get("LOOKER_SEGMENT_DAILY_LOOK_ID", "").strip() or None
+#: The Airflow Variable naming the Look that the daily schedule syncs (Admin → Variables, e.g. ``42``).
+DAILY_LOOK_VARIABLE = "looker_segment_daily_look_id"
 
 #: Downstream DAGs can be scheduled on this asset: it is updated after every completed (non dry-run) sync,
-#: its event carrying the Look id and the figures. URI:
-#: ``segment://<segment connection id>/looker/<looker connection id>/looks/<look id or "triggered">``.
+#: its event carrying the Look id and the figures.
 COHORT_SYNCED = Asset(
     name="looker_cohort_synced_to_segment",
-    uri=f"segment://segment_default/looker/looker_default/looks/{DAILY_LOOK_ID or 'triggered'}",
+    uri="segment://segment_default/looker/looker_default/looks/daily",
 )
 
 
-def _look_id_param() -> Param:
-    """The required ``look_id`` param, defaulting to the daily Look when one is configured."""
-    spec = {
-        "type": "string",
-        "minLength": 1,
-        "title": "Look id",
-        "description": "Id of the Look to sync, as in https://company.cloud.looker.com/looks/42",
-    }
-    return Param(DAILY_LOOK_ID, **spec) if DAILY_LOOK_ID else Param(**spec)
-
+log = logging.getLogger(__name__)
 
 DOC = """
 ### Looker cohort → Segment
@@ -57,8 +48,8 @@ Segment call per row through the Tracking API (connection `segment_default`):
   becomes a trait (key style set by **trait_key_style**);
 * **destinations** (optional): the Segment destinations this source feeds; the run fails before sending
   anything if the Look lacks an identifier one of them needs;
-* **look_id** is required; set the environment variable `LOOKER_SEGMENT_DAILY_LOOK_ID` where the
-  DAG processor runs to give it a default and switch the `@daily` schedule on;
+* **look_id**: the Look to sync; empty = the Airflow Variable `looker_segment_daily_look_id`, which is
+  what the `@daily` schedule syncs. While neither is set, a run is skipped with a message saying so;
 * **dry_run**: build and validate every call and log examples, send nothing;
 * **sync_mode**: `all` sends every row on every run; `changed` sends only the users who are new or whose
   traits changed since the last sync of this Look; **full_refresh** resends everything and rebuilds that
@@ -77,7 +68,7 @@ with DAG(
     dag_id="looker_cohort_to_segment",
     description="Sync a Looker cohort (Look) into Segment as identify, group or track calls",
     doc_md=DOC,
-    schedule="@daily" if DAILY_LOOK_ID else None,
+    schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -85,7 +76,13 @@ with DAG(
     render_template_as_native_obj=True,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
     params={
-        "look_id": _look_id_param(),
+        "look_id": Param(
+            None,
+            type=["null", "string"],
+            title="Look id",
+            description="Id of the Look to sync, as in https://company.cloud.looker.com/looks/42. "
+            f"Empty: the Airflow Variable {DAILY_LOOK_VARIABLE} (the Look of the daily schedule).",
+        ),
         "destinations": Param(
             [],
             type="array",
@@ -161,9 +158,25 @@ with DAG(
         ),
     },
 ) as dag:
+
+    @task
+    def resolve_look(params: dict[str, Any] | None = None) -> str:
+        """The Look to sync: the trigger form's, else the Variable's; skip the run when neither is set."""
+        look_id = str((params or {}).get("look_id") or "").strip()
+        if not look_id:
+            look_id = str(Variable.get(DAILY_LOOK_VARIABLE, default="") or "").strip()
+        if not look_id:
+            message = (
+                f"No Look to sync: set the Airflow Variable {DAILY_LOOK_VARIABLE} to the id of the Look "
+                "of the daily sync (Admin > Variables, e.g. 42), or trigger the DAG with a look_id."
+            )
+            log.warning("%s", message)  # the task log shows it; the skip alone would not
+            raise AirflowSkipException(message)
+        return look_id
+
     LookerToSegmentOperator(
         task_id="sync_cohort",
-        look_id="{{ params.look_id }}",
+        look_id=resolve_look(),
         destinations="{{ params.destinations }}",
         dry_run="{{ params.dry_run }}",
         call="{{ params.call }}",

@@ -2,16 +2,19 @@
 Sync several Looker cohorts into Segment in parallel, one mapped task per Look, then add up the results.
 
 The Looks come from the trigger form (``look_ids``) or, when it is left empty, from the Airflow Variable
-``looker_segment_look_ids`` (a JSON list such as ``["1", "7"]``).
+``looker_segment_look_ids`` (a JSON list such as ``["1", "7"]``), which is what the daily schedule syncs;
+while neither is set, a run is skipped with a message saying what to set.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
 import pendulum
 from airflow.sdk import DAG, Param, Variable, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_provider_looker_segment.operators.looker_to_segment import LookerToSegmentOperator
 
@@ -21,12 +24,16 @@ STATE_PATH_VARIABLE = "looker_segment_state_path"
 #: ``state_path``: the trigger form's value, else the Variable, else "" (the operator's default folder).
 STATE_PATH_TEMPLATE = "{{ params.state_path or var.value.get('looker_segment_state_path', '') }}"
 
+log = logging.getLogger(__name__)
+
 DOC = """
 ### Several Looker cohorts → Segment
 
 One `LookerToSegmentOperator` task per Look (dynamic task mapping), all sending to the same Segment
 source. The Looks come from the **look_ids** param, or from the Airflow Variable
-`looker_segment_look_ids` (a JSON list) when the param is empty; a Look listed twice is synced once. The
+`looker_segment_look_ids` (a JSON list) when the param is empty: the `@daily` schedule syncs the Looks of
+that Variable, and while it is not set, runs are skipped with a message saying so. A Look listed twice is
+synced once. The
 last task adds up the summaries and is the DAG's result: rows read, events sent, invalid, rejected and
 failed, per Look and in total.
 
@@ -46,7 +53,7 @@ with DAG(
     dag_id="looker_cohorts_to_segment_mapped",
     description="Sync several Looker cohorts into Segment in parallel",
     doc_md=DOC,
-    schedule=None,
+    schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -98,10 +105,12 @@ with DAG(
         # Each Look once, in the order given: two tasks of one Look would contend for its sync state.
         look_ids = list(dict.fromkeys(str(look_id).strip() for look_id in look_ids if str(look_id).strip()))
         if not look_ids:
-            raise ValueError(
-                f"No Looks to sync: pass look_ids when triggering, or set the Variable {LOOK_IDS_VARIABLE} "
-                'to a JSON list such as ["1", "7"].'
+            message = (
+                f"No Looks to sync: set the Airflow Variable {LOOK_IDS_VARIABLE} to a JSON list such as "
+                '["1", "7"] (Admin > Variables), or trigger the DAG with look_ids.'
             )
+            log.warning("%s", message)  # the task log shows it; the skip alone would not
+            raise AirflowSkipException(message)
         return look_ids
 
     @task

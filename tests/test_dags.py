@@ -6,6 +6,7 @@ import importlib.util
 import warnings
 from pathlib import Path
 
+import pendulum
 import pytest
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"
@@ -66,7 +67,7 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
         "exited_event",
     }
     schema = {name: params.get_param(name).schema for name in params}
-    assert schema["look_id"]["type"] == "string" and params.get_param("look_id").description
+    assert schema["look_id"]["type"] == ["null", "string"] and params.get_param("look_id").description
     assert schema["call"]["enum"] == ["identify", "group", "track"] and params["call"] == "identify"
     for optional in ("event", "entered_event", "exited_event"):  # optional: no red star in the form
         assert schema[optional]["type"] == ["null", "string"] and params[optional] is None
@@ -78,23 +79,63 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     assert schema["state_path"]["type"] == ["null", "string"] and params["state_path"] is None
     assert dag.max_active_runs == 1 and dag.catchup is False
     task = dag.get_task("sync_cohort")
-    assert task.look_id == "{{ params.look_id }}"
+    assert task.upstream_task_ids == {"resolve_look"}
     assert (task.call, task.event) == ("{{ params.call }}", "{{ params.event }}")
     assert task.retries >= 1 and task.retry_delay.total_seconds() > 0
     assert [outlet.uri for outlet in task.outlets] == [
-        "segment://segment_default/looker/looker_default/looks/triggered"
+        "segment://segment_default/looker/looker_default/looks/daily"
     ]
 
 
-def test_cohort_dag_runs_daily_once_a_look_is_configured(monkeypatch: pytest.MonkeyPatch):
-    without = _load(DAGS / "looker_cohort_to_segment.py", monkeypatch).dag
-    assert without.schedule is None  # look_id is required: Airflow refuses a schedule without defaults
-    with_look = _load(
-        DAGS / "looker_cohort_to_segment.py", monkeypatch, LOOKER_SEGMENT_DAILY_LOOK_ID="42"
-    ).dag
-    assert with_look.schedule == "@daily"
-    assert with_look.params["look_id"] == "42"
-    assert with_look.get_task("sync_cohort").outlets[0].uri.endswith("/looks/42")
+def test_example_dags_are_scheduled_out_of_the_box(monkeypatch: pytest.MonkeyPatch):
+    for name in ("looker_cohort_to_segment.py", "looker_cohorts_to_segment_mapped.py"):
+        dag = _load(DAGS / name, monkeypatch).dag
+        assert dag.schedule == "@daily" and dag.catchup is False and dag.max_active_runs == 1
+
+
+@pytest.fixture
+def standins(airflow_db, monkeypatch: pytest.MonkeyPatch):
+    from standins.connections import standin_connections
+    from standins.looker_standin import LookerStandIn
+    from standins.segment_standin import SegmentStandIn
+
+    with LookerStandIn() as looker, SegmentStandIn(record="full") as segment:
+        for name, value in standin_connections(looker.base_url, segment.base_url).items():
+            monkeypatch.setenv(name, value)
+        yield looker, segment
+
+
+def _states(dag_run) -> dict[str, str]:
+    return {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+
+
+def test_an_unconfigured_scheduled_run_is_skipped_saying_what_to_set(standins, monkeypatch, capfd):
+    _looker, segment = standins
+    monkeypatch.delenv("AIRFLOW_VAR_LOOKER_SEGMENT_DAILY_LOOK_ID", raising=False)
+    dag = _load(DAGS / "looker_cohort_to_segment.py", monkeypatch).dag
+    dag_run = dag.test(logical_date=pendulum.datetime(2026, 11, 28, tz="UTC"))
+    assert dag_run.state == "success"  # never a daily failure
+    assert _states(dag_run) == {"resolve_look": "skipped", "sync_cohort": "skipped"}
+    assert "set the Airflow Variable looker_segment_daily_look_id" in "".join(capfd.readouterr())
+    assert segment.stats()["requests"] == 0
+
+
+def test_a_scheduled_run_syncs_the_look_of_the_variable(standins, monkeypatch):
+    _looker, segment = standins
+    monkeypatch.setenv("AIRFLOW_VAR_LOOKER_SEGMENT_DAILY_LOOK_ID", "1")
+    dag = _load(DAGS / "looker_cohort_to_segment.py", monkeypatch).dag
+    dag_run = dag.test(logical_date=pendulum.datetime(2026, 11, 28, tz="UTC"))
+    assert _states(dag_run) == {"resolve_look": "success", "sync_cohort": "success"}
+    assert len(segment.events()) == 10 and segment.events()[0]["userId"] == "00MWWFOLRcETcTCf"
+
+
+def test_an_unconfigured_mapped_run_is_skipped(standins, monkeypatch, capfd):
+    monkeypatch.delenv("AIRFLOW_VAR_LOOKER_SEGMENT_LOOK_IDS", raising=False)
+    dag = _load(DAGS / "looker_cohorts_to_segment_mapped.py", monkeypatch).dag
+    dag_run = dag.test(logical_date=pendulum.datetime(2026, 11, 28, tz="UTC"))
+    assert dag_run.state == "success"
+    assert _states(dag_run)["list_looks"] == "skipped"
+    assert "set the Airflow Variable looker_segment_look_ids" in "".join(capfd.readouterr())
 
 
 def test_mapped_dag_expands_over_looks(monkeypatch: pytest.MonkeyPatch):

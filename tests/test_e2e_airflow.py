@@ -206,12 +206,22 @@ def test_triggered_run_sends_the_look_to_segment(stack: Stack):
 # ------------------------------------------------------------------------------------------- bad input
 
 
-def test_trigger_without_look_id_is_refused(stack: Stack):
-    runs_before = stack.run_count()
-    response = stack.trigger({})
-    assert response.status_code == 400, response.text
-    assert "look_id" in response.json()["detail"]
-    assert stack.run_count() == runs_before
+def test_a_run_without_a_look_is_skipped_saying_what_to_set(stack: Stack):
+    """No look_id in the form and no Airflow Variable: the run is skipped (never a daily failure)."""
+    events_before = len(stack.segment.events())
+    run_id = stack.trigger_ok({})
+    run = stack.airflow.wait_for_run(DAG_ID, run_id, timeout=RUN_TIMEOUT)
+    assert run["state"] == "success", run
+    for task_id in ("resolve_look", TASK_ID):
+        ti = stack.airflow.wait_for_task(DAG_ID, run_id, task_id, ("skipped",), timeout=RUN_TIMEOUT)
+        assert ti["state"] == "skipped"
+    needle, deadline = "set the Airflow Variable looker_segment_daily_look_id", time.monotonic() + 30
+    log = stack.airflow.task_log(DAG_ID, run_id, "resolve_look", 1)
+    while needle not in log and time.monotonic() < deadline:  # the log can trail the state by a moment
+        time.sleep(0.5)
+        log = stack.airflow.task_log(DAG_ID, run_id, "resolve_look", 1)
+    assert needle in log, log
+    assert len(stack.segment.events()) == events_before
 
 
 def test_missing_look_fails_the_task_naming_the_look(stack: Stack):
