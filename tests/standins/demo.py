@@ -53,7 +53,7 @@ def _prepare_environment(home: str, dags_folder: Path) -> None:
     os.environ["AIRFLOW_HOME"] = home
     os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
     os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags_folder)
-    os.environ.pop("LOOKER_SEGMENT_DAILY_LOOK_ID", None)
+    os.environ.pop("AIRFLOW_VAR_LOOKER_SEGMENT_DAILY_LOOK_ID", None)  # the demo's --look-id decides
 
 
 def read_return_value(dag_run: Any, task_id: str) -> Any:
