@@ -45,6 +45,48 @@ class LookTruncatedError(LookerApiError):
     """The result has as many rows as the limit in effect and strict truncation checks were asked for."""
 
 
+class LookFilterError(LookerApiError):
+    """
+    Looker refused the filters given for a run of a Look (e.g. a field that is not in the Look's explore).
+
+    :param fields: the given filter fields Looker's answer names (all the given ones when it names none).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        look_id: str | None = None,
+        fields: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, status=status, look_id=look_id)
+        self.fields = fields
+
+
+class QueryTaskError(LookerApiError):
+    """
+    A Looker async query task cannot give a result: it ended ``error``, ``killed`` or ``expired``, is
+    unknown to Looker, or has not completed yet.
+
+    :param task_id: the query task.
+    :param task_status: its Looker status when known (``running``, ``killed``, ``expired``...).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_id: str,
+        task_status: str | None = None,
+        status: int | None = None,
+        look_id: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, look_id=look_id)
+        self.task_id = task_id
+        self.task_status = task_status
+
+
 class SegmentConfigurationError(LookerSegmentError):
     """The Segment connection or the delivery settings are unusable (e.g. no write key)."""
 

@@ -4,7 +4,8 @@ A Look's ``json_detail`` result read as a stream: field metadata first, then the
 The body is parsed incrementally with ijson (its C backend when installed), so memory does not depend on
 the number of rows. Every JSON number is read exactly (``int``, or ``Decimal`` with a fraction or an
 exponent); lone UTF-16 surrogate escapes become U+FFFD. A body that breaks off, is not JSON or carries
-Looker's ``looker_error`` raises :class:`~airflow_provider_looker_segment.exceptions.LookStreamError` /
+Looker's ``looker_error`` (a run) or ``errors`` with no rows (the ``json_detail`` result of a failed query
+task) raises :class:`~airflow_provider_looker_segment.exceptions.LookStreamError` /
 :class:`~airflow_provider_looker_segment.exceptions.LookQueryError` naming the rows already read.
 """
 
@@ -33,6 +34,7 @@ from airflow_provider_looker_segment.models import (
     LookField,
     LookInfo,
     LookResultMeta,
+    LookRunQuery,
     PivotValue,
     Row,
 )
@@ -175,6 +177,7 @@ class LookStream:
     :ivar row_count: rows handed out so far; the total once ``rows`` is exhausted.
     :ivar possibly_truncated: set once exhausted: the row count reached the limit in effect.
     :ivar exhausted: every row has been read.
+    :ivar query: the filtered query that ran (its filters), or ``None`` when the Look ran as saved.
     """
 
     def __init__(
@@ -188,8 +191,10 @@ class LookStream:
         read_timeout: float | None = None,
         logger: logging.Logger | None = None,
         redact: Callable[[str], str] = str,
+        query: LookRunQuery | None = None,
     ) -> None:
         self.look_id = look_id
+        self.query = query
         self.row_count = 0
         self.possibly_truncated = False
         self.exhausted = False
@@ -222,7 +227,7 @@ class LookStream:
 
     def _meta(self, head: bytes, info: LookInfo, first: dict[str, Any] | None) -> LookResultMeta:
         """Build the result's metadata from the body's head (everything before ``data``)."""
-        doc = self._parse_head(head)
+        doc = self._parse_head(head, rows=first is not None)
         pivots = tuple(_pivot_value(p) for p in doc.get("pivots") or () if isinstance(p, dict))
         fields = tuple(self._fields(doc.get("fields") or {}, info, first, bool(pivots)))
         return LookResultMeta(
@@ -233,24 +238,50 @@ class LookStream:
             limit=self._limit,
         )
 
-    def _parse_head(self, head: bytes) -> dict[str, Any]:
-        """Return the top-level keys before ``data``; raise on a ``looker_error`` answer."""
+    def _parse_head(self, head: bytes, *, rows: bool) -> dict[str, Any]:
+        """
+        Return the top-level keys before ``data`` (every key when there are no rows: the head is then the
+        whole body); raise on a ``looker_error`` answer, or on ``errors`` and no rows.
+        """
         if head.lstrip().startswith(b"["):
             raise self._array_error(head)
         doc: dict[str, Any] = {}
         try:
             for key, value in IJSON.kvitems(io.BytesIO(head), "", use_float=False):
                 if key == "data":
-                    break
+                    if rows:
+                        break
+                    continue
                 doc[key] = value
         except ijson.JSONError:
             pass  # the head stops inside the rows (the row stream reports a body that breaks off there)
+        self._check_errors(doc.get("errors"), rows=rows)
         if not isinstance(doc.get("fields"), dict):
             raise LookStreamError(
                 f"Look {self.look_id}: the result has no field metadata before its rows (not json_detail?)",
                 look_id=self.look_id,
             )
         return doc
+
+    def _check_errors(self, errors: Any, *, rows: bool) -> None:
+        """
+        Raise :class:`LookQueryError` for the database errors of a ``json_detail`` result (``errors``; its
+        ``data`` is then empty). Looker's notes (``Note: ...``), and errors beside rows, are logged only.
+        """
+        if not isinstance(errors, list) or not errors:
+            return
+        texts = []
+        for entry in errors:
+            parts = (
+                (entry.get("message"), entry.get("message_details")) if isinstance(entry, dict) else (entry,)
+            )
+            texts.append(": ".join(str(part).strip() for part in parts if part))
+        failures = [text for text in texts if text and not text.startswith("Note:")]
+        for text in texts:
+            if text and (rows or text not in failures):
+                self._log.warning("%s", self._redact(f"Look {self.look_id}: Looker notes: {text}"))
+        if failures and not rows:
+            raise self._query_error(self._redact(" | ".join(failures)))
 
     def _array_error(self, head: bytes) -> LookerApiError:
         """Explain a JSON array answer: Looker's ``[{"looker_error": ...}]``, or an unexpected format."""

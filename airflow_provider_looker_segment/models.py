@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -65,6 +66,38 @@ class LookInfo:
     pivots: tuple[str, ...]
     hidden_fields: tuple[str, ...]
     deleted: bool
+
+
+@dataclass(frozen=True)
+class LookRunQuery:
+    """
+    The query a filtered run of a Look ran: the Look's saved query with the run's filters.
+
+    :param look_id: the Look.
+    :param query_id: the id Looker gave the query (``None`` until it is created).
+    :param filters: the filters given for the run (field → Looker filter expression).
+    :param query_filters: every filter of the query run: the Look's own, with the given ones.
+    :param replaced: the Look's own filters that a given filter replaced (field → the Look's expression).
+    """
+
+    look_id: str
+    query_id: str | None
+    filters: Mapping[str, str]
+    query_filters: Mapping[str, str]
+    replaced: Mapping[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The given filters in words, e.g. ``users.plan = 'pro' (added); users.created_date = ...``."""
+        parts = []
+        for name, expression in self.filters.items():
+            if name not in self.replaced:
+                how = "added"
+            elif self.replaced[name] == expression:
+                how = "the Look's own"
+            else:
+                how = f"replaces the Look's {self.replaced[name]!r}"
+            parts.append(f"{name} = {expression!r} ({how})")
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import json
@@ -102,3 +103,15 @@ def html_server() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+async def trigger_events(trigger: Any) -> list[Any]:
+    """Run a trigger to its end (as the triggerer does, without the triggerer); return every event."""
+    return [event async for event in trigger.run()]
+
+
+def only_event(trigger: Any) -> Any:
+    """Run a trigger with ``asyncio.run`` and return its event, checking it fired exactly one."""
+    events = asyncio.run(trigger_events(trigger))
+    assert len(events) == 1, events
+    return events[0]

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,7 @@ from standins.looker_fixtures import (
     EDGE_VALUES_LOOK_ID,
     GENERATED_LOOK_BASE,
     HIDDEN_FIELDS_LOOK_ID,
+    NEW_SIGNUPS_LOOK_ID,
     PIVOT_LOOK_ID,
     SQL_ERROR_LOOK_ID,
     TABLE_CALCULATION_LOOK_ID,
@@ -51,14 +53,22 @@ from airflow_provider_looker_segment.exceptions import (
     LookDeletedError,
     LookerApiError,
     LookerSegmentError,
+    LookFilterError,
     LookNotFoundError,
     LookQueryError,
     LookStreamError,
     LookTruncatedError,
+    QueryTaskError,
 )
 from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.look_stream import IJSON, LookStream
-from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION, LookInfo
+from airflow_provider_looker_segment.models import (
+    DIMENSION,
+    MEASURE,
+    TABLE_CALCULATION,
+    LookInfo,
+    LookRunQuery,
+)
 from airflow_provider_looker_segment.transform import (
     TransformOptions,
     anonymous_id_from_email,
@@ -921,3 +931,307 @@ def test_one_million_rows_stream_in_bounded_memory(looker, monkeypatch, tmp_path
     assert peak_mb - small_mb < 25  # memory does not grow with the number of rows
     assert looker.counters["rows_sent"] == 1_001_000
     assert json.dumps(looker.counters)  # counters stay plain data
+
+
+# --- runs with filters ------------------------------------------------------------------------------------
+
+
+def signup_days(looker: LookerStandIn) -> list[str]:
+    """The days of Look 17's sign-ups, oldest first (two a day)."""
+    return [row["users.created_date"] for row in looker.look(NEW_SIGNUPS_LOOK_ID).rows]
+
+
+def test_filters_run_the_looks_query_with_them(hook, looker):
+    with hook.stream_look(NEW_SIGNUPS_LOOK_ID, filters={"users.plan": "pro"}) as stream:
+        rows = list(stream.rows)
+    assert {row["users.plan"] for row in rows} == {"pro"} and len(rows) == 5
+    assert stream.query == LookRunQuery(
+        look_id="17",
+        query_id="2000001",
+        filters={"users.plan": "pro"},
+        query_filters={"users.created_date": "7 days", "users.plan": "pro"},
+        replaced={},
+    )
+    run = looker.run_requests()[0]
+    assert run.path == "/api/4.0/queries/2000001/run/json_detail"
+    assert run.query == {"apply_formatting": "false", "apply_vis": "false", "cache": "true", "limit": "-1"}
+    saved = looker.look(NEW_SIGNUPS_LOOK_ID).look_json()["query"]
+    created = looker.queries.get("2000001")
+    copied = ("model", "view", "fields", "sorts", "limit", "vis_config", "query_timezone", "total")
+    assert {key: created[key] for key in copied} == {key: saved[key] for key in copied}
+    assert created["filters"] == {"users.created_date": "7 days", "users.plan": "pro"}
+    (sent,) = looker.queries.received
+    assert saved["client_id"] and "client_id" not in sent  # a copied client_id would not be unique
+    assert not ({"id", "can", "filter_config", "has_table_calculations"} & set(sent))
+
+
+def test_filters_replace_the_looks_own_and_can_bind_a_data_interval(hook, looker):
+    days = signup_days(looker)
+    start, end = days[4], days[8]  # a two-day interval: [start, end)
+    with hook.stream_look(NEW_SIGNUPS_LOOK_ID, filters={"users.created_date": f"{start} to {end}"}) as stream:
+        rows = list(stream.rows)
+    assert [row["users.created_date"] for row in rows] == days[4:8]
+    assert stream.query.replaced == {"users.created_date": "7 days"}
+    assert stream.query.query_filters == {"users.created_date": f"{start} to {end}"}
+    assert (
+        stream.query.describe() == f"users.created_date = '{start} to {end}' (replaces the Look's '7 days')"
+    )
+    with hook.stream_look(NEW_SIGNUPS_LOOK_ID, filters={"users.created_date": days[-1]}) as stream:
+        assert [row["users.email"] for row in stream.rows] == [
+            "signup.13@toastmates.com",
+            "signup.14@toastmates.com",
+        ]
+
+
+def test_the_looks_metadata_rules_still_apply_with_filters(hook):
+    with hook.stream_look(HIDDEN_FIELDS_LOOK_ID, filters={"users.internal_score": "NOT NULL"}) as stream:
+        rows = list(stream.rows)
+    assert [row["users.id"] for row in rows] == ["00MWWFOLRcETcTCf", "01HQZ3V8K2M5N7PB"]
+    assert {f.name: f.hidden for f in stream.meta.fields}["users.internal_score"] is True  # vis_config
+    assert {f.name: f.hidden for f in stream.meta.fields}["users.row_key"] is True  # LookML
+    with hook.stream_look(TOASTMATES_LOOK_ID, filters={"users.name": "Ty Arthur"}) as stream:
+        assert list(stream.rows) == [TOASTMATES_FIRST_ROW]
+    assert stream.meta.field_by_name("users.email").tags == ("email",)
+    plan = plan_transform(stream.meta, TransformOptions())
+    assert (plan.user_id.field, plan.email.field) == ("users.id", "users.email")
+
+
+@pytest.mark.parametrize("filters", [None, {}])
+def test_without_filters_the_saved_look_runs(hook, looker, filters):
+    with hook.stream_look(NEW_SIGNUPS_LOOK_ID, filters=filters) as stream:
+        assert len(list(stream.rows)) == 14
+    assert stream.query is None
+    assert looker.run_requests()[0].path == "/api/4.0/looks/17/run/json_detail"
+    assert len(looker.queries) == 0
+
+
+def test_the_log_says_which_filters_were_applied(hook, looker, caplog, capfd):
+    caplog.set_level(logging.INFO)
+    day = signup_days(looker)[0]
+    filters = {"users.created_date": day, "users.plan": "free"}
+    with hook.stream_look(NEW_SIGNUPS_LOOK_ID, filters=filters) as stream:
+        assert [row["users.id"] for row in stream.rows] == ["11SH6M9P4S7V2Y5B"]
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert (
+        f"Running Look 17 (New sign-ups) with filters: users.created_date = '{day}' (replaces the Look's "
+        "'7 days'); users.plan = 'free' (added) (Looker query 2000001): limit -1, cache True"
+    ) in logged
+    assert CLIENT_SECRET not in logged and hook.sdk.auth.token.access_token not in logged
+
+
+@pytest.mark.parametrize(("validate_on_create", "status"), [(True, 422), (False, 400)])
+def test_a_filter_on_a_field_not_in_the_explore_is_a_clear_error(hook, looker, validate_on_create, status):
+    looker.validate_queries_on_create = validate_on_create
+    filters = {"users.plan": "pro", "users.nope": "x"}
+    with pytest.raises(LookFilterError) as caught:
+        with hook.stream_look(NEW_SIGNUPS_LOOK_ID, filters=filters):
+            pytest.fail("no stream expected")
+    error = caught.value
+    assert (error.status, error.look_id, error.fields) == (status, "17", ("users.nope",))
+    assert str(error).startswith(
+        "Look 17: Looker refused the filter on users.nope: a filter must name a field of the explore "
+        "toastmates::users and give a Looker filter expression. "
+    )
+    assert "Invalid filter: users.nope" in str(error)
+    assert isinstance(error, LookerApiError)
+    with pytest.raises(LookFilterError) as caught:  # refused by create_query, or by create_query_task
+        hook.start_query_task(NEW_SIGNUPS_LOOK_ID, filters=filters)
+    assert (caught.value.status, caught.value.fields) == (status, ("users.nope",))
+    assert looker.counters.get("query_tasks", 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("filters", "message"),
+    [
+        (["users.plan", "pro"], "filters must be a mapping of Looker field name to filter expression"),
+        ({" ": "pro"}, "filters: ' ' is not a Looker field name"),
+        ({"users.plan": " "}, "filters['users.plan'] is empty: Looker would ignore it"),
+        ({"users.plan": None}, "filters['users.plan'] must be a Looker filter expression (text), got None"),
+        ({"users.plan": True}, "filters['users.plan'] must be a Looker filter expression (text), got True"),
+    ],
+)
+def test_unusable_filters_are_refused_before_looker_is_called(hook, looker, filters, message):
+    with pytest.raises(InvalidParameterError, match=re.escape(message)):
+        with hook.stream_look(NEW_SIGNUPS_LOOK_ID, filters=filters):
+            pass
+    with pytest.raises(InvalidParameterError):
+        hook.start_query_task(NEW_SIGNUPS_LOOK_ID, filters=filters)
+    assert looker.counters.get("requests", 0) == 0
+
+
+def test_a_filter_equal_to_the_looks_own_runs_the_same_rows(hook, looker):
+    with hook.stream_look(NEW_SIGNUPS_LOOK_ID, filters={"users.created_date": "7 days"}) as stream:
+        assert len(list(stream.rows)) == 14
+    assert stream.query.describe() == "users.created_date = '7 days' (the Look's own)"
+
+
+def test_numbers_are_filter_expressions_too(hook):
+    with hook.stream_look(VALUE_TYPES_LOOK_ID, filters={"users.age": 34}) as stream:
+        assert [row["users.id"] for row in stream.rows] == ["00MWWFOLRcETcTCf"]
+    assert stream.query.filters == {"users.age": "34"}
+
+
+# --- async query tasks ------------------------------------------------------------------------------------
+
+
+def complete(looker: LookerStandIn, task_id: str) -> list[str]:
+    """Poll the stand-in's task (as Looker's status requests do) until it ends; return what was seen."""
+    for _ in range(10):
+        task = looker.query_tasks.look_at(task_id, looker.polls_per_step)
+        if task.status in ("complete", "error", "killed", "expired"):
+            return task.history
+    raise AssertionError("the task did not end")
+
+
+def test_a_query_task_of_a_look_as_saved(hook, looker):
+    task_id = hook.start_query_task(TRUNCATED_LOOK_ID, limit=None, cache=False)
+    task = looker.query_tasks.get(task_id)
+    assert (task.query_id, task.look_id, task.result_format) == ("100012", "12", "json_detail")
+    started = next(r for r in looker.requests if r.path == "/api/4.0/query_tasks")
+    assert started.query == {"apply_formatting": "false", "apply_vis": "false", "cache": "false"}
+    assert [hook.query_task_status(task_id) for _ in range(3)] == ["added", "running", "complete"]
+    with hook.stream_query_task(task_id, TRUNCATED_LOOK_ID, None) as stream:
+        rows = list(stream.rows)
+    assert len(rows) == 5 and stream.possibly_truncated and stream.meta.limit == 5  # the saved limit
+    assert looker.requests[-1].path == f"/api/4.0/query_tasks/{task_id}/results"
+    assert len(looker.queries) == 0
+
+
+def test_a_query_task_with_filters_gives_what_the_run_gives(hook, looker):
+    filters = {"users.created_date": f"after {signup_days(looker)[10]}"}
+    with hook.stream_look(NEW_SIGNUPS_LOOK_ID, filters=filters) as stream:
+        expected, expected_meta = list(stream.rows), stream.meta
+    task_id = hook.start_query_task(NEW_SIGNUPS_LOOK_ID, limit=-1, filters=filters)
+    task = looker.query_tasks.get(task_id)
+    assert task.query_id == "2000001"  # the same filtered query as the run's
+    assert looker.requests[-1].query["limit"] == "-1"
+    complete(looker, task_id)
+    with hook.stream_query_task(task_id, NEW_SIGNUPS_LOOK_ID, -1) as stream:
+        rows = list(stream.rows)
+    assert rows == expected and len(rows) == 4
+    assert stream.meta.fields == expected_meta.fields and stream.exhausted and not stream.possibly_truncated
+
+
+@pytest.mark.parametrize("pending", [202, 204])
+def test_results_of_a_task_that_has_not_ended(make_hook, pending):
+    with LookerStandIn(pending_results_status=pending, polls_per_step=2) as looker:
+        hook = make_hook(looker.base_url)
+        task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
+        with pytest.raises(QueryTaskError) as caught:
+            with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID):
+                pytest.fail("no stream expected")
+        error = caught.value
+        assert (error.status, error.task_id, error.task_status, error.look_id) == (
+            pending,
+            task_id,
+            "running",
+            "1",
+        )
+        assert str(error) == (
+            f"Reading the results of Looker query task {task_id} (Look 1): the task has not completed (HTTP "
+            f"{pending}); wait for its status to be complete before reading its results"
+        )
+        # waiting: the results are asked for again until the task ends (each ask moves the stand-in's task on)
+        with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, wait=30, poll_interval=0.01) as stream:
+            assert len(list(stream.rows)) == 10
+        assert looker.query_tasks.get(task_id).history == ["added", "added", "running", "running", "complete"]
+
+
+def test_a_failed_query_task_raises_lookers_sql_error(hook, looker):
+    task_id = hook.start_query_task(SQL_ERROR_LOOK_ID)
+    assert complete(looker, task_id)[-1] == "error"
+    with pytest.raises(LookQueryError) as caught:
+        with hook.stream_query_task(task_id, SQL_ERROR_LOOK_ID):
+            pytest.fail("no stream expected")
+    assert str(caught.value) == (
+        "Look 10: Looker could not run the query: An error occurred while running the query: ERROR: column "
+        "users.last_login does not exist\n  Position: 87"
+    )
+    looker.end_next_query_tasks("error")
+    task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
+    complete(looker, task_id)
+    with pytest.raises(LookQueryError, match=r"could not run the query: Query failed: the stand-in was told"):
+        with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID):
+            pass
+
+
+def test_errors_that_are_notes_do_not_fail_a_result():
+    head = b'{"fields":{"dimensions":[{"name":"users.name"}]},"data":[],'
+    notes = (
+        b'"errors":[{"message":"Note: This query contains derived tables with Development Mode filters."}]}'
+    )
+    stream = LookStream("1", io.BytesIO(head + notes), _INFO, -1)
+    assert list(stream.rows) == []
+    broken = b'{"data":[],"errors":[{"message":"SQL error","message_details":"near SELEC"},"disk full"]}'
+    with pytest.raises(
+        LookQueryError, match=r"^Look 1: Looker could not run the query: SQL error: near SELEC \| disk"
+    ):
+        LookStream("1", io.BytesIO(broken), _INFO, -1)
+
+
+@pytest.mark.parametrize("outcome", ["killed", "expired"])
+def test_results_of_a_killed_or_expired_task(hook, looker, outcome):
+    looker.end_next_query_tasks(outcome)
+    task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
+    assert complete(looker, task_id)[-1] == outcome
+    assert hook.query_task_status(task_id) == outcome
+    with pytest.raises(QueryTaskError, match="Looker has no results for it \\(HTTP 404\\)") as caught:
+        with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID):
+            pass
+    assert (caught.value.status, caught.value.task_id) == (404, task_id)
+
+
+def test_kill_query_task(hook, looker):
+    looker.end_next_query_tasks("never")
+    task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
+    assert hook.query_task_status(task_id) == "added"
+    assert hook.kill_query_task(task_id) is True
+    assert hook.query_task_status(task_id) == "killed"
+    assert hook.kill_query_task(task_id) is False  # nothing left to kill
+    assert looker.counters["queries_killed"] == 1
+
+
+def test_unknown_query_tasks(hook):
+    with pytest.raises(QueryTaskError) as caught:
+        hook.query_task_status("0123abc")
+    assert (
+        str(caught.value)
+        == "Looker has no query task 0123abc (HTTP 404): it is unknown or its results expired"
+    )
+    assert hook.kill_query_task("0123abc") is False
+    with pytest.raises(LookerApiError, match="A query task id is required"):
+        hook.query_task_status(" ")
+
+
+def test_query_tasks_of_missing_or_deleted_looks(hook, looker):
+    with pytest.raises(LookNotFoundError):
+        hook.start_query_task("999")
+    with pytest.raises(LookDeletedError):
+        hook.start_query_task(DELETED_LOOK_ID)
+    assert looker.counters.get("query_tasks", 0) == 0
+
+
+def test_query_task_status_polls_are_retried(hook, looker):
+    task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
+    looker.fail_next_task_polls(2, status=503)
+    assert hook.query_task_status(task_id) == "added"
+    looker.fail_next_task_polls(3, status=503)
+    with pytest.raises(LookerApiError, match=r"Reading Looker query task .* failed \(HTTP 503\)"):
+        hook.query_task_status(task_id)
+
+
+def test_query_tasks_never_leak_secrets_and_end_with_one_logout(looker, make_hook, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    with make_hook(looker.base_url) as hook:
+        task_id = hook.start_query_task(NEW_SIGNUPS_LOOK_ID, filters={"users.plan": "pro"})
+        token = hook.sdk.auth.token.access_token
+        complete(looker, task_id)
+        with hook.stream_query_task(task_id, NEW_SIGNUPS_LOOK_ID) as stream:
+            assert len(list(stream.rows)) == 5
+        with pytest.raises(QueryTaskError) as caught:
+            hook.query_task_status("nope")
+    assert looker.counters["logouts"] == 1
+    output = capfd.readouterr()
+    for text in (caplog.text, output.out, output.err, str(caught.value)):
+        assert CLIENT_SECRET not in text and token not in text
+    assert "Started Looker query task" in caplog.text + output.out + output.err

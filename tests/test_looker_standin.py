@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from datetime import date, datetime, timezone
 from decimal import Decimal
 
 import looker_sdk
@@ -17,21 +19,28 @@ import pytest
 import requests
 from looker_helpers import CLIENT_ID, CLIENT_SECRET, make_self_signed_cert
 from looker_sdk import error as sdk_error
+from looker_sdk.sdk.api40 import models as models40
 from standins.looker_fixtures import (
     DELETED_LOOK_ID,
     EDGE_VALUES_LOOK_ID,
     GENERATED_LOOK_BASE,
     HIDDEN_FIELDS_LOOK_ID,
+    NEW_SIGNUPS_LOOK_ID,
     PIVOT_LOOK_ID,
     SQL_ERROR_LOOK_ID,
     TOASTMATES_FIRST_ROW,
     TOASTMATES_LOOK_ID,
     TRUNCATED_LOOK_ID,
+    VALUE_TYPES_LOOK_ID,
     FixtureLook,
     fixture_looks,
     generated_look,
     generated_row,
+    look_id_of_query,
+    look_query_id,
+    new_signups,
 )
+from standins.looker_queries import QUERY_KEYS
 from standins.looker_standin import DOCS_BASE, PROXY_PAGE, LookerStandIn
 
 DOCS_PREFIX = "https://docs.cloud.google.com/looker/docs/r/err/"
@@ -450,3 +459,401 @@ def test_module_entry_point_serves_until_interrupted():
             process.kill()
             process.wait()
         process.stdout.close()
+
+
+# --- queries and filters ----------------------------------------------------------------------------------
+
+
+def post(
+    looker: LookerStandIn, path: str, token: str | None, body: object, **params: str
+) -> requests.Response:
+    headers = {"Authorization": f"token {token}"} if token else {}
+    return requests.post(
+        f"{looker.base_url}/api/4.0/{path}", json=body, params=params, headers=headers, timeout=10
+    )
+
+
+def get(looker: LookerStandIn, path: str, token: str, **params: str) -> requests.Response:
+    headers = {"Authorization": f"token {token}"}
+    return requests.get(f"{looker.base_url}/api/4.0/{path}", params=params, headers=headers, timeout=10)
+
+
+def look_query(look_id: str, **filters: str) -> dict:
+    """The writable part of a fixture Look's query, with ``filters`` over its own."""
+    query = fixture_looks()[look_id].look_json()["query"]
+    body = {key: query[key] for key in QUERY_KEYS if key in query}
+    body["filters"] = {**(query["filters"] or {}), **filters}
+    return body
+
+
+def ids(rows: list[dict]) -> list[str]:
+    return [row["users.id"] for row in rows]
+
+
+def test_look_ids_and_query_ids_map_both_ways():
+    looks = fixture_looks()
+    assert [look_query_id(i) for i in ("1", "17", "42", "1001000")] == [
+        "100001",
+        "100017",
+        "100042",
+        "11001000",
+    ]
+    assert all(look_id_of_query(look_query_id(i)) == i for i in [*looks, "1001000", "2000000"])
+    assert look_id_of_query("2000001") is None
+    assert looks[TOASTMATES_LOOK_ID].look_json()["query_id"] == "100001"
+
+
+def test_new_signups_look_has_two_signups_a_day_over_the_last_seven_days():
+    look = new_signups(date(2026, 11, 27))
+    days = [row["users.created_date"] for row in look.rows]
+    assert days == [f"2026-11-{day}" for day in range(21, 28) for _ in range(2)]
+    assert look.look_json()["query"]["filters"] == {"users.created_date": "7 days"}
+    created = next(f for f in look.fields if f.name == "users.created_date")
+    assert created.type == "date_date"
+    today = fixture_looks()[NEW_SIGNUPS_LOOK_ID].rows[-1]["users.created_date"]
+    assert today == datetime.now(timezone.utc).date().isoformat()
+
+
+def test_sdk_creates_a_query_with_filters_and_runs_it(sdk, looker):
+    look = sdk.look(NEW_SIGNUPS_LOOK_ID)
+    query = look.query
+    body = models40.WriteQuery(
+        model=query.model,
+        view=query.view,
+        fields=query.fields,
+        filters={**query.filters, "users.plan": "pro,enterprise"},
+        sorts=query.sorts,
+        limit=query.limit,
+        vis_config=query.vis_config,
+    )
+    created = sdk.create_query(body)
+    assert created.id == "2000001" and created.filters["users.plan"] == "pro,enterprise"
+    assert sdk.create_query(body).id == "2000001"  # an identical query is the existing one
+    assert sdk.query("2000001").model == "toastmates"
+    rows = json.loads(sdk.run_query("2000001", "json"))
+    plans = {row["users.plan"] for row in rows}
+    assert plans == {"pro", "enterprise"} and len(rows) == 7
+    detail = json.loads(sdk.run_query("2000001", "json_detail", limit=2))
+    assert len(detail["data"]) == 2 and detail["fields"]["dimensions"][4]["name"] == "users.created_date"
+    assert looker.counters["runs"] == 2
+
+
+def test_a_looks_query_id_runs_the_look(sdk, looker):
+    token = login(looker)
+    by_query = get(looker, f"queries/{look_query_id(TRUNCATED_LOOK_ID)}/run/json", token).json()
+    assert by_query == run(looker, TRUNCATED_LOOK_ID, "json", token).json()
+    assert len(by_query) == 5  # the saved limit, as for the Look
+    assert len(get(looker, "queries/100012/run/json", token, limit="-1").json()) == 8
+    assert get(looker, "queries/100011/run/json", token).status_code == 404  # Look 11 is deleted
+    assert get(looker, "queries/999999/run/json", token).status_code == 404
+
+
+def test_run_inline_query_applies_filters_limit_and_apply_vis(looker):
+    token = login(looker)
+    body = look_query(HIDDEN_FIELDS_LOOK_ID, **{"users.name": "-Ty Arthur"})
+    answer = post(looker, "queries/run/json_detail", token, body, apply_vis="true", limit="1")
+    assert answer.status_code == 200
+    detail = answer.json()
+    assert [d["name"] for d in detail["fields"]["dimensions"]] == [
+        "users.id",
+        "users.email",
+        "users.name",
+        "users.row_key",
+    ]
+    assert ids([{k: c["value"] for k, c in row.items()} for row in detail["data"]]) == ["01HQZ3V8K2M5N7PB"]
+    csv_rows = list(csv.reader(io.StringIO(post(looker, "queries/run/csv", token, body).text)))
+    assert len(csv_rows) == 3 and csv_rows[1][0] == "01HQZ3V8K2M5N7PB"
+
+
+_VALUE_TYPES_IDS = ["00MWWFOLRcETcTCf", "01HQZ3V8K2M5N7PB", "02J4X9C1D6F8G3HK"]
+
+
+@pytest.mark.parametrize(
+    ("field_name", "expression", "kept"),
+    [
+        ("users.name", "Ty Arthur", [0]),
+        ("users.name", "Ty Arthur,Zoë Ümlaut 😀", [0, 2]),
+        ("users.name", "-Ty Arthur", [1, 2]),
+        ("users.name", "-Ty Arthur,-Zoë Ümlaut 😀", [1]),
+        ("users.name", "ty arthur", []),  # case-sensitive
+        ("users.name", "Ty%", [0]),
+        ("users.name", "%a%,-Ty%", [2]),
+        ("users.name", "EMPTY", [1]),
+        ("users.name", "-EMPTY", [0, 2]),
+        ("users.email", "NULL", [1]),
+        ("users.email", "-NULL", [0, 2]),
+        ("users.email", "NOT NULL", [0, 2]),
+        ("users.email", "_y.%", [0]),
+        ("users.email", "ty^_%", []),
+        ("users.is_verified", "Yes", [0]),
+        ("users.age", "34", [0]),
+        ("users.age", "0,34", [0, 1]),
+        ("users.age", "NOT 34", [1]),
+        ("users.age", ">=1", [0]),
+        ("users.balance", "<0", [1]),
+        ("users.balance", "-12.5", [1]),
+        ("users.age", "NULL", [2]),
+        ("users.created_date", "2024-02-29", [0]),
+        ("users.created_date", "2024/02/29", [0]),
+        ("users.created_date", "2023-12-31 to 2024-02-29", [1]),
+        ("users.created_date", "2023-12-31 to 2024-03-01", [0, 1]),
+        ("users.created_date", "after 2024-02-29", [0]),
+        ("users.created_date", "before 2024-02-29", [1]),
+        ("users.created_date", "NULL", [2]),
+        ("users.last_seen_time", "2024-03-01", [0]),
+    ],
+)
+def test_filter_expressions_the_standin_applies(looker, field_name, expression, kept):
+    token = login(looker)
+    answer = post(
+        looker, "queries/run/json", token, look_query(VALUE_TYPES_LOOK_ID, **{field_name: expression})
+    )
+    assert answer.status_code == 200, answer.text
+    assert ids(answer.json()) == [_VALUE_TYPES_IDS[i] for i in kept]
+
+
+def test_saved_filters_are_already_applied_and_can_be_replaced(looker):
+    token = login(looker)
+    look = fixture_looks()[NEW_SIGNUPS_LOOK_ID]
+    day = look.rows[4]["users.created_date"]
+    assert len(post(looker, "queries/run/json", token, look_query(NEW_SIGNUPS_LOOK_ID)).json()) == 14
+    rows = post(
+        looker, "queries/run/json", token, look_query(NEW_SIGNUPS_LOOK_ID, **{"users.created_date": day})
+    ).json()
+    assert [row["users.created_date"] for row in rows] == [day, day]
+    # dropping a saved filter would need rows the fixture does not have: refused, loudly
+    body = look_query(NEW_SIGNUPS_LOOK_ID)
+    body["filters"] = {}
+    answer = post(looker, "queries/run/json", token, body)
+    assert answer.status_code == 400
+    assert "no fixture Look has a query" in answer.json()["message"]
+
+
+def test_a_filter_on_a_field_not_in_the_explore_is_refused_as_looker_does(looker):
+    token = login(looker)
+    body = look_query(NEW_SIGNUPS_LOOK_ID, **{"users.nope": "x"})
+    created = post(looker, "queries", token, body)
+    doc = f"{DOCS_BASE}/422/post/queries"
+    refusal = "Invalid filter: users.nope: the field is not in the explore toastmates::users"
+    assert (created.status_code, created.json()) == (
+        422,
+        {
+            "message": "Validation Failed",
+            "errors": [
+                {
+                    "field": "filters",
+                    "code": "invalid",
+                    "message": refusal,
+                    "documentation_url": doc,
+                }
+            ],
+            "documentation_url": doc,
+        },
+    )
+    inline = post(looker, "queries/run/json", token, body)
+    assert (inline.status_code, inline.json()["message"]) == (400, "Invalid filter: users.nope")
+    looker.validate_queries_on_create = False  # Looker may accept the query and refuse it when it runs
+    query_id = post(looker, "queries", token, body).json()["id"]
+    answer = get(looker, f"queries/{query_id}/run/json_detail", token)
+    assert (answer.status_code, answer.json()) == (
+        400,
+        {
+            "message": "Invalid filter: users.nope",
+            "documentation_url": f"{DOCS_BASE}/400/get/queries/:query_id/run/:result_format",
+        },
+    )
+    assert (
+        post(looker, "query_tasks", token, {"query_id": query_id, "result_format": "json_detail"}).status_code
+        == 400
+    )
+
+
+@pytest.mark.parametrize(
+    ("look_id", "field_name", "expression", "named"),
+    [
+        (VALUE_TYPES_LOOK_ID, "users.created_date", "7 days", "date filter users.created_date = '7 days'"),
+        (NEW_SIGNUPS_LOOK_ID, "users.created_date", "last week", "users.created_date = 'last week'"),
+        (VALUE_TYPES_LOOK_ID, "users.age", "[1, 10]", "the number filter users.age = '[1, 10]'"),
+        (VALUE_TYPES_LOOK_ID, "users.created_month", "2024-02", "users.created_month"),
+        (NEW_SIGNUPS_LOOK_ID, "users.country", "NL", "have no values for users.country"),
+        (PIVOT_LOOK_ID, "orders.count", ">1", "pivot or pivoted field"),
+    ],
+)
+def test_expressions_the_standin_cannot_interpret_fail_loudly(looker, look_id, field_name, expression, named):
+    token = login(looker)
+    answer = post(looker, "queries/run/json", token, look_query(look_id, **{field_name: expression}))
+    assert answer.status_code == 400
+    message = answer.json()["message"]
+    assert message.startswith("The Looker stand-in cannot interpret ") and named in message
+    assert looker.counters["stand_in_cannot"] == 1
+
+
+def test_query_bodies_are_checked(looker):
+    token = login(looker)
+    missing = post(looker, "queries", token, {"view": "users"})
+    assert missing.status_code == 422
+    assert [(e["field"], e["code"]) for e in missing.json()["errors"]] == [("model", "missing")]
+    answer = requests.post(
+        f"{looker.base_url}/api/4.0/queries",
+        data=b"[",
+        headers={"Authorization": f"token {token}"},
+        timeout=10,
+    )
+    assert answer.status_code == 400
+    assert post(looker, "queries", None, look_query(TOASTMATES_LOOK_ID)).status_code == 401
+    assert get(looker, "queries/2000001", token).status_code == 404
+    assert post(looker, "queries", token, look_query(TOASTMATES_LOOK_ID), fields="id").json() == {
+        "id": "2000001"
+    }
+
+
+# --- query tasks ------------------------------------------------------------------------------------------
+
+
+def new_task(
+    looker: LookerStandIn, token: str, query_id: str, fmt: str = "json_detail", **params: str
+) -> str:
+    answer = post(
+        looker, "query_tasks", token, {"query_id": query_id, "result_format": fmt, "look_id": "1"}, **params
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["id"]
+
+
+def task_status(looker: LookerStandIn, token: str, task_id: str) -> str:
+    return get(looker, f"query_tasks/{task_id}", token, fields="id,status").json()["status"]
+
+
+def test_sdk_runs_a_query_task_from_added_to_complete(sdk, looker):
+    body = models40.WriteCreateQueryTask(
+        query_id=look_query_id(TOASTMATES_LOOK_ID),
+        result_format=models40.ResultFormat.json_detail,
+        look_id="1",
+    )
+    task = sdk.create_query_task(body, limit=3, apply_formatting=False, cache=False)
+    assert re.fullmatch(r"[0-9a-f]{32}", task.id) and task.status == "added" and task.look_id == "1"
+    assert [sdk.query_task(task.id, fields="id,status").status for _ in range(3)] == [
+        "added",
+        "running",
+        "complete",
+    ]
+    assert sdk.query_task(task.id).status == "complete"
+    detail = json.loads(sdk.query_task_results(task.id))
+    assert len(detail["data"]) == 3 and detail["data"][0]["users.id"] == {
+        "value": TOASTMATES_FIRST_ROW["users.id"]
+    }
+    assert looker.query_tasks.get(task.id).history == ["added", "running", "complete", "complete", "complete"]
+    assert looker.counters["query_tasks"] == 1
+
+
+@pytest.mark.parametrize("pending", [202, 204])
+def test_results_answer_202_or_204_without_a_body_until_the_task_ends(pending):
+    with LookerStandIn(pending_results_status=pending) as looker:
+        token = login(looker)
+        task_id = new_task(looker, token, look_query_id(TOASTMATES_LOOK_ID), "csv", limit="2")
+        answers = [get(looker, f"query_tasks/{task_id}/results", token) for _ in range(3)]
+        assert [(a.status_code, a.content) for a in answers[:2]] == [(pending, b""), (pending, b"")]
+        assert answers[2].status_code == 200 and len(answers[2].text.splitlines()) == 3
+
+
+def test_polls_per_step_slow_a_task_down(looker):
+    looker.polls_per_step = 3
+    token = login(looker)
+    task_id = new_task(looker, token, look_query_id(TOASTMATES_LOOK_ID))
+    statuses = [task_status(looker, token, task_id) for _ in range(7)]
+    assert statuses == ["added"] * 3 + ["running"] * 3 + ["complete"]
+
+
+def test_a_failing_query_ends_its_task_in_error_with_errors_in_json_detail(looker):
+    token = login(looker)
+    query_id = look_query_id(SQL_ERROR_LOOK_ID)
+    task_id = new_task(looker, token, query_id)
+    assert [task_status(looker, token, task_id) for _ in range(3)] == ["added", "running", "error"]
+    answer = get(looker, f"query_tasks/{task_id}/results", token)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["data"] == [] and list(body).index("errors") > list(body).index("data")
+    assert body["errors"][0]["message"].endswith("column users.last_login does not exist\n  Position: 87")
+    assert body["errors"][0]["sql_error_loc"] == {"line": 1, "character": 87}
+    csv_task = new_task(looker, token, query_id, "csv")
+    for _ in range(3):
+        task_status(looker, token, csv_task)
+    answer = get(looker, f"query_tasks/{csv_task}/results", token)
+    assert answer.status_code == 400 and "users.last_login does not exist" in answer.json()["message"]
+
+
+@pytest.mark.parametrize("outcome", ["error", "killed", "expired", "never"])
+def test_query_tasks_can_be_told_how_to_end(looker, outcome):
+    token = login(looker)
+    looker.end_next_query_tasks(outcome)
+    task_id = new_task(looker, token, look_query_id(TOASTMATES_LOOK_ID))
+    statuses = [task_status(looker, token, task_id) for _ in range(5)]
+    ended = "running" if outcome == "never" else outcome
+    assert statuses == ["added", "running", ended, ended, ended]
+    results = get(looker, f"query_tasks/{task_id}/results", token)
+    expected = {"error": 200, "killed": 404, "expired": 404, "never": 202}[outcome]
+    assert results.status_code == expected
+    if outcome == "error":
+        assert results.json()["errors"][0] == {
+            "message": "Query failed",
+            "message_details": "the stand-in was told to fail this query task",
+            "params": {},
+            "sql_error_loc": None,
+            "level": "error",
+        }
+    assert task_status(looker, token, new_task(looker, token, look_query_id(TOASTMATES_LOOK_ID))) == "added"
+
+
+def test_kill_query_kills_a_task_that_has_not_ended(looker):
+    token = login(looker)
+    looker.end_next_query_tasks("never")
+    task_id = new_task(looker, token, look_query_id(TOASTMATES_LOOK_ID))
+    headers = {"Authorization": f"token {token}"}
+    kill = requests.delete(
+        f"{looker.base_url}/api/4.0/running_queries/{task_id}", headers=headers, timeout=10
+    )
+    assert (kill.status_code, kill.content) == (204, b"")
+    assert task_status(looker, token, task_id) == "killed"
+    again = requests.delete(
+        f"{looker.base_url}/api/4.0/running_queries/{task_id}", headers=headers, timeout=10
+    )
+    assert again.status_code == 404
+    assert (
+        requests.delete(f"{looker.base_url}/api/4.0/running_queries/nope", headers=headers).status_code == 404
+    )
+    assert looker.counters["queries_killed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fields"),
+    [
+        ({"result_format": "json_detail"}, 422, [("query_id", "missing")]),
+        ({"query_id": "100001"}, 422, [("result_format", "missing")]),
+        ({"query_id": "100001", "result_format": "png"}, 422, [("result_format", "invalid")]),
+        ({"query_id": "100001", "result_format": "xlsx"}, 400, None),
+        ({"query_id": "999999", "result_format": "json"}, 404, None),
+    ],
+)
+def test_create_query_task_checks_its_body(looker, body, status, fields):
+    answer = post(looker, "query_tasks", login(looker), body)
+    assert answer.status_code == status
+    if fields:
+        assert [(e["field"], e["code"]) for e in answer.json()["errors"]] == fields
+
+
+def test_unknown_query_tasks_are_404(looker):
+    token = login(looker)
+    assert get(looker, "query_tasks/0123", token).status_code == 404
+    assert get(looker, "query_tasks/0123/results", token).status_code == 404
+    assert requests.get(f"{looker.base_url}/api/4.0/query_tasks/0123").status_code == 401
+
+
+def test_fail_next_task_polls_answers_errors_then_drops(looker):
+    token = login(looker)
+    task_id = new_task(looker, token, look_query_id(TOASTMATES_LOOK_ID))
+    looker.fail_next_task_polls(1, status=503)
+    looker.fail_next_task_polls(1, status=None)
+    assert get(looker, f"query_tasks/{task_id}", token).status_code == 503
+    with pytest.raises(requests.ConnectionError):
+        get(looker, f"query_tasks/{task_id}", token)
+    assert task_status(looker, token, task_id) == "added"  # failed polls do not move the task on

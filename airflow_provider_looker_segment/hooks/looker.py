@@ -1,238 +1,114 @@
 """
 Hook for the Looker API 4.0: a Look's definition, and its result streamed row by row with field metadata.
 
-This is the only module of the provider that talks to Looker. The ``looker_sdk`` client is built from the
-Airflow connection alone (no ``looker.ini``, ``LOOKERSDK_*`` variables ignored). Look results are streamed:
-the SDK's authentication headers are reused for a streaming ``requests`` call whose ``json_detail`` body is
-read by :class:`~airflow_provider_looker_segment.look_stream.LookStream`, so peak memory does not depend on
-the number of rows. :meth:`LookerHook.close` logs out of Looker: use the hook as a context manager.
+This is the only module of the provider that talks to Looker (with :mod:`.looker_connection`,
+:mod:`.looker_query` and the trigger of :mod:`airflow_provider_looker_segment.triggers.looker`). The
+``looker_sdk`` client is built from the Airflow connection alone (no ``looker.ini``, ``LOOKERSDK_*`` variables
+ignored). Results are streamed: the SDK's authentication headers are reused for a streaming ``requests`` call
+whose ``json_detail`` body is read by :class:`~airflow_provider_looker_segment.look_stream.LookStream`, so
+peak memory does not depend on the number of rows. A Look runs as saved, or with filters over its own
+(:meth:`LookerHook.stream_look`), at once or as a Looker async query task (``start_query_task``, then
+``stream_query_task`` once it is complete: :mod:`.looker_tasks`). :meth:`LookerHook.close` logs out of Looker:
+use the hook as a context manager.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
 import re
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import replace
 from functools import cached_property
-from typing import Any, TypeVar, cast
-from urllib.parse import quote, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import requests
-import urllib3
 from airflow.sdk import BaseHook
 from cattrs.errors import CattrsError
 from looker_sdk import error as sdk_error
-from looker_sdk.rtl import api_settings, auth_session, auth_token, requests_transport, serialize
-from looker_sdk.sdk import constants as sdk_constants
+from looker_sdk.rtl import auth_session, auth_token, requests_transport, serialize
 from looker_sdk.sdk.api40 import methods as methods40
 from looker_sdk.sdk.api40 import models as models40
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from airflow_provider_looker_segment.exceptions import (
-    ConnectionConfigError,
     LookDeletedError,
     LookerApiError,
     LookerSegmentError,
     LookNotFoundError,
 )
-from airflow_provider_looker_segment.look_stream import LookStream
-from airflow_provider_looker_segment.models import LookInfo
-from airflow_provider_looker_segment.net import (
-    PLAIN_HTTP,
-    TIMEOUT,
-    TLS,
-    normalise_base_url,
-    redact,
-    transport_problem,
+from airflow_provider_looker_segment.hooks.looker_connection import (
+    DEFAULT_TIMEOUT,
+    RETRY_STATUSES,
+    ConnectionApiSettings,
+    LookerConnectionSettings,
+    LookerSession,
+    make_session,
+    settings_from_connection,
 )
-from airflow_provider_looker_segment.params import to_bool, to_number
+from airflow_provider_looker_segment.hooks.looker_query import (
+    FILTER_REFUSAL_STATUSES,
+    filter_error,
+    filtered_write_query,
+    normalise_filters,
+)
+from airflow_provider_looker_segment.hooks.looker_tasks import (
+    FINAL_TASK_STATUSES,
+    PENDING_RESULT_STATUSES,
+    LookerQueryTasks,
+    normalise_id,
+)
+from airflow_provider_looker_segment.look_stream import LookStream
+from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
+from airflow_provider_looker_segment.net import PLAIN_HTTP, TIMEOUT, TLS, redact, transport_problem
+
+__all__ = [
+    "API_VERSION",
+    "DEFAULT_TIMEOUT",
+    "FINAL_TASK_STATUSES",
+    "PENDING_RESULT_STATUSES",
+    "RETRY_STATUSES",
+    "ConnectionApiSettings",
+    "LookerConnectionSettings",
+    "LookerHook",
+    "LookerSession",
+    "settings_from_connection",
+]
 
 T = TypeVar("T")
-_log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 120.0
 API_VERSION = "4.0"
-#: Statuses retried with backoff (before a body starts), as are connection errors.
-RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 #: What looker_sdk raises on a body it cannot deserialize.
 _DESERIALIZE_ERRORS = (serialize.DeserializeError, CattrsError, KeyError, TypeError, ValueError)
-
-
-# --- connection settings --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LookerConnectionSettings:
-    """
-    What the hook needs from the Airflow connection, validated and normalised.
-
-    :param base_url: ``scheme://host[:port]`` of the Looker API (no path, no trailing slash).
-    :param client_id: API client id (connection Login).
-    :param client_secret: API client secret (connection Password); never shown in ``repr``.
-    :param verify_ssl: verify the server's TLS certificate.
-    :param timeout: seconds allowed for connecting and for each read.
-    """
-
-    base_url: str
-    client_id: str
-    client_secret: str = field(repr=False)
-    verify_ssl: bool = True
-    timeout: float = DEFAULT_TIMEOUT
-
-
-def settings_from_connection(conn: Any) -> LookerConnectionSettings:
-    """
-    Build :class:`LookerConnectionSettings` from an Airflow connection (JSON or URI form).
-
-    :param conn: an ``airflow.sdk.Connection``.
-    :raises ConnectionConfigError: no Login or Password, or an unusable Host.
-    :raises InvalidParameterError: an extra that is not a boolean (``verify_ssl``) or a positive number
-        (``timeout``).
-    """
-    extra = conn.extra_dejson or {}
-    client_id = (conn.login or "").strip()
-    client_secret = conn.password or ""
-    if not client_id or not client_secret:
-        missing = "Login (API client ID)" if not client_id else "Password (API client secret)"
-        raise ConnectionConfigError(f"The Looker connection '{conn.conn_id}' has no {missing}")
-    of = f"extra of connection '{conn.conn_id}'"
-    timeout = to_number(extra.get("timeout"), name=f"timeout ({of})", default=DEFAULT_TIMEOUT, above=0)
-    return LookerConnectionSettings(
-        base_url=normalise_base_url(conn.host, conn.schema, conn.port, what="The Looker connection"),
-        client_id=client_id,
-        client_secret=client_secret,
-        verify_ssl=to_bool(extra.get("verify_ssl"), name=f"verify_ssl ({of})", default=True),
-        timeout=float(timeout),
-    )
-
-
-class ConnectionApiSettings(api_settings.ApiSettings):
-    """
-    looker_sdk settings taken from the Airflow connection only: no ``looker.ini``, no ``LOOKERSDK_*``.
-
-    ``read_config`` returns strings only — looker_sdk silently drops settings that are not strings.
-
-    :param settings: the connection's settings.
-    """
-
-    def __init__(self, settings: LookerConnectionSettings) -> None:
-        self._config = {
-            "base_url": settings.base_url,
-            "client_id": settings.client_id,
-            "client_secret": settings.client_secret,
-            "verify_ssl": "true" if settings.verify_ssl else "false",
-            "timeout": str(max(1, math.ceil(settings.timeout))),
-        }
-        super().__init__(filename="", sdk_version=sdk_constants.sdk_version, env_prefix=None)
-        # The transport hands this to requests as is, so a fractional timeout is kept exactly.
-        self.timeout = settings.timeout  # type: ignore[assignment]
-
-    def read_config(self) -> api_settings.SettingsConfig:
-        """Return the connection's settings (strings only)."""
-        return cast(api_settings.SettingsConfig, dict(self._config))
-
-
-# --- HTTP session -----------------------------------------------------------------------------------------
-
-
-class _BoundedRetry(Retry):
-    """urllib3 ``Retry`` whose ``Retry-After`` waits are capped by ``backoff_max`` and logged."""
-
-    def get_retry_after(self, response: Any) -> float | None:
-        """Return the server's ``Retry-After`` in seconds, at most ``backoff_max`` (unreadable: ``None``)."""
-        try:
-            value = super().get_retry_after(response)
-        except urllib3.exceptions.InvalidHeader:
-            return None
-        return None if value is None else min(value, self.backoff_max)
-
-    def sleep(self, response: Any = None) -> None:
-        """Log the wait before the next attempt (what failed, which call, how long, which try), then wait."""
-        last = self.history[-1] if self.history else None
-        asked = self.get_retry_after(response) if response is not None else None
-        wait, why = (asked, "Retry-After") if asked else (self.get_backoff_time(), "backoff")
-        if last is not None:
-            call = f"{last.method} {urlsplit(last.url or '').path}"  # the path only: no query, no secret
-            what = f"answered HTTP {last.status} to {call}" if last.status else f"request {call} failed"
-            what += "" if last.status else f" ({type(last.error).__name__})"
-            done = len(self.history)
-            of = done + int(self.total or 0)
-            _log.warning("%s", f"Looker {what}; retry {done} of {of} in {wait:g} s ({why})")
-        if wait > 0:
-            time.sleep(wait)
-
-
-class LookerSession(requests.Session):
-    """
-    The HTTP session shared by looker_sdk and the result streams.
-
-    It always applies its own ``verify`` (plain ``requests`` lets ``REQUESTS_CA_BUNDLE`` override a
-    session's ``verify=False``) and remembers, per thread, the last request's URL, status and error, so
-    that errors looker_sdk reports without a status can be explained.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last = threading.local()
-
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
-        """Send a request (see :meth:`requests.Session.request`), recording its outcome."""
-        if kwargs.get("verify") is None:
-            kwargs["verify"] = self.verify
-        last = self.last
-        last.url, last.status, last.error = str(url), None, None
-        try:
-            response = super().request(method, url, *args, **kwargs)
-        except requests.RequestException as exc:
-            last.error = exc
-            raise
-        last.status = response.status_code
-        return response
-
-
-def _make_session(retries: int, backoff_factor: float, max_backoff: float) -> LookerSession:
-    """Return a session that retries connection errors, 429 and 5xx (idempotent methods) with backoff."""
-    retry = _BoundedRetry(
-        total=retries,
-        connect=retries,
-        read=retries,
-        status=retries,
-        other=0,
-        backoff_factor=backoff_factor,
-        backoff_max=max_backoff,
-        status_forcelist=RETRY_STATUSES,
-        respect_retry_after_header=True,
-        raise_on_status=False,
-        raise_on_redirect=False,
-    )
-    session = LookerSession()
-    adapter = HTTPAdapter(max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
 
 
 # --- Looker's answers -----------------------------------------------------------------------------------
 
 
 def _looker_message(text: str) -> str:
-    """Return Looker's ``message`` from an error body (or the text itself, shortened)."""
+    """Return Looker's ``message`` from an error body, with the details of a ``ValidationError``."""
     text = text.strip()
     try:
         body = json.loads(text)
     except ValueError:
         return text[:500]
     if isinstance(body, dict) and body.get("message"):
-        return str(body["message"])
+        details = [e for e in body.get("errors") or () if isinstance(e, dict)]
+        return _with_details(str(body["message"]), [(e.get("field"), e.get("message")) for e in details])
     return text[:500]
+
+
+def _with_details(message: str, details: list[tuple[Any, Any]]) -> str:
+    """``Validation Failed (filters: Invalid filter: x)``: a message with its per-field details."""
+    parts = [f"{name}: {text}" if name else str(text) for name, text in details if text or name]
+    return f"{message} ({'; '.join(parts)})" if parts else message
+
+
+def _sdk_message(exc: sdk_error.SDKError) -> str:
+    """Looker's message from a looker_sdk error, with the details of a ``ValidationError``."""
+    message = _looker_message(exc.message or "")
+    return _with_details(message, [(e.field, e.message) for e in exc.errors or ()])
 
 
 def _look_info(look_id: str, look: models40.LookWithQuery) -> LookInfo:
@@ -253,17 +129,10 @@ def _look_info(look_id: str, look: models40.LookWithQuery) -> LookInfo:
     )
 
 
-def _normalise_look_id(look_id: str | int) -> str:
-    text = str(look_id).strip()
-    if not text:
-        raise LookerApiError("A Look id is required (got an empty value)")
-    return text
-
-
 # --- the hook ---------------------------------------------------------------------------------------------
 
 
-class LookerHook(BaseHook):
+class LookerHook(LookerQueryTasks, BaseHook):
     """
     Talk to the Looker API 4.0 with the credentials of an Airflow connection.
 
@@ -314,7 +183,7 @@ class LookerHook(BaseHook):
     @cached_property
     def session(self) -> LookerSession:
         """The HTTP session (with retries) shared by looker_sdk and result streams."""
-        return _make_session(self.retries, self.backoff_factor, self.max_backoff)
+        return make_session(self.retries, self.backoff_factor, self.max_backoff)
 
     @cached_property
     def sdk(self) -> methods40.Looker40SDK:
@@ -355,7 +224,7 @@ class LookerHook(BaseHook):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # --- public API ---------------------------------------------------------------------------------------
+    # --- Looks --------------------------------------------------------------------------------------------
 
     def test_connection(self) -> tuple[bool, str]:
         """Log in and read the API user; return ``(ok, message)`` for the UI's Test button."""
@@ -376,7 +245,77 @@ class LookerHook(BaseHook):
         :raises LookNotFoundError: the Look does not exist or the API user cannot see it.
         :raises LookDeletedError: the Look is in the trash.
         """
-        look_id = _normalise_look_id(look_id)
+        return self._read_look(normalise_id(look_id))[0]
+
+    @contextmanager
+    def stream_look(
+        self,
+        look_id: str | int,
+        *,
+        limit: int | None = -1,
+        cache: bool = True,
+        strict_limit: bool = False,
+        filters: Mapping[str, str] | None = None,
+    ) -> Iterator[LookStream]:
+        """
+        Run a Look and stream its result (``json_detail``, raw values, visualisation not applied).
+
+        With ``filters``, the Look's query is copied with the given filters replacing or adding to its own
+        (``create_query``) and that query runs instead; the Look's metadata rules (tags, labels, hidden
+        fields) still apply, and ``stream.query`` tells which filters ran.
+
+        :param look_id: the Look id.
+        :param limit: row limit; ``-1`` (default) for all rows, ``None`` for the Look's saved limit.
+        :param cache: let Looker answer from its cache.
+        :param strict_limit: raise :class:`LookTruncatedError` instead of warning when the number of rows
+            equals the limit in effect (the result may be truncated).
+        :param filters: Looker field name → Looker filter expression (e.g.
+            ``{"users.created_date": "2026-11-27"}``); ``None`` or empty runs the Look as saved.
+        :return: a context manager giving a :class:`LookStream`; the HTTP response is closed on exit (the
+            hook stays logged in until :meth:`close`).
+        :raises InvalidParameterError: ``filters`` is not a mapping of field names to expressions.
+        :raises LookNotFoundError: the Look does not exist or the API user cannot see it.
+        :raises LookDeletedError: the Look is in the trash.
+        :raises LookFilterError: Looker refused the filters (e.g. a field not in the Look's explore).
+        :raises LookQueryError: the query's SQL failed (on entering, or while reading rows).
+        :raises LookerApiError: any other failure of the Looker API (HTTP status, transport, TLS, timeout).
+        """
+        look_id = normalise_id(look_id)
+        given = normalise_filters(filters)
+        info, look = self._read_look(look_id)
+        effective = info.limit if limit is None else int(limit)
+        params = {"apply_formatting": "false", "apply_vis": "false", "cache": "true" if cache else "false"}
+        if limit is not None:
+            params["limit"] = str(limit)
+        run_query: LookRunQuery | None = None
+        if given:
+            run_query = self._create_filtered_query(look_id, info, look, given)
+            path = f"queries/{quote(str(run_query.query_id), safe='')}/run/json_detail"
+            self.log.info(
+                "Running Look %s (%s) with filters: %s (Looker query %s): limit %s, cache %s",
+                look_id,
+                info.title,
+                run_query.describe(),
+                run_query.query_id,
+                effective,
+                cache,
+            )
+        else:
+            path = f"looks/{quote(look_id, safe='')}/run/json_detail"
+            self.log.info("Running Look %s (%s): limit %s, cache %s", look_id, info.title, effective, cache)
+        try:
+            response = self._open(path, params, f"Running Look {look_id}", look_id=look_id)
+        except LookerApiError as exc:
+            if given and exc.status in FILTER_REFUSAL_STATUSES:
+                raise filter_error(look_id, info, given, exc) from None
+            raise
+        with self._closing(response):
+            yield self._stream(look_id, response, info, effective, strict_limit, run_query)
+
+    # --- internals ----------------------------------------------------------------------------------------
+
+    def _read_look(self, look_id: str) -> tuple[LookInfo, models40.LookWithQuery]:
+        """Read a Look (``GET /looks/{id}``); refuse a deleted one."""
         look = self._call(f"Reading Look {look_id}", lambda: self.sdk.look(look_id), look_id=look_id)
         info = _look_info(look_id, look)
         if info.deleted:
@@ -384,51 +323,66 @@ class LookerHook(BaseHook):
                 f"Look {look_id} is deleted (it is in Looker's trash): restore it or use another Look",
                 look_id=look_id,
             )
-        return info
+        return info, look
+
+    def _create_filtered_query(
+        self, look_id: str, info: LookInfo, look: models40.LookWithQuery, filters: Mapping[str, str]
+    ) -> LookRunQuery:
+        """Create the Look's query with ``filters`` over its own (``POST /queries``)."""
+        write, run_query = filtered_write_query(look_id, look, filters)
+        action = f"Creating the query of Look {look_id} with filters"
+        try:
+            created = self._call(action, lambda: self.sdk.create_query(write))
+        except LookerApiError as exc:
+            if exc.status in FILTER_REFUSAL_STATUSES:
+                raise filter_error(look_id, info, filters, exc) from None
+            raise
+        if not created.id:
+            raise LookerApiError(f"{action}: Looker answered no query id", look_id=look_id)
+        return replace(run_query, query_id=str(created.id))
+
+    def _stream(
+        self,
+        look_id: str,
+        response: requests.Response,
+        info: LookInfo,
+        limit: int | None,
+        strict_limit: bool,
+        query: LookRunQuery | None,
+    ) -> LookStream:
+        return LookStream(
+            look_id,
+            response.raw,
+            info,
+            limit,
+            strict_limit=strict_limit,
+            read_timeout=self.settings.timeout,
+            logger=self.log,
+            redact=self._redact,
+            query=query,
+        )
 
     @contextmanager
-    def stream_look(
-        self, look_id: str | int, *, limit: int | None = -1, cache: bool = True, strict_limit: bool = False
-    ) -> Iterator[LookStream]:
-        """
-        Run a Look and stream its result (``json_detail``, raw values, visualisation not applied).
-
-        :param look_id: the Look id.
-        :param limit: row limit; ``-1`` (default) for all rows, ``None`` for the Look's saved limit.
-        :param cache: let Looker answer from its cache.
-        :param strict_limit: raise :class:`LookTruncatedError` instead of warning when the number of rows
-            equals the limit in effect (the result may be truncated).
-        :return: a context manager giving a :class:`LookStream`; the HTTP response is closed on exit (the
-            hook stays logged in until :meth:`close`).
-        """
-        look_id = _normalise_look_id(look_id)
-        info = self.get_look(look_id)
-        effective = info.limit if limit is None else int(limit)
-        self.log.info("Running Look %s (%s): limit %s, cache %s", look_id, info.title, effective, cache)
-        response = self._open_result(look_id, None if limit is None else int(limit), cache)
+    def _closing(self, response: requests.Response) -> Iterator[None]:
         try:
-            yield LookStream(
-                look_id,
-                response.raw,
-                info,
-                effective,
-                strict_limit=strict_limit,
-                read_timeout=self.settings.timeout,
-                logger=self.log,
-                redact=self._redact,
-            )
+            yield
         finally:
             response.close()
 
-    # --- internals ----------------------------------------------------------------------------------------
-
-    def _open_result(self, look_id: str, limit: int | None, cache: bool) -> requests.Response:
-        """Start the ``json_detail`` run and return the response once its status is 200 (body unread)."""
-        url = f"{self.settings.base_url}/api/{API_VERSION}/looks/{quote(look_id, safe='')}/run/json_detail"
-        params = {"apply_formatting": "false", "apply_vis": "false", "cache": "true" if cache else "false"}
-        if limit is not None:
-            params["limit"] = str(limit)
-        action = f"Running Look {look_id}"
+    def _open(
+        self,
+        path: str,
+        params: dict[str, str],
+        action: str,
+        *,
+        look_id: str | None = None,
+        accept: tuple[int, ...] = (200,),
+    ) -> requests.Response:
+        """
+        Send ``GET /api/4.0/<path>`` as a stream; return the response once its status is accepted (body
+        unread). A 401 logs in again once; other statuses raise :class:`LookerApiError`.
+        """
+        url = f"{self.settings.base_url}/api/{API_VERSION}/{path}"
         for attempt in range(2):
             headers = self._call("Logging in to Looker", lambda: self.sdk.auth.authenticate({}))
             try:
@@ -442,7 +396,7 @@ class LookerHook(BaseHook):
                 self.log.info("Looker refused the access token (expired?); logging in again")
                 self._forget_token()
                 continue
-            if response.status_code != 200:
+            if response.status_code not in accept:
                 message = _looker_message(response.text[:65536])
                 response.close()
                 raise self._http_error(action, response.status_code, message, look_id=look_id)
@@ -467,7 +421,7 @@ class LookerHook(BaseHook):
                     raise LookerApiError(
                         self._transport_message(action, transport_error), look_id=look_id
                     ) from None
-                message = _looker_message(exc.message or "")
+                message = _sdk_message(exc)
                 raise self._http_error(action, status, message, look_id=look_id, login=login) from None
             except _DESERIALIZE_ERRORS as exc:
                 status = getattr(self.session.last, "status", None)

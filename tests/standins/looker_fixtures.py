@@ -22,8 +22,16 @@ Id      What it covers
 13      a Look with no rows
 14      values at JSON's edges: integers beyond 64 bits, numbers beyond a float's range (``1E+400``),
         lone-surrogate escapes (``\\ud800``), user ids with surrounding blanks
+15      an account-level Look (tagged ``segment_group_id``, no user column)
+16      users with their account (``segment_group_id``) and account traits
+17      "New sign-ups": two sign-ups a day over the last 7 days (``users.created_date``, type ``date_date``,
+        dated relative to the day the fixtures are built), saved filter ``users.created_date: 7 days``
 1000000 + N   a generated Look of N rows (e.g. ``1001000`` has 1,000 rows, ``2000000`` has 1 M rows)
 ======  =====================================================================================
+
+A Look's query has the id :func:`look_query_id` (``"1"`` + the Look id on five digits, e.g. ``100001``), so
+that ``GET /queries/{query_id}/run/...`` and query tasks find the Look back. :data:`EXPLORE_FIELDS` lists the
+fields of each explore besides those of its Looks (what a filter may name).
 
 Generated Looks (:func:`generated_look`) have five columns — user id, email, name, plan, sessions count —
 and encode their rows from string templates chunk by chunk, so a 1 M-row body is never held in memory.
@@ -36,6 +44,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -63,6 +72,7 @@ EMPTY_LOOK_ID = "13"
 EDGE_VALUES_LOOK_ID = "14"
 ACCOUNTS_LOOK_ID = "15"
 ACCOUNT_USERS_LOOK_ID = "16"
+NEW_SIGNUPS_LOOK_ID = "17"
 #: Look ids from here on are generated Looks: Look ``GENERATED_LOOK_BASE + n`` has ``n`` rows.
 GENERATED_LOOK_BASE = 1_000_000
 
@@ -77,6 +87,35 @@ TOASTMATES_FIRST_ROW = {
 #: Marks a ``Decimal`` in ``json.dumps`` output, written back as the bare number (``1E+400`` has no float).
 _RAW_NUMBER = "\ue000"
 _RAW_NUMBER_STRING = re.compile(f'"{_RAW_NUMBER}([-+.0-9eE]+)"'.encode())
+
+#: Fields of each explore (model, view) besides the fields of its Looks: what a query may filter on.
+EXPLORE_FIELDS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("toastmates", "users"): (
+        "users.id",
+        "users.email",
+        "users.name",
+        "users.plan",
+        "users.country",
+        "users.created_date",
+        "users.created_month",
+        "users.last_active_date",
+        "users.sessions_count",
+    ),
+}
+
+
+def look_query_id(look_id: str) -> str:
+    """The id of a Look's saved query: ``"1"`` + the Look id (five digits at least), e.g. ``100001``."""
+    return f"1{int(look_id):05d}" if look_id.isdigit() else f"1{look_id}"
+
+
+def look_id_of_query(query_id: str) -> str | None:
+    """The Look whose saved query has this id (the inverse of :func:`look_query_id`), or ``None``."""
+    if not query_id.startswith("1") or len(query_id) < 2:
+        return None
+    rest = query_id[1:]
+    return str(int(rest)) if rest.isdigit() else rest
+
 
 _NUMERIC_TYPES = frozenset(
     {"number", "count", "count_distinct", "sum", "sum_distinct", "average", "average_distinct", "min", "max"}
@@ -171,7 +210,7 @@ class FixtureLook:
     :param hidden_fields: fields hidden in the visualisation (``query.vis_config.hidden_fields``).
     :param deleted: the Look is in the trash.
     :param looker_error: when set, running the Look fails with this SQL error.
-    :param filters: the query's filters (informational).
+    :param filters: the query's saved filters; the rows already satisfy them.
     """
 
     id: str
@@ -228,7 +267,7 @@ class FixtureLook:
             "deleted_at": "2024-05-02T10:00:00.000+00:00" if self.deleted else None,
             "is_run_on_load": False,
             "public": False,
-            "query_id": f"1{int(self.id) % 100000:05d}" if self.id.isdigit() else "100000",
+            "query_id": look_query_id(self.id),
             "folder_id": "1",
             "model": {"id": self.model, "label": self.model.replace("_", " ").title()},
             "created_at": "2024-01-15T09:30:00.000+00:00",
@@ -237,7 +276,7 @@ class FixtureLook:
             "url": f"/looks/{self.id}",
             "can": {"run": True, "see_lookml": True, "explore": True},
             "query": {
-                "id": f"1{int(self.id) % 100000:05d}" if self.id.isdigit() else "100000",
+                "id": look_query_id(self.id),
                 "model": self.model,
                 "view": self.view,
                 "fields": query_fields,
@@ -858,6 +897,60 @@ def _account_users() -> FixtureLook:
     return FixtureLook(ACCOUNT_USERS_LOOK_ID, "Account owners", "toastmates", "users", fields, rows)
 
 
+_SIGNUPS = (
+    ("10SG4K7N2Q5T8W1Z", "Amara Okafor", "pro"),
+    ("11SH6M9P4S7V2Y5B", "Jonas Berg", "free"),
+    ("12SJ8P2R6U9X3A6D", "Lucía Morales", "free"),
+    ("13SK1R4T8W2Z5C8F", "Kenji Watanabe", "enterprise"),
+    ("14SL3T6V1Y4B7E1H", "Chloé Martin", "pro"),
+    ("15SM5V8X3A6D9G2K", "Ravi Shankar", "free"),
+    ("16SN7X1Z5C8F2J5M", "Olivia Brown", "pro"),
+    ("17SP9Z3B7E1H4L7P", "Mateus Silva", "free"),
+    ("18SQ2B5D9G3K6N9R", "Ingrid Holm", "enterprise"),
+    ("19SR4D7F2J5M8Q2T", "Tariq Aziz", "free"),
+    ("20SS6F9H4L7P1S4W", "Mei Chen", "pro"),
+    ("21ST8H2K6N9R3V6Y", "Sofia Rossi", "free"),
+    ("22SU1K4M8Q2T5X8A", "Ewan Campbell", "pro"),
+    ("23SV3M6P1S4W7Z1C", "Nadia Haddad", "free"),
+)
+
+
+def new_signups(today: date | None = None) -> FixtureLook:
+    """
+    Look 17, "New sign-ups": two users a day from six days before ``today`` to ``today`` (the UTC date
+    when ``None``), oldest first, so that a filter bound to a DAG run's data interval finds rows.
+
+    :param today: the last day with sign-ups.
+    """
+    last = today or datetime.now(timezone.utc).date()
+    fields = (
+        _USER_ID,
+        _EMAIL,
+        _NAME,
+        _dim("users.plan", "Plan"),
+        _dim("users.created_date", "Created Date", "date_date"),
+    )
+    rows = tuple(
+        {
+            "users.id": user_id,
+            "users.email": f"signup.{index + 1:02d}@toastmates.com",
+            "users.name": name,
+            "users.plan": plan,
+            "users.created_date": (last - timedelta(days=6 - index // 2)).isoformat(),
+        }
+        for index, (user_id, name, plan) in enumerate(_SIGNUPS)
+    )
+    return FixtureLook(
+        NEW_SIGNUPS_LOOK_ID,
+        "New sign-ups",
+        "toastmates",
+        "users",
+        fields,
+        rows,
+        filters={"users.created_date": "7 days"},
+    )
+
+
 def fixture_looks() -> dict[str, FixtureLook]:
     """Return a fresh registry of every fixture Look, by id (generated Looks are resolved on demand)."""
     looks = (
@@ -877,5 +970,6 @@ def fixture_looks() -> dict[str, FixtureLook]:
         _edge_values(),
         _accounts(),
         _account_users(),
+        new_signups(),
     )
     return {look.id: look for look in looks}

@@ -10,12 +10,18 @@ It serves the Looks of :mod:`.looker_fixtures` over plain HTTP (or HTTPS with a 
         looker.fail_next_runs(2, status=503)   # fault injection
         looker.garble_after("1", 3)             # the body goes on with a proxy's HTML page after 3 rows
         looker.answer_html_next_runs(1)         # HTTP 200 with a text/html page instead of the result
+        looker.end_next_query_tasks("killed")   # the next query task ends killed
         assert looker.counters["runs"] == 1
 
 Endpoints: ``POST /api/4.0/login``, ``DELETE /api/logout`` and ``/api/4.0/logout``, ``GET /api/versions``,
-``GET /api/4.0/user``, ``GET /api/4.0/looks/{id}`` and ``GET /api/4.0/looks/{id}/run/{json|json_detail|csv}``.
-Errors have Looker's shape ``{"message", "documentation_url"}``; the documentation URLs use the
-``https://docs.cloud.google.com/looker/docs/r/err/`` form, which looker_sdk does not try to download.
+``GET /api/4.0/user``, ``GET /api/4.0/looks/{id}`` and ``GET /api/4.0/looks/{id}/run/{json|json_detail|csv}``;
+queries (``POST /api/4.0/queries``, ``GET /api/4.0/queries/{id}[/run/{format}]``,
+``POST /api/4.0/queries/run/{format}``) with filters applied to the fixture rows, and async query tasks
+(``POST /api/4.0/query_tasks``, ``GET /api/4.0/query_tasks/{id}[/results]``,
+``DELETE /api/4.0/running_queries/{id}``): see :mod:`.looker_query_routes` and :mod:`.looker_queries`.
+Errors have Looker's shapes (``Error``: ``{"message", "documentation_url"}``; ``ValidationError`` adds
+``errors``); the documentation URLs use the ``https://docs.cloud.google.com/looker/docs/r/err/`` form, which
+looker_sdk does not try to download.
 
 Run it by hand with ``python -m standins.looker_standin --port 0``.
 """
@@ -27,65 +33,47 @@ import hmac
 import json
 import re
 import secrets
-import socket
 import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
-from standins.looker_fixtures import (
-    CSV,
-    JSON_DETAIL,
-    RESULT_FORMATS,
-    FixtureLook,
-    fixture_looks,
-    resolve_generated,
+from standins.looker_fixtures import FixtureLook, fixture_looks, resolve_generated
+from standins.looker_http import (
+    API_PREFIX,
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_CLIENT_ID,
+    DEFAULT_CLIENT_SECRET,
+    DOCS_BASE,
+    PROXY_PAGE,
+    RecordedRequest,
+    Server,
 )
+from standins.looker_queries import QueryStore, QueryTasks
+from standins.looker_query_routes import QueryRoutes
 from standins.processes import ThreadedStandIn
 
-DEFAULT_CLIENT_ID = "looker-demo-id"
-DEFAULT_CLIENT_SECRET = "looker-demo-secret"
-API_PREFIX = "/api/4.0"
-DOCS_BASE = "https://docs.cloud.google.com/looker/docs/r/err/4.0"
-#: Rows per HTTP chunk of a streamed result.
-DEFAULT_CHUNK_ROWS = 2000
+__all__ = [
+    "API_PREFIX",
+    "DEFAULT_CLIENT_ID",
+    "DEFAULT_CLIENT_SECRET",
+    "DOCS_BASE",
+    "PROXY_PAGE",
+    "LookerStandIn",
+    "RecordedRequest",
+]
 
 _LOOK_PATH = re.compile(r"^/api/4\.0/looks/([^/]+)$")
 _RUN_PATH = re.compile(r"^/api/4\.0/looks/([^/]+)/run/([^/]+)$")
-_TRUE = frozenset({"true", "1", "yes"})
-#: What a proxy or single sign-on gateway in front of Looker answers instead of the result (HTTP 200).
-PROXY_PAGE = (
-    b"<!DOCTYPE html>\n<html>\n<head><title>Sign in - Corporate Access Gateway</title></head>\n<body>\n"
-    b"<h1>Your session has expired</h1>\n<p>Sign in again to reach   looker.example.com.</p>\n"
-    b"</body>\n</html>\n"
-)
-
-
-@dataclass
-class RecordedRequest:
-    """
-    One request the stand-in received.
-
-    :param method: HTTP method.
-    :param path: URL path without the query string.
-    :param query: query parameters (last value wins).
-    :param authorization: an ``Authorization`` header was sent.
-    :param auth_scheme: the header's scheme in lower case (``bearer`` or ``token``), if any.
-    :param status: the HTTP status answered (``None`` when the connection was dropped).
-    """
-
-    method: str
-    path: str
-    query: dict[str, str]
-    authorization: bool
-    auth_scheme: str | None
-    status: int | None = None
+_QUERY_PATH = re.compile(r"^/api/4\.0/queries/([^/]+)$")
+_QUERY_RUN_PATH = re.compile(r"^/api/4\.0/queries/([^/]+)/run/([^/]+)$")
+_INLINE_RUN_PATH = re.compile(r"^/api/4\.0/queries/run/([^/]+)$")
+_TASK_PATH = re.compile(r"^/api/4\.0/query_tasks/([^/]+)$")
+_TASK_RESULTS_PATH = re.compile(r"^/api/4\.0/query_tasks/([^/]+)/results$")
+_KILL_PATH = re.compile(r"^/api/4\.0/running_queries/([^/]+)$")
 
 
 @dataclass
@@ -102,6 +90,8 @@ class _Faults:
     drop_runs: int = 0
     delay: float = 0.0
     delay_prefix: str = API_PREFIX
+    # answers of the next query task status polls: an HTTP status, or 0 to close the connection
+    task_polls: list[int] = field(default_factory=list)
 
 
 class LookerStandIn(ThreadedStandIn):
@@ -119,6 +109,12 @@ class LookerStandIn(ThreadedStandIn):
     :param tls_certfile: PEM certificate; with ``tls_keyfile`` the stand-in speaks HTTPS.
     :param tls_keyfile: PEM private key.
     :param chunk_rows: rows per HTTP chunk of a streamed result.
+    :param polls_per_step: how many looks at a query task (status or results requests) move it one step
+        (``added`` → ``running`` → its end).
+    :param pending_results_status: what ``GET /query_tasks/{id}/results`` answers while the task has not
+        ended: 202 (Looker's current documentation) or 204 (older releases).
+    :param validate_queries_on_create: ``POST /queries`` refuses (422) a filter on a field that is not in
+        the explore; with ``False`` it stores the query and the run refuses it (400 ``Invalid filter``).
     """
 
     def __init__(
@@ -134,6 +130,9 @@ class LookerStandIn(ThreadedStandIn):
         tls_certfile: str | None = None,
         tls_keyfile: str | None = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        polls_per_step: int = 1,
+        pending_results_status: int = 202,
+        validate_queries_on_create: bool = True,
     ) -> None:
         super().__init__()
         self.client_id = client_id
@@ -147,10 +146,16 @@ class LookerStandIn(ThreadedStandIn):
         self._ssl_context = _server_ssl_context(tls_certfile, tls_keyfile)
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}
+        self._issued: list[str] = []
         self._looks_run: set[str] = set()
         self._requests: list[RecordedRequest] = []
         self._counters: Counter[str] = Counter()
         self._faults = _Faults()
+        self.polls_per_step = polls_per_step
+        self.pending_results_status = pending_results_status
+        self.validate_queries_on_create = validate_queries_on_create
+        self.queries = QueryStore()
+        self.query_tasks = QueryTasks()
 
     # --- life cycle -----------------------------------------------------------------------------------
 
@@ -168,8 +173,8 @@ class LookerStandIn(ThreadedStandIn):
 
     _thread_name = "looker-standin"
 
-    def _make_server(self) -> _Server:
-        return _Server((self.host, self.port), _Handler, self, self._ssl_context)
+    def _make_server(self) -> Server:
+        return Server((self.host, self.port), _Handler, self, self._ssl_context)
 
     # --- Looks ----------------------------------------------------------------------------------------
 
@@ -183,6 +188,11 @@ class LookerStandIn(ThreadedStandIn):
         """Remove a Look, so that it answers 404."""
         with self._lock:
             self._looks.pop(str(look_id), None)
+
+    def all_looks(self) -> list[FixtureLook]:
+        """The fixture and added Looks (not the generated ones of the reserved id range)."""
+        with self._lock:
+            return list(self._looks.values())
 
     def look(self, look_id: str | int) -> FixtureLook | None:
         """Return the Look with this id (fixture, added, or generated from the reserved id range)."""
@@ -198,7 +208,14 @@ class LookerStandIn(ThreadedStandIn):
         token = secrets.token_urlsafe(30)
         with self._lock:
             self._tokens[token] = time.monotonic() + self.token_lifetime
+            self._issued.append(token)
         return token
+
+    @property
+    def issued_tokens(self) -> list[str]:
+        """Every access token issued so far (revoked and expired ones too), oldest first."""
+        with self._lock:
+            return list(self._issued)
 
     def token_valid(self, token: str) -> bool:
         """Whether ``token`` was issued, is not revoked and has not expired."""
@@ -259,10 +276,23 @@ class LookerStandIn(ThreadedStandIn):
             self._faults.delay = seconds
             self._faults.delay_prefix = path_prefix
 
+    def end_next_query_tasks(self, outcome: str, count: int = 1) -> None:
+        """
+        Make the next ``count`` query tasks end ``error``, ``killed`` or ``expired`` (or ``complete``), or
+        ``never`` end (they stay ``running``).
+        """
+        self.query_tasks.end_next(outcome, count)
+
+    def fail_next_task_polls(self, count: int, *, status: int | None = 503) -> None:
+        """Answer the next ``count`` query task status polls with ``status`` (``None``: drop the link)."""
+        with self._lock:
+            self._faults.task_polls.extend([status or 0] * count)
+
     def clear_faults(self) -> None:
-        """Remove every injected fault and delay."""
+        """Remove every injected fault and delay (query task outcomes included)."""
         with self._lock:
             self._faults = _Faults()
+        self.query_tasks.clear()
 
     # --- records --------------------------------------------------------------------------------------
 
@@ -323,6 +353,11 @@ class LookerStandIn(ThreadedStandIn):
                 return ("cut", (cut[0], cut[2]))
         return None
 
+    def _take_task_poll_fault(self) -> int | None:
+        """Consume the next status poll's fault: an HTTP status, ``0`` to drop the connection, or ``None``."""
+        with self._lock:
+            return self._faults.task_polls.pop(0) if self._faults.task_polls else None
+
     def _mark_run(self, look_id: str) -> bool:
         """Count a run of ``look_id``; return whether the Look had run before (a cache hit)."""
         with self._lock:
@@ -348,129 +383,32 @@ def _server_ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLCon
     return context
 
 
-class _Server(ThreadingHTTPServer):
-    """``ThreadingHTTPServer`` that knows its stand-in and does the TLS handshake in the request thread."""
-
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        handler: type[BaseHTTPRequestHandler],
-        standin: LookerStandIn,
-        ssl_context: ssl.SSLContext | None,
-    ) -> None:
-        super().__init__(address, handler)
-        self.standin = standin
-        self.ssl_context = ssl_context
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Wrap the connection in TLS (in the request's thread) before handling it."""
-        if self.ssl_context is not None:
-            try:
-                request.settimeout(10)
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)
-            except (ssl.SSLError, OSError):
-                return  # e.g. a client that does not trust the certificate
-        super().finish_request(request, client_address)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Stay quiet about clients that hang up (tests cut connections on purpose)."""
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 request handler of the stand-in (keep-alive; chunked transfer for results)."""
-
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body are separate writes: do not wait for delayed ACKs
-    server: _Server
-    server_version = "LookerStandIn/1.0"
-    sys_version = ""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Do not log requests to stderr."""
-
-    # --- plumbing -------------------------------------------------------------------------------------
-
-    @property
-    def standin(self) -> LookerStandIn:
-        return self.server.standin
-
-    def _begin(self) -> tuple[RecordedRequest, dict[str, str]]:
-        """Parse and record the request; apply an injected delay."""
-        parts = urlsplit(self.path)
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        header = self.headers.get("Authorization")
-        scheme = header.split(" ", 1)[0].lower() if header else None
-        record = RecordedRequest(self.command, parts.path, query, header is not None, scheme)
-        self.standin._record(record)
-        delay = self.standin._delay_for(parts.path)
-        if delay:
-            self.standin._wait(delay)
-        return record, query
-
-    def _read_body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def _send_json(self, record: RecordedRequest, status: int, payload: Any) -> None:
-        self._send_body(record, status, "application/json", json.dumps(payload).encode())
-
-    def _send_body(self, record: RecordedRequest, status: int, content_type: str, body: bytes) -> None:
-        """Answer ``status`` with a whole body."""
-        record.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _send_error(
-        self,
-        record: RecordedRequest,
-        status: int,
-        message: str,
-        template: str,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        """Answer a Looker-shaped error; ``template`` is the route, e.g. ``looks/:look_id``."""
-        doc = f"{DOCS_BASE}/{status}/{self.command.lower()}/{template}"
-        body = json.dumps({"message": message, "documentation_url": doc}).encode()
-        record.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _authorized(self, record: RecordedRequest, template: str) -> bool:
-        """Check ``Authorization: Bearer|token <token>``; answer 401 when it is missing or invalid."""
-        header = self.headers.get("Authorization") or ""
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() in ("bearer", "token") and self.standin.token_valid(token.strip()):
-            return True
-        self.standin._count("unauthorized")
-        self._send_error(record, 401, "Requires authentication.", template)
-        return False
-
-    # --- routes ---------------------------------------------------------------------------------------
+class _Handler(QueryRoutes):
+    """The stand-in's request handler: routes (the query and query-task ones are in :class:`QueryRoutes`)."""
 
     def do_POST(self) -> None:
         record, query = self._begin()
         body = self._read_body()
-        if record.path == f"{API_PREFIX}/login":
+        path = record.path
+        inline = _INLINE_RUN_PATH.match(path)
+        if path == f"{API_PREFIX}/login":
             self._login(record, query, body)
+        elif path == f"{API_PREFIX}/queries":
+            self._create_query(record, query, body)
+        elif inline:
+            self._run_inline_query(record, query, body, inline.group(1))
+        elif path == f"{API_PREFIX}/query_tasks":
+            self._create_query_task(record, query, body)
         else:
-            self._send_error(record, 404, "Not found", record.path.removeprefix(f"{API_PREFIX}/"))
+            self._send_error(record, 404, "Not found", path.removeprefix(f"{API_PREFIX}/"))
 
     def do_DELETE(self) -> None:
         record, _ = self._begin()
         self._read_body()
+        kill = _KILL_PATH.match(record.path)
+        if kill:
+            self._kill_query(record, kill.group(1))
+            return
         if record.path not in ("/api/logout", f"{API_PREFIX}/logout"):
             self._send_error(record, 404, "Not found", record.path.removeprefix(f"{API_PREFIX}/"))
             return
@@ -478,27 +416,28 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.standin.revoke_token((self.headers.get("Authorization") or "").partition(" ")[2].strip())
         self.standin._count("logouts")
-        record.status = 204
-        self.send_response(204)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        self._send_empty(record, 204)
 
     def do_GET(self) -> None:
         record, query = self._begin()
         path = record.path
         if path == "/api/versions":
             self._send_json(record, 200, _versions(self.standin))
-            return
-        run = _RUN_PATH.match(path)
-        if run:
-            self._run_look(record, query, run.group(1), run.group(2))
-            return
-        look = _LOOK_PATH.match(path)
-        if look:
-            self._get_look(record, look.group(1))
         elif path == f"{API_PREFIX}/user":
             if self._authorized(record, "user"):
                 self._send_json(record, 200, _api_user())
+        elif found := _RUN_PATH.match(path):
+            self._run_look(record, query, found.group(1), found.group(2))
+        elif found := _LOOK_PATH.match(path):
+            self._get_look(record, found.group(1))
+        elif found := _QUERY_RUN_PATH.match(path):
+            self._run_query(record, query, found.group(1), found.group(2))
+        elif found := _QUERY_PATH.match(path):
+            self._get_query(record, query, found.group(1))
+        elif found := _TASK_RESULTS_PATH.match(path):
+            self._query_task_results(record, found.group(1))
+        elif found := _TASK_PATH.match(path):
+            self._query_task(record, query, found.group(1))
         else:
             self._send_error(record, 404, "Not found", path.removeprefix(f"{API_PREFIX}/"))
 
@@ -543,139 +482,7 @@ class _Handler(BaseHTTPRequestHandler):
         if look is None or look.deleted:
             self._send_error(record, 404, "Not found", template)
             return
-        if fmt not in RESULT_FORMATS:
-            self._send_error(record, 400, f"Unsupported result format: {fmt}", template)
-            return
-        ran_before = self.standin._mark_run(look.id)
-        fault = self.standin._take_run_fault(look.id)
-        if fault and fault[0] == "drop":
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        if fault and fault[0] == "fail":
-            status, retry_after = fault[1]
-            headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
-            self._send_error(record, status, "Service temporarily unavailable.", template, headers)
-            return
-        if fault and fault[0] == "html":
-            echo = self.headers.get("Authorization") if fault[1] else None
-            self._send_body(record, 200, "text/html; charset=utf-8", _proxy_page(echo))
-            return
-        cut, garbage = fault[1] if fault and fault[0] == "cut" else (None, None)
-        cached = ran_before and query.get("cache", "true").lower() in _TRUE
-        self._stream_result(record, look, fmt, query, cut, cached, garbage)
-
-    # --- results --------------------------------------------------------------------------------------
-
-    def _stream_result(
-        self,
-        record: RecordedRequest,
-        look: FixtureLook,
-        fmt: str,
-        query: dict[str, str],
-        cut: int | None,
-        cached: bool,
-        garbage: bytes | None = None,
-    ) -> None:
-        """
-        Send the result in HTTP chunks; ``cut`` closes the connection after so many rows, or, with
-        ``garbage``, sends it instead of the rest and ends the body.
-        """
-        record.status = 200
-        self.send_response(200)
-        content_type = "text/csv" if fmt == CSV else "application/json"
-        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        if look.looker_error is not None:
-            self._write_chunk(json.dumps([{"looker_error": look.looker_error}]).encode())
-            self._end_chunks()
-            return
-        rows_sent = 0
-        try:
-            for piece, rows in _result_pieces(look, fmt, query, self.standin.chunk_rows, cut, cached):
-                self._write_chunk(piece)
-                rows_sent += rows
-        finally:
-            self.standin._count("rows_sent", rows_sent)
-        if garbage is not None:
-            self._write_chunk(garbage)
-        elif cut is not None:
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self._end_chunks()
-
-    def _write_chunk(self, data: bytes) -> None:
-        if data:
-            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
-
-    def _end_chunks(self) -> None:
-        self.wfile.write(b"0\r\n\r\n")
-
-
-def _result_pieces(
-    look: FixtureLook, fmt: str, query: dict[str, str], chunk_rows: int, cut: int | None, cached: bool
-) -> Iterator[tuple[bytes, int]]:
-    """Yield ``(bytes, rows in them)`` of a Look's result: prefix, row chunks, suffix (no suffix when cut)."""
-    total = _rows_to_send(look, query.get("limit"))
-    if cut is not None:
-        total = min(total, cut)
-    apply_vis = query.get("apply_vis", "false").lower() in _TRUE
-    columns = look.columns(apply_vis)
-    if fmt == JSON_DETAIL:
-        prefix, suffix = _detail_frame(look, apply_vis, cached)
-    elif fmt == CSV:
-        prefix, suffix = look.csv_header(columns), b""
-    else:
-        prefix, suffix = b"[", b"]"
-    step = max(1, chunk_rows)
-    separator = b"" if fmt == CSV else b","
-    yield prefix, 0
-    for start in range(0, total, step):
-        stop = min(total, start + step)
-        lead = separator if start else b""
-        yield lead + look.encode_rows(fmt, columns, start, stop), stop - start
-    if cut is None:
-        yield suffix, 0
-
-
-def _rows_to_send(look: FixtureLook, limit: str | None) -> int:
-    """Rows a run returns: ``limit`` (``-1`` = all), or the Look's saved limit when absent."""
-    if limit is None or limit == "":
-        wanted = look.saved_limit()
-    else:
-        try:
-            wanted = int(limit)
-        except ValueError:
-            wanted = look.saved_limit()
-    return look.row_count if wanted < 0 else min(wanted, look.row_count)
-
-
-def _detail_frame(look: FixtureLook, apply_vis: bool, cached: bool) -> tuple[bytes, bytes]:
-    """Return the ``json_detail`` body around the rows: meta keys then ``"data":[``, and ``],...}``."""
-    meta = {
-        "id": f"q{look.id}",
-        "from_cache": cached,
-        "fields": look.detail_fields(apply_vis),
-        "pivots": look.detail_pivots(),
-        "ran_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "runtime": "0.042",
-        "has_totals": False,
-        "has_subtotals": False,
-        "has_row_totals": False,
-        "sql": f"SELECT ... FROM {look.view} LIMIT {look.limit or 5000}",
-    }
-    head = json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
-    prefix = head[:-1].encode() + b',"data":['
-    suffix = b'],"null_sort_treatment":"low","expired":false}'
-    return prefix, suffix
-
-
-def _proxy_page(authorization: str | None = None) -> bytes:
-    """The page of a gateway in front of Looker; a debugging one quotes the request's ``Authorization``."""
-    echo = f"<!-- request headers: Authorization: {authorization} -->\n" if authorization else ""
-    return PROXY_PAGE.replace(b"<body>\n", f"<body>\n{echo}".encode(), 1)
+        self._serve_run(record, query, look, fmt, template)
 
 
 def _api_user() -> dict[str, Any]:

@@ -1,0 +1,130 @@
+"""
+Filtered runs of a Look: the filters given for a run checked, put over the Look's own query, and Looker's
+refusal of them explained. No I/O here: :class:`~airflow_provider_looker_segment.hooks.looker.LookerHook`
+creates the query and runs it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from looker_sdk.sdk.api40 import models as models40
+
+from airflow_provider_looker_segment.exceptions import InvalidParameterError, LookerApiError, LookFilterError
+from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
+
+#: What Looker's answer says when it refuses a query (HTTP statuses of ``create_query`` and of a run).
+FILTER_REFUSAL_STATUSES = (400, 422)
+
+
+def normalise_filters(filters: Mapping[str, Any] | None) -> dict[str, str]:
+    """
+    Check the filters given for a run: a mapping of Looker field name → Looker filter expression.
+
+    :param filters: e.g. ``{"users.created_date": "2026-11-27"}``; ``None`` or empty for none. Numbers are
+        taken as their text (``5`` → ``"5"``).
+    :return: the filters, names and expressions stripped of surrounding blanks.
+    :raises InvalidParameterError: not a mapping, an empty field name, or an empty or non-text expression
+        (an empty expression would make Looker ignore the filter silently).
+    """
+    if filters is None:
+        return {}
+    if not isinstance(filters, Mapping):
+        raise InvalidParameterError(
+            "filters must be a mapping of Looker field name to filter expression, e.g. "
+            f"{{'users.created_date': '2026-11-27'}}; got a {type(filters).__name__}"
+        )
+    checked: dict[str, str] = {}
+    for name, expression in filters.items():
+        field_name = str(name).strip() if isinstance(name, str) else ""
+        if not field_name:
+            raise InvalidParameterError(f"filters: {name!r} is not a Looker field name (e.g. 'users.state')")
+        if isinstance(expression, bool) or not isinstance(expression, str | int | float):
+            raise InvalidParameterError(
+                f"filters[{field_name!r}] must be a Looker filter expression (text), got {expression!r}"
+            )
+        text = str(expression).strip()
+        if not text:
+            raise InvalidParameterError(
+                f"filters[{field_name!r}] is empty: Looker would ignore it; give a filter expression, or "
+                "leave the field out"
+            )
+        checked[field_name] = text
+    return checked
+
+
+def filtered_write_query(
+    look_id: str, look: models40.LookWithQuery, filters: Mapping[str, str]
+) -> tuple[models40.WriteQuery, LookRunQuery]:
+    """
+    Build the query of a filtered run: the Look's query, with ``filters`` replacing or adding filters.
+
+    Everything ``WriteQuery`` allows is kept (model, view, fields, pivots, fill fields, sorts, limits,
+    totals, subtotals, dynamic fields, custom filter expression, visualisation, time zone) but ``client_id``
+    (it must be unique) and ``filter_config`` (Looker says to leave it empty when creating a query; it
+    would override ``filters`` in the UI).
+
+    :param look_id: the Look.
+    :param look: the Look as Looker answers it (``LookWithQuery``).
+    :param filters: checked filters (see :func:`normalise_filters`).
+    :return: the query to create, and what it changes.
+    :raises LookerApiError: the Look has no query (or one without model or explore).
+    """
+    query = look.query
+    if query is None or not query.model or not query.view:
+        raise LookerApiError(
+            f"Look {look_id} has no query with a model and an explore: it cannot be run with filters",
+            look_id=look_id,
+        )
+    own = {str(name): str(value) for name, value in (query.filters or {}).items()}
+    merged = {**own, **filters}
+    write = models40.WriteQuery(
+        model=query.model,
+        view=query.view,
+        fields=query.fields,
+        pivots=query.pivots,
+        fill_fields=query.fill_fields,
+        filters=merged,
+        filter_expression=query.filter_expression,
+        sorts=query.sorts,
+        limit=query.limit,
+        column_limit=query.column_limit,
+        total=query.total,
+        row_total=query.row_total,
+        subtotals=query.subtotals,
+        vis_config=query.vis_config,
+        dynamic_fields=query.dynamic_fields,
+        query_timezone=query.query_timezone,
+    )
+    replaced = {name: own[name] for name in filters if name in own}
+    return write, LookRunQuery(look_id, None, dict(filters), merged, replaced)
+
+
+def _named(text: str, name: str) -> bool:
+    """Whether ``text`` names the field ``name`` (not merely a longer name starting with it)."""
+    return re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", text) is not None
+
+
+def filter_error(
+    look_id: str, info: LookInfo, filters: Mapping[str, str], error: LookerApiError
+) -> LookFilterError:
+    """
+    Explain Looker's refusal (HTTP 400 or 422) of a filtered query, naming the filter fields it names.
+
+    :param look_id: the Look.
+    :param info: its definition (for the explore's name).
+    :param filters: the filters given for the run.
+    :param error: Looker's answer, as the hook reports it.
+    """
+    fields = tuple(name for name in filters if _named(error.message, name)) or tuple(filters)
+    plural = "s" if len(fields) > 1 else ""
+    explore = f"{info.model}::{info.view}" if info.model and info.view else "the Look's explore"
+    return LookFilterError(
+        f"Look {look_id}: Looker refused the filter{plural} on {', '.join(fields)}: a filter must name a "
+        f"field of the explore {explore} and give a Looker filter expression. {error.message}",
+        status=error.status,
+        look_id=look_id,
+        fields=fields,
+    )

@@ -1,0 +1,1 @@
+"""Triggers of the provider (run by Airflow's triggerer while a deferrable task waits)."""
