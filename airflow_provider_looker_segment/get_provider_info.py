@@ -16,7 +16,10 @@ def get_provider_info() -> dict[str, Any]:
     return {
         "package-name": PACKAGE_NAME,
         "name": "Looker to Segment",
-        "description": "Sync Looker cohorts (Looks) into Segment as identify calls through the Tracking API.",
+        "description": (
+            "Sync Looker cohorts (Looks) into Segment as identify, group or track calls through the "
+            "Tracking API."
+        ),
         "versions": [__version__],
         "integrations": [
             {
@@ -46,6 +49,13 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_looker_segment.operators.looker_to_segment"],
             }
         ],
+        "triggers": [
+            {
+                "integration-name": "Looker",
+                "python-modules": ["airflow_provider_looker_segment.triggers.looker"],
+            }
+        ],
+        "extra-links": ["airflow_provider_looker_segment.links.LookerLookLink"],
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_looker_segment.hooks.looker.LookerHook",

@@ -104,6 +104,7 @@ class SyncSummary:
     sync_mode: str
     possibly_truncated: bool
     ran_at: str | None
+    filters: dict[str, str] = field(default_factory=dict)
     events_by_type: dict[str, int] = field(default_factory=dict)
     cohort: CohortSummary | None = None
     seconds: float = 0.0
@@ -217,6 +218,7 @@ def sync_look(
         sync_mode=settings.sync_mode,
         possibly_truncated=stream.possibly_truncated,
         ran_at=ran_at.isoformat() if ran_at is not None else None,
+        filters=dict(settings.filters),
         events_by_type=dict(by_type),
     )
     if state is not None:
@@ -227,6 +229,8 @@ def sync_look(
 
 def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
     """The summary's one line (and the truncation warning)."""
+    if summary.filters:
+        log.info("Look %s: ran with the filters %s", summary.look_id, summary.filters)
     log.info(
         "Look %s: %d rows read, %d sent, %d invalid, %d rejected, %d failed, %d batches in %.1f s%s%s",
         summary.look_id,

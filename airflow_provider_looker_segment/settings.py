@@ -53,6 +53,7 @@ class SyncSettings:
     event: str | None = None
     entered_event: str | None = None
     exited_event: str | None = None
+    filters: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_arguments(cls, **arguments: Any) -> SyncSettings:
@@ -141,6 +142,7 @@ class SyncSettings:
             max_exit_ratio=float(max_exit_ratio),
             call=call,
             group_id_field=group_id_field,
+            filters=_filters(arguments.get("filters")),
             event=event,
             **cohort_events,
         )
@@ -164,3 +166,22 @@ class SyncSettings:
             group_id_field=self.group_id_field,
             event=self.event,
         )
+
+
+def _filters(value: Any) -> dict[str, str]:
+    """``filters``: Looker field → filter expression; empty expressions and field names are refused."""
+    try:
+        filters = to_str_dict(value, name="filters")
+    except InvalidParameterError as error:
+        raise InvalidParameterError(
+            f"{error}. filters must map Looker field names to Looker filter expressions, e.g. "
+            '{"users.created_date": "2026-11-28"}'
+        ) from None
+    for name, expression in filters.items():
+        if not name.strip() or not expression.strip() or expression.strip().lower() in ("none", "null"):
+            raise InvalidParameterError(
+                f"filters[{name!r}] = {expression!r}: each filter needs a Looker field name and a filter "
+                "expression (e.g. '2026-11-28', 'pro,enterprise', 'NOT NULL'); remove the filter to keep the "
+                "Look's own"
+            )
+    return {name.strip(): expression.strip() for name, expression in filters.items()}

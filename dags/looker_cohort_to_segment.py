@@ -84,8 +84,8 @@ with DAG(
             f"Empty: the Airflow Variable {DAILY_LOOK_VARIABLE} (the Look of the daily schedule).",
         ),
         "destinations": Param(
-            [],
-            type="array",
+            None,
+            type=["null", "array"],
             items={"type": "string"},
             title="Destinations to check",
             description="Segment destinations fed by this source (e.g. hubspot, intercom); the run "

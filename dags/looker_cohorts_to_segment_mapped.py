@@ -62,8 +62,8 @@ with DAG(
     default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
     params={
         "look_ids": Param(
-            [],
-            type="array",
+            None,
+            type=["null", "array"],
             items={"type": "string"},
             title="Look ids",
             description=f"Looks to sync; empty = the Airflow Variable {LOOK_IDS_VARIABLE} (a JSON list).",

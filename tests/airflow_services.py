@@ -1,5 +1,6 @@
 """
-Real Airflow services for end-to-end tests: api-server, scheduler and dag-processor, bound to 127.0.0.1.
+Real Airflow services for end-to-end tests: api-server, scheduler, dag-processor and triggerer, bound to
+127.0.0.1.
 
 Not ``airflow standalone``: it always listens on all interfaces for its log servers. Each process is started
 in its own process group and stopped by its PID (the whole group) in :meth:`AirflowServices.stop`, also
@@ -93,7 +94,7 @@ class AirflowServices:
     # -- life cycle -------------------------------------------------------------------------------------
 
     def start(self) -> AirflowServices:
-        """Migrate the database, start the three services and wait until the API answers."""
+        """Migrate the database, start the four services and wait until the API answers."""
         self._migrate(timeout=300)
         self._spawn(
             "api-server",
@@ -101,6 +102,7 @@ class AirflowServices:
         )
         self._spawn("scheduler", [AIRFLOW, "scheduler", "--skip-serve-logs"])
         self._spawn("dag-processor", [AIRFLOW, "dag-processor"])
+        self._spawn("triggerer", [AIRFLOW, "triggerer", "--skip-serve-logs"])  # runs deferred tasks' triggers
         self._wait_for_api(timeout=180)
         return self
 

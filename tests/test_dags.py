@@ -30,6 +30,7 @@ def test_dags_folder_has_the_examples():
     assert {p.name for p in DAG_FILES} >= {
         "looker_cohort_to_segment.py",
         "looker_cohorts_to_segment_mapped.py",
+        "looker_new_signups_to_segment.py",
     }
 
 
@@ -47,7 +48,11 @@ def test_dagbag_has_no_import_errors():
         warnings.simplefilter("error", DeprecationWarning)
         bag = DagBag(dag_folder=str(DAGS))  # examples are off: AIRFLOW__CORE__LOAD_EXAMPLES=False
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) >= {"looker_cohort_to_segment", "looker_cohorts_to_segment_mapped"}
+    assert set(bag.dag_ids) >= {
+        "looker_cohort_to_segment",
+        "looker_cohorts_to_segment_mapped",
+        "looker_new_signups_to_segment",
+    }
 
 
 def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
@@ -71,7 +76,7 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     assert schema["call"]["enum"] == ["identify", "group", "track"] and params["call"] == "identify"
     for optional in ("event", "entered_event", "exited_event"):  # optional: no red star in the form
         assert schema[optional]["type"] == ["null", "string"] and params[optional] is None
-    assert schema["destinations"]["type"] == "array"
+    assert schema["destinations"]["type"] == ["null", "array"] and params["destinations"] is None
     assert schema["dry_run"]["type"] == "boolean" and params["dry_run"] is False
     assert schema["trait_key_style"]["enum"] == ["label", "snake", "field"]
     assert schema["sync_mode"]["enum"] == ["all", "changed"] and params["sync_mode"] == "all"
@@ -150,7 +155,7 @@ def test_mapped_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     params = dag.params
     assert set(params) == {"look_ids", "dry_run", "sync_mode", "full_refresh", "state_path"}
     schema = {name: params.get_param(name).schema for name in params}
-    assert schema["look_ids"]["type"] == "array" and params["look_ids"] == []
+    assert schema["look_ids"]["type"] == ["null", "array"] and params["look_ids"] is None
     assert schema["sync_mode"]["enum"] == ["all", "changed"] and params["sync_mode"] == "all"
     assert params["dry_run"] is False and params["full_refresh"] is False
     assert schema["state_path"]["type"] == ["null", "string"] and params["state_path"] is None
@@ -169,7 +174,9 @@ class _Variables:
         return self.variables.get(key, default)
 
 
-@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in DAG_FILES if "STATE_PATH_VARIABLE" in p.read_text()], ids=lambda p: p.name
+)
 def test_state_path_comes_from_the_form_else_the_variable(path: Path, monkeypatch: pytest.MonkeyPatch):
     module = _load(path, monkeypatch)
     assert module.STATE_PATH_VARIABLE == "looker_segment_state_path"
@@ -188,3 +195,40 @@ def test_state_path_comes_from_the_form_else_the_variable(path: Path, monkeypatc
     assert render(None, **variable) == variable["looker_segment_state_path"]
     assert render("", **variable) == variable["looker_segment_state_path"]
     assert render(None) in ("", None)  # neither: the operator's default, $AIRFLOW_HOME/looker_segment_state
+
+
+# ------------------------------------------------------------------------------------ new sign-ups
+
+
+def test_signups_dag_is_daily_deferrable_and_filtered_by_its_interval(monkeypatch: pytest.MonkeyPatch):
+    dag = _load(DAGS / "looker_new_signups_to_segment.py", monkeypatch).dag
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    task = dag.get_task("sync_signups")
+    assert task.deferrable is True and task.query_timeout == 7200
+    assert task.upstream_task_ids == {"plan_run"}
+    schema = {name: dag.params.get_param(name).schema for name in dag.params}
+    for optional in ("look_id", "event"):  # optional: no red star in the trigger form
+        assert schema[optional]["type"] == ["null", "string"] and dag.params[optional] is None
+
+
+def test_signups_of_the_day_through_the_trigger(standins, monkeypatch):
+    from standins.looker_fixtures import NEW_SIGNUPS_LOOK_ID
+
+    looker, segment = standins
+    rows = looker.look(NEW_SIGNUPS_LOOK_ID).rows  # dated relative to the day the stand-in started
+    day = rows[0]["users.created_date"]
+    monkeypatch.setenv("AIRFLOW_VAR_LOOKER_SEGMENT_SIGNUPS_LOOK_ID", NEW_SIGNUPS_LOOK_ID)
+    dag = _load(DAGS / "looker_new_signups_to_segment.py", monkeypatch).dag
+    next_day = pendulum.parse(day).add(days=1).to_date_string()
+    # A run at midnight after that day, as the schedule makes it: its data interval is that day.
+    dag_run = dag.test(logical_date=pendulum.parse(next_day))
+    assert _states(dag_run) == {"plan_run": "success", "sync_signups": "success"}
+    assert (dag_run.data_interval_start.date().isoformat(), dag_run.data_interval_end.date().isoformat()) == (
+        day,
+        next_day,
+    )
+    expected = sorted(row["users.id"] for row in rows if row["users.created_date"] == day)
+    assert sorted(event["userId"] for event in segment.events()) == expected and len(expected) == 2
+    assert looker.queries.received[-1]["filters"] == {"users.created_date": f"{day} to {next_day}"}
+    assert any(r.path == "/api/4.0/query_tasks" for r in looker.requests)  # it deferred

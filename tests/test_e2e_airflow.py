@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pytest
 import requests
 from airflow_services import AirflowServices, quote
 from standins.connections import standin_connections
-from standins.looker_fixtures import TOASTMATES_LOOK_ID, fixture_looks
+from standins.looker_fixtures import NEW_SIGNUPS_LOOK_ID, TOASTMATES_LOOK_ID, fixture_looks
 from standins.looker_standin import LookerStandIn
 from standins.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
 
@@ -34,6 +34,7 @@ from airflow_provider_looker_segment.get_provider_info import get_provider_info
 pytestmark = pytest.mark.e2e
 
 DAG_ID = "looker_cohort_to_segment"
+SIGNUPS_DAG_ID = "looker_new_signups_to_segment"
 TASK_ID = "sync_cohort"
 DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
 TOASTMATES = fixture_looks()[TOASTMATES_LOOK_ID]
@@ -114,9 +115,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         resources.enter_context(airflow)  # stopped first (LIFO), also when a test or the set-up fails
         dag = airflow.wait_for_dag(DAG_ID)
         assert dag["is_paused"], "new DAGs start paused: the test unpauses it as a user would"
-        response = airflow.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
-        assert response.status_code == 200, response.text
-        assert response.json()["is_paused"] is False
+        for dag_id in (DAG_ID, SIGNUPS_DAG_ID):
+            airflow.wait_for_dag(dag_id)
+            response = airflow.api("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
+            assert response.status_code == 200, response.text
+            assert response.json()["is_paused"] is False
         yield Stack(airflow, looker, segment)
     # Every service and its children were stopped by PID; nothing of ours is left listening.
     assert airflow.leftovers() == {}, "processes left in the services' process groups (group -> PIDs)"
@@ -290,4 +293,45 @@ def test_connection_forms_name_the_documented_extras(stack: Stack):
     assert {"verify_ssl", "timeout"} <= set(metas["looker"]["extra_fields"])
     assert {"gzip", "max_in_flight", "timeout", "requests_per_second"} <= set(
         metas["segment_tracking"]["extra_fields"]
+    )
+
+
+# ------------------------------------------------------------------------------------------ deferrable
+
+
+def test_deferrable_signups_run_waits_in_the_triggerer(stack: Stack):
+    """The sign-ups DAG: filtered on its data interval, deferred to a real triggerer, then synced."""
+    stack.segment.reset()
+    response = stack.airflow.api(
+        "POST",
+        f"/api/v2/dags/{SIGNUPS_DAG_ID}/dagRuns",
+        json={"logical_date": None, "conf": {"look_id": NEW_SIGNUPS_LOOK_ID}},
+    )
+    assert response.status_code == 200, response.text
+    run = response.json()
+    run_id, task_id = run["dag_run_id"], "sync_signups"
+    # While Looker runs the query the task is deferred: no worker slot is held.
+    ti = stack.airflow.wait_for_task(SIGNUPS_DAG_ID, run_id, task_id, ("deferred", "success", "failed"))
+    assert ti["state"] == "deferred", ti
+    run = stack.airflow.wait_for_run(SIGNUPS_DAG_ID, run_id, timeout=RUN_TIMEOUT)
+    log = stack.airflow.task_log(SIGNUPS_DAG_ID, run_id, task_id, 1)
+    assert run["state"] == "success", f"run {run['state']}; task log:\n{log}"
+    # Triggered without a logical date, the run has no data interval: it sends the day before it started.
+    assert run["data_interval_start"] is None
+    day = (
+        datetime.fromisoformat(run["run_after"].replace("Z", "+00:00")).date() - timedelta(days=1)
+    ).isoformat()
+    signups = stack.looker.look(NEW_SIGNUPS_LOOK_ID)
+    expected = sorted(row["users.id"] for row in signups.rows if row["users.created_date"] == day)
+    assert expected and sorted(event["userId"] for event in stack.segment.events()) == expected
+    assert stack.looker.client_secret not in json.dumps(
+        stack.airflow.task_log_events(SIGNUPS_DAG_ID, run_id, task_id, 1)
+    )
+    # The task's extra link, as the UI's button reads it.
+    links = stack.airflow.api(
+        "GET", f"/api/v2/dags/{SIGNUPS_DAG_ID}/dagRuns/{quote(run_id)}/taskInstances/{task_id}/links"
+    )
+    assert links.status_code == 200, links.text
+    assert (
+        links.json()["extra_links"]["Looker Look"] == f"{stack.looker.base_url}/looks/{NEW_SIGNUPS_LOOK_ID}"
     )

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from airflow.configuration import conf
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
 from airflow_provider_looker_segment.cohort_sync import SYNC_ALL
-from airflow_provider_looker_segment.destinations import resolve_destinations
+from airflow_provider_looker_segment.destinations import Destination, resolve_destinations
+from airflow_provider_looker_segment.exceptions import LookerApiError, QueryTaskError
 from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.hooks.segment import SegmentHook
-from airflow_provider_looker_segment.params import to_optional_str
+from airflow_provider_looker_segment.links import LookerLookLink
+from airflow_provider_looker_segment.look_stream import LookStream
+from airflow_provider_looker_segment.params import to_number, to_optional_str
 from airflow_provider_looker_segment.pipeline import SyncSettings, failure, log_summary, sync_look
 from airflow_provider_looker_segment.sync_state import CohortStateStore, sync_key
 from airflow_provider_looker_segment.transform import build_message_id_namespace
+from airflow_provider_looker_segment.triggers.looker import LookerQueryTaskTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -94,6 +100,15 @@ class LookerToSegmentOperator(BaseOperator):
     :param max_exit_ratio: with ``sync_mode="changed"``, when more than this share of the previous cohort
         would leave at once (a broken, empty or truncated query looks like everyone leaving), send no exit,
         keep them all in the state and fail the task after the summary; default 0.5. (templated)
+    :param filters: mapping of Looker field → Looker filter expression, replacing or adding to the Look's
+        own filters for this run, e.g. ``{"users.created_date": "{{ ds }}"}``; the Look's query (model,
+        explore, fields, sorts, pivots, its other filters) runs with them instead of the saved Look. Empty:
+        the Look as saved. (templated)
+    :param deferrable: start the Look's query as a Looker query task and wait for it in the triggerer,
+        without holding a worker slot, then stream its result; default ``[operators] default_deferrable``.
+    :param poll_interval: with ``deferrable``, seconds between two status checks of the query task.
+    :param query_timeout: with ``deferrable``, fail the task (and ask Looker to kill the query) when the
+        query task has not completed after this many seconds; ``None`` waits as long as Looker runs it.
     :param max_in_flight: batch requests sent at once (default: the Segment connection's, else 4).
     :param gzip: gzip request bodies (default: the Segment connection's setting).
     :param requests_per_second: client-side rate limit for workspaces with low limits.
@@ -102,6 +117,7 @@ class LookerToSegmentOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "look_id",
+        "filters",
         "call",
         "group_id_field",
         "event",
@@ -123,8 +139,14 @@ class LookerToSegmentOperator(BaseOperator):
         "membership_trait",
         "max_exit_ratio",
     )
-    template_fields_renderers = {"trait_names": "json", "destinations": "json", "exclude_fields": "json"}
+    template_fields_renderers = {
+        "trait_names": "json",
+        "destinations": "json",
+        "exclude_fields": "json",
+        "filters": "json",
+    }
     ui_color = "#52BD94"
+    operator_extra_links = (LookerLookLink(),)
 
     def __init__(
         self,
@@ -152,6 +174,10 @@ class LookerToSegmentOperator(BaseOperator):
         event: str | None = None,
         entered_event: str | None = None,
         exited_event: str | None = None,
+        filters: dict[str, str] | str | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 10.0,
+        query_timeout: float | timedelta | None = None,
         max_in_flight: int | None = None,
         gzip: bool | None = None,
         requests_per_second: float | None = None,
@@ -182,6 +208,12 @@ class LookerToSegmentOperator(BaseOperator):
         self.event = event
         self.entered_event = entered_event
         self.exited_event = exited_event
+        self.filters = filters
+        self.deferrable = deferrable
+        self.poll_interval = to_number(poll_interval, name="poll_interval", above=0)
+        if isinstance(query_timeout, timedelta):
+            query_timeout = query_timeout.total_seconds()
+        self.query_timeout = to_number(query_timeout, name="query_timeout", above=0)
         self.max_in_flight = max_in_flight
         self.gzip = gzip
         self.requests_per_second = requests_per_second
@@ -215,11 +247,88 @@ class LookerToSegmentOperator(BaseOperator):
     # -- execution --------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
+        settings, destinations, segment = self._prepare()
+        if not self.deferrable:
+            return self._sync(
+                context,
+                settings,
+                destinations,
+                segment,
+                lambda looker: looker.stream_look(
+                    settings.look_id, limit=settings.limit, filters=settings.filters or None
+                ),
+            )
+        with LookerHook(looker_conn_id=self.looker_conn_id) as looker:  # logs out when leaving
+            task_id = looker.start_query_task(
+                settings.look_id, limit=settings.limit, filters=settings.filters or None
+            )
+        self.log.info(
+            "Look %s: waiting for Looker query task %s in the triggerer (a status check every %g s%s).",
+            settings.look_id,
+            task_id,
+            self.poll_interval,
+            f", at most {self.query_timeout:g} s" if self.query_timeout else "",
+        )
+        self.defer(
+            trigger=LookerQueryTaskTrigger(
+                looker_conn_id=self.looker_conn_id,
+                query_task_id=task_id,
+                poll_interval=self.poll_interval,
+                timeout=self.query_timeout,
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """
+        Resume once the trigger fired: stream the query task's result and sync it, or fail with the
+        trigger's message (asking Looker to kill a query that may still be running).
+        """
+        task_id = str(event.get("query_task_id") or "")
+        if event.get("status") != "success":
+            if task_id and event.get("looker_status") in (None, "added", "running"):
+                self._kill_query_task(task_id)
+            raise QueryTaskError(
+                str(event.get("message") or f"Looker query task {task_id} did not complete"),
+                task_id=task_id or None,
+                task_status=event.get("looker_status"),
+            )
+        settings, destinations, segment = self._prepare()
+        self.log.info("Look %s: Looker query task %s is complete.", settings.look_id, task_id)
+        return self._sync(
+            context,
+            settings,
+            destinations,
+            segment,
+            lambda looker: looker.stream_query_task(task_id, settings.look_id, limit=settings.limit),
+        )
+
+    def _prepare(self) -> tuple[SyncSettings, list[Destination], SegmentHook]:
+        """Read the arguments and check what can be checked before Looker is asked anything."""
         settings = SyncSettings.from_arguments(**{name: getattr(self, name) for name in _SETTINGS})
         destinations = resolve_destinations(list(settings.destinations))
         segment = self._segment = self._segment_hook()
         if not settings.dry_run or settings.changed_only:
             segment.validate_config()  # a missing write key fails here, before Looker is even read
+        return settings, destinations, segment
+
+    def _kill_query_task(self, task_id: str) -> None:
+        try:
+            with LookerHook(looker_conn_id=self.looker_conn_id) as looker:
+                if looker.kill_query_task(task_id):
+                    self.log.warning("Asked Looker to kill query task %s.", task_id)
+        except LookerApiError as error:
+            self.log.warning("Could not ask Looker to kill query task %s: %s", task_id, error)
+
+    def _sync(
+        self,
+        context: Context,
+        settings: SyncSettings,
+        destinations: list[Destination],
+        segment: SegmentHook,
+        open_stream: Callable[[LookerHook], AbstractContextManager[LookStream]],
+    ) -> dict[str, Any]:
+        """Open the state, the Looker session and the stream, sync, report; fail after the summary."""
         namespace = self._message_id_namespace(context, settings.look_id)
         # Airflow's imports leave ~190k objects tracked by the garbage collector, and every full collection
         # triggered by the row loop would walk them all: park them in the permanent generation meanwhile.
@@ -234,7 +343,7 @@ class LookerToSegmentOperator(BaseOperator):
                     )
                 # Leaving the hook logs out of Looker, also after a failure.
                 looker = resources.enter_context(LookerHook(looker_conn_id=self.looker_conn_id))
-                stream = resources.enter_context(looker.stream_look(settings.look_id, limit=settings.limit))
+                stream = resources.enter_context(open_stream(looker))
                 summary = sync_look(
                     settings,
                     stream,

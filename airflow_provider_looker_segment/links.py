@@ -1,0 +1,66 @@
+"""
+The operator's extra link: the synced Look on the Looker instance, shown as a button on the task in the UI.
+
+Airflow 3 calls :meth:`LookerLookLink.get_link` on the worker once the task has run and keeps the URL as an
+XCom (``_link_LookerLookLink``), so the API server needs neither the connection nor this package's code.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from airflow.sdk import BaseHook, BaseOperatorLink
+
+from airflow_provider_looker_segment.net import normalise_base_url
+from airflow_provider_looker_segment.params import to_optional_str
+
+if TYPE_CHECKING:
+    from airflow.models.taskinstancekey import TaskInstanceKey
+
+log = logging.getLogger(__name__)
+
+#: The API port of Looker instances hosted on premises (and of older hosted ones); the web UI is not there.
+LEGACY_API_PORT = 19999
+
+
+def look_web_url(api_base_url: str, look_id: str) -> str:
+    """
+    Return the web URL of a Look from the Looker API's base URL: same scheme and host, without the legacy API
+    port ``:19999``, path ``/looks/<id>``.
+
+    :param api_base_url: ``scheme://host[:port]`` as the Looker connection gives it.
+    :param look_id: the Look id.
+    """
+    parts = urlsplit(api_base_url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = host if parts.port in (None, LEGACY_API_PORT) else f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, f"/looks/{quote(look_id, safe='')}", "", ""))
+
+
+class LookerLookLink(BaseOperatorLink):
+    """ "Looker Look": the Look the task synced, on the Looker instance of its connection."""
+
+    name = "Looker Look"
+
+    def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
+        """
+        The Look's web URL, or ``""`` when the Look id or the connection's Host is unusable.
+
+        :param operator: the (rendered) task, with ``look_id`` and ``looker_conn_id``.
+        :param ti_key: the task instance (unused: everything is on the operator).
+        """
+        look_id = to_optional_str(getattr(operator, "look_id", None))
+        conn_id = getattr(operator, "looker_conn_id", None)
+        if not look_id or not conn_id or "{{" in look_id:
+            return ""
+        try:
+            conn = BaseHook.get_connection(conn_id)
+            base_url = normalise_base_url(conn.host, conn.schema, conn.port, what="The Looker connection")
+        except Exception as exc:  # a link must never fail the task (no connection, no Host...)
+            log.warning("No link to Look %s: %s", look_id, type(exc).__name__)
+            return ""
+        return look_web_url(base_url, look_id)

@@ -1,0 +1,157 @@
+"""
+Templated filters, deferrable mode and the extra link, through real Airflow (``dag.test()``, which runs the
+trigger in line) against the Looker and Segment stand-ins.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from datetime import date, timedelta
+from typing import Any
+
+import pytest
+from standins.connections import standin_connections
+from standins.demo import read_return_value
+from standins.looker_fixtures import NEW_SIGNUPS_LOOK_ID, SQL_ERROR_LOOK_ID, TOASTMATES_LOOK_ID
+from test_operator import DAG_FILE, looker, run, segment  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def deferred(airflow_db, monkeypatch, looker, segment):
+    """Run the deferrable test DAG once with the given conf; return (dag run, task instance, summary)."""
+    for name, value in standin_connections(looker.base_url, segment.base_url).items():
+        monkeypatch.setenv(name, value)
+
+    def _run(**conf: Any) -> tuple[Any, Any, dict[str, Any] | None]:
+        spec = importlib.util.spec_from_file_location("lsg_operator_test", DAG_FILE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        dag_run = module.deferrable_dag.test(run_conf={"look_id": TOASTMATES_LOOK_ID, **conf})
+        return dag_run, dag_run.get_task_instance("sync"), read_return_value(dag_run, "sync")
+
+    return _run
+
+
+def _a_day_with_signups(looker) -> str:
+    """A day of the sign-ups Look (dated relative to the day the stand-in started)."""
+    return looker.look(NEW_SIGNUPS_LOOK_ID).rows[0]["users.created_date"]
+
+
+def _task_paths(looker, method: str, prefix: str) -> list[str]:
+    return [r.path for r in looker.requests if r.method == method and r.path.startswith(prefix)]
+
+
+# ----------------------------------------------------------------------------------------------- filters
+
+
+def test_filters_replace_the_looks_own(run, looker, segment, capfd):
+    day = _a_day_with_signups(looker)
+    dag_run, _ti, summary = run(look_id=NEW_SIGNUPS_LOOK_ID, filters={"users.created_date": day})
+    assert dag_run.state == "success"
+    signups = looker.look(NEW_SIGNUPS_LOOK_ID)
+    expected = sorted(row["users.id"] for row in signups.rows if row["users.created_date"] == day)
+    assert sorted(e["userId"] for e in segment.events()) == expected and len(expected) == 2
+    assert summary["filters"] == {"users.created_date": day} and summary["rows"] == 2
+    created = looker.queries.received[-1]
+    assert created["filters"] == {"users.created_date": day}  # the Look's "7 days" replaced
+    assert (created["model"], created["view"]) == (signups.model, signups.view)
+    text = "".join(capfd.readouterr())
+    assert f"users.created_date = '{day}'" in text and "replaces the Look's '7 days'" in text
+
+
+def test_a_data_interval_range_filter(run, looker, segment):
+    first = date.fromisoformat(_a_day_with_signups(looker))
+    interval = f"{first.isoformat()} to {(first + timedelta(days=2)).isoformat()}"  # two days, end excluded
+    dag_run, _ti, summary = run(look_id=NEW_SIGNUPS_LOOK_ID, filters={"users.created_date": interval})
+    assert dag_run.state == "success" and summary["sent"] == 4
+
+
+def test_a_filter_on_a_field_outside_the_explore_fails_naming_it(run, segment, capfd):
+    dag_run, _ti, _summary = run(look_id=NEW_SIGNUPS_LOOK_ID, filters={"orders.status": "complete"})
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    text = "".join(capfd.readouterr())
+    assert "LookFilterError" in text and "orders.status" in text
+
+
+def test_an_empty_filter_expression_is_refused(run, looker, segment, capfd):
+    dag_run, _ti, _summary = run(filters={"users.created_date": " "})
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert "filters['users.created_date']" in "".join(capfd.readouterr())
+
+
+def test_without_filters_the_saved_look_runs(run, looker, segment):
+    created_before = len(looker.queries.received)
+    _dag_run, _ti, summary = run()
+    assert summary["filters"] == {} and len(looker.queries.received) == created_before
+
+
+# ---------------------------------------------------------------------------------------------- deferrable
+
+
+def test_deferrable_run_waits_for_the_query_task_then_syncs(deferred, looker, segment):
+    dag_run, ti, summary = deferred()
+    assert dag_run.state == "success", ti.state
+    assert summary["sent"] == 10 and segment.events()[0]["userId"] == "00MWWFOLRcETcTCf"
+    assert _task_paths(looker, "POST", "/api/4.0/query_tasks")
+    polls = _task_paths(looker, "GET", "/api/4.0/query_tasks/")
+    assert any(path.endswith("/results") for path in polls)
+    assert len([p for p in polls if not p.endswith("/results")]) >= 2  # added -> running -> complete
+
+
+def test_deferrable_run_with_filters(deferred, looker, segment):
+    day = _a_day_with_signups(looker)
+    dag_run, _ti, summary = deferred(look_id=NEW_SIGNUPS_LOOK_ID, filters={"users.created_date": day})
+    assert dag_run.state == "success" and summary["sent"] == 2
+    assert summary["filters"] == {"users.created_date": day}
+
+
+def test_a_failed_query_fails_the_deferred_task_with_the_database_error(deferred, segment, capfd):
+    dag_run, _ti, _summary = deferred(look_id=SQL_ERROR_LOOK_ID)
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    text = "".join(capfd.readouterr())
+    assert "ended with status error" in text and "column users.last_login does not exist" in text
+
+
+@pytest.mark.parametrize("outcome", ["killed", "expired"])
+def test_a_killed_or_expired_query_task_fails_the_task(deferred, looker, segment, capfd, outcome):
+    looker.end_next_query_tasks(outcome, count=2)  # both tries
+    dag_run, _ti, _summary = deferred()
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert f"ended with status {outcome}" in "".join(capfd.readouterr())
+
+
+def test_a_query_that_outlives_the_timeout_is_killed(airflow_db, monkeypatch, looker, segment, capfd):
+    for name, value in standin_connections(looker.base_url, segment.base_url).items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("lsg_operator_test", DAG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dag = module.timeout_dag
+    looker.end_next_query_tasks("never", count=2)
+    kills_before = len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/"))
+    dag_run = dag.test(run_conf={"look_id": TOASTMATES_LOOK_ID})
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/")) - kills_before == 2  # each try
+    text = "".join(capfd.readouterr())
+    assert "did not complete within 0.5 seconds" in text and "Asked Looker to kill query task" in text
+    assert looker.client_secret not in text
+
+
+# ---------------------------------------------------------------------------------------------- the link
+
+
+def test_the_task_links_to_the_look(run, looker):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    dag_run, _ti, _summary = run(look_id=NEW_SIGNUPS_LOOK_ID)
+    with create_session() as session:
+        link = session.scalars(
+            select(XComModel.value).where(
+                XComModel.dag_id == dag_run.dag_id,
+                XComModel.run_id == dag_run.run_id,
+                XComModel.key == "_link_LookerLookLink",
+            )
+        ).first()
+    assert XComModel.deserialize_value(type("X", (), {"value": link})()) == f"{looker.base_url}/looks/17"
