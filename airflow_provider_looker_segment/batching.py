@@ -84,10 +84,10 @@ class Batch:
         self.size = size
 
     def __len__(self) -> int:
-        return len(self.events)
+        return len(self.message_ids)  # the events may be released once the body is built
 
     def __repr__(self) -> str:
-        return f"Batch(events={len(self.events)}, size={self.size})"
+        return f"Batch(events={len(self)}, size={self.size})"
 
     def body(self, sent_at: str | None = None) -> bytes:
         """

@@ -1,13 +1,15 @@
 """
-Delivery of Segment batches: sender threads, one retry loop, and the report of what became of each event.
+Delivery of Segment batches: sender threads and one retry loop.
 
 A :class:`Delivery` runs one :meth:`~airflow_provider_looker_segment.hooks.segment.SegmentHook.send`. The
 calling thread reads the input and forms batches (:class:`~airflow_provider_looker_segment.batching.Batcher`);
-``max_in_flight`` sender threads POST them to ``/v1/batch``, each on its own ``requests`` session (connections
-reused, urllib3's own retries off). :meth:`Delivery._post` is the only retry mechanism: a plain loop that
-re-sends the batch byte for byte (so Segment deduplicates it by ``messageId``) as the README's "Delivery"
-section describes. Every event ends in exactly one of delivered, rejected or failed of the
-:class:`DeliveryReport`.
+sender threads, started as needed up to the adaptive window of
+:class:`~airflow_provider_looker_segment.flow_control.FlowWindow` (at most ``max_in_flight``), POST them to
+``/v1/batch``, each on its own ``requests`` session (connections reused, urllib3's own retries off), when the
+:class:`~airflow_provider_looker_segment.flow_control.Throttle` lets them. :meth:`Delivery._post` is the only
+retry mechanism: a plain loop that re-sends the batch byte for byte (so Segment deduplicates it by
+``messageId``) as the README's "Delivery" section describes. Every event ends in exactly one of delivered,
+rejected or failed of the :class:`~airflow_provider_looker_segment.delivery_report.DeliveryReport`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
@@ -29,13 +31,34 @@ import requests
 
 from airflow_provider_looker_segment import net
 from airflow_provider_looker_segment.batching import Batch, Batcher, RejectedEvent, format_sent_at
+from airflow_provider_looker_segment.delivery_report import (
+    DEFAULT_MAX_LISTED_EVENTS,
+    DELIVERED,
+    FAILED,
+    REJECTED,
+    DeliveryReport,
+)
+from airflow_provider_looker_segment.flow_control import SEGMENT_REQUESTS_PER_SECOND, FlowWindow, Throttle
+
+__all__ = [
+    "DEFAULT_MAX_LISTED_EVENTS",
+    "DELIVERED",
+    "FAILED",
+    "REJECTED",
+    "STOPPED",
+    "Delivery",
+    "DeliveryReport",
+    "RetryPolicy",
+    "asked_wait",
+    "describe_transport_error",
+    "response_message",
+]
 
 if TYPE_CHECKING:
     from logging import Logger
 
     from airflow_provider_looker_segment.hooks.segment import SegmentSettings
 
-DELIVERED, REJECTED, FAILED = "delivered", "rejected", "failed"
 #: The reason of the events a :meth:`Delivery.stop` left unsent or in flight.
 STOPPED = "stopped"
 #: Statuses worth another attempt: timeouts, rate limits and server errors.
@@ -48,118 +71,12 @@ PLAIN_HTTP_TLS_ERROR = (
     "TLS error: the server answered in plain HTTP (wrong scheme or port: use http:// for a plain-HTTP "
     "endpoint, or the port that serves HTTPS)"
 )
-DEFAULT_MAX_LISTED_EVENTS = 10_000
 _GZIP_LEVEL = 6
-_MAX_REASONS = 100
 _MAX_REASON_TEXT = 200
+#: Default cap on the request bodies of the batches waiting to be sent (about eight full batches).
+DEFAULT_MAX_QUEUED_BYTES = 4_000_000
 #: How often the calling thread, waiting for the senders, looks for a stop (a signal handler cannot wake it).
 _POLL_SECONDS = 0.05
-
-
-@dataclass
-class DeliveryReport:
-    """
-    What became of the messages given to a delivery; each is counted exactly once.
-
-    :param delivered: events Segment accepted (HTTP 2xx).
-    :param rejected: events Segment (or the batcher, before sending) refused: too large, invalid, HTTP
-        400/413. Re-sending them as they are will not help.
-    :param failed: events not delivered although they may be valid: retries exhausted (429, 5xx, timeouts,
-        connection errors), HTTP 401/403/404, not sent after delivery stopped, or in flight when it was
-        stopped.
-    :param requests: HTTP requests made, retries included.
-    :param batches: batches formed (sent or not).
-    :param bytes: request body bytes sent, as on the wire (after gzip), retries included.
-    :param retries: requests that re-sent a batch.
-    :param rejected_reasons: number of rejected events per reason.
-    :param failed_reasons: number of failed events per reason.
-    :param rejected_ids: messageIds of rejected events, the first ``max_listed_events``.
-    :param failed_ids: messageIds of failed events, the first ``max_listed_events``.
-    :param rejected_events_omitted: rejected events beyond the listed ones.
-    :param failed_events_omitted: failed events beyond the listed ones.
-    :param aborted: why sending stopped early, if it did.
-    :param max_listed_events: cap on each of the two lists, so memory stays bounded.
-    """
-
-    delivered: int = 0
-    rejected: int = 0
-    failed: int = 0
-    requests: int = 0
-    batches: int = 0
-    bytes: int = 0
-    retries: int = 0
-    rejected_reasons: dict[str, int] = field(default_factory=dict)
-    failed_reasons: dict[str, int] = field(default_factory=dict)
-    rejected_ids: list[Any] = field(default_factory=list)
-    failed_ids: list[Any] = field(default_factory=list)
-    rejected_events_omitted: int = 0
-    failed_events_omitted: int = 0
-    aborted: str | None = None
-    max_listed_events: int = DEFAULT_MAX_LISTED_EVENTS
-
-    @property
-    def total(self) -> int:
-        """All events accounted for: delivered + rejected + failed."""
-        return self.delivered + self.rejected + self.failed
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict (e.g. for XCom or a task log)."""
-        return {
-            "delivered": self.delivered,
-            "rejected": self.rejected,
-            "failed": self.failed,
-            "batches": self.batches,
-            "requests": self.requests,
-            "retries": self.retries,
-            "bytes": self.bytes,
-            "rejected_reasons": dict(self.rejected_reasons),
-            "failed_reasons": dict(self.failed_reasons),
-            "rejected_message_ids": list(self.rejected_ids),
-            "failed_message_ids": list(self.failed_ids),
-        }
-
-    def summary(self) -> str:
-        """One line for a task log."""
-        text = (
-            f"{self.delivered:,} delivered, {self.rejected:,} rejected, {self.failed:,} failed "
-            f"in {self.batches:,} batches, {self.requests:,} requests ({self.retries:,} retries), "
-            f"{self.bytes:,} bytes"
-        )
-        reasons = {**self.rejected_reasons, **self.failed_reasons}  # a reason is either kind, not both
-        if reasons:
-            top = sorted(reasons.items(), key=lambda item: -item[1])[:5]
-            text += "; reasons: " + "; ".join(f"{reason} ({count:,})" for reason, count in top)
-        if self.aborted:
-            text += f"; stopped early: {self.aborted}"
-        return text
-
-    def add(self, category: str, message_ids: Sequence[Any], reason: str = "") -> None:
-        """
-        Account for events (not thread-safe: the delivery holds its lock).
-
-        :param category: :data:`DELIVERED`, :data:`REJECTED` or :data:`FAILED`.
-        :param message_ids: the events' messageIds.
-        :param reason: why they were rejected or failed.
-        """
-        count = len(message_ids)
-        if category == DELIVERED:
-            self.delivered += count
-            return
-        rejected = category == REJECTED
-        reasons, listed = (
-            (self.rejected_reasons, self.rejected_ids) if rejected else (self.failed_reasons, self.failed_ids)
-        )
-        key = reason if reason in reasons or len(reasons) < _MAX_REASONS else "other reasons"
-        reasons[key] = reasons.get(key, 0) + count
-        room = max(0, self.max_listed_events - len(listed))
-        listed.extend(message_ids[:room])
-        omitted = max(0, count - room)
-        if rejected:
-            self.rejected += count
-            self.rejected_events_omitted += omitted
-        else:
-            self.failed += count
-            self.failed_events_omitted += omitted
 
 
 @dataclass(frozen=True)
@@ -253,36 +170,14 @@ class _Outcome(NamedTuple):
     fatal: bool = False
 
 
-class _Throttle:
-    """Shared by the senders: the optional requests-per-second cap, and pauses Segment asked for."""
-
-    def __init__(self, requests_per_second: float | None, clock: Callable[[], float]) -> None:
-        self._interval = 1.0 / requests_per_second if requests_per_second else 0.0
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._next_slot = 0.0
-        self._paused_until = 0.0
-
-    def pause_until(self, moment: float) -> None:
-        """Hold every sender's next request until ``moment`` (a ``clock()`` reading)."""
-        with self._lock:
-            self._paused_until = max(self._paused_until, moment)
-
-    def reserve(self) -> float:
-        """Take the next request slot; return the seconds to wait before using it."""
-        with self._lock:
-            now = self._clock()
-            start = max(now, self._paused_until, self._next_slot)
-            if self._interval:
-                self._next_slot = start + self._interval
-        return start - now
-
-
 class Delivery:
     """
-    One :meth:`SegmentHook.send`: the calling thread feeds batches to a bounded pool of sender threads.
+    One :meth:`SegmentHook.send`: the calling thread feeds batches to sender threads, as many as the
+    :class:`~airflow_provider_looker_segment.flow_control.FlowWindow` lets be in flight.
 
-    Memory is bounded by ``2 * max_in_flight`` batches queued or sending, plus the one being filled.
+    Memory is bounded whatever the window: at most ``window`` batches (and at most ``max_queued_bytes`` of
+    request bodies, one batch always allowed) wait to be sent, at most ``window`` (at most ``max_in_flight``)
+    are in flight, plus the one being filled.
 
     :param settings: the hook's resolved settings.
     :param new_session: makes an authenticated ``requests`` session (one per sender thread).
@@ -290,7 +185,9 @@ class Delivery:
     :param policy: how a batch is retried.
     :param max_consecutive_failed_batches: stop sending after this many failed batches in a row (or never).
     :param log: where to log.
-    :param clock: monotonic seconds, for the rate limit, pauses and the retry time budget.
+    :param max_queued_bytes: cap on the request bodies of the batches waiting to be sent.
+    :param clock: monotonic seconds, for the rate limits, pauses, the retry time budget and the window's
+        measurements (round trips, the time taken to form a batch).
     :param sleep: waits a number of seconds; by default a wait that :meth:`stop` cuts short.
     """
 
@@ -303,6 +200,7 @@ class Delivery:
         policy: RetryPolicy,
         max_consecutive_failed_batches: int | None,
         log: Logger,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Any] | None = None,
     ) -> None:
@@ -312,26 +210,36 @@ class Delivery:
         self.policy = policy
         self.max_consecutive_failures = max_consecutive_failed_batches
         self.log = log
+        self.max_queued_bytes = max_queued_bytes
         self.clock = clock
         self.stopping = threading.Event()
         self.sleep = sleep or self.stopping.wait
-        self.throttle = _Throttle(settings.requests_per_second, clock)
+        request_rate = settings.requests_per_second or SEGMENT_REQUESTS_PER_SECOND
+        self.throttle = Throttle(request_rate, settings.events_per_second, clock)
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.gzip:
             self.headers["Content-Encoding"] = "gzip"
         self.timeouts = (min(settings.timeout, 10.0), settings.timeout)
-        self.window = 2 * settings.max_in_flight
-        # ``lock`` guards the report and the state below; senders wait for ``work``, the caller for ``room``.
+        # ``lock`` guards the report, the window and the state below; senders wait for ``work``, the caller
+        # for ``room``.
         self.lock = threading.Lock()
         self.work, self.room = threading.Condition(self.lock), threading.Condition(self.lock)
+        self.flow = FlowWindow(
+            settings.max_in_flight,
+            requests_per_second=request_rate,
+            events_per_second=settings.events_per_second,
+        )
         self.report = DeliveryReport()
         self.queue: deque[Batch] = deque()
+        self.queued_bytes = 0
         self.pending: dict[Batch, None] = {}  # queued or sending, not yet accounted for (in order)
         self.sending = 0  # batches a sender holds: requests on the wire, or waits between attempts
+        self.senders: list[threading.Thread] = []
         self.closed = False  # no more batches will come: idle senders exit
         self.halted = False  # accounting is over: no more requests, late outcomes are dropped
         self.consecutive_failures = 0
         self.rejections_logged = 0
+        self.waited = 0.0  # seconds the calling thread waited for room (sending was the bottleneck)
 
     def stop(self) -> None:
         """
@@ -355,17 +263,19 @@ class Delivery:
         """
         self.progress, self.progress_interval = progress, max(progress_interval, 0.01)
         self.next_report = time.monotonic() + self.progress_interval
-        senders = [
-            threading.Thread(target=self._sender, name=f"segment-send-{number}", daemon=True)
-            for number in range(self.settings.max_in_flight)
-        ]
-        for sender in senders:
-            sender.start()
         try:
+            working_since = self.clock()
             for item in self.batcher.split(self._until_stopped(messages)):
                 if isinstance(item, Batch):
-                    self._wait(lambda: len(self.pending) < self.window)
+                    with self.lock:
+                        before = self.flow.window
+                        self.flow.produced(self.clock() - working_since, len(item))
+                        self._window_changed(before)
+                    waiting_since = time.monotonic()
+                    self._wait(lambda batch=item: self._has_room(batch))
+                    self.waited += time.monotonic() - waiting_since
                     self._dispatch(item)
+                    working_since = self.clock()
                 else:
                     self._reject(item)
                 self._report_progress()
@@ -383,8 +293,13 @@ class Delivery:
             self._halt(STOPPED)
             self.log.warning("Segment delivery stopped: %s", self.report.summary())
         else:
+            with self.lock:
+                senders = list(self.senders)
             for sender in senders:
                 sender.join()
+        self.log.info(
+            "Segment delivery flow: %s; reading waited %.2f s for room.", self.flow.describe(), self.waited
+        )
         return self.report
 
     def _until_stopped(self, messages: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
@@ -396,6 +311,12 @@ class Delivery:
             yield message
             if stopping.is_set():
                 return
+
+    def _has_room(self, batch: Batch) -> bool:
+        """Whether ``batch`` may wait in the queue: fewer than ``window`` batches and ``max_queued_bytes``."""
+        if not self.queue:
+            return True
+        return len(self.queue) < self.flow.window and self.queued_bytes + batch.size <= self.max_queued_bytes
 
     def _wait(self, ready: Callable[[], bool], *, stoppable: bool = True) -> None:
         """Wait until ``ready()`` (checked under the lock) or, if ``stoppable``, a stop; report progress."""
@@ -431,7 +352,18 @@ class Delivery:
             else:
                 self.pending[batch] = None
                 self.queue.append(batch)
+                self.queued_bytes += batch.size
+                self._staff()
                 self.work.notify()
+
+    def _staff(self) -> None:
+        """Start senders while queued batches outnumber free senders, up to the window (under the lock)."""
+        while len(self.queue) > len(self.senders) - self.sending and len(self.senders) < self.flow.window:
+            sender = threading.Thread(
+                target=self._sender, name=f"segment-send-{len(self.senders)}", daemon=True
+            )
+            self.senders.append(sender)
+            sender.start()
 
     def _reject(self, item: RejectedEvent) -> None:
         """Account for an event the batcher refused (too large, not JSON, no identity); log the first ten."""
@@ -455,21 +387,28 @@ class Delivery:
                 self.report.add(FAILED, batch.message_ids, reason)
             self.pending.clear()
             self.queue.clear()
+            self.queued_bytes = 0
             self.work.notify_all()
 
     # -- sender threads ------------------------------------------------------------------------------------
     def _sender(self) -> None:
-        """Take batches from the queue and deliver them until there are no more."""
+        """Take batches from the queue, while the window allows, and deliver them until there are no more."""
         session = self.new_session()
         try:
             while True:
                 with self.lock:
-                    while not self.queue and not self.closed:
+                    while not (self.queue and self.sending < self.flow.window) and not (
+                        self.closed and not self.queue
+                    ):
                         self.work.wait()
                     if not self.queue:
                         return
                     batch = self.queue.popleft()
+                    self.queued_bytes -= batch.size
                     self.sending += 1
+                    self.room.notify()
+                    if self.closed and not self.queue:
+                        self.work.notify_all()  # the last batch is taken: idle senders may exit
                     aborted = self.report.aborted
                 try:
                     outcome = (
@@ -489,9 +428,12 @@ class Delivery:
         Retried: 408, 429 and 5xx answers, timeouts, connection errors and resets, answers broken off. The
         wait before a retry is what Segment asked for (429/503 with ``Retry-After`` or
         ``X-RateLimit-Reset``; every sender then holds its next request until then), else an exponential
-        backoff with jitter. No retry is started past ``max_retry_time`` from the first request.
+        backoff with jitter. No retry is started past ``max_retry_time`` from the first request. A 408, 429,
+        5xx or timeout also halves the window (:meth:`FlowWindow.congested`); an accepted request's round
+        trip is measured for it.
         """
         body = batch.body(format_sent_at())
+        batch.events = []  # the body holds them now (memory of a batch in flight)
         if self.settings.gzip:
             body = gzip_module.compress(body, compresslevel=_GZIP_LEVEL, mtime=0)
         policy, secrets = self.policy, (self.settings.write_key,)
@@ -499,13 +441,15 @@ class Delivery:
         attempt = 0
         while True:
             attempt += 1
-            wait = self.throttle.reserve()
+            wait = self.throttle.reserve(len(batch))
             if wait > 0:
                 self.sleep(wait)
             if attempt == 1:
                 deadline = self.clock() + policy.max_retry_time
-            if not self._count_request(len(body), retry=attempt > 1):
+            epoch = self._count_request(len(body), retry=attempt > 1)
+            if epoch is None:
                 return _Outcome(FAILED, STOPPED)
+            started = self.clock()
             try:
                 response = session.post(
                     self.settings.batch_url,
@@ -518,10 +462,13 @@ class Delivery:
                 kind, problem = describe_transport_error(exc)
                 if kind == net.PLAIN_HTTP:  # wrong scheme or port: no retry can help
                     return _Outcome(FAILED, problem, fatal=True)
+                if kind == net.TIMEOUT:
+                    self._measure(epoch, None)
                 asked = None
             else:
                 status = response.status_code
                 if 200 <= status < 300:
+                    self._measure(epoch, self.clock() - started)
                     return _Outcome(DELIVERED)
                 message = net.redact(response_message(response), secrets, basic_auth=True)
                 problem = f"HTTP {status}: {message}" if message else f"HTTP {status}"
@@ -532,6 +479,7 @@ class Delivery:
                     return _Outcome(FAILED, problem, fatal=True)
                 if status not in RETRY_STATUSES:
                     return _Outcome(REJECTED, problem)
+                self._measure(epoch, None)
                 asked = asked_wait(response.headers) if status in WAIT_STATUSES else None
             if attempt >= policy.max_attempts:
                 return _Outcome(FAILED, f"{problem} (retry attempts exhausted)")
@@ -554,15 +502,36 @@ class Delivery:
             else:
                 self.throttle.pause_until(self.clock() + delay)
 
-    def _count_request(self, size: int, *, retry: bool) -> bool:
-        """Count a request about to be made; ``False`` (and nothing counted) once delivery is stopping."""
+    def _count_request(self, size: int, *, retry: bool) -> int | None:
+        """
+        Count a request about to be made and return the window's epoch it is sent in; ``None`` (and nothing
+        counted) once delivery is stopping.
+        """
         with self.lock:
             if self.halted or self.stopping.is_set():
-                return False
+                return None
             self.report.requests += 1
             self.report.retries += int(retry)
             self.report.bytes += size
-        return True
+            return self.flow.epoch
+
+    def _measure(self, epoch: int, round_trip: float | None) -> None:
+        """Tell the window about an answer: accepted after ``round_trip`` seconds, or pushback (``None``)."""
+        with self.lock:
+            before = self.flow.window
+            if round_trip is not None:
+                self.flow.accepted(round_trip)
+            elif self.flow.congested(epoch):
+                self.log.info("Segment pushed back: at most %d requests in flight for now.", self.flow.window)
+            self._window_changed(before)
+
+    def _window_changed(self, before: int) -> None:
+        """After a measurement (under the lock): start and wake only the senders a larger window lets go."""
+        grown = self.flow.window - before
+        if grown > 0:
+            self._staff()
+            self.work.notify(grown)
+            self.room.notify()
 
     def _settle(self, batch: Batch, outcome: _Outcome) -> None:
         """Account for a batch; stop sending after a fatal answer or too many failed batches in a row."""
@@ -570,6 +539,7 @@ class Delivery:
         with self.lock:
             self.sending -= 1
             self.room.notify()
+            self.work.notify()
             if batch not in self.pending:  # accounted for when delivery was halted
                 return
             del self.pending[batch]

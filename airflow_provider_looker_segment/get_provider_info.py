@@ -107,13 +107,23 @@ def get_provider_info() -> dict[str, Any]:
                         "schema": {"type": ["boolean", "null"], "default": False},
                     },
                     "max_in_flight": {
-                        "label": "Requests in flight",
-                        "description": "How many batch requests may be sent at once.",
-                        "schema": {"type": ["integer", "null"], "default": 4},
+                        "label": "Requests in flight (cap)",
+                        "description": (
+                            "Most batch requests in flight at once; below it, the number adapts to "
+                            "Segment's measured round trip."
+                        ),
+                        "schema": {"type": ["integer", "null"], "default": 32},
                     },
                     "requests_per_second": {
                         "label": "Rate limit (requests per second)",
-                        "description": "Optional client-side cap for workspaces with low rate limits.",
+                        "description": "Optional client-side cap; default: Segment's guidance, 1,000.",
+                        "schema": {"type": ["number", "null"]},
+                    },
+                    "events_per_second": {
+                        "label": "Pace (events per second)",
+                        "description": (
+                            "Optional pacing of each task's events, e.g. 1000 for Engage; empty: none."
+                        ),
                         "schema": {"type": ["number", "null"]},
                     },
                 },

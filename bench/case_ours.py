@@ -3,11 +3,12 @@ Benchmark child: this provider's pipeline end to end, as the operator runs it.
 
 ``LookerToSegmentOperator(task_id=..., look_id=...).execute(context)`` with a minimal context (a ``ti`` with
 ``dag_id``, ``task_id``, ``run_id`` and ``map_index``; no ``outlet_events``), default arguments otherwise:
-LookerHook stream → transform → SegmentHook batches (4 requests in flight). The connections come from
-``AIRFLOW_CONN_LOOKER_DEFAULT`` / ``AIRFLOW_CONN_SEGMENT_DEFAULT`` set by the launcher, ``AIRFLOW_HOME`` is a
-throw-away folder. The ``imported`` mark follows the import of the operator (Airflow's task SDK included);
-everything after it - operator construction, connection look-ups, Looker login, the Look's definition, the
-streamed run, delivery - is the pipeline.
+LookerHook stream → transform → SegmentHook batches (adaptive window, at most 32 requests in flight). The
+connections come from ``AIRFLOW_CONN_LOOKER_DEFAULT`` / ``AIRFLOW_CONN_SEGMENT_DEFAULT`` set by the launcher
+(the Segment one with the extra ``events_per_second`` for the pacing check), ``AIRFLOW_HOME`` is a throw-away
+folder. The ``imported`` mark follows the import of the operator (Airflow's task SDK included); everything
+after it - operator construction, connection look-ups, Looker login, the Look's definition, the streamed
+run, delivery - is the pipeline.
 
 Config (JSON argument): ``look_id``, ``run_id``.
 """

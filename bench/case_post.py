@@ -3,7 +3,7 @@ Benchmark child: the Segment stand-in's ceiling for our batches.
 
 Builds up to :data:`DISTINCT_BATCHES` request bodies exactly as the provider does (LookStream over the stored
 body → transform → Batcher → ``Batch.body``), then posts them round-robin from 4 threads (the SegmentHook's
-default ``max_in_flight``), one ``requests`` session each, until at least ``events`` events were sent: the
+initial window), one ``requests`` session each, until at least ``events`` events were sent: the
 events per second measured are how fast the stand-in takes our batches (and ``requests`` posts them). The
 ``imported`` mark follows the preparation.
 

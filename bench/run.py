@@ -15,9 +15,20 @@ next repeat) so that a noisy machine slows them alike, and the median of the rep
 
 Runs at N = 0 give the fixed start-up cost (imports, then hook set-up on an empty Look); the stand-ins' own
 ceilings are measured once per size (``case_fetch.py``, ``case_post.py``), and the floor is profiled once
-(cProfile) to show where our CPU time goes. The Markdown report is printed and written to
-``bench/RESULTS.md`` (with a hand-written closing note appended when ``--notes`` names one); every run's
-figures go to ``bench/out/results.json``, from which ``--render-only`` rebuilds the report.
+(cProfile) to show where our CPU time goes.
+
+Segment's round trip: on loopback the Segment stand-in answers in microseconds, real Segment in 50-200 ms.
+Ours and baseline A are measured again against Segment stand-ins that hold every answer ``--latencies``
+milliseconds (default 0, 50 and 200; one stand-in process each), interleaved, ``--latency-repeat`` times
+(default 5, each repeat starting at another round trip), ours at ``--latency-rows``
+(default: the largest size), baseline A at ``--baseline-latency-rows`` (default 10,000: it sends one request
+of 100 events at a time, so 10,000 rows already take 20 s at 200 ms). Pacing: ours with the Segment
+connection's extra ``events_per_second`` = ``--pace`` (default 20,000) on ``--pace-rows`` rows (default
+200,000, at most the largest size); the rate achieved is read from the stand-in's arrival times.
+
+The Markdown report is printed and written to ``bench/RESULTS.md`` (with a hand-written closing note
+appended when ``--notes`` names one); every run's figures go to ``bench/out/results.json``, from which
+``--render-only`` rebuilds the report. The child runs and the stand-ins are in ``harness.py``.
 
 Usage: ``python bench/run.py [--sizes 10000,100000] [--repeat 3] [--cases ours,floor] ...`` (``--help``).
 """
@@ -26,16 +37,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +49,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(1, str(BENCH_DIR.parent / "tests"))  # the stand-ins (tests/standins)
 
-from probe import RESULT_PREFIX  # noqa: E402
+from harness import CASES, STARTUP_CASES, Bench, BenchError, Case, RunRecord, baseline_problem  # noqa: E402
 from report import Report, render_markdown  # noqa: E402
-from standin_processes import (  # noqa: E402
-    LOOKER_CLIENT_ID,
-    LOOKER_CLIENT_SECRET,
-    SEGMENT_WRITE_KEY,
-    StandInProcess,
-    looker_standin,
-    process_cpu_seconds,
-    segment_standin,
-)
-from standins.looker_fixtures import GENERATED_LOOK_BASE  # noqa: E402
-from standins.segment_standin import SegmentStandInClient  # noqa: E402
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 DEFAULT_BASELINE_PYTHON = BENCH_DIR / ".venv" / "bin" / "python"
@@ -65,88 +60,17 @@ DEFAULT_JSON = BENCH_DIR / "out" / "results.json"
 LARGE_SIZE = 1_000_000
 #: The floor is profiled at the largest size up to this one (cProfile doubles its time).
 PROFILE_MAX_ROWS = 100_000
-
-
-@dataclass(frozen=True)
-class Case:
-    """
-    One measured way of moving a Look into Segment.
-
-    :param name: the name used by ``--cases``.
-    :param label: the name in the report.
-    :param script: the child script in ``bench/``.
-    :param baseline: runs in the baseline's venv.
-    :param network: sends to the Segment stand-in (its stats give the events received).
-    :param config: extra configuration for the child.
-    """
-
-    name: str
-    label: str
-    script: str
-    baseline: bool = False
-    network: bool = True
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-CASES = {
-    case.name: case
-    for case in (
-        Case("ours", "ours: LookerToSegmentOperator.execute", "case_ours.py"),
-        Case(
-            "baseline-a",
-            "baseline A: segment-analytics-python, queue > N",
-            "case_baseline.py",
-            baseline=True,
-            config={"mode": "A"},
-        ),
-        Case(
-            "baseline-b",
-            "baseline B: segment-analytics-python, defaults",
-            "case_baseline.py",
-            baseline=True,
-            config={"mode": "B"},
-        ),
-        Case("floor", "floor: parse + transform + batch, no network", "case_floor.py", network=False),
-    )
-}
-#: Cases measured at N = 0 for the fixed start-up cost (baseline B is baseline A at N = 0).
-STARTUP_CASES = ("ours", "baseline-a", "floor")
-
-
-class BenchError(RuntimeError):
-    """A child process failed or printed no result."""
-
-
-@dataclass
-class RunRecord:
-    """
-    One child process run and what the launcher saw around it.
-
-    :param case: the case name (or ``ceiling-looker`` / ``ceiling-segment``).
-    :param rows: N.
-    :param repeat: the repeat number (0-based).
-    :param process_wall: seconds from spawning the child to its exit.
-    :param result: what the child printed (see ``probe.Probe.emit``).
-    :param received: events the Segment stand-in received (the floor: events batched).
-    :param standin_rejected: events the Segment stand-in rejected.
-    :param looker_cpu: CPU seconds the Looker stand-in used during the run.
-    :param segment_cpu: CPU seconds the Segment stand-in used during the run.
-    """
-
-    case: str
-    rows: int
-    repeat: int
-    process_wall: float
-    result: dict[str, Any]
-    received: int
-    standin_rejected: int
-    looker_cpu: float
-    segment_cpu: float
-
-    @property
-    def lost(self) -> int:
-        """Events not received (N - received)."""
-        return self.rows - self.received
+#: Segment round trips measured, in milliseconds.
+DEFAULT_LATENCIES = (0.0, 50.0, 200.0)
+#: Runs per case and round trip: the ratio between round trips is the figure that matters, so a few more.
+DEFAULT_LATENCY_REPEAT = 5
+#: Rows of baseline A at each round trip (at most the rows of ours).
+DEFAULT_BASELINE_LATENCY_ROWS = 10_000
+#: The pacing check: events per second, on this many rows (at most the largest size).
+DEFAULT_PACE = 20_000.0
+DEFAULT_PACE_ROWS = 200_000
+#: Cases measured at every round trip.
+LATENCY_CASES = ("ours", "baseline-a")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,6 +100,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-startup", action="store_true", help="skip the N = 0 runs (fixed start-up cost)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip measuring the stand-ins' ceilings")
     parser.add_argument("--no-profile", action="store_true", help="skip profiling the floor")
+    parser.add_argument(
+        "--latencies",
+        default=",".join(f"{ms:g}" for ms in DEFAULT_LATENCIES),
+        help="Segment round trips to measure ours and baseline A at, in ms (default 0,50,200; '' for none)",
+    )
+    parser.add_argument(
+        "--latency-rows",
+        type=int,
+        default=None,
+        help="rows of ours at each round trip (default: the largest size)",
+    )
+    parser.add_argument(
+        "--latency-repeat",
+        type=int,
+        default=None,
+        help=f"runs per case and round trip, median kept (default {DEFAULT_LATENCY_REPEAT} with --repeat 3 "
+        "or more, else --repeat)",
+    )
+    parser.add_argument(
+        "--baseline-latency-rows",
+        type=int,
+        default=DEFAULT_BASELINE_LATENCY_ROWS,
+        help=f"rows of baseline A at each round trip (default {DEFAULT_BASELINE_LATENCY_ROWS:,}, at most "
+        "--latency-rows)",
+    )
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=DEFAULT_PACE,
+        help=f"events per second of the pacing check (default {DEFAULT_PACE:,.0f}; 0 for none)",
+    )
+    parser.add_argument(
+        "--pace-rows",
+        type=int,
+        default=None,
+        help=f"rows of the pacing check (default {DEFAULT_PACE_ROWS:,}, at most the largest size)",
+    )
     parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="Markdown report ('-': none)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="JSON of every run ('-': none)")
     parser.add_argument(
@@ -202,187 +163,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.large_repeat = args.repeat
     if args.repeat < 1 or args.large_repeat < 1:
         parser.error("--repeat and --large-repeat must be at least 1")
+    try:
+        args.latencies = [float(part) for part in args.latencies.split(",") if part.strip()]
+    except ValueError:
+        parser.error("--latencies takes comma-separated milliseconds, e.g. 0,50,200")
+    if any(not 0 <= ms < 60_000 for ms in args.latencies):
+        parser.error("--latencies must be between 0 and 60,000 ms")
+    largest = max(args.sizes)
+    if args.latency_repeat is None:
+        full = args.repeat >= 3  # a full run: a few more repeats; a short one (--repeat 1) stays short
+        args.latency_repeat = max(args.repeat, DEFAULT_LATENCY_REPEAT) if full else args.repeat
+    args.latency_rows = args.latency_rows or largest
+    args.baseline_latency_rows = min(args.baseline_latency_rows, args.latency_rows)
+    args.pace_rows = args.pace_rows or min(DEFAULT_PACE_ROWS, largest)
+    if args.latency_repeat < 1:
+        parser.error("--latency-repeat must be at least 1")
+    if args.latency_rows < 1 or args.baseline_latency_rows < 1 or args.pace_rows < 1 or args.pace < 0:
+        parser.error("--latency-rows, --baseline-latency-rows and --pace-rows must be positive, --pace >= 0")
     return args
-
-
-def _clean_env() -> dict[str, str]:
-    """The launcher's environment without Airflow or looker_sdk settings (each child gets its own)."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("AIRFLOW_", "AIRFLOW__", "LOOKERSDK_"))
-    }
-
-
-def baseline_problem(python: str) -> str | None:
-    """Why the baseline venv cannot run, or ``None`` when it can import both libraries."""
-    if not Path(python).is_file():
-        return f"no baseline venv at {python} (`make bench` creates bench/.venv from bench/requirements.txt)"
-    check = "import looker_sdk, segment.analytics"
-    done = subprocess.run([python, "-c", check], capture_output=True, text=True, check=False, timeout=120)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["?"])[-1]
-        return f"{python} cannot import looker_sdk and segment.analytics ({last})"
-    return None
-
-
-class Bench:
-    """The stand-ins, the work folder and the child runs of one benchmark."""
-
-    def __init__(self, args: argparse.Namespace, work: Path) -> None:
-        self.args = args
-        self.work = work
-        self.logs = work / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.airflow_home = work / "airflow-home"
-        self.airflow_home.mkdir(exist_ok=True)
-        shm = Path("/dev/shm")
-        self.body_dir = Path(tempfile.mkdtemp(prefix="lsg-bench-", dir=shm if shm.is_dir() else None))
-        self.looker: StandInProcess = looker_standin(self.logs)
-        self.segment: StandInProcess = segment_standin(self.logs)
-        self.client: SegmentStandInClient | None = None
-        self.records: list[RunRecord] = []
-        self.ceilings: list[RunRecord] = []
-        self.seq = 0
-
-    @contextmanager
-    def standins(self) -> Iterator[None]:
-        """Run both stand-ins for the duration of the block; remove the stored bodies afterwards."""
-        try:
-            with self.looker, self.segment:
-                self.client = SegmentStandInClient(self.segment.base_url)
-                yield
-        finally:
-            shutil.rmtree(self.body_dir, ignore_errors=True)
-
-    # -- child runs -----------------------------------------------------------------------------------
-
-    def _env(self, case: Case | None) -> dict[str, str]:
-        env = _clean_env()
-        if case is not None and case.name == "ours":
-            looker = {
-                "conn_type": "looker",
-                "host": self.looker.base_url,
-                "login": LOOKER_CLIENT_ID,
-                "password": LOOKER_CLIENT_SECRET,
-            }
-            segment = {
-                "conn_type": "segment_tracking",
-                "host": self.segment.base_url,
-                "password": SEGMENT_WRITE_KEY,
-            }
-            env["AIRFLOW_HOME"] = str(self.airflow_home)
-            env["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-            env["AIRFLOW_CONN_LOOKER_DEFAULT"] = json.dumps(looker)
-            env["AIRFLOW_CONN_SEGMENT_DEFAULT"] = json.dumps(segment)
-        return env
-
-    def _config(self, case: Case, rows: int) -> dict[str, Any]:
-        look_id = str(GENERATED_LOOK_BASE + rows)
-        config: dict[str, Any] = {"look_id": look_id, "run_id": f"bench__{uuid.uuid4().hex[:12]}"}
-        if case.baseline:
-            config.update(
-                looker_url=self.looker.base_url,
-                client_id=LOOKER_CLIENT_ID,
-                client_secret=LOOKER_CLIENT_SECRET,
-                segment_url=self.segment.base_url,
-                write_key=SEGMENT_WRITE_KEY,
-            )
-        if case.name == "floor":
-            config["body_path"] = str(self.body_path(rows))
-        config.update(case.config)
-        return config
-
-    def body_path(self, rows: int) -> Path:
-        """Where the body of the Look of ``rows`` rows is stored for the floor (on a RAM file system)."""
-        return self.body_dir / f"look-{rows}.json"
-
-    def spawn(
-        self, python: str, script: str, config: dict[str, Any], env: dict[str, str], stem: str
-    ) -> tuple[dict[str, Any], float]:
-        """Run one child; return what it printed and the seconds from spawning it to its exit."""
-        self.seq += 1
-        out_path = self.logs / f"{self.seq:03d}-{stem}.out"
-        err_path = self.logs / f"{self.seq:03d}-{stem}.err"
-        command = [python, str(BENCH_DIR / script), json.dumps(config)]
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            started = time.perf_counter()
-            try:
-                done = subprocess.run(
-                    command, stdout=out, stderr=err, env=env, cwd=self.work, timeout=self.args.timeout
-                )
-            except subprocess.TimeoutExpired:
-                raise BenchError(f"{stem}: no result after {self.args.timeout:g} s; see {err_path}") from None
-            wall = time.perf_counter() - started
-        results = [
-            line[len(RESULT_PREFIX) :]
-            for line in out_path.read_text(encoding="utf-8", errors="replace").splitlines()
-            if line.startswith(RESULT_PREFIX)
-        ]
-        if done.returncode != 0 or not results:
-            tail = "\n".join(err_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
-            raise BenchError(f"{stem} exited with {done.returncode} and printed no result:\n{tail}")
-        return json.loads(results[-1]), wall
-
-    def measure(self, case: Case, rows: int, repeat: int) -> RunRecord:
-        """Run a case once, with the stand-ins' CPU and the Segment stand-in's counters around it."""
-        python = self.args.baseline_python if case.baseline else sys.executable
-        return self._run(f"{case.name}", rows, repeat, python, case.script, self._config(case, rows), case)
-
-    def _run(
-        self,
-        name: str,
-        rows: int,
-        repeat: int,
-        python: str,
-        script: str,
-        config: dict[str, Any],
-        case: Case | None,
-    ) -> RunRecord:
-        assert self.client is not None
-        self.client.reset()
-        looker_cpu, segment_cpu = process_cpu_seconds(self.looker.pid), process_cpu_seconds(self.segment.pid)
-        result, wall = self.spawn(python, script, config, self._env(case), f"{name}-{rows}")
-        looker_cpu = process_cpu_seconds(self.looker.pid) - looker_cpu
-        segment_cpu = process_cpu_seconds(self.segment.pid) - segment_cpu
-        stats = self.client.stats()
-        if case is None or case.network:
-            received, rejected = int(stats["events"]), int(stats["rejected_events"])
-        else:
-            received, rejected = int(result["sent"]), int(result.get("rejected", 0))
-        return RunRecord(name, rows, repeat, wall, result, received, rejected, looker_cpu, segment_cpu)
-
-    def ceiling(self, kind: str, rows: int) -> RunRecord:
-        """
-        Measure a stand-in's ceiling at this size: ``looker`` downloads the Look's body (and stores it for the
-        floor), ``segment`` posts our batches made from the stored body.
-        """
-        config: dict[str, Any] = {
-            "look_id": str(GENERATED_LOOK_BASE + rows),
-            "body_path": str(self.body_path(rows)),
-        }
-        if kind == "looker":
-            script = "case_fetch.py"
-            config.update(
-                looker_url=self.looker.base_url,
-                client_id=LOOKER_CLIENT_ID,
-                client_secret=LOOKER_CLIENT_SECRET,
-            )
-        else:
-            script = "case_post.py"
-            config.update(events=rows, segment_url=self.segment.base_url, write_key=SEGMENT_WRITE_KEY)
-        record = self._run(f"ceiling-{kind}", rows, 0, sys.executable, script, config, None)
-        if kind == "looker":
-            record.received = rows  # rows served (nothing goes to Segment)
-        return record
-
-    def profile_floor(self, rows: int) -> list[dict[str, Any]]:
-        """cProfile the floor at this size (body stored); the functions with the most own time."""
-        config = {**self._config(CASES["floor"], rows), "profile": True}
-        result, _wall = self.spawn(
-            sys.executable, "case_floor.py", config, _clean_env(), f"profile-floor-{rows}"
-        )
-        return list(result.get("profile", []))
 
 
 def _log(message: str) -> None:
@@ -392,11 +190,36 @@ def _log(message: str) -> None:
 def _describe(record: RunRecord) -> str:
     pipeline = record.result["pipeline"]
     rate = f"{record.rows / pipeline['wall']:>9,.0f} rows/s" if record.rows and pipeline["wall"] else ""
+    setting = f" {record.latency_ms:g} ms" if record.latency_ms else ""
+    setting += f" paced {record.events_per_second:,.0f}/s" if record.events_per_second else ""
     return (
-        f"{record.case:<11} N={record.rows:>9,} #{record.repeat + 1}: {rate:>16}  pipeline "
+        f"{record.case:<11}{setting} N={record.rows:>9,} #{record.repeat + 1}: {rate:>16}  pipeline "
         f"{pipeline['wall']:6.2f} s  CPU {pipeline['cpu']:6.2f} s  peak RSS "
-        f"{record.result['peak_rss_mb']:4.0f} MB  received {record.received:>9,}  lost {record.lost:,}"
+        f"{record.result['peak_rss_mb']:4.0f} MB  received {record.received:>9,}  lost {record.lost:,}  "
+        f"in flight <= {record.peak_in_flight}"
     )
+
+
+def measure_delivery(bench: Bench, cases: list[Case]) -> None:
+    """
+    Ours and baseline A at each Segment round trip (interleaved: every round trip and case, then the next
+    repeat), then ours paced at ``--pace`` events per second.
+    """
+    args = bench.args
+    measured = [case for case in cases if case.name in LATENCY_CASES]
+    latencies = list(args.latencies)
+    for repeat in range(args.latency_repeat if latencies else 0):
+        shift = repeat % len(latencies)  # each repeat starts at another round trip: drift hits all alike
+        for latency in latencies[shift:] + latencies[:shift]:
+            for case in measured:
+                rows = args.latency_rows if case.name == "ours" else args.baseline_latency_rows
+                bench.latency_records.append(bench.measure(case, rows, repeat, latency=latency))
+                _log(_describe(bench.latency_records[-1]))
+    if args.pace and any(case.name == "ours" for case in cases):
+        for repeat in range(args.repeat):
+            record = bench.measure(CASES["ours"], args.pace_rows, repeat, events_per_second=args.pace)
+            bench.pacing_records.append(record)
+            _log(_describe(record))
 
 
 def run_benchmark(args: argparse.Namespace, work: Path) -> Report:
@@ -450,6 +273,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> Report:
             if floor and not args.no_profile and rows == profile_rows:
                 profile = {"rows": rows, "functions": bench.profile_floor(rows)}
             bench.body_path(rows).unlink(missing_ok=True)
+        measure_delivery(bench, cases)
     large = [n for n in args.sizes if n >= LARGE_SIZE]
     if large and any(case.baseline for case in cases) and args.large_repeat < args.repeat:
         notes.append(
@@ -462,6 +286,10 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> Report:
         labels={case.name: case.label for case in CASES.values()},
         records=[asdict(record) for record in bench.records],
         ceilings=[asdict(record) for record in bench.ceilings],
+        latency_records=[asdict(record) for record in bench.latency_records],
+        pacing_records=[asdict(record) for record in bench.pacing_records],
+        latencies=list(args.latencies),
+        pace=args.pace,
         notes=notes,
         repeat=args.repeat,
         seconds=time.monotonic() - started,

@@ -2,9 +2,9 @@
 The Looker API and Segment stand-ins in their own processes, with their CPU time readable from /proc.
 
 Both run from their command lines (``python -m standins.looker_standin`` and
-``...segment_standin --record count``) through :class:`standins.processes.StandInProcess`, so the measured
-child contains only the client side, and the launcher knows their pids to charge each run the stand-ins'
-CPU seconds.
+``...segment_standin --record count --latency-ms N``, one Segment stand-in per round trip measured) through
+:class:`standins.processes.StandInProcess`, so the measured child contains only the client side, and the
+launcher knows their pids to charge each run the stand-ins' CPU seconds.
 """
 
 from __future__ import annotations
@@ -34,9 +34,20 @@ def looker_standin(log_dir: Path) -> StandInProcess:
     return StandInProcess.module("looker-standin", "looker_standin", args, "listening on ", log_dir=log_dir)
 
 
-def segment_standin(log_dir: Path) -> StandInProcess:
-    """The Segment Tracking API stand-in, counting events only (write key ``demo-write-key``)."""
-    args = ["--port", "0", "--record", "count", "--write-key", SEGMENT_WRITE_KEY]
-    return StandInProcess.module(
-        "segment-standin", "segment_standin", args, "SEGMENT_STANDIN_URL=", log_dir=log_dir
-    )
+def segment_standin(log_dir: Path, latency_ms: float = 0.0) -> StandInProcess:
+    """
+    The Segment Tracking API stand-in, counting events only (write key ``demo-write-key``), holding every
+    answer ``latency_ms`` after its request arrived (Segment's round trip).
+    """
+    args = [
+        "--port",
+        "0",
+        "--record",
+        "count",
+        "--write-key",
+        SEGMENT_WRITE_KEY,
+        "--latency-ms",
+        f"{latency_ms:g}",
+    ]
+    name = "segment-standin" if not latency_ms else f"segment-standin-{latency_ms:g}ms"
+    return StandInProcess.module(name, "segment_standin", args, "SEGMENT_STANDIN_URL=", log_dir=log_dir)

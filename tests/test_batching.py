@@ -78,6 +78,14 @@ def test_body_is_valid_json_of_exactly_the_announced_size():
     assert batch.message_ids == [m["messageId"] for m in messages]
 
 
+def test_a_batch_counts_its_events_by_their_message_ids():
+    """The delivery drops the encoded events once the body is built (a batch in flight keeps its ids)."""
+    (batch,) = split([sized(f"m{i}", 100) for i in range(7)])
+    body = batch.body(SENT_AT)
+    batch.events = []
+    assert len(batch) == 7 and repr(batch) == f"Batch(events=7, size={len(body)})"
+
+
 def test_split_by_count_exactly_at_the_limit():
     messages = [sized(f"m{i}", 80) for i in range(MAX_BATCH_EVENTS + 1)]
     first, second = split(messages)

@@ -1,7 +1,9 @@
 """
 Smoke run of the benchmark (``bench/run.py``), so that its machinery cannot rot: ours and the floor at
-10,000 rows, one run each, through the real stand-ins and child processes. The baseline is asked for with a
-venv that does not exist, so it must be skipped with a note. Only sanity is asserted, never a timing.
+10,000 rows, one run each, through the real stand-ins and child processes; ours again at Segment round trips
+of 0, 50 and 200 ms (a Segment stand-in per round trip) and paced at 20,000 events per second. The baseline
+is asked for with a venv that does not exist, so it must be skipped with a note. Only sanity is asserted,
+never a timing.
 """
 
 from __future__ import annotations
@@ -101,10 +103,31 @@ def test_baseline_skipped_with_a_note_when_its_venv_is_missing(smoke):
     assert "Skipped baseline-a" in markdown
 
 
+@pytest.mark.parametrize("latency", [0.0, 50.0, 200.0])
+def test_ours_at_each_round_trip_delivers_everything(smoke, latency):
+    results, _markdown = smoke
+    (run,) = [r for r in results["latency_records"] if r["case"] == "ours" and r["latency_ms"] == latency]
+    assert run["rows"] == ROWS == run["received"] == run["result"]["sent"]
+    assert run["result"]["failed"] == 0 and run["standin_rejected"] == 0
+    assert run["peak_in_flight"] >= 1  # the stand-in of this round trip served it
+    flow = run["result"]["delivery_flow"]  # what the SegmentHook logged about its window
+    assert flow["cap"] == 32 and 1 <= flow["peak"] <= 32 and flow["waited_s"] >= 0
+
+
+def test_the_pacing_check_delivers_everything_through_the_connection_extra(smoke):
+    results, markdown = smoke
+    (run,) = results["pacing_records"]
+    assert (run["events_per_second"], run["rows"], run["received"]) == (20_000, ROWS, ROWS)
+    arrivals = run["arrivals"]
+    assert arrivals["requests"] == run["result"]["requests"] and arrivals["last"] >= arrivals["first"]
+    assert "## Pacing: `events_per_second`" in markdown and "| 20,000 | 10,000 | 1 | 10,000 | 0 |" in markdown
+
+
 def test_report_has_the_tables(smoke):
     results, markdown = smoke
     assert "| Rows | Run | rows/s |" in markdown
     assert "ours ÷ floor" in markdown
+    assert "## Segment's round trip" in markdown and "| 200 ms |" in markdown
     assert f"| {ROWS:,} | ours: " in markdown
     assert results["machine"]["cores"] == os.cpu_count()
     assert results["versions"]["main"]["airflow-provider-looker-segment"] != "-"

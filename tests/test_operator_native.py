@@ -155,3 +155,20 @@ def test_the_task_links_to_the_look(run, looker):
             )
         ).first()
     assert XComModel.deserialize_value(type("X", (), {"value": link})()) == f"{looker.base_url}/looks/17"
+
+
+# ------------------------------------------------------------------------------------------------ pacing
+
+
+def test_operator_pacing_reaches_the_segment_hook(monkeypatch, looker, segment):
+    from airflow_provider_looker_segment.operators.looker_to_segment import LookerToSegmentOperator
+
+    for name, value in standin_connections(looker.base_url, segment.base_url).items():
+        monkeypatch.setenv(name, value)
+    operator = LookerToSegmentOperator(
+        task_id="paced", look_id="1", events_per_second=1000, max_in_flight=8, requests_per_second=50
+    )
+    settings = operator._segment_hook().settings
+    assert (settings.events_per_second, settings.max_in_flight, settings.requests_per_second) == (1000, 8, 50)
+    unpaced = LookerToSegmentOperator(task_id="unpaced", look_id="1")._segment_hook().settings
+    assert unpaced.events_per_second is None and unpaced.max_in_flight == 32

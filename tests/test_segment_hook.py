@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import ssl
 import threading
 from collections.abc import Iterator
@@ -41,6 +42,13 @@ from airflow_provider_looker_segment.exceptions import (
     ConnectionConfigError,
     InvalidParameterError,
     SegmentConfigurationError,
+)
+from airflow_provider_looker_segment.flow_control import (
+    INITIAL_WINDOW,
+    SEGMENT_REQUESTS_PER_SECOND,
+    FlowWindow,
+    Throttle,
+    TokenBucket,
 )
 from airflow_provider_looker_segment.hooks.segment import DEFAULT_HOST, DeliveryReport, SegmentHook
 from airflow_provider_looker_segment.sync_state import sync_key
@@ -202,11 +210,13 @@ def assert_retry_after_obeyed(segment: SegmentStandIn, wait: float) -> int:
     return count
 
 
-def test_429_storm_with_rate_limit_reset_is_obeyed(segment, conn_id):
+def test_429_storm_with_rate_limit_reset_is_obeyed(segment, conn_id, capsys):
     segment.set_faults(every_429=2, retry_after=0.3, retry_after_style="x-ratelimit-reset")
     messages = list(identifies(1200))
     report = hook(conn_id, max_batch_events=100, max_in_flight=4, max_attempts=30).send(messages)
     assert report.delivered == 1200 and report.failed == 0, report.failed_reasons
+    halved = re.findall(r"Segment pushed back: at most (\d+) requests in flight", capsys.readouterr().out)
+    assert halved and all(int(window) <= 2 for window in halved)  # from 4 at most: halved
     storm = segment.stats()["by_status"]["429"]
     assert storm >= 6 and report.retries == storm
     assert assert_retry_after_obeyed(segment, 0.3) == storm
@@ -362,6 +372,185 @@ def test_client_side_rate_limit_spaces_requests(segment, conn_id, in_flight):
     assert_received_equals_delivered(segment, report, ids(messages))
 
 
+def test_without_a_rate_limit_requests_keep_to_segments_guidance(segment, conn_id):
+    """No requests_per_second: one request per millisecond at most (1,000/s, Segment's guidance)."""
+    clock = FakeClock()
+    report = hook(conn_id, max_batch_events=1, max_in_flight=1, clock=clock, sleep=clock.sleep).send(
+        identifies(5)
+    )
+    assert report.delivered == 5 and report.requests == 5
+    assert clock.sleeps == pytest.approx([1 / SEGMENT_REQUESTS_PER_SECOND] * 4)
+
+
+# -- pacing in events per second ------------------------------------------------------------------------
+
+
+def test_events_per_second_paces_each_batch_by_its_events(segment, conn_id):
+    """1,000 events/s, batches of 100: each waits 0.1 s for its tokens; 1,000 events take 1 s."""
+    clock = FakeClock()
+    messages = list(identifies(1000))
+    sender = hook(
+        conn_id, max_batch_events=100, max_in_flight=1, events_per_second=1000, clock=clock, sleep=clock.sleep
+    )
+    report = sender.send(messages)
+    assert report.delivered == 1000 and report.requests == 10
+    assert clock.sleeps == pytest.approx([0.1] * 10)
+    assert report.delivered / clock() == pytest.approx(1000)  # the paced rate, by the injected clock
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_a_batch_over_one_seconds_worth_of_events_still_goes(segment, conn_id):
+    """1,000 events/s: a batch of 2,500 goes once the bucket is full (1 s); the next one pays the debt."""
+    clock = FakeClock()
+    messages = [{"type": "identify", "userId": f"u{i}", "messageId": f"m{i}"} for i in range(2600)]
+    pacing = {"max_in_flight": 1, "events_per_second": 1000, "clock": clock, "sleep": clock.sleep}
+    sender = hook(conn_id, max_batch_events=2500, **pacing)
+    report = sender.send(messages)
+    assert [r.events for r in segment.records()] == [2500, 100]
+    assert clock.sleeps == pytest.approx([1.0, 1.6])
+    assert report.delivered / clock() == pytest.approx(1000)
+
+
+def test_events_and_requests_per_second_together_the_slower_wins(segment, conn_id):
+    clock = FakeClock()
+    sender = hook(
+        conn_id,
+        max_batch_events=100,
+        max_in_flight=1,
+        events_per_second=1000,
+        requests_per_second=2,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    report = sender.send(identifies(400))
+    assert report.delivered == 400
+    assert clock.sleeps == pytest.approx([0.1, 0.5, 0.5, 0.5])  # tokens first, then the request slots
+
+
+def test_the_token_bucket_spreads_concurrent_reservations_at_its_rate():
+    """Four senders asking at once get slots one batch's worth of time apart, in order."""
+    clock = FakeClock()
+    throttle = Throttle(None, 20_000, clock)
+    starts = [throttle.reserve(2000) for _ in range(10)]  # nobody sleeps: the reservations queue up
+    assert starts == pytest.approx([0.1 * n for n in range(1, 11)])
+    assert 10 * 2000 / starts[-1] == pytest.approx(20_000)
+    clock.sleep(starts[-1] + 5)  # idle for 5 s: the bucket fills to one second's worth, no more
+    assert throttle.reserve(20_000) == 0
+    assert throttle.reserve(2000) == pytest.approx(0.1)
+
+
+def test_a_token_bucket_starts_empty_and_allows_debt():
+    bucket = TokenBucket(100.0)
+    assert bucket.take(50, 10.0) == pytest.approx(10.5)  # empty at first use: an average rate from the start
+    assert bucket.take(300, 10.5) == pytest.approx(11.5)  # over capacity: waits for a full bucket, then goes
+    assert bucket.take(100, 11.5) == pytest.approx(14.5)  # the debt of 200 is paid first
+    with pytest.raises(ValueError, match="above 0"):
+        TokenBucket(0)
+
+
+# -- the adaptive window ------------------------------------------------------------------------------
+
+
+def test_the_window_starts_small_then_hides_the_round_trip():
+    window = FlowWindow(32)
+    assert window.window == INITIAL_WINDOW  # nothing measured yet
+    window.produced(0.01, 2000)  # 100 batches per second
+    assert window.window == INITIAL_WINDOW
+    window.accepted(0.2)  # 200 ms round trip: 100/s x 0.2 s x 1.5 = 30, plus one
+    assert (window.window, window.peak) == (31, 31)
+    window.accepted(0.2)
+    assert FlowWindow(16, initial=4).window == 4
+    loopback = FlowWindow(32)
+    loopback.produced(0.01, 2000)
+    loopback.accepted(0.002)  # 100/s x 2 ms x 1.5 = 0.3: one, plus one
+    assert loopback.window == 2
+
+
+def test_the_window_stays_under_the_cap_and_follows_the_rate():
+    capped = FlowWindow(16)
+    capped.produced(0.001, 2000)
+    capped.accepted(0.2)
+    assert capped.window == 16  # 300 wanted
+    paced = FlowWindow(32, events_per_second=20_000)  # 10 batches of 2,000 per second at most
+    paced.produced(0.001, 2000)
+    paced.accepted(0.2)
+    assert paced.window == 4  # 10/s x 0.2 s x 1.5 = 3, plus one
+    instant = FlowWindow(8)
+    instant.produced(0.0, 100)  # a fake clock: no time passes at all
+    instant.accepted(0.0)
+    assert instant.window == 1
+    slow = FlowWindow(8)
+    slow.produced(0.0, 100)
+    slow.accepted(1.0)
+    assert slow.window == 8  # batches without measurable cost: as many as allowed
+    with pytest.raises(ValueError, match="at least 1"):
+        FlowWindow(0)
+
+
+def test_pushback_halves_the_window_once_per_episode_then_it_grows_by_one():
+    window = FlowWindow(32)
+    window.produced(0.01, 2000)
+    window.accepted(0.2)
+    assert window.window == 31
+    sent_before = window.epoch
+    assert window.congested(sent_before) and window.window == 15
+    assert not window.congested(sent_before)  # in flight when it happened: same episode
+    assert window.window == 15
+    assert window.congested(window.epoch) and window.window == 7  # a request sent since: halves again
+    for _ in range(6):
+        window.accepted(0.2)
+    assert window.window == 7
+    window.accepted(0.2)  # a window's worth accepted: one more
+    assert window.window == 8
+    for _ in range(8):
+        window.accepted(0.2)
+    assert window.window == 9
+    for _ in range(5):
+        window.congested(window.epoch)
+    assert window.window == 1  # never below one
+    assert "up to 31 requests in flight (cap 32" in window.describe()
+
+
+def test_the_window_grows_past_its_first_guess_to_hide_a_round_trip(monkeypatch):
+    """Against a 300 ms Segment, a fast producer gets more than 8 requests in flight, never above the cap."""
+    with SegmentStandIn(record="ids", latency_ms=300) as distant:
+        conn_id = connect(monkeypatch, distant, "segment_distant")
+        messages = list(identifies(6000))
+        report = hook(conn_id, max_batch_events=100, max_in_flight=16).send(messages)
+        assert report.delivered == 6000
+        assert INITIAL_WINDOW == 8 < distant.stats()["max_concurrent_requests"] <= 16
+        assert_received_equals_delivered(distant, report, ids(messages))
+
+
+def test_batches_waiting_to_be_sent_are_capped_in_bytes(segment, conn_id):
+    """Like the stop test below, with room for one waiting batch (bytes) instead of two (count)."""
+    segment.set_faults(delay=1.5)
+    pulled = 0
+
+    def messages() -> Iterator[dict[str, Any]]:
+        nonlocal pulled
+        for message in identifies(20_000):
+            pulled += 1
+            yield message
+
+    one_batch = len(b",".join(encode_event(m) for m in identifies(100))) + ENVELOPE_BYTES
+    sender = hook(conn_id, max_batch_events=100, max_in_flight=2, max_queued_bytes=one_batch + 100)
+
+    def stop_once_the_pipeline_is_full() -> None:
+        # 2 batches sending + 1 waiting (a second would pass the bytes cap), the 4th formed and waiting for
+        # room: reading stops at message 401 (501 with the count cap alone)
+        wait_until(lambda: pulled > 4 * 100, "a full pipeline")
+        sender.stop()
+
+    stopper = threading.Thread(target=stop_once_the_pipeline_is_full)
+    stopper.start()
+    report = sender.send(messages())
+    stopper.join()
+    assert report.total == pulled == 4 * 100 + 1
+    for thread in sender_threads():
+        thread.join(timeout=30)
+
+
 # -- streaming, progress, input errors -----------------------------------------------------------------------
 
 
@@ -486,23 +675,27 @@ def test_official_segment_provider_connections_work(segment, monkeypatch):
 
 
 def test_extras_are_read_and_arguments_override_them(segment, monkeypatch):
-    extra = {"timeout": "12", "gzip": "true", "max_in_flight": 2, "requests_per_second": "7.5"}
+    extra = {
+        "timeout": "12",
+        "gzip": "true",
+        "max_in_flight": 2,
+        "requests_per_second": "7.5",
+        "events_per_second": "1000",
+    }
     conn_id = connect(monkeypatch, segment, extra=extra)
     settings = SegmentHook(conn_id).validate_config()
-    assert (settings.timeout, settings.gzip, settings.max_in_flight, settings.requests_per_second) == (
-        12.0,
-        True,
-        2,
-        7.5,
-    )
-    settings = SegmentHook(conn_id, timeout=3, gzip=False, max_in_flight=8, requests_per_second=0).settings
-    assert (settings.timeout, settings.gzip, settings.max_in_flight, settings.requests_per_second) == (
-        3.0,
-        False,
-        8,
-        None,
-    )
+    assert (settings.timeout, settings.gzip, settings.max_in_flight) == (12.0, True, 2)
+    assert (settings.requests_per_second, settings.events_per_second) == (7.5, 1000.0)
+    settings = SegmentHook(
+        conn_id, timeout=3, gzip=False, max_in_flight=8, requests_per_second=0, events_per_second=20_000
+    ).settings
+    assert (settings.timeout, settings.gzip, settings.max_in_flight) == (3.0, False, 8)
+    assert (settings.requests_per_second, settings.events_per_second) == (None, 20_000.0)
+    assert SegmentHook(conn_id, events_per_second="0").settings.events_per_second is None
     assert settings.base_url == segment.base_url
+    defaults = SegmentHook(connect(monkeypatch, segment, "segment_plain")).settings
+    assert defaults.max_in_flight == 32
+    assert (defaults.requests_per_second, defaults.events_per_second) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -727,6 +920,7 @@ def test_tls_errors_are_described_with_a_hint(text, expected):
 
 
 RATE_RANGE = "must be 0 (no limit) or a number at least 0.1 (one request every 10 s)"
+PACE_RANGE = "must be 0 (no pacing) or a number at least 1"
 
 
 @pytest.mark.parametrize(
@@ -737,8 +931,11 @@ RATE_RANGE = "must be 0 (no limit) or a number at least 0.1 (one request every 1
         ("requests_per_second", -1, f"{RATE_RANGE}, got -1"),
         ("requests_per_second", "nan", "must be a number, got 'nan'"),
         ("requests_per_second", "inf", "must be a number, got 'inf'"),
-        ("max_in_flight", 0, "must be a whole number at least 1 and at most 32, got 0"),
-        ("max_in_flight", 33, "must be a whole number at least 1 and at most 32, got 33"),
+        ("events_per_second", 0.5, f"{PACE_RANGE}, got 0.5"),
+        ("events_per_second", -20, f"{PACE_RANGE}, got -20"),
+        ("events_per_second", "nan", "must be a number, got 'nan'"),
+        ("max_in_flight", 0, "must be a whole number at least 1 and at most 64, got 0"),
+        ("max_in_flight", 65, "must be a whole number at least 1 and at most 64, got 65"),
         ("max_in_flight", 2.5, "must be a whole number, got 2.5"),
         ("timeout", 0, "must be a number above 0, got 0"),
         ("timeout", "nan", "must be a number, got 'nan'"),
@@ -759,8 +956,8 @@ def test_a_setting_out_of_range_is_refused_naming_it_its_value_and_the_range(
 
 
 def test_the_limits_of_the_settings_are_accepted(segment, conn_id):
-    settings = SegmentHook(conn_id, requests_per_second=0.1, max_in_flight=32, timeout=0.5).validate_config()
-    assert (settings.requests_per_second, settings.max_in_flight, settings.timeout) == (0.1, 32, 0.5)
+    settings = SegmentHook(conn_id, requests_per_second=0.1, max_in_flight=64, timeout=0.5).validate_config()
+    assert (settings.requests_per_second, settings.max_in_flight, settings.timeout) == (0.1, 64, 0.5)
     assert (
         SegmentHook(conn_id, max_in_flight=1, requests_per_second="0").validate_config().requests_per_second
         is None

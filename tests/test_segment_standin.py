@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 from collections.abc import Iterator
@@ -264,6 +265,59 @@ def test_slow_answers(segment: SegmentStandIn):
     assert record.answered - record.arrived >= 0.2
 
 
+def test_a_round_trip_holds_every_answer_at_least_that_long():
+    with SegmentStandIn(latency_ms=200, faults=Faults(script=["429"], retry_after=0)) as standin:
+        started = time.monotonic()
+        refused = post(standin, batch_body([event("a")]))
+        between = time.monotonic()
+        accepted = post(standin, batch_body([event("a")]))
+        ended = time.monotonic()
+        assert (refused.status_code, accepted.status_code) == (429, 200)  # errors come as late as successes
+        assert between - started >= 0.2 and ended - between >= 0.2  # as the client saw it
+        for record in standin.records():  # and by the stand-in's own clock
+            assert record.answered is not None and record.answered - record.arrived >= 0.2
+        assert standin.stats()["latency_ms"] == 200
+
+
+def test_held_answers_overlap_instead_of_queueing():
+    """Eight requests on eight connections at once: all arrive before the first answer leaves."""
+    count = 8
+    start = threading.Barrier(count)
+    statuses: list[int] = []
+
+    def send(number: int) -> None:
+        start.wait(timeout=30)
+        statuses.append(post(standin, batch_body([event(f"m{number}")])).status_code)
+
+    with SegmentStandIn(latency_ms=1000, record="ids") as standin:
+        threads = [threading.Thread(target=send, args=(number,)) for number in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        records = standin.records()
+        assert statuses == [200] * count and len(records) == count
+        assert max(r.arrived for r in records) < min(r.answered for r in records)  # type: ignore[type-var]
+        assert standin.stats()["max_concurrent_requests"] == count
+        assert sorted(standin.message_ids()) == [f"m{number}" for number in range(count)]
+
+
+def test_accepted_connections_have_nagle_off(segment: SegmentStandIn):
+    with requests.Session() as session:
+        response = session.post(segment.batch_url, data=batch_body([event("a")]), auth=AUTH, timeout=10)
+        assert response.status_code == 200
+        sockets = segment.accepted_sockets()  # the session's kept-alive connection among them
+        assert sockets
+        assert all(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for sock in sockets)
+
+
+def test_the_round_trip_is_checked():
+    with pytest.raises(ValueError, match="latency_ms must be"):
+        SegmentStandIn(latency_ms=-1)
+    with pytest.raises(ValueError, match="latency_ms must be"):
+        SegmentStandIn(latency_ms=float("inf"))
+
+
 def test_never_answering(segment: SegmentStandIn):
     segment.set_faults(hang=True, hang_seconds=2)
     with pytest.raises(requests.ReadTimeout):
@@ -372,7 +426,8 @@ def test_stop_releases_hanging_requests_and_open_connections():
 
 
 def test_standin_in_a_child_process():
-    with SegmentStandInProcess(record="ids", faults=Faults(script=["429"], retry_after=0)) as child:
+    faults = Faults(script=["429"], retry_after=0)
+    with SegmentStandInProcess(record="ids", faults=faults, latency_ms=50) as child:
         client = child.client
         assert client.faults.script == ["429"]
         body = batch_body([event("a"), event("b")])
@@ -383,6 +438,8 @@ def test_standin_in_a_child_process():
         assert statuses == [429, 200]
         assert [r.message_ids for r in client.records()] == [("a", "b"), ("a", "b")]
         assert client.message_ids() == ["a", "b"]
+        assert all(r.answered - r.arrived >= 0.05 for r in client.records())  # --latency-ms 50
+        assert client.stats()["latency_ms"] == 50
         url = child.base_url
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/_standin/stats", timeout=2)

@@ -3,7 +3,8 @@ Hook for Segment's HTTP Tracking API: the connection, the delivery settings, and
 
 The hook reads and checks the connection (write key, base URL, extras) and hands the messages to a
 :class:`~airflow_provider_looker_segment.delivery.Delivery`, which sends them in batches
-(``POST /v1/batch``) with a bounded number of requests in flight and retries, and returns a
+(``POST /v1/batch``) with as many requests in flight as hide Segment's round trip (at most
+``max_in_flight``), paced by ``requests_per_second`` and ``events_per_second``, with retries, and returns a
 :class:`~airflow_provider_looker_segment.delivery.DeliveryReport`.
 """
 
@@ -28,6 +29,7 @@ from airflow_provider_looker_segment.batching import (
     Batcher,
 )
 from airflow_provider_looker_segment.delivery import (
+    DEFAULT_MAX_QUEUED_BYTES,
     Delivery,
     DeliveryReport,
     RetryPolicy,
@@ -39,6 +41,7 @@ from airflow_provider_looker_segment.exceptions import (
     LookerSegmentError,
     SegmentConfigurationError,
 )
+from airflow_provider_looker_segment.flow_control import SEGMENT_REQUESTS_PER_SECOND
 from airflow_provider_looker_segment.net import normalise_base_url, redact
 from airflow_provider_looker_segment.params import to_bool, to_number
 
@@ -46,10 +49,14 @@ __all__ = ["DEFAULT_HOST", "DeliveryReport", "SegmentHook", "SegmentSettings"]
 
 DEFAULT_HOST = "https://api.segment.io"
 DEFAULT_TIMEOUT = 30.0
-DEFAULT_MAX_IN_FLIGHT = 4
-MAX_IN_FLIGHT_LIMIT = 32
+#: Default cap on requests in flight: at a 200 ms round trip, 32 requests carry 160 batches per second (about
+#: 250,000 events per second with batches of ~1,600 identify calls), above Segment's 100,000 per workspace.
+DEFAULT_MAX_IN_FLIGHT = 32
+MAX_IN_FLIGHT_LIMIT = 64
 #: Lowest client-side rate limit: one request every 10 s (lower ones turn a sync into days).
 MIN_REQUESTS_PER_SECOND = 0.1
+#: Lowest event pacing: one event per second.
+MIN_EVENTS_PER_SECOND = 1.0
 DEFAULT_MAX_CONSECUTIVE_FAILED_BATCHES = 3
 _USER_AGENT = f"airflow-provider-looker-segment/{__version__}"
 _CONNECTION_TYPES = ("segment_tracking", "segment")
@@ -64,8 +71,10 @@ class SegmentSettings:
     :param write_key: the source's write key (never shown in ``repr``).
     :param timeout: seconds to wait for Segment's answer to one request.
     :param gzip: compress request bodies.
-    :param max_in_flight: batch requests sent at once.
-    :param requests_per_second: client-side cap on requests per second, ``None`` for none.
+    :param max_in_flight: cap on the batch requests in flight (the adaptive window stays below it).
+    :param requests_per_second: client-side cap on requests per second, ``None`` for none (then Segment's
+        guidance, 1,000 requests per second, applies).
+    :param events_per_second: pacing of the events sent, ``None`` for none.
     """
 
     base_url: str
@@ -74,6 +83,7 @@ class SegmentSettings:
     gzip: bool = False
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     requests_per_second: float | None = None
+    events_per_second: float | None = None
 
     @property
     def batch_url(self) -> str:
@@ -87,15 +97,25 @@ class SegmentHook(BaseHook):
 
     Connection (type ``segment_tracking``): Password = the source's write key; Host = API base URL (default
     ``https://api.segment.io``; EU workspaces ``https://events.eu1.segmentapis.com``); extras ``timeout``,
-    ``gzip``, ``max_in_flight``, ``requests_per_second``. Connections of the official Segment provider (type
-    ``segment``, write key in extra ``write_key``) work unchanged. Constructor arguments override extras.
+    ``gzip``, ``max_in_flight``, ``requests_per_second``, ``events_per_second``. Connections of the official
+    Segment provider (type ``segment``, write key in extra ``write_key``) work unchanged. Constructor
+    arguments override extras.
+
+    The number of requests in flight adapts: enough to hide Segment's round trip at the rate batches are
+    formed, halved when Segment answers 429, 408 or 5xx or times out, never above ``max_in_flight`` (see
+    :class:`~airflow_provider_looker_segment.flow_control.FlowWindow`).
 
     :param segment_conn_id: the Airflow connection to use.
     :param timeout: seconds to wait for Segment's answer to one request (extra ``timeout``, default 30).
     :param gzip: gzip request bodies (extra ``gzip``, default off).
-    :param max_in_flight: batch requests sent at once (extra ``max_in_flight``, default 4, 1 to 32).
+    :param max_in_flight: cap on the batch requests in flight; the adaptive window works below it (extra
+        ``max_in_flight``, default 32, 1 to 64).
     :param requests_per_second: client-side cap on requests per second, for workspaces with low limits
-        (extra ``requests_per_second``, default none; at least 0.1, or 0 for none).
+        (extra ``requests_per_second``, default none: Segment's guidance of 1,000 requests per second per
+        workspace applies; at least 0.1, or 0 for none).
+    :param events_per_second: paces the events sent, a token bucket of one second's worth: a batch of N
+        events takes N tokens (extra ``events_per_second``, default none; at least 1, or 0 for none). E.g.
+        1,000 for an Engage space, or a share of the workspace's 100,000 events per second.
     :param max_attempts: requests per batch at most, the first included (default 8).
     :param max_retry_time: seconds from a batch's first request after which it is not retried (default 300).
     :param backoff_factor: first backoff in seconds, doubled on each retry (default 0.5).
@@ -105,7 +125,10 @@ class SegmentHook(BaseHook):
     :param max_batch_events: cap on the events of a batch (default and Segment's limit: 2,500).
     :param max_consecutive_failed_batches: after this many batches in a row failed despite retries, stop
         sending; the remaining events count as failed (``None`` never stops). A 401, 403 or 404 stops at once.
-    :param clock: monotonic seconds for rate limits, pauses and the retry time budget (tests pass a fake).
+    :param max_queued_bytes: cap on the request bodies of the batches waiting to be sent (default 4,000,000;
+        at least one batch always waits), so memory stays bounded whatever the window.
+    :param clock: monotonic seconds for rate limits, pauses, the retry time budget and the window's
+        measurements (tests pass a fake).
     :param sleep: waits a number of seconds between attempts (tests pass a fake); by default a wait that
         :meth:`stop` cuts short.
     """
@@ -123,6 +146,7 @@ class SegmentHook(BaseHook):
         gzip: bool | None = None,
         max_in_flight: int | None = None,
         requests_per_second: float | None = None,
+        events_per_second: float | None = None,
         max_attempts: int = RetryPolicy.max_attempts,
         max_retry_time: float = RetryPolicy.max_retry_time,
         backoff_factor: float = RetryPolicy.backoff_factor,
@@ -131,6 +155,7 @@ class SegmentHook(BaseHook):
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_batch_events: int = MAX_BATCH_EVENTS,
         max_consecutive_failed_batches: int | None = DEFAULT_MAX_CONSECUTIVE_FAILED_BATCHES,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Any] | None = None,
         **kwargs: Any,
@@ -142,6 +167,7 @@ class SegmentHook(BaseHook):
             "gzip": gzip,
             "max_in_flight": max_in_flight,
             "requests_per_second": requests_per_second,
+            "events_per_second": events_per_second,
         }
         self.retry_policy = RetryPolicy(
             max_attempts=to_number(max_attempts, name="max_attempts", whole=True, minimum=1),
@@ -152,6 +178,7 @@ class SegmentHook(BaseHook):
         )
         self.batcher = Batcher(max_batch_bytes=max_batch_bytes, max_batch_events=max_batch_events)
         self.max_consecutive_failed_batches = max_consecutive_failed_batches
+        self.max_queued_bytes = to_number(max_queued_bytes, name="max_queued_bytes", whole=True, minimum=1)
         self._clock = clock
         self._sleep = sleep
         self._settings: SegmentSettings | None = None
@@ -238,7 +265,15 @@ class SegmentHook(BaseHook):
                 f"{name} must be 0 (no limit) or a number at least {MIN_REQUESTS_PER_SECOND:g} (one request "
                 f"every 10 s), got {value!r}"
             )
-        return SegmentSettings(base_url, write_key, timeout, gzip, max_in_flight, rate or None)
+        value, name = self._setting(extra, "events_per_second")
+        events_rate = to_number(value, name=name, default=0.0)
+        if events_rate != 0 and events_rate < MIN_EVENTS_PER_SECOND:
+            raise InvalidParameterError(
+                f"{name} must be 0 (no pacing) or a number at least {MIN_EVENTS_PER_SECOND:g}, got {value!r}"
+            )
+        return SegmentSettings(
+            base_url, write_key, timeout, gzip, max_in_flight, rate or None, events_rate or None
+        )
 
     def _setting(self, extra: Mapping[str, Any], name: str) -> tuple[Any, str]:
         """A setting's raw value (the argument wins over the extra) and its name for error messages."""
@@ -261,8 +296,9 @@ class SegmentHook(BaseHook):
         """
         Deliver messages in batches; return what became of each.
 
-        The input is consumed lazily; memory is bounded by the batches in flight (at most
-        ``2 * max_in_flight`` queued or sending, plus the one being filled), not by the input's size.
+        The input is consumed lazily; memory is bounded by the batches in flight and waiting (at most
+        ``max_in_flight`` sending, at most as many waiting and at most ``max_queued_bytes`` of them, plus the
+        one being filled), not by the input's size.
         Every message read ends in exactly one of delivered, rejected or failed. An exception raised by
         ``messages`` propagates once the requests on the wire have ended. After :meth:`stop`, the input is
         no longer read and the report accounts for the messages read so far.
@@ -274,11 +310,17 @@ class SegmentHook(BaseHook):
         """
         settings = self.settings
         self.log.info(
-            "Sending to %s: up to %d requests in flight, gzip %s, rate limit %s.",
+            "Sending to %s: up to %d requests in flight (adaptive), gzip %s, at most %s requests/s%s, %s.",
             settings.batch_url,
             settings.max_in_flight,
             "on" if settings.gzip else "off",
-            f"{settings.requests_per_second}/s" if settings.requests_per_second else "none",
+            f"{settings.requests_per_second:,g}"
+            if settings.requests_per_second
+            else f"{SEGMENT_REQUESTS_PER_SECOND:,g}",
+            "" if settings.requests_per_second else " (Segment's guidance)",
+            f"events paced at {settings.events_per_second:,g}/s"
+            if settings.events_per_second
+            else "events not paced",
         )
         delivery = Delivery(
             settings,
@@ -287,6 +329,7 @@ class SegmentHook(BaseHook):
             policy=self.retry_policy,
             max_consecutive_failed_batches=self.max_consecutive_failed_batches,
             log=self.log,
+            max_queued_bytes=self.max_queued_bytes,
             clock=self._clock,
             sleep=self._sleep,
         )

@@ -109,9 +109,13 @@ class LookerToSegmentOperator(BaseOperator):
     :param poll_interval: with ``deferrable``, seconds between two status checks of the query task.
     :param query_timeout: with ``deferrable``, fail the task (and ask Looker to kill the query) when the
         query task has not completed after this many seconds; ``None`` waits as long as Looker runs it.
-    :param max_in_flight: batch requests sent at once (default: the Segment connection's, else 4).
+    :param max_in_flight: cap on the batch requests in flight; below it the number adapts to Segment's
+        measured round trip (default: the Segment connection's, else 32).
     :param gzip: gzip request bodies (default: the Segment connection's setting).
-    :param requests_per_second: client-side rate limit for workspaces with low limits.
+    :param requests_per_second: client-side cap on requests per second (default: the connection's, else
+        Segment's guidance of 1,000 per second).
+    :param events_per_second: paces the events this task sends, e.g. ``1000`` for Engage's inbound limit
+        or a share of the workspace's 100,000 events per second (default: the connection's, else none).
     :param progress_interval: seconds between progress lines in the task log.
     """
 
@@ -181,6 +185,7 @@ class LookerToSegmentOperator(BaseOperator):
         max_in_flight: int | None = None,
         gzip: bool | None = None,
         requests_per_second: float | None = None,
+        events_per_second: float | None = None,
         progress_interval: float = 10.0,
         **kwargs: Any,
     ) -> None:
@@ -217,6 +222,7 @@ class LookerToSegmentOperator(BaseOperator):
         self.max_in_flight = max_in_flight
         self.gzip = gzip
         self.requests_per_second = requests_per_second
+        self.events_per_second = events_per_second
         self.progress_interval = progress_interval
         self._segment: SegmentHook | None = None
 
@@ -242,6 +248,8 @@ class LookerToSegmentOperator(BaseOperator):
             tuning["gzip"] = self.gzip
         if self.requests_per_second is not None:
             tuning["requests_per_second"] = self.requests_per_second
+        if self.events_per_second is not None:
+            tuning["events_per_second"] = self.events_per_second
         return SegmentHook(segment_conn_id=self.segment_conn_id, **tuning)
 
     # -- execution --------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 A local stand-in for Segment's HTTP Tracking API, with Segment's limits, fault injection and a record of
 everything it received.
 
-It listens on 127.0.0.1 (HTTP/1.1, keep-alive) and answers like Segment::
+It listens on 127.0.0.1 (HTTP/1.1, keep-alive, one thread per connection, Nagle off on every accepted socket)
+and answers like Segment::
 
     with SegmentStandIn(record="ids") as segment:      # free port, write key "demo-write-key"
         segment.set_faults(every_429=3, retry_after=1)  # every third request: 429 + Retry-After: 1
@@ -14,6 +15,11 @@ Ingestion: ``POST /v1/batch`` (and ``/v1/import``) with ``{"batch": [...]}``, an
 as user name, or ``writeKey`` in the body; gzip request bodies (``Content-Encoding: gzip``). Segment's limits:
 400 for a body over 500 KB or any event over 32 KB; a batch of more than 2,500 events is answered 200 but its
 events are counted as rejected, not received; 401 for a missing or unknown write key.
+
+Round trip: ``latency_ms`` (``--latency-ms``) holds every answer to an ingestion request until that long after
+the request arrived, as a distant Segment would (it answers a batch in 50-200 ms); each connection has its own
+thread, so held answers overlap and never delay other requests. ``stats()["max_concurrent_requests"]`` tells
+how many ingestion requests were being served at once (the client's requests in flight).
 
 Faults (:class:`Faults`, also settable over HTTP): 429 with ``Retry-After`` (seconds or HTTP date) or
 ``X-RateLimit-Reset`` every N requests, 5xx every N, a TCP reset (``SO_LINGER`` 0) every N, slow answers,
@@ -33,7 +39,7 @@ Control endpoints, for tests running in another process (see :class:`SegmentStan
   replaces the faults and restarts their request count);
 * ``POST /_standin/reset`` - forget everything received and clear the faults.
 
-Run it by hand: ``python -m standins.segment_standin --port 0`` (it prints
+Run it by hand: ``python -m standins.segment_standin --port 0 [--latency-ms 200]`` (it prints
 ``SEGMENT_STANDIN_URL=...`` and ``SEGMENT_STANDIN_WRITE_KEY=...`` first), or from Python in a child process
 with :class:`SegmentStandInProcess` - the fastest set-up (its own interpreter), e.g. for the benchmark.
 """
@@ -227,6 +233,8 @@ class SegmentStandIn(ThreadedStandIn):
     :param max_request_bytes: Segment's per-request limit (bytes after gunzip).
     :param max_event_bytes: Segment's per-event limit.
     :param max_batch_events: events per batch beyond which a batch's events are rejected.
+    :param latency_ms: the round trip: every answer to an ingestion request is held until this many
+        milliseconds after the request arrived (0: answer at once).
     """
 
     def __init__(
@@ -240,11 +248,14 @@ class SegmentStandIn(ThreadedStandIn):
         max_request_bytes: int = MAX_REQUEST_BYTES,
         max_event_bytes: int = MAX_EVENT_BYTES,
         max_batch_events: int = MAX_BATCH_EVENTS,
+        latency_ms: float = 0.0,
     ) -> None:
         if record not in RECORD_MODES:
             raise ValueError(f"record must be one of {RECORD_MODES}, not {record!r}")
         if not write_keys:
             raise ValueError("at least one write key is needed")
+        if not 0 <= latency_ms < math.inf:
+            raise ValueError(f"latency_ms must be a number of milliseconds, at least 0, not {latency_ms!r}")
         super().__init__()
         self.host = host
         self.port = port
@@ -254,7 +265,9 @@ class SegmentStandIn(ThreadedStandIn):
         self.max_request_bytes = max_request_bytes
         self.max_event_bytes = max_event_bytes
         self.max_batch_events = max_batch_events
+        self.latency = latency_ms / 1000.0
         self._lock = threading.Lock()
+        self._active = 0  # ingestion requests being served (not cleared by reset)
         self._faults = faults or Faults()
         self._fault_seq = 0
         self._script_pos = 0
@@ -335,6 +348,7 @@ class SegmentStandIn(ThreadedStandIn):
             ("requests", "accepted_requests", "events", "duplicate_message_ids", "rejected_events"), 0
         )
         self._counters.update(rejected_requests=0, wire_bytes=0, tls_handshakes=0)
+        self._counters["max_concurrent_requests"] = self._active  # those being served now still count
         self._by_status: dict[str, int] = {}
 
     def stats(self) -> dict[str, Any]:
@@ -347,7 +361,9 @@ class SegmentStandIn(ThreadedStandIn):
         mode); ``rejected_requests`` and ``rejected_events`` (answered 4xx, or over 2,500 events);
         ``wire_bytes``; ``tls_handshakes`` (connections that opened with a TLS handshake, i.e. a client using
         ``https://`` on this plain-HTTP port; answered 400 in plain HTTP, as any HTTP server would, which the
-        client sees as a TLS error); ``first_arrival`` and ``last_arrival`` (``time.time()``).
+        client sees as a TLS error); ``first_arrival`` and ``last_arrival`` (``time.time()``);
+        ``max_concurrent_requests``: the most ingestion requests being served at once (from their headers
+        to their answer; with a latency, the client's requests in flight); ``latency_ms``.
         """
         with self._lock:
             stats: dict[str, Any] = dict(self._counters)
@@ -359,6 +375,7 @@ class SegmentStandIn(ThreadedStandIn):
             stats["first_arrival"] = self._records[0].arrived if self._records else None
             stats["last_arrival"] = self._records[-1].arrived if self._records else None
             stats["record"] = self.record
+            stats["latency_ms"] = self.latency * 1000.0
         return stats
 
     def records(self, offset: int = 0) -> list[RequestRecord]:
@@ -415,6 +432,33 @@ class SegmentStandIn(ThreadedStandIn):
     def _count_tls_handshake(self) -> None:
         with self._lock:
             self._counters["tls_handshakes"] += 1
+
+    def _enter(self) -> None:
+        """An ingestion request is being served: count it in the concurrency high-water mark."""
+        with self._lock:
+            self._active += 1
+            if self._active > self._counters["max_concurrent_requests"]:
+                self._counters["max_concurrent_requests"] = self._active
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def _hold(self, arrived: float) -> None:
+        """Wait until the round trip (``latency``) has passed since ``arrived``; a stop cuts it short."""
+        remaining = arrived + self.latency - time.time()
+        if remaining > 0:
+            self._stopping.wait(remaining)
+
+    def accepted_sockets(self) -> list[socket.socket]:
+        """The connections open now, as accepted (for tests: their socket options)."""
+        serving = self._serving
+        if serving is None:
+            return []
+        server = serving.server
+        assert isinstance(server, _Server)
+        with server._open_lock:
+            return list(server._open)
 
     def _new_record(self, path: str, arrived: float) -> RequestRecord:
         with self._lock:
@@ -616,6 +660,15 @@ class _Handler(BaseHTTPRequestHandler):
     # -- ingestion ---------------------------------------------------------------------------------------
     def _ingest(self, path: str, arrived: float) -> None:
         standin = self.standin
+        standin._enter()
+        try:
+            self._ingest_held(path, arrived)
+        finally:
+            standin._leave()
+
+    def _ingest_held(self, path: str, arrived: float) -> None:
+        """Read, decide, hold the answer for the round trip (``latency``), then answer."""
+        standin = self.standin
         record = standin._new_record(path, arrived)
         wire = self._read_body()
         if wire is None:
@@ -631,6 +684,8 @@ class _Handler(BaseHTTPRequestHandler):
             action = "ok"
         elif standin._faults.delay:
             standin._stopping.wait(standin._faults.delay)
+        if action != "hang":
+            standin._hold(arrived)
         if action in ("ok", "accept-reset"):
             self._serve(record, wire, parsed, reset_after=action == "accept-reset")
         else:
@@ -901,6 +956,7 @@ class SegmentStandInProcess(StandInProcess):
     :param write_keys: accepted write keys.
     :param faults: faults to start with.
     :param port: port to bind, 0 for a free one.
+    :param latency_ms: the round trip every answer is held for (see :class:`SegmentStandIn`).
     """
 
     def __init__(
@@ -910,8 +966,9 @@ class SegmentStandInProcess(StandInProcess):
         write_keys: tuple[str, ...] | list[str] = (DEFAULT_WRITE_KEY,),
         faults: Faults | None = None,
         port: int = 0,
+        latency_ms: float = 0.0,
     ) -> None:
-        args = ["--port", str(port), "--record", record]
+        args = ["--port", str(port), "--record", record, "--latency-ms", f"{latency_ms:g}"]
         for key in write_keys:
             args += ["--write-key", key]
         if faults is not None:
@@ -943,6 +1000,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--record", choices=RECORD_MODES, default="full", help="what to keep (default full)")
     parser.add_argument("--faults", default=None, help="faults as JSON, e.g. '{\"every_429\": 5}'")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="hold every answer this many milliseconds after its request arrived, as a distant Segment "
+        "would (default 0)",
+    )
     parser.add_argument("--url-file", default=None, help="also write the base URL to this file")
     return parser.parse_args(argv)
 
@@ -956,7 +1020,11 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     faults = Faults.from_dict(orjson.loads(args.faults)) if args.faults else None
     standin = SegmentStandIn(
-        host=args.host, port=args.port, write_keys=args.write_keys or [DEFAULT_WRITE_KEY], record=args.record
+        host=args.host,
+        port=args.port,
+        write_keys=args.write_keys or [DEFAULT_WRITE_KEY],
+        record=args.record,
+        latency_ms=args.latency_ms,
     )
     if faults:
         standin.set_faults(faults)
@@ -964,7 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SEGMENT_STANDIN_URL={url}")
     print(f"SEGMENT_STANDIN_WRITE_KEY={standin.write_key}")
     print(
-        f"Segment Tracking API stand-in: POST {url}/v1/batch (Basic auth, write key {standin.write_key!r})."
+        f"Segment Tracking API stand-in: POST {url}/v1/batch (Basic auth, write key {standin.write_key!r}), "
+        f"answers held {args.latency_ms:g} ms."
     )
     print(f"Received events: GET {url}/_standin/stats | /_standin/events | /_standin/requests; Ctrl-C stops.")
     sys.stdout.flush()

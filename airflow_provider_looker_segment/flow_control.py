@@ -1,0 +1,248 @@
+"""
+Flow control of a Segment delivery: how many batch requests are in flight, and when the next one may start.
+
+* :class:`FlowWindow` decides how many requests may be in flight. Enough to hide Segment's round trip,
+  whatever it is (Little's law: in flight = batches per second x round-trip seconds, with headroom), under an
+  AIMD ceiling that halves when Segment pushes back (429, 408, 5xx, timeouts) and grows by one per window's
+  worth of accepted batches, under the user's cap ``max_in_flight``. It measures; it never waits.
+* :class:`Throttle` decides when the next request may start: the request rate (``requests_per_second``,
+  else Segment's guidance below), a token bucket of events (``events_per_second``, :class:`TokenBucket`),
+  and pauses Segment asked for (``Retry-After``).
+
+Segment's published limits, which the defaults respect:
+
+* HTTP Tracking API, "Rate limits" (https://segment.com/docs/connections/sources/catalog/libraries/server/
+  http-api/#rate-limits): "For each workspace, Segment recommends you to not exceed 1,000 requests per
+  second with the HTTP API"; beyond, events may be queued, or requests answered 429 with ``Retry-After`` and
+  ``X-RateLimit-Reset``. Without ``requests_per_second``, one delivery never starts more than
+  :data:`SEGMENT_REQUESTS_PER_SECOND` requests per second.
+* "Rate Limits and SLA" (https://segment.com/docs/connections/rate-limits/): a workspace's sources together
+  may send 60 million events per ten minutes (an average of 100,000 events per second,
+  :data:`SEGMENT_EVENTS_PER_SECOND`) before Segment queues the excess; Engage takes 1,000 events per second
+  inbound (https://segment.com/docs/engage/product-limits/, :data:`ENGAGE_EVENTS_PER_SECOND`). These are in
+  events, not requests: ``events_per_second`` paces a delivery to a share of them.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+
+#: Segment's guidance for the HTTP API: at most 1,000 requests per second per workspace.
+SEGMENT_REQUESTS_PER_SECOND = 1000.0
+#: Segment's ingestion ceiling per workspace: 60 million events per ten minutes.
+SEGMENT_EVENTS_PER_SECOND = 100_000.0
+#: Engage's (Personas') inbound ceiling.
+ENGAGE_EVENTS_PER_SECOND = 1000.0
+#: Requests in flight before the first round trip has been measured (under the cap): a small Look's few
+#: batches all go in the first round trip.
+INITIAL_WINDOW = 8
+#: In flight = batches per second x round trip x this, plus one: room for round trips longer than average.
+HEADROOM = 1.5
+#: Weight of a new sample in the moving averages of round trip, batch production time and batch size.
+SMOOTHING = 0.25
+
+
+def _average(old: float | None, sample: float, weight: float) -> float:
+    """Exponentially weighted moving average; the first sample stands alone."""
+    return sample if old is None else old + weight * (sample - old)
+
+
+class FlowWindow:
+    """
+    How many batch requests may be in flight (not thread-safe: the delivery holds its lock).
+
+    ``window = min(cap, ceiling, demand)``, at least 1, where
+
+    * ``demand`` is what hides the round trip: ``ceil(rate x latency x headroom) + 1``, with ``rate`` the
+      batches per second the caller produces (measured on its own working time, waits excluded), lowered to
+      what the pacing lets through, and ``latency`` the moving average of accepted requests' round trips;
+      :data:`INITIAL_WINDOW` until both are measured;
+    * ``ceiling`` is the AIMD bound: it starts at ``cap``, halves (from the window in use) when a request
+      sent since the last decrease meets a 429, 408, 5xx or a timeout (one decrease per congestion episode:
+      requests already in flight when it happened do not halve it again), and grows by one each time a
+      ceiling's worth of requests has been accepted.
+
+    :param cap: the user's cap, ``max_in_flight``.
+    :param requests_per_second: the request rate the throttle lets through (``None``: unlimited).
+    :param events_per_second: the event rate the throttle lets through (``None``: unlimited).
+    :param initial: the window before measurements.
+    :param headroom: factor on rate x latency.
+    :param smoothing: weight of a new sample in the moving averages.
+    """
+
+    def __init__(
+        self,
+        cap: int,
+        *,
+        requests_per_second: float | None = None,
+        events_per_second: float | None = None,
+        initial: int = INITIAL_WINDOW,
+        headroom: float = HEADROOM,
+        smoothing: float = SMOOTHING,
+    ) -> None:
+        if cap < 1:
+            raise ValueError(f"the cap on requests in flight must be at least 1, not {cap}")
+        self.cap = cap
+        self.requests_per_second = requests_per_second
+        self.events_per_second = events_per_second
+        self.initial = max(1, min(cap, initial))
+        self.headroom = headroom
+        self.smoothing = smoothing
+        self.ceiling = cap
+        #: Moving average of accepted requests' round trips, seconds (``None`` before the first).
+        self.latency: float | None = None
+        #: Moving average of the caller's working seconds per batch (``None`` before the first batch).
+        self.batch_seconds: float | None = None
+        #: Moving average of events per batch.
+        self.batch_events: float | None = None
+        #: Congestion episodes so far; a request carries the epoch it was sent in (see :meth:`congested`).
+        self.epoch = 0
+        self.window = self.initial
+        #: The largest window so far.
+        self.peak = self.window
+        self._accepted = 0
+
+    def produced(self, seconds: float, events: int) -> None:
+        """
+        A batch is ready.
+
+        :param seconds: the caller's working time for it (waits for room excluded).
+        :param events: its events.
+        """
+        self.batch_seconds = _average(self.batch_seconds, max(0.0, seconds), self.smoothing)
+        self.batch_events = _average(self.batch_events, float(events), self.smoothing)
+        self._update()
+
+    def accepted(self, seconds: float) -> None:
+        """
+        Segment accepted a request (2xx): measure its round trip, and grow the ceiling additively.
+
+        :param seconds: from the request's start to its answer.
+        """
+        self.latency = _average(self.latency, max(0.0, seconds), self.smoothing)
+        self._accepted += 1
+        if self.ceiling < self.cap and self._accepted >= self.ceiling:
+            self.ceiling += 1
+            self._accepted = 0
+        self._update()
+
+    def congested(self, epoch: int) -> bool:
+        """
+        Segment pushed back (429, 408, 5xx, timeout) on a request sent in ``epoch``: halve the ceiling, once
+        per episode. Return whether it was halved (``False`` for a request older than the last decrease).
+        """
+        if epoch != self.epoch:
+            return False
+        self.epoch += 1
+        self.ceiling = max(1, min(self.ceiling, self.window) // 2)
+        self._accepted = 0
+        self._update()
+        return True
+
+    def batches_per_second(self) -> float:
+        """The rate batches are produced at, lowered to what the pacing lets through (``inf`` if unknown)."""
+        rate = 1.0 / self.batch_seconds if self.batch_seconds else math.inf
+        if self.requests_per_second:
+            rate = min(rate, self.requests_per_second)
+        if self.events_per_second and self.batch_events:
+            rate = min(rate, self.events_per_second / self.batch_events)
+        return rate
+
+    def demand(self) -> int:
+        """Requests in flight that hide the round trip at the current rate (see the class)."""
+        if self.latency is None or self.batch_seconds is None:
+            return self.initial
+        if self.latency <= 0:
+            return 1
+        needed = self.batches_per_second() * self.latency * self.headroom
+        return self.cap if math.isinf(needed) else math.ceil(needed) + 1
+
+    def _update(self) -> None:
+        self.window = max(1, min(self.cap, self.ceiling, self.demand()))
+        self.peak = max(self.peak, self.window)
+
+    def describe(self) -> str:
+        """One line for a task log."""
+        latency = "not measured" if self.latency is None else f"{self.latency * 1000:,.0f} ms"
+        return (
+            f"up to {self.peak} requests in flight (cap {self.cap}; now {self.window}), round trip "
+            f"{latency}, {self.epoch} slow-downs"
+        )
+
+
+class TokenBucket:
+    """
+    A token bucket of events (not thread-safe: :class:`Throttle` holds its lock).
+
+    It fills at ``rate`` tokens per second up to ``capacity`` (default: one second's worth) and starts empty
+    at its first use, so that a run's average rate is ``rate``. A batch of N events takes N tokens; one larger
+    than the capacity goes once the bucket is full and leaves a debt that the next batches wait for.
+
+    :param rate: events per second.
+    :param capacity: the most tokens the bucket holds (the largest burst after an idle time).
+    """
+
+    def __init__(self, rate: float, capacity: float | None = None) -> None:
+        if not rate > 0:
+            raise ValueError(f"the rate must be above 0, not {rate}")
+        self.rate = rate
+        self.capacity = capacity if capacity is not None else rate
+        self.tokens = 0.0
+        self.stamp: float | None = None  # the moment ``tokens`` was counted at
+
+    def take(self, count: int, earliest: float) -> float:
+        """
+        Take ``count`` tokens; return the moment, not before ``earliest``, at which they may be spent.
+
+        Reservations are served in call order: a later call never starts before an earlier one.
+        """
+        if self.stamp is None:
+            self.stamp = earliest
+        moment = max(earliest, self.stamp)
+        tokens = min(self.capacity, self.tokens + (moment - self.stamp) * self.rate)
+        need = min(float(count), self.capacity)
+        if tokens < need:
+            moment += (need - tokens) / self.rate
+            tokens = need
+        self.tokens = tokens - count
+        self.stamp = moment
+        return moment
+
+
+class Throttle:
+    """
+    When the next request may start, shared by the senders (thread-safe): requests spaced ``1 /
+    requests_per_second`` apart, events paced by a :class:`TokenBucket`, and pauses Segment asked for.
+
+    :param requests_per_second: the request rate, ``None`` or 0 for none.
+    :param events_per_second: the event rate, ``None`` or 0 for none.
+    :param clock: monotonic seconds.
+    """
+
+    def __init__(
+        self, requests_per_second: float | None, events_per_second: float | None, clock: Callable[[], float]
+    ) -> None:
+        self._interval = 1.0 / requests_per_second if requests_per_second else 0.0
+        self._bucket = TokenBucket(events_per_second) if events_per_second else None
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next_slot = 0.0
+        self._paused_until = 0.0
+
+    def pause_until(self, moment: float) -> None:
+        """Hold every sender's next request until ``moment`` (a ``clock()`` reading)."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, moment)
+
+    def reserve(self, events: int = 0) -> float:
+        """Take the next request slot for a batch of ``events``; return the seconds to wait before it."""
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._paused_until, self._next_slot)
+            if self._bucket is not None and events:
+                start = self._bucket.take(events, start)
+            if self._interval:
+                self._next_slot = start + self._interval
+        return start - now
