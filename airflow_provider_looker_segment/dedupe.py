@@ -77,12 +77,11 @@ class IdentitySet:
         slots = len(old) * 2
         table = array("q", bytes(8 * slots))
         mask = slots - 1
-        for value in old:
-            if value:
-                index = value & mask
-                while table[index]:
-                    index = (index + 1) & mask
-                table[index] = value
+        for value in filter(None, old):  # the free slots (0) are skipped in C
+            index = value & mask
+            while table[index]:
+                index = (index + 1) & mask
+            table[index] = value
         self._table, self._mask, self._limit = table, mask, slots // 2
 
 
@@ -121,21 +120,33 @@ def drop_duplicates(
     :param by_group: the messages are group calls, keyed by their ``groupId``.
     """
     seen = IdentitySet()
-    add = seen.add
-    if by_group:
-        for message in messages:
-            if add(hash(message["groupId"])):
-                yield message
-                continue
-            counts.duplicates += 1
-            if counts.example is None:
-                counts.example = f"groupId {message['groupId']}"
-        return
+    # IdentitySet.add, inlined (the row loop's hottest step after the transform)
+    table, mask, count, limit = seen._table, seen._mask, 0, seen._limit
     for message in messages:
-        user_id = message.get("userId")
-        if add(hash(user_id) if user_id else hash(message["anonymousId"]) ^ _ANONYMOUS_SALT):
+        if by_group:
+            value = hash(message["groupId"])
+        else:
+            user_id = message.get("userId")
+            value = hash(user_id) if user_id else hash(message["anonymousId"]) ^ _ANONYMOUS_SALT
+        value = value or -1
+        index = value & mask
+        slot = table[index]
+        while slot and slot != value:
+            index = (index + 1) & mask
+            slot = table[index]
+        if not slot:  # a new identity
+            table[index] = value
+            count += 1
+            if count > limit:
+                seen._count = count
+                seen._grow()
+                table, mask, limit = seen._table, seen._mask, seen._limit
             yield message
             continue
         counts.duplicates += 1
         if counts.example is None:
-            counts.example = f"userId {user_id}" if user_id else f"anonymousId {message['anonymousId']}"
+            if by_group:
+                counts.example = f"groupId {message['groupId']}"
+            else:
+                user_id = message.get("userId")
+                counts.example = f"userId {user_id}" if user_id else f"anonymousId {message['anonymousId']}"

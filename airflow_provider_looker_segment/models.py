@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 #: Field categories as Looker's ``json_detail`` format groups them.
@@ -37,6 +37,29 @@ class LookField:
     category: str = DIMENSION
     pivoted: bool = False
 
+    @classmethod
+    def from_detail(
+        cls, entry: Mapping[str, Any], category: str, *, hidden: bool, pivoted: bool
+    ) -> LookField:
+        """
+        Build a column from its entry in the ``fields`` block of a ``json_detail`` result.
+
+        :param entry: the entry (``name``, ``label``, ``label_short``, ``type``, ``tags``, ``hidden``).
+        :param category: the list it is in: :data:`DIMENSION`, :data:`MEASURE` or :data:`TABLE_CALCULATION`.
+        :param hidden: hidden in the Look's visualisation (hidden in LookML is the entry's ``hidden``).
+        :param pivoted: its cells are per-pivot mappings.
+        """
+        return cls(
+            name=str(entry.get("name")),
+            label=entry.get("label"),
+            label_short=entry.get("label_short"),
+            type=entry.get("type"),
+            tags=tuple(str(t) for t in entry.get("tags") or ()),
+            hidden=bool(entry.get("hidden")) or hidden,
+            category=category,
+            pivoted=pivoted,
+        )
+
 
 @dataclass(frozen=True)
 class PivotValue:
@@ -51,6 +74,13 @@ class PivotValue:
     key: str
     data: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+
+    @classmethod
+    def from_detail(cls, entry: Mapping[str, Any]) -> PivotValue:
+        """Build a pivot column from an entry of the top-level ``pivots`` list of a ``json_detail`` result."""
+        data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
+        label = " | ".join("" if v is None else str(v) for v in data.values())
+        return cls(key=str(entry.get("key")), data=dict(data), label=label)
 
 
 @dataclass(frozen=True)
@@ -118,6 +148,46 @@ class LookResultMeta:
     ran_at: datetime | None = None
     limit: int | None = None
 
+    @classmethod
+    def from_detail(
+        cls,
+        look_id: str,
+        head: Mapping[str, Any],
+        *,
+        hidden_fields: Iterable[str] = (),
+        first_row: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+    ) -> LookResultMeta:
+        """
+        Build the metadata of a ``json_detail`` result from its top-level keys (``fields``, ``pivots``,
+        ``ran_at``).
+
+        :param look_id: the Look.
+        :param head: the result's top-level keys.
+        :param hidden_fields: the fields hidden in the Look's visualisation.
+        :param first_row: the first raw row: a cell without ``value`` is pivoted (``{pivot key: cell}``);
+            without rows, the measures and table calculations of a result with pivots are.
+        :param limit: the row limit in effect.
+        """
+        pivots = tuple(PivotValue.from_detail(p) for p in head.get("pivots") or () if isinstance(p, dict))
+        block, hidden = head.get("fields") or {}, set(hidden_fields)
+        fields = []
+        for key, category in (
+            ("dimensions", DIMENSION),
+            ("measures", MEASURE),
+            ("table_calculations", TABLE_CALCULATION),
+        ):
+            for entry in block.get(key) or ():
+                name = str(entry.get("name"))
+                if first_row is not None and name in first_row:
+                    cell = first_row[name]
+                    pivoted = isinstance(cell, dict) and "value" not in cell
+                else:
+                    pivoted = bool(pivots) and category != DIMENSION
+                fields.append(LookField.from_detail(entry, category, hidden=name in hidden, pivoted=pivoted))
+        ran_at = parse_ran_at(head.get("ran_at"))
+        return cls(look_id=look_id, fields=tuple(fields), pivots=pivots, ran_at=ran_at, limit=limit)
+
     def field_by_name(self, name: str) -> LookField | None:
         """Return the field called ``name``, or ``None``."""
         for f in self.fields:
@@ -129,3 +199,17 @@ class LookResultMeta:
 #: A row as the Looker hook yields it: field name → raw value (``{"value": x}`` unwrapped).
 #: A pivoted measure's value is a dict ``{pivot key: raw value}``.
 Row = dict[str, Any]
+
+
+def parse_ran_at(value: Any) -> datetime | None:
+    """Parse Looker's ``ran_at`` into a timezone-aware datetime (UTC when Looker gives no offset)."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.strip().replace(" ", "T", 1)
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -458,19 +458,19 @@ def make_row_transformer(
     group_field = plan.group_id.field if plan.group_id else None
     call, event, values_key = plan.call, plan.event, plan.values_key
     specs, membership = plan.specs, plan.membership_trait
-    identifier, from_email, from_group, dump_head = (
-        to_identifier,
-        anonymous_id_from_email,
-        anonymous_id_from_group,
-        _dump_head,
+    identifier, from_email, from_group = to_identifier, anonymous_id_from_email, anonymous_id_from_group
+    fill_pivots, new_message, dumps, encode_error = (
+        _fill_pivots,
+        EncodedMessage,
+        orjson.dumps,
+        orjson.JSONEncodeError,
     )
-    fill_pivots, new_message = _fill_pivots, EncodedMessage
     context = {"library": library}
-    # What follows the traits in every message of the run, encoded once: timestamp, context, messageId key.
+    # What follows the traits in every message of the run, encoded once: timestamp, context, messageId key
+    # and the messageId's prefix.
     tail_fields: dict[str, Any] = {"timestamp": timestamp} if timestamp is not None else {}
     tail_fields["context"] = context
-    tail = b"," + orjson.dumps(tail_fields)[1:-1] + b',"messageId":"'
-    prefix = MESSAGE_ID_PREFIX.encode()
+    tail = b"," + orjson.dumps(tail_fields)[1:-1] + b',"messageId":"' + MESSAGE_ID_PREFIX.encode()
 
     def transform(row: Row) -> tuple[dict[str, Any] | None, str | None]:
         get = row.get
@@ -479,8 +479,12 @@ def make_row_transformer(
             group_id = identifier(get(group_field))
             if group_id is None:
                 return None, INVALID_NO_GROUP_ID
-        user_id = identifier(get(uid_field)) if uid_field else None
-        anonymous_id = identifier(get(anon_field)) if anon_field else None
+        user_id = anonymous_id = None
+        if uid_field is not None:
+            value = get(uid_field)
+            user_id = (value.strip() or None) if value.__class__ is str else identifier(value)
+        if anon_field is not None:
+            anonymous_id = identifier(get(anon_field))
         if user_id is None and anonymous_id is None:
             anonymous_id = from_email(get(email_field)) if email_field else None
             if anonymous_id is None:
@@ -496,7 +500,8 @@ def make_row_transformer(
                 fill_pivots(traits, value, pivots, plain, convert)
         if membership:
             traits[membership] = True
-        message = new_message(type=call)
+        message = new_message()
+        message["type"] = call
         if event is not None:
             message["event"] = event
         if group_id is not None:
@@ -508,15 +513,18 @@ def make_row_transformer(
         message[values_key] = traits
         # One encoding per message: its head (identity and traits) is both hashed into the messageId and
         # sent, followed by the run's constant fields and the messageId.
-        head = dump_head(message)
+        try:
+            head = dumps(message)
+        except encode_error:
+            head = _dump_head(message)
         digest = hasher.copy()
         digest.update(head)
-        hex_id = digest.hexdigest().encode()
+        hex_id = digest.hexdigest()
         if timestamp is not None:
             message["timestamp"] = timestamp
         message["context"] = context
-        message["messageId"] = MESSAGE_ID_PREFIX + hex_id.decode()
-        message.encoded = head[:-1] + tail + prefix + hex_id + b'"}'
+        message["messageId"] = MESSAGE_ID_PREFIX + hex_id
+        message.encoded = head[:-1] + tail + hex_id.encode() + b'"}'
         return message, None
 
     return transform

@@ -13,6 +13,7 @@ import textwrap
 import time
 from datetime import datetime
 from decimal import Decimal
+from itertools import islice
 
 import certifi
 import orjson
@@ -44,9 +45,11 @@ from standins.looker_fixtures import (
     fixture_looks,
     generated_look,
     generated_row,
+    json_bytes,
 )
 from standins.looker_standin import LookerStandIn
 
+from airflow_provider_looker_segment import look_stream
 from airflow_provider_looker_segment.exceptions import (
     ConnectionConfigError,
     InvalidParameterError,
@@ -778,6 +781,132 @@ def test_surrogate_escapes_split_between_reads(size):
     ]
     assert [row["users.name"] for row in stream.rows] == expected
     assert expected[:4] == ["\ufffd", "a\ufffdb", "x\ufffd\ufffdy", "\U0001f600"]
+
+
+# --- rows read a chunk at a time (msgspec), exactly as ijson reads them ------------------------------------
+
+
+def _detail_body(rows: list[dict], *, pretty: bool = False) -> bytes:
+    """A json_detail body of ``rows`` (field name -> raw value; Decimals written as the numbers they are)."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    head = {
+        "fields": {"dimensions": [{"name": name} for name in names]},
+        "pivots": [],
+        "ran_at": "2024-01-05",
+    }
+    cells = [json_bytes({name: {"value": value} for name, value in row.items()}) for row in rows]
+    separator = b",\n  " if pretty else b","
+    return json_bytes(head)[:-1] + b',"data":[' + separator.join(cells) + b'],"expired":false}'
+
+
+def _ijson_rows(body: bytes) -> list[dict]:
+    """The rows as ijson reads them (as LookStream read them before it parsed chunks of rows at once)."""
+    items = IJSON.items(io.BytesIO(body), "data.item", use_float=False)
+    return [{name: cell["value"] for name, cell in raw.items()} for raw in items]
+
+
+def _typed(rows: list[dict]) -> list[list[tuple[str, str, str]]]:
+    """Rows with the class of every value (1 == 1.0 == Decimal(1) == True, but not for a Segment trait)."""
+    return [[(name, type(value).__name__, repr(value)) for name, value in row.items()] for row in rows]
+
+
+def _tricky_rows(count: int) -> list[dict]:
+    """Generated rows, some with a number beyond a float or 64 bits, or a string that looks like JSON."""
+    rows = [dict(generated_row(index)) for index in range(count)]
+    specials = [
+        Decimal("0.1"),
+        Decimal("-2.5E-7"),
+        Decimal("1E+400"),
+        2**64,
+        -(2**63) - 1,
+        2**63 - 1,
+        'a},{"users.id":{"value":"x"}},{',
+        '"data":[',
+        [{"a": 1}, {"b": Decimal("2.5")}],
+        {"k": [1, {"n": None}]},
+        "\u00e9 \U0001f600",
+        True,
+        None,
+    ]
+    for index, value in enumerate(specials):
+        rows[(index + 1) * count // (len(specials) + 1)]["users.sessions_count"] = value
+    return rows
+
+
+@pytest.mark.parametrize("pretty", [False, True])
+@pytest.mark.parametrize("size", [7, 4096, 128 * 1024])
+def test_rows_read_in_chunks_are_the_rows_ijson_reads(pretty, size):
+    body = _detail_body(_tricky_rows(3000), pretty=pretty)
+    assert len(body) > 4 * look_stream.SEGMENT_BYTES  # several chunks
+    stream = LookStream("1", _Trickle(body, size), _INFO, -1)
+    rows = list(stream.rows)
+    assert _typed(rows) == _typed(_ijson_rows(body))
+    assert stream.row_count == 3000 and stream.exhausted
+    first_special = rows[3000 // 14]["users.sessions_count"]
+    assert (type(first_special), first_special) == (Decimal, Decimal("0.1"))  # not the float 0.1
+    assert rows[1] == generated_row(1)
+
+
+def test_numbers_are_read_exactly_in_chunks_of_any_size(monkeypatch):
+    monkeypatch.setattr(look_stream, "SEGMENT_BYTES", 300)  # a chunk of one or two rows
+    rows = _tricky_rows(60)
+    body = _detail_body(rows)
+    read = list(LookStream("1", io.BytesIO(body), _INFO, -1).rows)
+    assert _typed(read) == _typed(_ijson_rows(body))
+    values = [row["users.sessions_count"] for row in read]
+    assert Decimal("1E+400") in values and 2**64 in values and -(2**63) - 1 in values
+    assert not any(isinstance(value, float) for value in values)
+
+
+def test_rows_longer_than_a_chunk_or_than_the_pending_limit():
+    rows = [dict(generated_row(index)) for index in range(200)]
+    rows[50]["users.name"] = "x" * (look_stream.SEGMENT_BYTES * 3)
+    rows[120]["users.name"] = "y},{" * (look_stream.MAX_PENDING_BYTES // 3)
+    body = _detail_body(rows)
+    assert list(LookStream("1", io.BytesIO(body), _INFO, -1).rows) == rows
+
+
+def test_a_looker_error_row_inside_a_chunk_is_reported_after_the_rows_before_it():
+    rows: list[dict] = [generated_row(index) for index in range(3000)]
+    body = _detail_body(rows).replace(
+        json_bytes({k: {"value": v} for k, v in rows[2500].items()}), b'{"looker_error":"killed"}'
+    )
+    stream = LookStream("1", io.BytesIO(body), _INFO, -1)
+    received = []
+    with pytest.raises(LookQueryError, match=r"^Look 1: Looker could not run the query: killed$"):
+        received.extend(stream.rows)
+    assert received == rows[:2500] and stream.row_count == 2500
+
+
+@pytest.mark.parametrize(
+    ("garbage", "message"),
+    [
+        (
+            b"<html>",
+            "the body is not valid JSON (lexical error: invalid char in json text.; content type not",
+        ),
+        (b",]", "the body is not valid JSON (parse error: unallowed token at this point in JSON text"),
+    ],
+)
+def test_bad_json_inside_the_rows_is_reported_after_the_rows_before_it(garbage, message):
+    rows = [generated_row(index) for index in range(3000)]
+    body = _detail_body(rows)
+    cut = body.index(json_bytes({k: {"value": v} for k, v in rows[2000].items()})) - 1  # before its comma
+    stream = LookStream("1", io.BytesIO(body[:cut] + garbage + body[cut:]), _INFO, -1)
+    received = []
+    with pytest.raises(LookStreamError) as caught:
+        received.extend(stream.rows)
+    assert str(caught.value).startswith(f"Look 1: result ended after 2,000 rows: {message}")
+    assert received == rows[:2000] and stream.row_count == 2000
+
+
+def test_the_row_count_of_a_stream_left_part_way():
+    body = _detail_body([generated_row(index) for index in range(3000)])
+    stream = LookStream("1", io.BytesIO(body), _INFO, -1)
+    for _row in islice(stream.rows, 1500):
+        pass
+    stream.rows.close()  # type: ignore[attr-defined]
+    assert stream.row_count == 1500 and not stream.exhausted
 
 
 def test_an_html_page_with_http_200_is_not_json(hook, looker):

@@ -10,6 +10,13 @@ peak memory does not depend on the number of rows. A Look runs as saved, or with
 (:meth:`LookerHook.stream_look`), at once or as a Looker async query task (``start_query_task``, then
 ``stream_query_task`` once it is complete: :mod:`.looker_tasks`). :meth:`LookerHook.close` logs out of Looker:
 use the hook as a context manager.
+
+Why ``json_detail``: the API 4.0 reference calls it legacy and recommends ``json_bi``, but ``json_bi``'s
+metadata (``JsonBiMetadata``, ``JsonBiField``) has no LookML tags, no short labels and no ``ran_at``, and its
+``rows`` are typed as strings; plain ``json`` has no metadata at all, so tags, labels, hidden fields, pivots
+and ``ran_at`` (the messages' ``timestamp``) would need a second run of the query. ``json_detail`` carries
+all of it in the same response as the rows, and is the only format whose query task results report a failed
+query in the body (HTTP 200 with ``errors``) rather than as an HTTP 400.
 """
 
 from __future__ import annotations

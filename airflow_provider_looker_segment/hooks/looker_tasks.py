@@ -120,6 +120,7 @@ class LookerQueryTasks:
             query_id = str(look.query_id or (look.query.id if look.query else None) or "")
             if not query_id:
                 raise LookerApiError(f"Look {look_id} has no query to run", look_id=look_id)
+        # json_detail, as a run (see hooks/looker.py): its results carry a failed query's errors with HTTP 200
         body = models40.WriteCreateQueryTask(
             query_id=query_id, result_format=models40.ResultFormat.json_detail, look_id=look_id
         )
