@@ -2,10 +2,11 @@
 Benchmark child: the floor - our own CPU cost with the network taken away.
 
 The Look's ``json_detail`` body, fetched once from the Looker stand-in before timing into a file on a RAM
-file system (``/dev/shm``), is parsed by the LookerHook's own :class:`LookStream` (ijson, the fastest
-backend), planned and transformed by ``plan_transform`` / ``make_row_transformer`` with the operator's
-defaults and message-id namespace, and split by the SegmentHook's :class:`Batcher` into the same batches,
-each joined into its request body (``Batch.body``) as the hook does before posting it. Nothing is sent.
+file system (``/dev/shm``), is parsed by the LookerHook's own :class:`LookStream` (rows decoded by
+msgspec a chunk at a time, the head by ijson's fastest backend), planned and transformed by
+``plan_transform`` / ``make_row_transformer`` with the operator's defaults and message-id namespace, split
+by the SegmentHook's :class:`Batcher` into the same batches, each joined into its request body
+(``Batch.body``) as the hook does before posting it. Nothing is sent.
 
 Config (JSON argument): ``look_id``, ``body_path``, ``run_id``; ``profile: true`` runs the pipeline under
 cProfile and adds the functions with the most own time to the result (its timings are then inflated).

@@ -508,8 +508,8 @@ def _profile_lines(report: Report) -> list[str]:
         "",
         f"The {len(functions)} functions with the most own time ({total:.2f} s together; cProfile slows "
         "Python calls, so compare the lines with each other, not with the timings above). Time spent in C "
-        "code called from a Python function without its own entry (ijson's parser pulling rows, dict and "
-        "string building) counts as that function's own time.",
+        "code called from a Python function without its own entry (msgspec decoding a chunk of rows, dict "
+        "and string building) counts as that function's own time.",
         "",
     ]
 
@@ -545,7 +545,8 @@ def _method_lines(report: Report) -> list[str]:
         "`max_queue_size` = N + 1,000, B with the library's defaults (queue of 10,000, 1 consumer thread, "
         "batches of 100).",
         "- **floor** (`bench/case_floor.py`): the `json_detail` body fetched once before timing into a "
-        "file on `/dev/shm` (RAM), parsed by the LookerHook's `LookStream` (ijson), `plan_transform` + "
+        "file on `/dev/shm` (RAM), parsed by the LookerHook's `LookStream` (rows by msgspec, the head by "
+        "ijson), `plan_transform` + "
         "`make_row_transformer` with the operator's defaults, `Batcher().split` and `Batch.body` as the "
         "SegmentHook does; nothing sent.",
     ]
