@@ -145,8 +145,12 @@ def drop_duplicates(
             continue
         counts.duplicates += 1
         if counts.example is None:
-            if by_group:
-                counts.example = f"groupId {message['groupId']}"
-            else:
-                user_id = message.get("userId")
-                counts.example = f"userId {user_id}" if user_id else f"anonymousId {message['anonymousId']}"
+            counts.example = _describe(message, by_group)
+
+
+def _describe(message: dict[str, Any], by_group: bool) -> str:
+    """The identity of a message as the duplicate warning names it, e.g. ``userId 42``."""
+    if by_group:
+        return f"groupId {message['groupId']}"
+    user_id = message.get("userId")
+    return f"userId {user_id}" if user_id else f"anonymousId {message['anonymousId']}"

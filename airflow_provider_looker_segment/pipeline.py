@@ -174,10 +174,10 @@ def sync_look(
     by_group = plan.call == "group"
     unique = drop_duplicates(_messages(stream.rows, transform, counts), duplicates, by_group=by_group)
     messages: Iterable[dict] = unique
-    if state is not None:
-        messages = _with_exits(unique, state, cohort, settings, stream, message_id_namespace, ran_at)
     by_type: Counter[str] = Counter()
-    messages = _counted(messages, by_type, plan.call)
+    if state is not None:  # entry and exit events join the run's calls: count each type as it passes
+        messages = _with_exits(unique, state, cohort, settings, stream, message_id_namespace, ran_at)
+        messages = _counted(messages, by_type, plan.call)
     undelivered: set[int] | None = None
     if settings.dry_run or send is None:
         delivery = _dry_run(messages, log)
@@ -187,6 +187,8 @@ def sync_look(
         delivery = report.to_dict()
         complete = not report.rejected_events_omitted and not report.failed_events_omitted
         undelivered = undelivered_identities(report.rejected_ids + report.failed_ids, complete)
+    if state is None:  # only the run's own calls, one per row read that was neither invalid nor a duplicate
+        by_type[plan.call] += counts.rows - sum(counts.invalid.values()) - duplicates.duplicates
     warning = duplicates.warning(settings.look_id)
     if warning:
         log.warning("%s", warning)

@@ -458,6 +458,10 @@ def make_row_transformer(
     group_field = plan.group_id.field if plan.group_id else None
     call, event, values_key = plan.call, plan.event, plan.values_key
     specs, membership = plan.specs, plan.membership_trait
+    # Without pivots (the usual Look), each trait is one lookup: the loop skips the pivot test.
+    flat = (
+        None if any(spec[2] is not None for spec in specs) else tuple((n, k, p, c) for n, k, _, p, c in specs)
+    )
     identifier, from_email, from_group = to_identifier, anonymous_id_from_email, anonymous_id_from_group
     fill_pivots, new_message, dumps, encode_error = (
         _fill_pivots,
@@ -492,12 +496,17 @@ def make_row_transformer(
                     return None, INVALID_NO_IDENTIFIER
                 anonymous_id = from_group(group_id)
         traits: dict[str, Any] = {}
-        for name, key, pivots, plain, convert in specs:
-            value = get(name)
-            if pivots is None:
+        if flat is not None:
+            for name, key, plain, convert in flat:
+                value = get(name)
                 traits[key] = value if value.__class__ in plain else convert(value)
-            else:
-                fill_pivots(traits, value, pivots, plain, convert)
+        else:
+            for name, key, pivots, plain, convert in specs:
+                value = get(name)
+                if pivots is None:
+                    traits[key] = value if value.__class__ in plain else convert(value)
+                else:
+                    fill_pivots(traits, value, pivots, plain, convert)
         if membership:
             traits[membership] = True
         message = new_message()

@@ -462,6 +462,7 @@ def test_duplicate_identities_send_the_first_row_only(run, looker, segment, capf
     dag_run, _ti, summary = run(look_id=COHORT_LOOK_ID)
     assert dag_run.state == "success"
     assert (summary["rows"], summary["sent"], summary["duplicates"], summary["invalid"]) == (5, 3, 2, 0)
+    assert summary["events_by_type"] == {"identify": 3}  # the duplicates were never handed to Segment
     events = segment.events()
     assert _user_ids(events) == ["u0", "u1", "u2"]
     assert events[1]["traits"]["plan"] == "pro"  # the first row of u1 in the Look's order
