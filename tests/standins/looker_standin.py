@@ -33,6 +33,7 @@ import hmac
 import json
 import re
 import secrets
+import signal
 import ssl
 import threading
 import time
@@ -532,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         tls_certfile=args.tls_cert,
         tls_keyfile=args.tls_key,
     )
+    # Ctrl-C stops it even when started in the background by a shell that ignores SIGINT (Python then keeps
+    # that disposition instead of raising KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     url = standin.start()
     conn = {"conn_type": "looker", "host": url, "login": args.client_id, "password": args.client_secret}
     print(f"Looker API stand-in listening on {url}", flush=True)

@@ -1045,6 +1045,7 @@ def main(argv: list[str] | None = None) -> int:
         standin._stopping.set()
 
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     try:
         standin.serve_forever()
     except KeyboardInterrupt:
