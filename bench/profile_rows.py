@@ -23,7 +23,7 @@ ways of reading the rows that were considered (``json_detail`` or plain ``json``
 Usage::
 
     .venv/bin/python bench/profile_rows.py [--rows 100000,1000000] [--repeats 3] [--stages floor,...]
-        [--old-ref fa87d57] [--profile] [--json results.json]
+        [--old-ref 491ec37] [--profile] [--json results.json]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ ROW_PATH_FILES = (
     f"{PACKAGE}/models.py",
 )
 #: The revision before issue 14's row path work.
-DEFAULT_OLD_REF = "fa87d57"
+DEFAULT_OLD_REF = "491ec37"
 STAGES = ("parse", "transform", "floor", "dedupe")
 DAG_ID, TASK_ID, RUN_ID = "bench_looker_to_segment", "sync", "manual__profile_rows"
 SENT_AT = "2026-01-01T00:00:00.000Z"

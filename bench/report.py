@@ -13,6 +13,9 @@ from typing import Any
 
 from environment import MAIN_PACKAGES, baseline_versions, machine_info, package_versions
 from report_delivery import delivery_targets, latency_lines, pacing_lines
+from report_format import num as _num
+from report_format import ratio as _ratio
+from report_format import table as _table
 
 #: Issue 14's targets for the row path (on a 2-core machine, 1 M rows on loopback); the delivery part's
 #: targets are in ``report_delivery.py``.
@@ -164,23 +167,6 @@ def marginal_cpu_us(summaries: dict[tuple[str, int], Summary], case: str, rows: 
 
 
 # -- rendering ----------------------------------------------------------------------------------------
-
-
-def _num(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def _ratio(a: float | None, b: float | None, digits: int = 1) -> str:
-    return "-" if a is None or b is None or b == 0 else f"{a / b:,.{digits}f}x"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
 
 
 def render_markdown(report: Report, closing_note: str = "") -> str:

@@ -9,6 +9,10 @@ import statistics
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from report_format import num as _num
+from report_format import ratio as _ratio
+from report_format import table as _table
+
 if TYPE_CHECKING:
     from report import Report, Summary
 
@@ -16,22 +20,6 @@ if TYPE_CHECKING:
 TARGET_LATENCY_SHARE = 0.90
 #: Pacing: the rate achieved within this share of the rate given.
 TARGET_PACE_ERROR = 0.05
-
-
-def _num(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def _ratio(a: float | None, b: float | None, digits: int = 1) -> str:
-    return "-" if a is None or b is None or b == 0 else f"{a / b:,.{digits}f}x"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
-    ]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _median(runs: list[dict[str, Any]], pick: Callable[[dict[str, Any]], float]) -> float:

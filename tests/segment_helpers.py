@@ -6,7 +6,7 @@ import json
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -132,6 +132,23 @@ def wait_until(condition: Callable[[], bool], what: str, guard: float = 30.0) ->
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(0.005)
+
+
+def send_stopped_when(
+    sender: SegmentHook, messages: Iterable[dict[str, Any]], condition: Callable[[], bool], what: str
+) -> DeliveryReport:
+    """``sender.send(messages)`` while another thread calls ``sender.stop()`` once ``condition`` holds."""
+
+    def stop_when_ready() -> None:
+        wait_until(condition, what)
+        sender.stop()
+
+    stopper = threading.Thread(target=stop_when_ready)
+    stopper.start()
+    try:
+        return sender.send(messages)
+    finally:
+        stopper.join()
 
 
 def sender_threads() -> list[threading.Thread]:

@@ -6,7 +6,6 @@ import json
 import logging
 import re
 import ssl
-import threading
 from collections.abc import Iterator
 from http import HTTPStatus
 from itertools import pairwise
@@ -23,6 +22,7 @@ from segment_helpers import (
     hook,
     identifies,
     identify,
+    send_stopped_when,
     sender_threads,
     wait_until,
 )
@@ -536,16 +536,9 @@ def test_batches_waiting_to_be_sent_are_capped_in_bytes(segment, conn_id):
     one_batch = len(b",".join(encode_event(m) for m in identifies(100))) + ENVELOPE_BYTES
     sender = hook(conn_id, max_batch_events=100, max_in_flight=2, max_queued_bytes=one_batch + 100)
 
-    def stop_once_the_pipeline_is_full() -> None:
-        # 2 batches sending + 1 waiting (a second would pass the bytes cap), the 4th formed and waiting for
-        # room: reading stops at message 401 (501 with the count cap alone)
-        wait_until(lambda: pulled > 4 * 100, "a full pipeline")
-        sender.stop()
-
-    stopper = threading.Thread(target=stop_once_the_pipeline_is_full)
-    stopper.start()
-    report = sender.send(messages())
-    stopper.join()
+    # 2 batches sending + 1 waiting (a second would pass the bytes cap), the 4th formed and waiting for
+    # room: reading stops at message 401 (501 with the count cap alone)
+    report = send_stopped_when(sender, messages(), lambda: pulled > 4 * 100, "a full pipeline")
     assert report.total == pulled == 4 * 100 + 1
     for thread in sender_threads():
         thread.join(timeout=30)
@@ -607,15 +600,8 @@ def test_stop_from_another_thread_ends_a_slow_send_promptly(segment, conn_id):
 
     sender = hook(conn_id, max_batch_events=100, max_in_flight=2)
 
-    def stop_once_the_pipeline_is_full() -> None:
-        # 2 batches sending + 2 queued, the 5th formed and waiting for room: reading stops at message 501
-        wait_until(lambda: pulled > 5 * 100, "a full pipeline")
-        sender.stop()
-
-    stopper = threading.Thread(target=stop_once_the_pipeline_is_full)
-    stopper.start()
-    report = sender.send(messages())
-    stopper.join()
+    # 2 batches sending + 2 queued, the 5th formed and waiting for room: reading stops at message 501
+    report = send_stopped_when(sender, messages(), lambda: pulled > 5 * 100, "a full pipeline")
     # the input was no longer read, and every message read is accounted for
     assert report.total == pulled == 5 * 100 + 1
     assert (report.delivered, report.failed, report.failed_reasons) == (0, pulled, {"stopped": pulled})
@@ -632,12 +618,7 @@ def test_stop_from_another_thread_ends_a_slow_send_promptly(segment, conn_id):
 def test_stop_cuts_a_wait_asked_by_segment_short(segment, conn_id):
     segment.set_faults(script=["429"], retry_after=600)
     sender = hook(conn_id, max_in_flight=1, max_retry_time=3600)
-    stopper = threading.Thread(
-        target=lambda: (wait_until(lambda: segment.stats()["requests"] == 1, "the 429"), sender.stop())
-    )
-    stopper.start()
-    report = sender.send(identifies(100))
-    stopper.join()
+    report = send_stopped_when(sender, identifies(100), lambda: segment.stats()["requests"] == 1, "the 429")
     assert (report.requests, report.failed_reasons, report.aborted) == (1, {"stopped": 100}, "stopped")
     for thread in sender_threads():
         thread.join(timeout=30)
