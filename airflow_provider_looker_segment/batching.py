@@ -139,10 +139,11 @@ class EncodedMessage(dict):
     """
     A Segment message that carries its own JSON encoding (:attr:`encoded`), made once by its producer (the
     transform encodes each row's message once, for its messageId and for the batch). :class:`Batcher` sends
-    :attr:`encoded` as it is: change the message only through :meth:`set_message_id`.
+    :attr:`encoded` as it is: change the message only through :meth:`set_message_id`. :attr:`alias`, when
+    set, is the anonymousId derived from the row's email of a message with a userId (never sent).
     """
 
-    __slots__ = ("encoded",)
+    __slots__ = ("alias", "encoded")
 
     def set_message_id(self, message_id: str) -> None:
         """Replace the ``messageId`` (the last key of :attr:`encoded`) in the message and in its encoding."""

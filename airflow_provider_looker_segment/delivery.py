@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -256,11 +256,15 @@ class Delivery:
         messages: Iterable[Mapping[str, Any]],
         progress: Callable[[DeliveryReport], None] | None = None,
         progress_interval: float = 10.0,
+        on_undelivered: Callable[[Sequence[Any]], None] | None = None,
     ) -> DeliveryReport:
         """
         Send everything and return the report; an exception of the input (or any other) propagates once the
         requests on the wire have ended (no new request, no retry meanwhile).
+
+        :param on_undelivered: given the messageIds of every rejected or failed event (under the lock).
         """
+        self.report.listener = on_undelivered
         self.progress, self.progress_interval = progress, max(progress_interval, 0.01)
         self.next_report = time.monotonic() + self.progress_interval
         try:

@@ -5,7 +5,7 @@ exactly once as delivered, rejected or failed, with the reasons and (a bounded l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,8 @@ class DeliveryReport:
     :param failed_events_omitted: failed events beyond the listed ones.
     :param aborted: why sending stopped early, if it did.
     :param max_listed_events: cap on each of the two lists, so memory stays bounded.
+    :param listener: also given the messageIds of every rejected or failed event, unbounded (a changed-only
+        run writes them to disk to know which identities must not advance).
     """
 
     delivered: int = 0
@@ -54,6 +56,7 @@ class DeliveryReport:
     failed_events_omitted: int = 0
     aborted: str | None = None
     max_listed_events: int = DEFAULT_MAX_LISTED_EVENTS
+    listener: Callable[[Sequence[Any]], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def total(self) -> int:
@@ -103,6 +106,8 @@ class DeliveryReport:
         if category == DELIVERED:
             self.delivered += count
             return
+        if self.listener is not None:
+            self.listener(message_ids)
         rejected = category == REJECTED
         reasons, listed = (
             (self.rejected_reasons, self.rejected_ids) if rejected else (self.failed_reasons, self.failed_ids)

@@ -157,6 +157,46 @@ class SyncStateLockedError(SyncStateError):
         self.owner = owner
 
 
+class SyncStateSaveError(SyncStateError):
+    """
+    Segment accepted the run's calls but the state could not be saved after every attempt.
+
+    :param sync_key: the sync.
+    :param state_path: where the state should have been saved (URI).
+    :param error: the last error.
+    :param attempts: how many times saving was tried.
+    :param generation: the generation of the state that stays in place.
+    :param marked: whether a marker telling the next run about it could be written.
+    """
+
+    def __init__(
+        self,
+        sync_key: str,
+        state_path: str,
+        error: BaseException,
+        *,
+        attempts: int,
+        generation: int,
+        marked: bool,
+    ) -> None:
+        super().__init__(
+            f"The calls were delivered to Segment, but the state of sync {sync_key} could not be saved to "
+            f"{state_path} ({attempts} attempts; last error: {type(error).__name__}: {error}). The state stays "
+            f"at generation {generation}, so the next run compares the Look with it and sends these changes "
+            "again; its entry and exit events carry the same messageIds as this run's (derived from the "
+            "transition), so Segment drops the repeats within its deduplication window (about 24 hours). Fix "
+            "the storage (space, permissions, credentials) before the next run."
+            + ("" if marked else " (The next run cannot be told about this: the storage refused that too.)")
+        )
+        self.sync_key = sync_key
+        self.state_path = state_path
+        self.generation = generation
+
+
+class SyncStateLockLostError(SyncStateError):
+    """The run lost the lock of its sync while it ran (it was frozen past its lease) and stopped sending."""
+
+
 class SyncStateConflictError(SyncStateError):
     """The stored state changed since this run loaded it (another run wrote it concurrently)."""
 

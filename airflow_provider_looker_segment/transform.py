@@ -432,6 +432,7 @@ def make_row_transformer(
     ran_at: datetime | None,
     message_id_namespace: str,
     library: Mapping[str, Any] | None = None,
+    derive_alias: bool = False,
 ) -> RowTransformer:
     """
     Build the per-row function of a plan: row → ``(message, None)`` or ``(None, invalid reason)``.
@@ -445,7 +446,10 @@ def make_row_transformer(
     :param ran_at: when Looker ran the query (the messages' ``timestamp``); ``None``: no timestamp.
     :param message_id_namespace: what makes this task run unique (see :func:`build_message_id_namespace`).
     :param library: ``context.library``; defaults to this package's name and version.
-    :return: the transformer.
+    :param derive_alias: set ``message.alias`` on messages with a userId to the anonymousId derived from the
+        row's email (a changed-only run finds by it a member that the state knew by that anonymousId).
+    :return: the transformer; its ``tail`` attribute holds the bytes every encoding carries between the
+        traits and the messageId's 32 hex digits (the run's timestamp and context).
     """
     if not isinstance(message_id_namespace, str) or not message_id_namespace:
         raise TransformConfigError("message_id_namespace must be a non-empty string")
@@ -489,12 +493,15 @@ def make_row_transformer(
             user_id = (value.strip() or None) if value.__class__ is str else identifier(value)
         if anon_field is not None:
             anonymous_id = identifier(get(anon_field))
+        alias = None
         if user_id is None and anonymous_id is None:
             anonymous_id = from_email(get(email_field)) if email_field else None
             if anonymous_id is None:
                 if group_id is None:
                     return None, INVALID_NO_IDENTIFIER
                 anonymous_id = from_group(group_id)
+        elif derive_alias and user_id is not None and anonymous_id is None and email_field is not None:
+            alias = from_email(get(email_field))
         traits: dict[str, Any] = {}
         if flat is not None:
             for name, key, plain, convert in flat:
@@ -534,6 +541,9 @@ def make_row_transformer(
         message["context"] = context
         message["messageId"] = MESSAGE_ID_PREFIX + hex_id
         message.encoded = head[:-1] + tail + hex_id.encode() + b'"}'
+        if alias is not None:
+            message.alias = alias
         return message, None
 
+    transform.tail = tail  # type: ignore[attr-defined]
     return transform

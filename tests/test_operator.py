@@ -373,15 +373,17 @@ def test_mass_exit_stops_the_run_before_any_exit(changed, looker, segment, capfd
     _cohort(looker, [("u0", "free"), ("u1", "free"), ("u2", "pro")])  # 7 of 10 gone
     dag_run, ti, _summary = changed(membership_trait="in_cohort")
     assert dag_run.state == "failed" and ti.state == "failed"
-    # u2's change was sent and saved by the first try; the retry had nothing left to send.
-    assert [(e["userId"], e["traits"]["in_cohort"]) for e in segment.events()] == [("u2", True)]
+    # The guard is decided before the first call: u2's change is not sent either, on both tries.
+    assert segment.events() == [] and segment.stats()["requests"] == 0
     text = "".join(capfd.readouterr())
     assert "ExitGuardError" in text and "7 of the 10 identities" in text and "max_exit_ratio=0.5" in text
-    assert "Look 600: 3 rows read, 1 sent" in text  # the summary is logged before the task fails
+    assert text.count("Look 600: 3 rows read, 0 sent") == 2  # each try logs its summary, then fails
     segment.reset()
     _dag_run, _ti, summary = changed(membership_trait="in_cohort", max_exit_ratio=1.0)
-    assert summary["exited"] == 7 and summary["sent"] == 7
-    assert all(e["traits"] == {"in_cohort": False} for e in segment.events())
+    assert summary["exited"] == 7 and summary["sent"] == 8 and summary["changed"] == 1
+    assert sorted(e["userId"] for e in segment.events() if e["traits"] == {"in_cohort": False}) == [
+        f"u{n}" for n in range(3, 10)
+    ]
 
 
 def test_truncated_look_never_produces_exits(changed, looker, segment):

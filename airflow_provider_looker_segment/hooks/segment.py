@@ -11,7 +11,7 @@ The hook reads and checks the connection (write key, base URL, extras) and hands
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -292,6 +292,7 @@ class SegmentHook(BaseHook):
         *,
         progress: Callable[[DeliveryReport], None] | None = None,
         progress_interval: float = 10.0,
+        on_undelivered: Callable[[Sequence[Any]], None] | None = None,
     ) -> DeliveryReport:
         """
         Deliver messages in batches; return what became of each.
@@ -307,6 +308,8 @@ class SegmentHook(BaseHook):
         :param progress: called from the calling thread with a copy of the report every
             ``progress_interval`` seconds; when omitted, progress is logged instead.
         :param progress_interval: seconds between progress reports.
+        :param on_undelivered: also given the messageIds of every rejected or failed event, all of them (the
+            report lists a bounded number), from the thread that settled them.
         """
         settings = self.settings
         self.log.info(
@@ -337,7 +340,7 @@ class SegmentHook(BaseHook):
         if self._stopped:  # stop() came first: read nothing, send nothing
             delivery.stop()
         try:
-            report = delivery.run(messages, progress, progress_interval)
+            report = delivery.run(messages, progress, progress_interval, on_undelivered)
         finally:
             self._delivery = None
         self.log.info("Segment delivery done: %s", report.summary())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from datetime import timedelta
@@ -14,14 +15,19 @@ from airflow.sdk import BaseOperator, ObjectStoragePath
 
 from airflow_provider_looker_segment.cohort_sync import SYNC_ALL
 from airflow_provider_looker_segment.destinations import Destination, resolve_destinations
-from airflow_provider_looker_segment.exceptions import LookerApiError, QueryTaskError
+from airflow_provider_looker_segment.exceptions import InvalidParameterError, LookerApiError, QueryTaskError
 from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.hooks.segment import SegmentHook
 from airflow_provider_looker_segment.links import LookerLookLink
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.params import to_number, to_optional_str
 from airflow_provider_looker_segment.pipeline import SyncSettings, failure, log_summary, sync_look
-from airflow_provider_looker_segment.sync_state import CohortStateStore, sync_key
+from airflow_provider_looker_segment.sync_state import (
+    CohortStateStore,
+    check_state_key,
+    legacy_sync_keys,
+    sync_key,
+)
 from airflow_provider_looker_segment.transform import build_message_id_namespace
 from airflow_provider_looker_segment.triggers.looker import LookerQueryTaskTrigger
 
@@ -92,6 +98,11 @@ class LookerToSegmentOperator(BaseOperator):
     :param state_path: folder of the ``sync_mode="changed"`` state files: a local path or any URL Airflow's
         ObjectStoragePath reads (``s3://bucket/looker-segment/``, ``gs://...``); use shared storage when tasks
         run on several workers. Default: ``$AIRFLOW_HOME/looker_segment_state``. (templated)
+    :param state_key: with ``sync_mode="changed"``, name the sync's state yourself (1 to 64 letters, digits,
+        ``.``, ``_``, ``-``), e.g. ``"vip-{{ macros.ds_format(ds, '%Y-%m-%d', '%Y') }}"`` for a state per year.
+        By default the state is keyed by the Look, the call type and the Segment source (write key hashed),
+        never by other values rendered per run (a templated ``event`` or ``filters`` keep one state).
+        (templated)
     :param full_refresh: with ``sync_mode="changed"``, send everything whatever the state says; exits are
         still computed against the previous state. (templated)
     :param membership_trait: a trait set to ``true`` on every call (e.g. ``in_active_users``); with
@@ -139,6 +150,7 @@ class LookerToSegmentOperator(BaseOperator):
         "max_invalid_rows",
         "sync_mode",
         "state_path",
+        "state_key",
         "full_refresh",
         "membership_trait",
         "max_exit_ratio",
@@ -170,6 +182,7 @@ class LookerToSegmentOperator(BaseOperator):
         max_invalid_rows: int | str | None = None,
         sync_mode: str = SYNC_ALL,
         state_path: str | ObjectStoragePath | None = None,
+        state_key: str | None = None,
         full_refresh: bool | str = False,
         membership_trait: str | None = None,
         max_exit_ratio: float | str = 0.5,
@@ -205,6 +218,7 @@ class LookerToSegmentOperator(BaseOperator):
         self.max_invalid_rows = max_invalid_rows
         self.sync_mode = sync_mode
         self.state_path = state_path
+        self.state_key = state_key
         self.full_refresh = full_refresh
         self.membership_trait = membership_trait
         self.max_exit_ratio = max_exit_ratio
@@ -361,6 +375,7 @@ class LookerToSegmentOperator(BaseOperator):
                     state=state,
                     log=self.log,
                     progress_interval=self.progress_interval,
+                    stop=segment.stop,
                 )
         finally:
             gc.unfreeze()
@@ -380,15 +395,24 @@ class LookerToSegmentOperator(BaseOperator):
     def _state_store(self, settings: SyncSettings, segment: SegmentHook) -> CohortStateStore:
         state_path = _state_folder(self.state_path)
         self._warn_if_state_is_local(state_path)
+        base_url, write_key = segment.settings.base_url, segment.settings.write_key
+        own_key = to_optional_str(self.state_key)
         key = sync_key(
             settings.look_id,
-            segment.settings.base_url,
-            segment.settings.write_key,
+            base_url,
+            write_key,
             call=settings.call,
-            event=settings.event,
+            state_key=None if own_key is None else check_state_key(own_key),
+        )
+        legacy = (
+            ()
+            if own_key
+            else legacy_sync_keys(
+                settings.look_id, base_url, write_key, call=settings.call, event=settings.event
+            )
         )
         self.log.info("Sync state: %s/%s.state", state_path, key)
-        return CohortStateStore(state_path, key)
+        return CohortStateStore(state_path, key, legacy_keys=legacy)
 
     @staticmethod
     def _message_id_namespace(context: Context, look_id: str) -> str:
@@ -432,6 +456,16 @@ def _state_folder(state_path: str | ObjectStoragePath | None) -> ObjectStoragePa
     if text is None:
         home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
         text = os.path.join(home, DEFAULT_STATE_FOLDER)
+    if (
+        "://" not in text
+        and re.match(r"[A-Za-z][A-Za-z0-9+.-]*:(?![\\/])", text)
+        and not re.match(r"[A-Za-z]:[\\/]", text)
+    ):
+        raise InvalidParameterError(
+            f"state_path {text!r} looks like a URL without '//': write a local folder as a path "
+            "(/var/lib/looker-segment or file:///var/lib/looker-segment) or a URL as scheme://..., e.g. "
+            "s3://bucket/looker-segment/"
+        )
     if "://" not in text:
         text = "file://" + os.path.abspath(os.path.expanduser(text))
     return ObjectStoragePath(text)
