@@ -28,6 +28,7 @@ from looker_helpers import (
     set_connection,
 )
 from standins.looker_fixtures import (
+    ACCOUNT_USERS_LOOK_ID,
     DELETED_LOOK_ID,
     EDGE_VALUES_LOOK_ID,
     GENERATED_LOOK_BASE,
@@ -1175,8 +1176,12 @@ def test_a_filter_on_a_field_not_in_the_explore_is_a_clear_error(hook, looker, v
         (["users.plan", "pro"], "filters must be a mapping of Looker field name to filter expression"),
         ({" ": "pro"}, "filters: ' ' is not a Looker field name"),
         ({"users.plan": " "}, "filters['users.plan'] is empty: Looker would ignore it"),
-        ({"users.plan": None}, "filters['users.plan'] must be a Looker filter expression (text), got None"),
+        ({"users.plan": None}, "filters['users.plan'] has no expression (None): give a Looker filter"),
         ({"users.plan": True}, "filters['users.plan'] must be a Looker filter expression (text), got True"),
+        (
+            {"users.plan": "pro", " users.plan ": "free"},
+            "filters name the field users.plan twice: 'users.plan' and ' users.plan ' differ only by blanks",
+        ),
     ],
 )
 def test_unusable_filters_are_refused_before_looker_is_called(hook, looker, filters, message):
@@ -1186,6 +1191,20 @@ def test_unusable_filters_are_refused_before_looker_is_called(hook, looker, filt
     with pytest.raises(InvalidParameterError):
         hook.start_query_task(NEW_SIGNUPS_LOOK_ID, filters=filters)
     assert looker.counters.get("requests", 0) == 0
+
+
+def test_a_long_filter_value_is_shortened_in_the_log(hook, looker, caplog, capfd):
+    caplog.set_level(logging.INFO)
+    ids = ",".join(f"u{number:07d}" for number in range(120_000))  # about 1 MB of user ids
+    with hook.stream_look(ACCOUNT_USERS_LOOK_ID, filters={"users.id": ids}) as stream:
+        assert list(stream.rows) == []
+    assert looker.queries.received[-1]["filters"]["users.id"] == ids  # Looker gets it whole
+    assert stream.query.filters["users.id"] == ids
+    output = capfd.readouterr()
+    logged = caplog.text + output.out + output.err
+    assert "Running Look 16 (Account owners) with filters: users.id = 'u0000000,u0000001," in logged
+    assert f"... ({len(ids):,} characters)' (added)" in logged
+    assert ids not in logged and len(logged) < 20_000
 
 
 def test_a_filter_equal_to_the_looks_own_runs_the_same_rows(hook, looker):

@@ -110,6 +110,7 @@ def test_sdk_runs_a_look_in_json_csv_and_json_detail(sdk):
         "fields",
         "pivots",
         "ran_at",
+        "timezone",
         "runtime",
         "has_totals",
         "has_subtotals",

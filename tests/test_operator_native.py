@@ -12,7 +12,12 @@ from typing import Any
 import pytest
 from standins.connections import standin_connections
 from standins.demo import read_return_value
-from standins.looker_fixtures import NEW_SIGNUPS_LOOK_ID, SQL_ERROR_LOOK_ID, TOASTMATES_LOOK_ID
+from standins.looker_fixtures import (
+    ACCOUNT_USERS_LOOK_ID,
+    NEW_SIGNUPS_LOOK_ID,
+    SQL_ERROR_LOOK_ID,
+    TOASTMATES_LOOK_ID,
+)
 from test_operator import DAG_FILE, looker, run, segment  # noqa: F401  (fixtures)
 
 
@@ -77,6 +82,43 @@ def test_an_empty_filter_expression_is_refused(run, looker, segment, capfd):
     dag_run, _ti, _summary = run(filters={"users.created_date": " "})
     assert dag_run.state == "failed" and segment.stats()["requests"] == 0
     assert "filters['users.created_date']" in "".join(capfd.readouterr())
+
+
+@pytest.mark.parametrize(
+    ("expression", "users"),
+    [
+        ("NULL", [None]),  # Looker's "is null": the account owner without a user id (an email-derived id)
+        ("-NULL", ["00MWWFOLRcETcTCf", "01HQZ3V8K2M5N7PB"]),
+        ("null", [None]),  # typed by a user: Looker's to judge (it reads any case of NULL as "is null")
+        ("None", []),  # the text None: no user has that id
+    ],
+)
+def test_lookers_filter_expressions_go_to_looker_as_given(run, looker, segment, expression, users):
+    dag_run, _ti, summary = run(look_id=ACCOUNT_USERS_LOOK_ID, filters={"users.id": expression})
+    assert dag_run.state == "success"
+    assert looker.queries.received[-1]["filters"]["users.id"] == expression
+    assert [event.get("userId") for event in segment.events()] == users
+    assert summary["filters"] == {"users.id": expression}
+
+
+def test_filter_names_differing_only_by_blanks_are_refused_naming_both(run, looker, segment, capfd):
+    created_before = len(looker.queries.received)
+    dag_run, _ti, _summary = run(filters={"users.plan": "pro", "users.plan ": "free"})
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert len(looker.queries.received) == created_before
+    text = "".join(capfd.readouterr())
+    refusal = "filters name the field users.plan twice: 'users.plan' and 'users.plan ' differ only by blanks"
+    assert refusal in text
+
+
+def test_an_event_name_too_long_for_any_call_is_refused_before_looker_is_read(run, looker, segment, capfd):
+    runs_before = looker.counters.get("runs", 0)
+    dag_run, _ti, _summary = run(call="track", event="Joined " + "x" * 40_000)
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert looker.counters.get("runs", 0) == runs_before
+    text = "".join(capfd.readouterr())
+    assert "event is 40,007 characters (40,009 bytes encoded): a track call carrying it cannot fit" in text
+    assert "x" * 200 not in text
 
 
 def test_without_filters_the_saved_look_runs(run, looker, segment):

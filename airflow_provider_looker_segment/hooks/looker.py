@@ -133,6 +133,7 @@ def _look_info(look_id: str, look: models40.LookWithQuery) -> LookInfo:
         pivots=tuple(query.pivots or ()) if query else (),
         hidden_fields=tuple(vis.get("hidden_fields") or ()),
         deleted=bool(look.deleted),
+        query_timezone=(query.query_timezone if query else None) or None,
     )
 
 

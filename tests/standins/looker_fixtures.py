@@ -12,7 +12,8 @@ Id      What it covers
 3       hidden fields: one in ``vis_config.hidden_fields``, one hidden in LookML
 4       a pivot on ``orders.status`` (pivoted measures, one null pivot cell)
 5       table calculations (a number and a yes/no that evaluates to ``false``)
-6       value types: nulls, integers, floats, big integers, dates, times, yes/no, ``0``/``""``
+6       value types: nulls, integers, floats, big integers, dates, times, yes/no, ``0``/``""``; its query
+        runs in the time zone ``America/New_York`` (its date-times are local times there)
 7       an anonymous id (tag ``segment_anonymous_id``) and no user id
 8       only an email (tag ``email``)
 9       two fields tagged ``user_id``
@@ -211,6 +212,8 @@ class FixtureLook:
     :param deleted: the Look is in the trash.
     :param looker_error: when set, running the Look fails with this SQL error.
     :param filters: the query's saved filters; the rows already satisfy them.
+    :param query_timezone: the query's time zone (its date-times are local times of it), also the result's
+        ``timezone``; ``None``: not set (the result then names no zone either).
     """
 
     id: str
@@ -226,6 +229,7 @@ class FixtureLook:
     deleted: bool = False
     looker_error: str | None = None
     filters: dict[str, str] = field(default_factory=dict)
+    query_timezone: str | None = "UTC"
 
     @property
     def row_count(self) -> int:
@@ -292,7 +296,7 @@ class FixtureLook:
                 "dynamic_fields": json.dumps([{"table_calculation": f.name, "label": f.label} for f in calcs])
                 if calcs
                 else None,
-                "query_timezone": "UTC",
+                "query_timezone": self.query_timezone,
                 "has_table_calculations": bool(calcs),
                 "client_id": f"fixture{self.id}",
             },
@@ -761,7 +765,15 @@ def _value_types() -> FixtureLook:
             None,
         ),
     )
-    return FixtureLook(VALUE_TYPES_LOOK_ID, "Every value type", "toastmates", "users", fields, rows)
+    return FixtureLook(
+        VALUE_TYPES_LOOK_ID,
+        "Every value type",
+        "toastmates",
+        "users",
+        fields,
+        rows,
+        query_timezone="America/New_York",
+    )
 
 
 def _anonymous() -> FixtureLook:

@@ -319,6 +319,7 @@ def _detail_frame(look: FixtureLook, apply_vis: bool, cached: bool) -> tuple[byt
         "fields": look.detail_fields(apply_vis),
         "pivots": look.detail_pivots(),
         "ran_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"timezone": look.query_timezone} if look.query_timezone else {}),
         "runtime": "0.042",
         "has_totals": False,
         "has_subtotals": False,
