@@ -140,6 +140,15 @@ def test_deferrable_run_waits_for_the_query_task_then_syncs(deferred, looker, se
     assert len([p for p in polls if not p.endswith("/results")]) >= 2  # added -> running -> complete
 
 
+def test_results_not_ready_right_after_complete_are_asked_for_again(deferred, looker, segment):
+    looker.delay_results_after_complete(2)  # 202 twice after the task reported complete
+    dag_run, ti, summary = deferred()
+    assert dag_run.state == "success", ti.state
+    assert summary["sent"] == 10
+    results = [r.status for r in looker.requests if r.path.endswith("/results")]
+    assert results[-3:] == [202, 202, 200]
+
+
 def test_deferrable_run_with_filters(deferred, looker, segment):
     day = _a_day_with_signups(looker)
     dag_run, _ti, summary = deferred(look_id=NEW_SIGNUPS_LOOK_ID, filters={"users.created_date": day})
@@ -177,6 +186,27 @@ def test_a_query_that_outlives_the_timeout_is_killed(airflow_db, monkeypatch, lo
     text = "".join(capfd.readouterr())
     assert "did not complete within 0.5 seconds" in text and "Asked Looker to kill query task" in text
     assert looker.client_secret not in text
+
+
+def test_a_status_poll_told_to_wait_past_the_timeout_fails_at_the_timeout(
+    airflow_db, monkeypatch, looker, segment, capfd
+):
+    """query_timeout 0.5 s, polls answered 429 Retry-After 10: no 10 s wait, the timeout, the query killed."""
+    for name, value in standin_connections(looker.base_url, segment.base_url).items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("lsg_operator_test", DAG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    looker.end_next_query_tasks("never", count=2)
+    looker.fail_next_task_polls(2, status=429, retry_after=10)  # the first poll of each try
+    kills_before = len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/"))
+    dag_run = module.timeout_dag.test(run_conf={"look_id": TOASTMATES_LOOK_ID})
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/")) - kills_before == 2  # each try
+    text = "".join(capfd.readouterr())
+    assert "a retry in 10 s would come after the timeout" in text
+    assert "did not complete within 0.5 seconds (timeout; Looker did not answer in time)" in text
+    assert "gave up after" not in text and "Asked Looker to kill query task" in text
 
 
 # ---------------------------------------------------------------------------------------------- the link
