@@ -37,12 +37,14 @@ from airflow_provider_looker_segment.exceptions import (
     SyncStateLockLostError,
     SyncStateSaveError,
 )
+from airflow_provider_looker_segment.look_filters import shorten
 from airflow_provider_looker_segment.models import LookResultMeta, Row
 from airflow_provider_looker_segment.settings import MAX_LIMIT, SyncSettings
 from airflow_provider_looker_segment.sync_run import SyncRun
 from airflow_provider_looker_segment.transform import (
     TransformPlan,
     format_timestamp,
+    is_group_without_user,
     make_row_transformer,
     plan_transform,
 )
@@ -113,6 +115,7 @@ class SyncSummary:
     ran_at: str | None
     filters: dict[str, str] = field(default_factory=dict)
     events_by_type: dict[str, int] = field(default_factory=dict)
+    groups_without_user: int = 0
     cohort: CohortSummary | None = None
     seconds: float = 0.0
 
@@ -200,6 +203,9 @@ def sync_look(
         else:
             cohort_messages = CohortMessages(state, events, cohort)
             messages = _counted(cohort_messages, by_type, plan.call)
+    without_user = [0]
+    if plan.call == "group":  # group calls carrying the anonymousId derived from the group id (MTUs)
+        messages = _groups_without_user(messages, without_user)
     undelivered = None
     if settings.dry_run or send is None:
         delivery = _dry_run(messages, log)
@@ -247,6 +253,7 @@ def sync_look(
         ran_at=ran_at.isoformat() if ran_at is not None else None,
         filters=dict(settings.filters),
         events_by_type=dict(by_type),
+        groups_without_user=without_user[0],
     )
     if state is not None and cohort is not None:
         handed = cohort_messages.handed if not cohort.guard_tripped else None
@@ -258,7 +265,8 @@ def sync_look(
 def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
     """The summary's one line (and the truncation warning)."""
     if summary.filters:
-        log.info("Look %s: ran with the filters %s", summary.look_id, summary.filters)
+        shown = {name: shorten(expression) for name, expression in summary.filters.items()}
+        log.info("Look %s: ran with the filters %s", summary.look_id, shown)
     log.info(
         "Look %s: %d rows read, %d sent, %d invalid, %d rejected, %d failed, %d batches in %.1f s%s%s",
         summary.look_id,
@@ -276,6 +284,15 @@ def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
         per_type = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.events_by_type.items()))
         verb = "would be sent" if summary.dry_run else "handed to Segment"
         log.info("Look %s: events %s per call type: %s", summary.look_id, verb, per_type)
+    if summary.groups_without_user:
+        log.warning(
+            "Look %s: %d group calls %s no user identifier but the anonymousId derived from the group id: "
+            "Segment counts each anonymousId not tied to a userId as a monthly tracked user. Set "
+            "group_without_user='skip' to send only rows with a user.",
+            summary.look_id,
+            summary.groups_without_user,
+            "would carry" if summary.dry_run else "carried",
+        )
     if summary.possibly_truncated:
         log.warning(
             "Look %s returned exactly as many rows as the limit (%s): the cohort may be truncated; "
@@ -357,6 +374,14 @@ def _counted(messages: Iterable[dict], by_type: Counter[str], call: str) -> Iter
             by_type[kind] += 1
         yield message
     by_type[call] += made
+
+
+def _groups_without_user(messages: Iterable[dict], count: list[int]) -> Iterator[dict]:
+    """Count the group calls whose only identity is the anonymousId derived from the group id."""
+    for message in messages:
+        if "userId" not in message and is_group_without_user(message):
+            count[0] += 1
+        yield message
 
 
 _LOCK_LOST = "This run lost the lock of its sync"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from standins.looker_fixtures import (
     SQL_ERROR_LOOK_ID,
     TOASTMATES_LOOK_ID,
     TRUNCATED_LOOK_ID,
+    VALUE_TYPES_LOOK_ID,
     FixtureField,
     FixtureLook,
     fixture_looks,
@@ -238,6 +240,30 @@ def test_missing_write_key_fails_before_reading_looker(run, looker, segment, mon
     assert dag_run.state == "failed"
     assert looker.counters.get("runs", 0) == runs_before
     assert "write key" in "".join(capfd.readouterr()).lower()
+
+
+def test_date_times_are_sent_in_utc_from_the_zone_looker_ran_the_query_in(run, segment, capfd):
+    """Look 6 runs in America/New_York: its local date-times become instants in UTC (ISO 8601, Z)."""
+    dag_run, _ti, _summary = run(look_id=VALUE_TYPES_LOOK_ID)
+    assert dag_run.state == "success"
+    traits = [event["traits"] for event in segment.events()]
+    assert [t["last seen time"] for t in traits] == ["2024-03-01T13:15:30Z", "2024-01-01T05:00:00Z", None]
+    assert [t["created date"] for t in traits] == ["2024-02-29", "2023-12-31", None]  # dates stay dates
+    assert [t["created month"] for t in traits] == ["2024-02", "2023-12", None]
+    assert "without a UTC offset" not in "".join(capfd.readouterr())
+
+
+def test_date_times_of_an_unknown_zone_keep_their_local_time_with_a_warning(run, looker, segment, capfd):
+    looker.add_look(dataclasses.replace(fixture_looks()[VALUE_TYPES_LOOK_ID], id="606", query_timezone=None))
+    dag_run, _ti, _summary = run(look_id="606")
+    assert dag_run.state == "success"
+    assert segment.events()[0]["traits"]["last seen time"] == "2024-03-01T08:15:30"
+    text = "".join(capfd.readouterr())
+    assert (
+        "users.last_seen_time gives date-times sent without a UTC offset (e.g. 2024-01-05T10:11:12), the "
+        "local time of the query: Looker did not say in which time zone it ran the query." in text
+    )
+    assert "set the Look's query time zone in Looker" in text
 
 
 def test_invalid_rows_are_reported_and_can_fail_the_task(run, looker, segment):

@@ -45,6 +45,7 @@ from airflow_provider_looker_segment.exceptions import (
     LookNotFoundError,
 )
 from airflow_provider_looker_segment.hooks.looker_connection import (
+    CREDENTIAL_STATUSES,
     DEFAULT_TIMEOUT,
     RETRY_STATUSES,
     ConnectionApiSettings,
@@ -133,6 +134,7 @@ def _look_info(look_id: str, look: models40.LookWithQuery) -> LookInfo:
         pivots=tuple(query.pivots or ()) if query else (),
         hidden_fields=tuple(vis.get("hidden_fields") or ()),
         deleted=bool(look.deleted),
+        query_timezone=(query.query_timezone if query else None) or None,
     )
 
 
@@ -265,7 +267,8 @@ class LookerHook(LookerQueryTasks, BaseHook):
         filters: Mapping[str, str] | None = None,
     ) -> Iterator[LookStream]:
         """
-        Run a Look and stream its result (``json_detail``, raw values, visualisation not applied).
+        Run a Look and stream its result (``json_detail``, raw values, visualisation not applied, no drill
+        links).
 
         With ``filters``, the Look's query is copied with the given filters replacing or adding to its own
         (``create_query``) and that query runs instead; the Look's metadata rules (tags, labels, hidden
@@ -291,7 +294,13 @@ class LookerHook(LookerQueryTasks, BaseHook):
         given = normalise_filters(filters)
         info, look = self._read_look(look_id)
         effective = info.limit if limit is None else int(limit)
-        params = {"apply_formatting": "false", "apply_vis": "false", "cache": "true" if cache else "false"}
+        # Drill links (Looker's default) are per-cell URLs the sync never reads: leave them out of the body.
+        params = {
+            "apply_formatting": "false",
+            "apply_vis": "false",
+            "cache": "true" if cache else "false",
+            "generate_drill_links": "false",
+        }
         if limit is not None:
             params["limit"] = str(limit)
         run_query: LookRunQuery | None = None
@@ -451,11 +460,19 @@ class LookerHook(LookerQueryTasks, BaseHook):
     ) -> LookerApiError:
         """Turn an HTTP error answer into the provider's exception, with a message a user can act on."""
         message = self._redact(message)
-        if login:
+        if login and status in CREDENTIAL_STATUSES:
             return LookerApiError(
                 f"Looker rejected the API credentials of connection '{self.looker_conn_id}' "
                 f"(client ID {self.settings.client_id}) at {self.settings.base_url}: "
                 f"HTTP {status} {message}. Check the client ID and secret.",
+                status=status,
+            )
+        if login:  # 429, 5xx...: Looker busy or unavailable (an upgrade), not refusing the credentials
+            retried = f", still after {self.retries} retries" if status in RETRY_STATUSES else ""
+            return LookerApiError(
+                f"Logging in to Looker at {self.settings.base_url} failed (HTTP {status}{retried}): "
+                f"{message.rstrip('.')}. Looker is limiting requests or unavailable (e.g. during an "
+                "upgrade); this is not about the credentials: let the task retry later.",
                 status=status,
             )
         if status == 404 and look_id is not None:

@@ -62,8 +62,12 @@ class LookerToSegmentOperator(BaseOperator):
         ``properties``). (templated)
     :param group_id_field: with ``call="group"``, the Looker field that gives ``groupId``; detected from the
         LookML tag ``segment_group_id`` or the field's name or label (``accounts.id``, ``Account ID``) when
-        not given. A row without a user identifier gets an anonymousId derived from its group id.
-        (templated)
+        not given. (templated)
+    :param group_without_user: with ``call="group"``, what a row without a user identifier (an
+        account-level Look) becomes: ``"anonymous_id"`` (default) sends its group call with a stable
+        anonymousId derived from the group id, which Segment counts as a monthly tracked user (the summary's
+        ``groups_without_user``); ``"skip"`` counts the row invalid (``no_user_for_group``), as Looker's own
+        Segment action refuses it. (templated)
     :param event: with ``call="track"`` (required there), the event name, e.g. ``"Joined VIP cohort"``.
         (templated)
     :param entered_event: with ``sync_mode="changed"``, also send a track call with this event name for
@@ -125,8 +129,10 @@ class LookerToSegmentOperator(BaseOperator):
     :param gzip: gzip request bodies (default: the Segment connection's setting).
     :param requests_per_second: client-side cap on requests per second (default: the connection's, else
         Segment's guidance of 1,000 per second).
-    :param events_per_second: paces the events this task sends, e.g. ``1000`` for Engage's inbound limit
-        or a share of the workspace's 100,000 events per second (default: the connection's, else none).
+    :param events_per_second: a ceiling on the events this task sends per second (batches of a tenth of it,
+        no second carrying more than it plus one batch); default: the connection's, else none. Segment takes
+        1,000 events per second per workspace (Engage too) and queues the excess, delivered later: give each
+        of N tasks sending to one workspace at once 1,000 / N.
     :param progress_interval: seconds between progress lines in the task log.
     """
 
@@ -135,6 +141,7 @@ class LookerToSegmentOperator(BaseOperator):
         "filters",
         "call",
         "group_id_field",
+        "group_without_user",
         "event",
         "entered_event",
         "exited_event",
@@ -188,6 +195,7 @@ class LookerToSegmentOperator(BaseOperator):
         max_exit_ratio: float | str = 0.5,
         call: str = "identify",
         group_id_field: str | None = None,
+        group_without_user: str = "anonymous_id",
         event: str | None = None,
         entered_event: str | None = None,
         exited_event: str | None = None,
@@ -224,6 +232,7 @@ class LookerToSegmentOperator(BaseOperator):
         self.max_exit_ratio = max_exit_ratio
         self.call = call
         self.group_id_field = group_id_field
+        self.group_without_user = group_without_user
         self.event = event
         self.entered_event = entered_event
         self.exited_event = exited_event

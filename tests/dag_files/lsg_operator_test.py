@@ -32,6 +32,7 @@ PARAMS = {
     "max_exit_ratio": Param(0.5, type="number"),
     "call": Param("identify", type="string"),
     "group_id_field": Param(None, type=["null", "string"]),
+    "group_without_user": Param("anonymous_id", type="string"),
     "event": Param(None, type=["null", "string"]),
     "entered_event": Param(None, type=["null", "string"]),
     "exited_event": Param(None, type=["null", "string"]),
