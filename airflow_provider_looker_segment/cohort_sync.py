@@ -32,8 +32,6 @@ from airflow_provider_looker_segment.sync_run import (
     ENTER,
     EVENT,
     EXIT,
-    NEW,
-    REJOINED,
     SWITCHED,
     Decision,
     Departure,

@@ -5,8 +5,9 @@ exactly once as delivered, rejected or failed, with the reasons and (a bounded l
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 DELIVERED, REJECTED, FAILED = "delivered", "rejected", "failed"
@@ -57,6 +58,13 @@ class DeliveryReport:
     aborted: str | None = None
     max_listed_events: int = DEFAULT_MAX_LISTED_EVENTS
     listener: Callable[[Sequence[Any]], None] | None = field(default=None, repr=False, compare=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DeliveryReport:
+        """A copy of the figures (progress snapshots), without the listener."""
+        values = {
+            f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self) if f.name != "listener"
+        }
+        return DeliveryReport(**values)
 
     @property
     def total(self) -> int:

@@ -92,7 +92,7 @@ _SCRATCH: Final = """
 #: Who gets an exit: previous identities absent from the Look (and not switched), and the orphans of the
 #: ``pending`` table: identities neither in the state nor in the Look whose entry reached Segment in part
 #: before they left again, or whose exit did not complete.
-_FIND_DEPARTED: Final = f"""
+_FIND_DEPARTED: Final = """
     INSERT INTO run.departed
     SELECT s.ihash, s.kind, s.identity, 0 FROM main.identities s
     WHERE s.ihash NOT IN (SELECT ihash FROM run.firsts) AND s.ihash NOT IN (SELECT alt FROM run.switches)
@@ -562,7 +562,7 @@ class SyncRun:
         )
         exits_sent = membership_trait or exited_event
         if exits_done is not None and exits_sent and not keep_departed:
-            told_exit = f"coalesce(fl.bits, 0) & {{bit}} = 0 THEN 0 ELSE old & {{bit}} END"
+            told_exit = "coalesce(fl.bits, 0) & {bit} = 0 THEN 0 ELSE old & {bit} END"
             db.execute(
                 f"""INSERT INTO run.outcome
                 SELECT d.ihash,
@@ -584,11 +584,11 @@ class SyncRun:
         ).rowcount
         changes = accepted
         changes += db.execute(  # a switched member leaves under its anonymousId once its userId call went
-            f"""DELETE FROM main.identities WHERE ihash IN
+            """DELETE FROM main.identities WHERE ihash IN
             (SELECT alt FROM run.switches WHERE ihash IN (SELECT ihash FROM run.outcome WHERE advanced))"""
         ).rowcount
         changes += db.execute(
-            f"""DELETE FROM main.pending WHERE ihash IN
+            """DELETE FROM main.pending WHERE ihash IN
             (SELECT alt FROM run.switches WHERE ihash IN (SELECT ihash FROM run.outcome WHERE advanced))"""
         ).rowcount
         removed = 0
@@ -615,7 +615,7 @@ class SyncRun:
                OR (transition = {EXIT} AND view != 0)"""
         ).rowcount
         changes += db.execute(  # an identity of neither the Look nor the state that Segment was told nothing
-            f"""DELETE FROM main.pending WHERE view = 0 AND ihash NOT IN (SELECT ihash FROM run.firsts)
+            """DELETE FROM main.pending WHERE view = 0 AND ihash NOT IN (SELECT ihash FROM run.firsts)
             AND ihash NOT IN (SELECT ihash FROM main.identities)"""
         ).rowcount
         sent_units = db.execute(f"SELECT count(*) FROM run.firsts WHERE verdict != {UNCHANGED}").fetchone()[0]

@@ -25,8 +25,8 @@ import fsspec
 from airflow.sdk.io import attach
 from fsspec.implementations.memory import MemoryFileSystem
 
-from airflow_provider_looker_segment.exceptions import SyncStateLockedError
 from airflow_provider_looker_segment.cohort_sync import CohortCounts, CohortEvents, CohortMessages, plan_exits
+from airflow_provider_looker_segment.exceptions import SyncStateLockedError
 from airflow_provider_looker_segment.sync_run import (
     CHANGED,
     NEW,
@@ -35,7 +35,6 @@ from airflow_provider_looker_segment.sync_run import (
     CommitResult,
     Decision,
     Departure,
-    SyncRun,
 )
 from airflow_provider_looker_segment.sync_state import (
     ANONYMOUS_ID,

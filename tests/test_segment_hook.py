@@ -1084,3 +1084,25 @@ def test_retry_after_header_parsing():
     assert asked_wait({"Retry-After": "soon", "X-RateLimit-Reset": "9"}, now) == 9  # unreadable: the other
     assert asked_wait({"Retry-After": "garbage"}, now) is None
     assert asked_wait({}, now) is None
+
+
+def test_a_progress_snapshot_leaves_the_undelivered_listener_behind():
+    """The listener of a changed-only run holds its SQLite state: progress snapshots must not copy it."""
+    import copy
+    import sqlite3
+
+    from airflow_provider_looker_segment.delivery_report import FAILED, DeliveryReport
+
+    connection = sqlite3.connect(":memory:")
+    seen: list[str] = []
+
+    class Run:
+        db = connection
+
+        def record(self, message_ids):
+            seen.extend(message_ids)
+
+    report = DeliveryReport(listener=Run().record)
+    report.add(FAILED, ["m1"], "timeout")
+    snapshot = copy.deepcopy(report)
+    assert snapshot.listener is None and snapshot.failed_ids == ["m1"] and seen == ["m1"]

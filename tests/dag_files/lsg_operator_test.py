@@ -29,6 +29,7 @@ PARAMS = {
     "full_refresh": Param(False, type="boolean"),
     "membership_trait": Param(None, type=["null", "string"]),
     "state_path": Param(None, type=["null", "string"]),
+    "state_key": Param(None, type=["null", "string"]),
     "max_exit_ratio": Param(0.5, type="number"),
     "call": Param("identify", type="string"),
     "group_id_field": Param(None, type=["null", "string"]),
