@@ -150,7 +150,7 @@ def plan_exits(
     event (they just leave the state).
     """
     counts.exits = decision.departed
-    if not decision.departed:
+    if not decision.departed and not decision.orphans:
         return
     if possibly_truncated:
         counts.exits_skipped = "the Look may be truncated (as many rows as the limit)"
@@ -193,7 +193,7 @@ class CohortMessages:
         handed = self.handed
         for unit in self.run.iter_units():
             messages = self._unit_messages(unit)
-            handed.units_done, remaining = unit.seq, (1 << len(messages)) - 1
+            handed.units_done, remaining = unit.ordinal, (1 << len(messages)) - 1
             handed.partial = (unit.ihash, _bits(messages, remaining))
             for index, (_bit, message) in enumerate(messages):
                 remaining &= ~(1 << index)
@@ -205,7 +205,7 @@ class CohortMessages:
             handed.exits_started = True
             for departure in self.run.iter_exits():
                 messages = self._exit_messages(departure)
-                handed.exits_done, remaining = _signed(departure.ihash), (1 << len(messages)) - 1
+                handed.exits_done, remaining = departure.ordinal, (1 << len(messages)) - 1
                 handed.partial = (departure.ihash, _bits(messages, remaining)) if messages else None
                 if messages:
                     self.counts.exits_sent += 1
@@ -327,10 +327,6 @@ def exit_calls(
 def _bits(messages: list[tuple[int, dict[str, Any]]], remaining: int) -> int:
     """The part bits of the messages whose index bit is set in ``remaining``."""
     return sum(bit for index, (bit, _message) in enumerate(messages) if remaining >> index & 1)
-
-
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value >> 63 else value
 
 
 __all__ = [

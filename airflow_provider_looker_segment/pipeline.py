@@ -77,6 +77,9 @@ class CohortSummary:
     pending: int = 0
     spool_bytes: int = 0
     state_saved: bool = False
+    state_bytes: int | None = None
+    state_load_seconds: float = 0.0
+    state_save_seconds: float = 0.0
     state_identities: int | None = None
     exit_guard: str | None = None
     state_error: str | None = None
@@ -125,7 +128,7 @@ class SyncSummary:
         cohort = summary.pop("cohort")
         seconds = summary.pop("seconds")
         if cohort is not None:
-            for optional in ("state_identities", "exit_guard", "state_error"):
+            for optional in ("state_identities", "exit_guard", "state_error", "state_bytes"):
                 if cohort[optional] is None:
                     del cohort[optional]
             summary.update(cohort)
@@ -185,7 +188,8 @@ def sync_look(
         ran_at=ran_at,
         message_id_namespace=message_id_namespace,
         library=LIBRARY,
-        derive_alias=state is not None and plan.call != "group",
+        derive_alias=state is not None and plan.call != "group" and state.knows_anonymous_members,
+        defer_message_id=state is not None,
     )
     counts = _RowCounts()
     duplicates = DuplicateCounts()
@@ -418,7 +422,12 @@ def _decide(
             state.unsaved.get("run_id", "?"),
             state.previous_generation,
         )
-    state.spool(_messages(stream.rows, transform, counts), tail=getattr(transform, "tail", None))
+    state.spool(
+        _messages(stream.rows, transform, counts),
+        tail=getattr(transform, "tail", None),
+        by_group=settings.call == "group",
+        hasher=getattr(transform, "hasher", None),
+    )
     decision = state.decide()
     duplicates.duplicates, duplicates.example = decision.duplicates, decision.duplicate_example
     cohort = CohortCounts(
@@ -475,6 +484,7 @@ def _finish_cohort(
         full_refresh=state.full_refresh,
         switched=cohort.switched,
         spool_bytes=state.spool_bytes,
+        state_load_seconds=round(state.load_seconds, 3),
         exit_guard=cohort.guard_tripped,  # the task fails after the summary is logged
     )
     if cohort.exits_skipped and cohort.exits and not cohort.guard_tripped:
@@ -512,6 +522,8 @@ def _finish_cohort(
     summary.state_identities = result.entries
     summary.pending = result.pending
     summary.state_saved = result.saved
+    summary.state_bytes = result.size if result.saved else None
+    summary.state_save_seconds = result.seconds
     return summary
 
 

@@ -1,16 +1,16 @@
 """
 One run of a changed-only sync: spool the whole Look, decide, hand the calls to Segment, commit.
 
-1. **Spool** (:meth:`SyncRun.spool`): every message is appended to local disk (its encoding to a flat file;
-   its identity hash, traits digest, identity and offset to a scratch SQLite table), so memory stays flat
-   whatever the cohort's size.
-2. **Decide** (:meth:`SyncRun.decide`): SQLite groups the rows by identity (the first row of an identity in
-   the Look's order wins, the others are duplicates), compares them with the previous state and counts the
-   identities that are new, changed, unchanged, switched (a userId for a member known by its anonymousId)
-   and departed, before anything is sent: the exit guard is decided on these counts.
-3. **Send**: :meth:`SyncRun.iter_units` (in the Look's order) then :meth:`SyncRun.iter_exits` give what to
-   send; :mod:`~airflow_provider_looker_segment.cohort_sync` makes the messages and marks how far it handed
-   them to Segment (:class:`Handed`).
+1. **Spool** (:meth:`SyncRun.spool`): every message goes to a local spool
+   (:mod:`~airflow_provider_looker_segment.cohort_spool`), so memory stays flat whatever the cohort's size.
+2. **Decide** (:meth:`SyncRun.decide`): a 256th of the Look at a time (a partition of identity hashes) is
+   grouped by identity (the first row of an identity in the Look's order wins, the others are duplicates)
+   and compared with the same range of the previous state; the identities that are new, changed, unchanged,
+   switched (a userId for a member known by its anonymousId) and departed are counted before anything is
+   sent: the exit guard is decided on these counts. What to send is written to a plan per partition.
+3. **Send**: :meth:`SyncRun.iter_units` then :meth:`SyncRun.iter_exits` give what to send (partition by
+   partition, in the Look's order within one); :mod:`~airflow_provider_looker_segment.cohort_sync` makes the
+   messages and marks how far it handed them to Segment (:class:`Handed`).
 4. **Commit** (:meth:`SyncRun.commit`): an identity's calls of a run are one unit, judged by what Segment
    accepted of it. The state keeps what Segment was told: ``identities`` the members whose call (traits
    digest) Segment has and, in ``pending``, the identities whose entry or exit reached Segment only in part,
@@ -21,21 +21,21 @@ One run of a changed-only sync: spool the whole Look, decide, hand the calls to 
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import marshal
 import os
 import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-import orjson
-
 from airflow_provider_looker_segment import exceptions as errors
+from airflow_provider_looker_segment.cohort_spool import PARTITIONS, Spool, iter_chunks, partition_range
 from airflow_provider_looker_segment.sync_lock import SyncLock
 from airflow_provider_looker_segment.sync_state import (
     ANONYMOUS_ID,
@@ -71,36 +71,12 @@ FULL: Final = CALL | EVENT
 PART_WORDS: Final = {"lsg": CALL, "entered": EVENT, "exit": CALL, "exited": EVENT}
 
 _FLUSH_ROWS = 10_000
-_READ_CHUNK = 2_000
-_MESSAGE_ID_TAIL = 34  # 32 hex digits of the messageId and '"}' end every message the transform encodes
+_PENDING_COLUMNS: Final = "ihash, transition, generation, view, kind, identity"
 _SCRATCH: Final = """
-    CREATE TABLE run.rows (seq INTEGER PRIMARY KEY, ihash INTEGER NOT NULL, digest INTEGER NOT NULL,
-                           kind INTEGER NOT NULL, identity BLOB NOT NULL, alt INTEGER, pos INTEGER NOT NULL,
-                           len INTEGER NOT NULL);
-    CREATE TABLE run.firsts (ihash INTEGER PRIMARY KEY, seq INTEGER NOT NULL, digest INTEGER NOT NULL,
-                             kind INTEGER NOT NULL, identity BLOB NOT NULL, alt INTEGER, pos INTEGER NOT NULL,
-                             len INTEGER NOT NULL, n INTEGER NOT NULL, verdict INTEGER NOT NULL);
     CREATE TABLE run.switches (ihash INTEGER PRIMARY KEY, alt INTEGER NOT NULL UNIQUE,
                                alt_identity BLOB NOT NULL);
+    CREATE TABLE run.eligible (ihash INTEGER PRIMARY KEY);
     CREATE TABLE run.failed (ihash INTEGER PRIMARY KEY, bits INTEGER NOT NULL);
-    CREATE TABLE run.departed (ihash INTEGER PRIMARY KEY, kind INTEGER NOT NULL, identity BLOB NOT NULL,
-                               orphan INTEGER NOT NULL);
-    CREATE TABLE run.outcome (ihash INTEGER PRIMARY KEY, view INTEGER NOT NULL, advanced INTEGER NOT NULL,
-                              transition INTEGER NOT NULL, generation INTEGER NOT NULL, kind INTEGER NOT NULL,
-                              identity BLOB NOT NULL, digest INTEGER, verdict INTEGER);
-"""
-#: Who gets an exit: previous identities absent from the Look (and not switched), and the orphans of the
-#: ``pending`` table: identities neither in the state nor in the Look whose entry reached Segment in part
-#: before they left again, or whose exit did not complete.
-_FIND_DEPARTED: Final = """
-    INSERT INTO run.departed
-    SELECT s.ihash, s.kind, s.identity, 0 FROM main.identities s
-    WHERE s.ihash NOT IN (SELECT ihash FROM run.firsts) AND s.ihash NOT IN (SELECT alt FROM run.switches)
-    UNION ALL
-    SELECT p.ihash, p.kind, p.identity, 1 FROM main.pending p
-    WHERE p.view != 0 AND p.ihash NOT IN (SELECT ihash FROM run.firsts)
-      AND p.ihash NOT IN (SELECT ihash FROM main.identities)
-    ORDER BY 1
 """
 
 
@@ -108,6 +84,7 @@ class Unit(NamedTuple):
     """
     An identity of the Look to send: its call (the row's, as encoded by the transform) and what it needs.
 
+    :param ordinal: its place among the units of the run, in the order they are given.
     :param seq: its row's position in the Look.
     :param verdict: :data:`NEW`, :data:`CHANGED`, :data:`SWITCHED` or :data:`REJOINED`.
     :param ihash: its identity hash (unsigned).
@@ -120,6 +97,7 @@ class Unit(NamedTuple):
     :param view: what Segment was told of it (bits :data:`CALL` and :data:`EVENT`).
     """
 
+    ordinal: int
     seq: int
     verdict: int
     ihash: int
@@ -135,9 +113,10 @@ class Unit(NamedTuple):
 class Departure(NamedTuple):
     """
     An identity to send an exit: a departed member of the previous state, or an orphan of the ``pending``
-    table (see :data:`_ORPHANS`).
+    table (an identity neither in the state nor in the Look that Segment was told something of).
     """
 
+    ordinal: int
     ihash: int
     kind: str
     identity: str
@@ -178,9 +157,9 @@ class Handed:
     whose first parts were handed when sending stopped, with the bits of its parts that were not.
     """
 
-    units_done: int = -1  # seq of the last unit handed whole
+    units_done: int = -1  # ordinal of the last unit handed (in part, see ``partial``)
     exits_started: bool = False
-    exits_done: int | None = None  # signed ihash of the last exit handed whole
+    exits_done: int = -1  # ordinal of the last exit handed (in part, see ``partial``)
     all_done: bool = False
     partial: tuple[int, int] | None = None  # (unsigned ihash, bits not handed)
 
@@ -202,6 +181,7 @@ class CommitResult(NamedTuple):
     not_advanced: int
     pending: int
     saved: bool
+    seconds: float = 0.0
 
 
 def identity_of(message: Mapping[str, Any]) -> tuple[str, str]:
@@ -237,12 +217,14 @@ class SyncRun:
         self.store, self.run_id, self.full_refresh = store, run_id, full_refresh
         self._closed = self._committed = False
         self._db: sqlite3.Connection | None = None
-        self._spool_file: Any = None
-        self._cursors: list[sqlite3.Cursor] = []
+        self._spool: Spool | None = None
+        self._planned: list[int] = []  # partitions with a plan, in order
+        self._switched_alts: set[int] = set()
         if store.base_path.protocol in ("", "file", "local"):
             store.base_path.mkdir(parents=True, exist_ok=True)
         self._lock = SyncLock(store.lock_path, store.key, store.lock_stale_after, store.lock_renew_interval)
         self._workdir = Path(tempfile.mkdtemp(prefix="lsg-sync-run-", dir=store.tmp_dir))
+        started = time.monotonic()
         try:
             self._lock.acquire(run_id)
             store.file.remove_leftovers()  # safe: we hold the lock
@@ -254,15 +236,14 @@ class SyncRun:
             self._db.execute("ATTACH DATABASE ? AS run", (str(self._workdir / "run.db"),))
             self._db.execute("PRAGMA run.journal_mode = OFF")
             self._db.executescript(_SCRATCH)
-            self._spool_path = self._workdir / "spool.bin"
-            self._spool_file = open(self._spool_path, "wb", buffering=1 << 20)
+            self._spool = Spool(self._workdir)
             self._undelivered_path = self._workdir / "undelivered.txt"
             self._undelivered = open(self._undelivered_path, "w", encoding="utf-8")
         except BaseException:
             self.close()
             raise
-        self.rows = 0
-        self.spool_bytes = 0
+        #: Seconds to download, check and open the previous state (with the lock).
+        self.load_seconds = time.monotonic() - started
         self.decision: Decision | None = None
         log.info(
             "Sync %s: %s previous identities (generation %s)%s.",
@@ -296,9 +277,33 @@ class SyncRun:
 
     # -- 1. spool ---------------------------------------------------------------------------------------
 
-    def spool(self, messages: Iterable[Mapping[str, Any]], *, tail: bytes | None = None) -> None:
+    @property
+    def knows_anonymous_members(self) -> bool:
+        """Whether the previous state has members known by an anonymousId (who may now have a userId)."""
+        return bool(self._db.execute("SELECT EXISTS (SELECT 1 FROM identities WHERE kind = 1)").fetchone()[0])
+
+    @property
+    def rows(self) -> int:
+        """Rows spooled."""
+        return self._spool.rows if self._spool is not None else 0
+
+    @property
+    def spool_bytes(self) -> int:
+        """Bytes of encodings spooled."""
+        return self._spool.bytes if self._spool is not None else 0
+
+    # -- 1. spool ---------------------------------------------------------------------------------------
+
+    def spool(
+        self,
+        messages: Iterable[Mapping[str, Any]],
+        *,
+        tail: bytes | None = None,
+        by_group: bool = False,
+        hasher: Any = None,
+    ) -> None:
         """
-        Append messages to the spool, in the Look's order (call it once, with every message of the Look).
+        Spool the Look's messages, in its order (call it once, with every message of the Look).
 
         :param messages: the run's calls; each with an ``encoded`` attribute (the transform's
             :class:`~airflow_provider_looker_segment.batching.EncodedMessage`) or encodable JSON. An
@@ -306,178 +311,197 @@ class SyncRun:
             member known by that anonymousId that now has a userId.
         :param tail: the bytes every encoding of the run carries before its messageId's 32 hex digits (the
             transform's timestamp and context): kept once, not per row.
+        :param by_group: the messages are group calls (keyed by their ``groupId``).
+        :param hasher: the transform's messageId hash, when it deferred the messageIds
+            (``defer_message_id``).
         """
         self._check_usable()
-        blake2b, dumps, sort_keys = hashlib.blake2b, orjson.dumps, orjson.OPT_SORT_KEYS
-        from_bytes, u64 = int.from_bytes, 1 << 64
-        write = self._spool_file.write
-        insert = "INSERT INTO run.rows VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-        executemany = self._db.executemany
-        tail_start = -(_MESSAGE_ID_TAIL + len(tail)) if tail else 0
-        pos, seq, batch = self.spool_bytes, self.rows, []
-        user_prefix, anon_prefix, group_prefix = b"userId:", b"anonymousId:", b"groupId:"
-        for message in messages:
-            if message.get("type") == "group":
-                kind, identity_text, prefix = 2, message["groupId"], group_prefix
-                alt = None
-            else:
-                user_id = message.get("userId")
-                if user_id:
-                    kind, identity_text, prefix = 0, user_id, user_prefix
-                    other = message.get("anonymousId") or getattr(message, "alias", None)
-                    alt = None
-                    if other:
-                        value = from_bytes(
-                            blake2b(
-                                anon_prefix + other.encode("utf-8", "surrogatepass"), digest_size=8
-                            ).digest(),
-                            "big",
-                        )
-                        alt = value - u64 if value >> 63 else value
-                else:
-                    kind, identity_text, prefix, alt = 1, message["anonymousId"], anon_prefix, None
-            identity = identity_text.encode("utf-8", "surrogatepass")
-            value = from_bytes(blake2b(prefix + identity, digest_size=8).digest(), "big")
-            ihash = value - u64 if value >> 63 else value
-            values = message["traits"] if "traits" in message else message["properties"]
-            value = from_bytes(blake2b(dumps(values, option=sort_keys), digest_size=8).digest(), "big")
-            digest = value - u64 if value >> 63 else value
-            body = getattr(message, "encoded", None)
-            if body is None:
-                body = _encode(message)
-            if tail_start and body[tail_start:-_MESSAGE_ID_TAIL] == tail:
-                body = body[:tail_start] + body[-_MESSAGE_ID_TAIL:]
-                length = len(body) * 2 + 1  # odd: the tail was taken out
-            else:
-                length = len(body) * 2
-            write(body)
-            batch.append((seq, ihash, digest, kind, identity, alt, pos, length))
-            pos += len(body)
-            seq += 1
-            if len(batch) >= _FLUSH_ROWS:
-                executemany(insert, batch)
-                batch.clear()
-        if batch:
-            executemany(insert, batch)
-        self._tail = tail or b""
-        self.rows, self.spool_bytes = seq, pos
+        claims = not by_group and self.knows_anonymous_members
+        self._spool.write(messages, tail=tail, by_group=by_group, claims=claims, hasher=hasher)
 
     # -- 2. decide --------------------------------------------------------------------------------------
 
     def decide(self) -> Decision:
-        """Compare the spooled Look with the previous state; nothing is sent or saved."""
+        """Compare the spooled Look with the previous state, a partition at a time; nothing is sent or saved."""
         self._check_usable()
-        self._spool_file.close()
-        db = self._db
-        full = 1 if self.full_refresh else 0
-        db.execute(
-            f"""INSERT INTO run.firsts
-            SELECT g.ihash, g.seq, g.digest, g.kind, g.identity, g.alt, g.pos, g.len, g.n,
-                   CASE WHEN s.ihash IS NULL THEN {NEW} WHEN s.digest = g.digest AND NOT {full} THEN {UNCHANGED}
-                        ELSE {CHANGED} END
-            FROM (SELECT ihash, min(seq) AS seq, digest, kind, identity, alt, pos, len, count(*) AS n
-                  FROM run.rows GROUP BY ihash) AS g
-            LEFT JOIN main.identities AS s ON s.ihash = g.ihash
-            ORDER BY g.ihash"""
-        )
-        db.execute(  # members whose last exit or re-entry reached Segment in part
-            f"""UPDATE run.firsts SET verdict = {REJOINED} WHERE verdict IN ({CHANGED}, {UNCHANGED})
-            AND ihash IN (SELECT ihash FROM main.pending)"""
-        )
-        if db.execute("SELECT 1 FROM run.rows WHERE alt IS NOT NULL LIMIT 1").fetchone():
-            db.execute(
-                f"""INSERT OR IGNORE INTO run.switches
-                SELECT f.ihash, f.alt, s.identity FROM run.firsts f JOIN main.identities s ON s.ihash = f.alt
-                WHERE f.verdict = {NEW} AND f.alt IS NOT NULL AND s.kind = 1
-                  AND f.alt NOT IN (SELECT ihash FROM run.firsts)
-                ORDER BY f.seq"""
-            )
-            db.execute(
-                f"UPDATE run.firsts SET verdict = {SWITCHED} WHERE ihash IN (SELECT ihash FROM run.switches)"
-            )
-        decision = Decision(rows=self.rows, previous=self.previous_count)
-        by_verdict = dict(db.execute("SELECT verdict, count(*) FROM run.firsts GROUP BY verdict"))
-        decision.identities = sum(by_verdict.values())
-        decision.duplicates = self.rows - decision.identities
-        decision.new, decision.changed = by_verdict.get(NEW, 0), by_verdict.get(CHANGED, 0)
-        decision.unchanged, decision.switched = by_verdict.get(UNCHANGED, 0), by_verdict.get(SWITCHED, 0)
-        decision.rejoined = by_verdict.get(REJOINED, 0)
-        present = decision.changed + decision.unchanged + decision.rejoined + decision.switched
-        decision.departed = self.previous_count - present
-        db.execute(_FIND_DEPARTED)
-        decision.orphans = db.execute("SELECT count(*) FROM run.departed WHERE orphan").fetchone()[0]
-        if decision.duplicates:
-            row = db.execute(
-                "SELECT kind, identity FROM run.firsts WHERE n > 1 ORDER BY seq LIMIT 1"
-            ).fetchone()
-            decision.duplicate_example = f"{IDENTITY_KINDS[row[0]]} {_text(row[1])}"
+        spool, db = self._spool, self._db
+        spool.close_writing()
+        decision = Decision(rows=spool.rows, previous=self.previous_count)
+        first_duplicate: tuple[int, int, bytes] | None = None
+        candidates: list[tuple[int, int, int, bytes]] = []  # (seq, claimer, alt, alt identity)
+        full = self.full_refresh
+        state_parts = _by_partition(db.execute("SELECT ihash, digest, kind FROM identities ORDER BY ihash"))
+        pending_parts = _by_partition(db.execute(f"SELECT {_PENDING_COLUMNS} FROM pending ORDER BY ihash"))
+        for part in range(PARTITIONS):
+            state_rows, pending_rows = next(state_parts), next(pending_parts)
+            if not (state_rows or pending_rows or spool.has(part)):
+                continue
+            rows, claims = spool.records(part)
+            state = {h: (d, k) for h, d, k in state_rows}
+            pending = {row[0]: row[1:] for row in pending_rows}
+            firsts: dict[int, tuple] = {}
+            for row in rows:
+                if row[0] in firsts:
+                    decision.duplicates += 1
+                    first = firsts[row[0]]
+                    if first_duplicate is None or first[1] < first_duplicate[0]:
+                        first_duplicate = (first[1], first[3], first[4])
+                else:
+                    firsts[row[0]] = row
+            units, eligible = [], []
+            for ihash, (_, seq, digest, kind, identity, alt, pos, length) in firsts.items():
+                previous = state.pop(ihash, None)
+                before = pending.pop(ihash, None)
+                if previous is None:
+                    verdict = NEW
+                    if alt is not None:
+                        eligible.append((ihash,))
+                elif before is not None:
+                    verdict = REJOINED
+                elif previous[0] == digest and not full:
+                    decision.unchanged += 1
+                    continue
+                else:
+                    verdict = CHANGED
+                transition, generation, view = before[:3] if before is not None else (None, None, None)
+                if view is None:
+                    view = 0 if verdict == NEW else FULL
+                units.append(
+                    (seq, verdict, ihash, kind, identity, pos, length, digest, transition, generation, view)
+                )
+            decision.identities += len(firsts)
+            for ihash, seq, claimer in claims:
+                if ihash in state and state[ihash][1] == 1:  # a member known by this anonymousId, gone
+                    candidates.append((seq, claimer, ihash, b""))
+            departed = [(ihash, kind, None, None, None, FULL, 0) for ihash, (_, kind) in state.items()]
+            for ihash, (transition, generation, view, kind, identity) in pending.items():
+                if view and ihash not in firsts and ihash not in state:  # in neither: an orphan
+                    departed.append((ihash, kind, identity, transition, generation, view, 1))
+            for index, entry in enumerate(departed):
+                if entry[0] in state:  # a member of the state: its pending row, if any, and its identity
+                    transition, generation, view = (pending.get(entry[0]) or (None, None, FULL))[:3]
+                    departed[index] = (entry[0], entry[1], None, transition, generation, view, 0)
+            self._fill_identities(departed, candidates)
+            if eligible:
+                db.executemany("INSERT INTO run.eligible VALUES (?)", eligible)
+            if units or departed:
+                units.sort()
+                departed.sort()
+                with open(self._workdir / f"plan-{part}", "wb") as plan:
+                    plan.write(marshal.dumps((units, departed)))
+                self._planned.append(part)
+            for unit in units:
+                if unit[1] == NEW:
+                    decision.new += 1
+                elif unit[1] == REJOINED:
+                    decision.rejoined += 1
+                else:
+                    decision.changed += 1
+            decision.departed += sum(1 for entry in departed if not entry[6])
+            decision.orphans += sum(1 for entry in departed if entry[6])
+        if first_duplicate is not None:
+            decision.duplicate_example = f"{IDENTITY_KINDS[first_duplicate[1]]} {_text(first_duplicate[2])}"
+        self._switches(candidates, decision)
         self.decision = decision
         return decision
 
+    def _fill_identities(self, departed: list[tuple], candidates: list[tuple]) -> None:
+        """Read the identities of departed members (and of claimed anonymousIds) from the state."""
+        wanted = [entry[0] for entry in departed if entry[2] is None]
+        wanted += [candidate[2] for candidate in candidates if not candidate[3]]
+        identities: dict[int, bytes] = {}
+        for chunk in iter_chunks([(ihash,) for ihash in wanted], 500):
+            query = f"SELECT ihash, identity FROM identities WHERE ihash IN ({','.join('?' * len(chunk))})"
+            identities.update(self._db.execute(query, [ihash for (ihash,) in chunk]))
+        for index, entry in enumerate(departed):
+            if entry[2] is None:
+                departed[index] = (entry[0], entry[1], identities[entry[0]], *entry[3:])
+        for index, candidate in enumerate(candidates):
+            if not candidate[3]:
+                candidates[index] = (*candidate[:3], identities[candidate[2]])
+
+    def _switches(self, candidates: list[tuple[int, int, int, bytes]], decision: Decision) -> None:
+        """Members known by an anonymousId that a new userId row claims (the first claim in the Look wins)."""
+        taken_alts: set[int] = set()
+        switches = []
+        for _seq, claimer, alt, alt_identity in sorted(candidates):
+            if alt in taken_alts:
+                continue
+            if not self._db.execute("SELECT 1 FROM run.eligible WHERE ihash = ?", (claimer,)).fetchone():
+                continue
+            if any(claimer == switch[0] for switch in switches):
+                continue
+            taken_alts.add(alt)
+            switches.append((claimer, alt, alt_identity))
+        self._db.executemany("INSERT INTO run.switches VALUES (?, ?, ?)", switches)
+        decision.switched = len(switches)
+        decision.new -= len(switches)
+        decision.departed -= len(switches)
+        self._switched_alts = taken_alts
+
     # -- 3. send ----------------------------------------------------------------------------------------
 
+    def _plans(self) -> Iterator[tuple[int, list[tuple], list[tuple]]]:
+        """The partitions with something to send, in order: (partition, units, departed)."""
+        for part in self._planned:
+            with open(self._workdir / f"plan-{part}", "rb") as plan:
+                units, departed = marshal.loads(plan.read())
+            yield part, units, departed
+
     def iter_units(self) -> Iterator[Unit]:
-        """The identities to send (not :data:`UNCHANGED`), in the Look's order, with their call's encoding."""
+        """The identities to send (not :data:`UNCHANGED`), partition by partition, in the Look's order in one."""
         self._check_decided()
-        cursor = self._db.execute(
-            f"""SELECT f.seq, f.verdict, f.ihash, f.kind, f.identity, f.pos, f.len, sw.alt_identity,
-                   p.transition, p.generation,
-                   coalesce(p.view, CASE WHEN f.verdict = {NEW} THEN 0 ELSE {FULL} END)
-            FROM run.firsts f LEFT JOIN run.switches sw ON sw.ihash = f.ihash
-            LEFT JOIN main.pending p ON p.ihash = f.ihash
-            WHERE f.verdict != {UNCHANGED} ORDER BY f.seq"""
-        )
-        self._cursors.append(cursor)
-        tail, cut = self._tail, -_MESSAGE_ID_TAIL
-        u64 = 1 << 64
-        with open(self._spool_path, "rb") as spool:
-            seek, read = spool.seek, spool.read
-            while rows := cursor.fetchmany(_READ_CHUNK):
-                for (
+        ordinal, u64, switches = 0, 1 << 64, bool(self._switched_alts)
+        for _part, units, _departed in self._plans():
+            for (
+                seq,
+                verdict,
+                ihash,
+                kind,
+                identity,
+                pos,
+                length,
+                _digest,
+                transition,
+                generation,
+                view,
+            ) in units:
+                alt_identity = None
+                if switches and verdict == NEW:
+                    found = self._db.execute(
+                        "SELECT alt_identity FROM run.switches WHERE ihash = ?", (ihash,)
+                    ).fetchone()
+                    if found:
+                        verdict, alt_identity, view = SWITCHED, _text(found[0]), FULL
+                yield Unit(
+                    ordinal,
                     seq,
                     verdict,
-                    ihash,
-                    kind,
-                    identity,
-                    pos,
-                    length,
-                    alt,
+                    ihash % u64,
+                    IDENTITY_KINDS[kind],
+                    _text(identity),
+                    self._spool.body(pos, length),
+                    alt_identity,
                     transition,
                     generation,
                     view,
-                ) in rows:
-                    seek(pos)
-                    body = read(length >> 1)
-                    if length & 1:
-                        body = body[:cut] + tail + body[cut:]
-                    yield Unit(
-                        seq,
-                        verdict,
-                        ihash % u64,
-                        IDENTITY_KINDS[kind],
-                        _text(identity),
-                        body,
-                        None if alt is None else _text(alt),
-                        transition,
-                        generation,
-                        view,
-                    )
+                )
+                ordinal += 1
 
     def iter_exits(self) -> Iterator[Departure]:
         """
-        The departed identities, then the orphans of the ``pending`` table, in identity-hash order.
+        The departed identities and the orphans of the ``pending`` table, partition by partition, in
+        identity-hash order.
 
         :raises SyncStateCorruptError: one is damaged (its identity does not match its hash); a full refresh
             skips it with a warning instead (no exit call; it leaves the state).
         """
         self._check_decided()
-        cursor = self._db.execute(
-            f"""SELECT d.ihash, d.kind, d.identity, p.transition, p.generation, coalesce(p.view, {FULL}), d.orphan
-            FROM run.departed d LEFT JOIN main.pending p ON p.ihash = d.ihash ORDER BY d.ihash"""
-        )
-        self._cursors.append(cursor)
-        while rows := cursor.fetchmany(_READ_CHUNK):
-            for ihash, kind, identity, transition, generation, view, orphan in rows:
+        ordinal = 0
+        for _part, _units, departed in self._plans():
+            for ihash, kind, identity, transition, generation, view, orphan in departed:
+                if ihash in self._switched_alts:
+                    continue
                 try:
                     entry = self.store.entry((ihash, 0, kind, identity))
                 except errors.SyncStateCorruptError as error:
@@ -486,8 +510,10 @@ class SyncRun:
                     log.warning(
                         "Sync %s: full refresh: %s, no exit is sent for it.", self.store.key, error.reason
                     )
+                    ordinal += 1
                     continue
                 yield Departure(
+                    ordinal,
                     entry.ihash,
                     entry.kind,
                     entry.identity,
@@ -496,6 +522,7 @@ class SyncRun:
                     view,
                     bool(orphan),
                 )
+                ordinal += 1
 
     def record_undelivered(self, message_ids: Sequence[Any]) -> None:
         """Note messageIds that Segment rejected or that failed (the delivery calls it, under its lock)."""
@@ -530,103 +557,96 @@ class SyncRun:
         :raises SyncStateSaveError: the state could not be saved (after the store's retries).
         """
         self._check_decided()
-        for cursor in self._cursors:
-            cursor.close()
         self._undelivered.close()
         self._committed = True  # whatever happens next, the local copy has moved on: no second try
         db, generation = self._db, self.previous_generation
         if not self._load_undelivered(handed):  # a failed message of unknown identity: nothing advances
             handed = Handed()
-        done = handed.units_done
-        exits_done = handed.exits_done if handed.exits_started else None
+        units_done, exits_done = handed.units_done, handed.exits_done if handed.exits_started else -1
         if handed.all_done:
-            done, exits_done = 1 << 62, (1 << 63) - 1
-        # The units handed: their new view (without entry events, the event bit follows the call: there is
-        # no journey to tell), and whether the call (the digest) went through.
-        new_call = f"(CASE WHEN coalesce(fl.bits, 0) & {CALL} = 0 THEN {CALL} ELSE old.view & {CALL} END)"
-        new_event = (
-            f"(CASE WHEN coalesce(fl.bits, 0) & {EVENT} = 0 THEN {EVENT} ELSE old.view & {EVENT} END)"
-            if entered_event
-            else f"({new_call} * {EVENT})"
-        )
-        db.execute(
-            f"""INSERT INTO run.outcome
-            SELECT f.ihash, {new_call} | {new_event}, coalesce(fl.bits, 0) & {CALL} = 0, {ENTER},
-                   CASE WHEN p.transition = {ENTER} THEN p.generation ELSE {generation} END,
-                   f.kind, f.identity, f.digest, f.verdict
-            FROM run.firsts f LEFT JOIN run.failed fl ON fl.ihash = f.ihash
-            LEFT JOIN main.pending p ON p.ihash = f.ihash
-            JOIN (SELECT f2.ihash, coalesce(p2.view, CASE WHEN f2.verdict = {NEW} THEN 0 ELSE {FULL} END) AS view
-                  FROM run.firsts f2 LEFT JOIN main.pending p2 ON p2.ihash = f2.ihash) old ON old.ihash = f.ihash
-            WHERE f.verdict != {UNCHANGED} AND f.seq <= {done}"""
-        )
+            units_done = exits_done = 1 << 62
         exits_sent = membership_trait or exited_event
-        if exits_done is not None and exits_sent and not keep_departed:
-            told_exit = "coalesce(fl.bits, 0) & {bit} = 0 THEN 0 ELSE old & {bit} END"
-            db.execute(
-                f"""INSERT INTO run.outcome
-                SELECT d.ihash,
-                       (CASE WHEN {0 if membership_trait else 1} OR {told_exit.format(bit=CALL)})
-                       | (CASE WHEN {0 if exited_event else 1} OR {told_exit.format(bit=EVENT)}),
-                       0, {EXIT}, CASE WHEN p.transition = {EXIT} THEN p.generation ELSE {generation} END,
-                       d.kind, d.identity, NULL, NULL
-                FROM (SELECT d.*, coalesce(p.view, CASE WHEN d.orphan THEN 0 ELSE {FULL} END) AS old
-                      FROM run.departed d LEFT JOIN main.pending p ON p.ihash = d.ihash) d
-                LEFT JOIN run.failed fl ON fl.ihash = d.ihash LEFT JOIN main.pending p ON p.ihash = d.ihash
-                WHERE d.ihash <= {exits_done}"""
+        drop_departed = not keep_departed and not exits_sent  # nothing to tell them: they just leave
+        tally = {"added": 0, "accepted": 0, "complete": 0, "removed": 0, "changes": 0, "sent": 0}
+        upserts: list[tuple] = []
+        deletes: list[tuple] = []
+        pending_upserts: list[tuple] = []
+        pending_deletes: list[tuple] = []
+        unit_ordinal = exit_ordinal = 0
+        for part, units, departed in self._plans():
+            lo, hi = partition_range(part)
+            failed = dict(
+                db.execute("SELECT ihash, bits FROM run.failed WHERE ihash BETWEEN ? AND ?", (lo, hi))
             )
-        added = db.execute(f"SELECT count(*) FROM run.outcome WHERE advanced AND verdict = {NEW}").fetchone()[
-            0
-        ]
-        accepted = db.execute(
-            """INSERT OR REPLACE INTO main.identities (ihash, digest, kind, identity)
-            SELECT ihash, digest, kind, identity FROM run.outcome WHERE advanced ORDER BY ihash"""
-        ).rowcount
-        changes = accepted
-        changes += db.execute(  # a switched member leaves under its anonymousId once its userId call went
-            """DELETE FROM main.identities WHERE ihash IN
-            (SELECT alt FROM run.switches WHERE ihash IN (SELECT ihash FROM run.outcome WHERE advanced))"""
-        ).rowcount
-        changes += db.execute(
-            """DELETE FROM main.pending WHERE ihash IN
-            (SELECT alt FROM run.switches WHERE ihash IN (SELECT ihash FROM run.outcome WHERE advanced))"""
-        ).rowcount
-        removed = 0
-        if not keep_departed and not exits_sent:  # nothing to tell them: they just leave
-            removed = db.execute(
-                "DELETE FROM main.identities WHERE ihash IN (SELECT ihash FROM run.departed)"
-            ).rowcount
-            changes += (
-                removed
-                + db.execute(
-                    "DELETE FROM main.pending WHERE ihash IN (SELECT ihash FROM run.departed)"
-                ).rowcount
-            )
-        gone = f"SELECT ihash FROM run.outcome WHERE transition = {EXIT} AND view = 0"
-        removed += db.execute(f"DELETE FROM main.identities WHERE ihash IN ({gone})").rowcount
-        changes += removed
-        complete = f"""SELECT ihash FROM run.outcome WHERE (transition = {ENTER} AND view IN ({FULL}, {0 if entered_event else FULL}))
-            OR (transition = {EXIT} AND view = 0)"""
-        changes += db.execute(f"DELETE FROM main.pending WHERE ihash IN ({complete})").rowcount
-        changes += db.execute(
-            f"""INSERT OR REPLACE INTO main.pending
-            SELECT ihash, transition, generation, view, kind, identity FROM run.outcome
-            WHERE (transition = {ENTER} AND view != {FULL} AND (view != 0 OR {1 if entered_event else 0}))
-               OR (transition = {EXIT} AND view != 0)"""
-        ).rowcount
-        changes += db.execute(  # an identity of neither the Look nor the state that Segment was told nothing
-            """DELETE FROM main.pending WHERE view = 0 AND ihash NOT IN (SELECT ihash FROM run.firsts)
-            AND ihash NOT IN (SELECT ihash FROM main.identities)"""
-        ).rowcount
-        sent_units = db.execute(f"SELECT count(*) FROM run.firsts WHERE verdict != {UNCHANGED}").fetchone()[0]
-        complete_units = db.execute(
-            f"SELECT count(*) FROM run.outcome WHERE transition = {ENTER} AND advanced AND view = {FULL}"
-        ).fetchone()[0]
+            for seq, verdict, ihash, kind, identity, _pos, _length, digest, transition, gen, view in units:
+                tally["sent"] += 1
+                if unit_ordinal > units_done:
+                    unit_ordinal += 1
+                    continue
+                unit_ordinal += 1
+                bits = failed.get(ihash, 0)
+                alt = None
+                if verdict == NEW and self._switched_alts:
+                    found = db.execute("SELECT alt FROM run.switches WHERE ihash = ?", (ihash,)).fetchone()
+                    if found:
+                        alt, view = found[0], FULL
+                # After its call was sent, Segment may hold the identity as a member (a call that failed may
+                # have reached it): the call bit is set whatever the outcome, but only an accepted call
+                # completes the unit (and records the digest).
+                accepted_call = not bits & CALL
+                if entered_event:
+                    new_event = EVENT if not bits & EVENT else view & EVENT
+                else:
+                    new_event = EVENT
+                new_view = CALL | new_event
+                if accepted_call:
+                    upserts.append((ihash, digest, kind, identity))
+                    tally["accepted"] += 1
+                    tally["added"] += verdict == NEW and alt is None
+                    if alt is not None:
+                        deletes.append((alt,))
+                        pending_deletes.append((alt,))
+                if accepted_call and new_view == FULL:
+                    tally["complete"] += 1
+                    if transition is not None:
+                        pending_deletes.append((ihash,))
+                elif verdict == CHANGED and transition is None and new_view == FULL:
+                    pass  # a member in full still: its old digest makes the next run send it again
+                else:
+                    since = gen if transition == ENTER else generation
+                    pending_upserts.append((ihash, ENTER, since, new_view, kind, identity))
+            for ihash, kind, identity, transition, gen, view, orphan in departed:
+                if ihash in self._switched_alts:
+                    continue
+                if drop_departed:
+                    deletes.append((ihash,))
+                    if transition is not None:
+                        pending_deletes.append((ihash,))
+                    tally["removed"] += not orphan
+                    continue
+                if keep_departed or not exits_sent:
+                    continue
+                if exit_ordinal > exits_done:
+                    exit_ordinal += 1
+                    continue
+                exit_ordinal += 1
+                bits = failed.get(ihash, 0)
+                new_call = 0 if not membership_trait or not bits & CALL else view & CALL
+                new_event = 0 if not exited_event or not bits & EVENT else view & EVENT
+                if new_call | new_event:
+                    since = gen if transition == EXIT else generation
+                    pending_upserts.append((ihash, EXIT, since, new_call | new_event, kind, identity))
+                else:
+                    deletes.append((ihash,))
+                    if transition is not None:
+                        pending_deletes.append((ihash,))
+                    tally["removed"] += not orphan
+            self._apply(upserts, deletes, pending_upserts, pending_deletes, tally)
         pending = db.execute("SELECT count(*) FROM main.pending").fetchone()[0]
-        stayed = 0 if keep_departed else max(self.decision.departed - removed, 0)
-        not_advanced = sent_units - complete_units + stayed
+        stayed = 0 if keep_departed else max(self.decision.departed - tally["removed"], 0)
+        not_advanced = tally["sent"] - tally["complete"] + stayed
         entries = db.execute("SELECT count(*) FROM main.identities").fetchone()[0]
-        if not changes:
+        if not tally["changes"]:
             db.rollback()
             log.info(
                 "Sync %s: nothing changed; the state (generation %s) is kept as it is.",
@@ -634,14 +654,45 @@ class SyncRun:
                 generation,
             )
             return CommitResult(generation, entries, 0, 0, 0, 0, not_advanced, pending, False)
-        result = self._save(entries, added, accepted, removed, not_advanced, pending)
+        accepted, added = tally["accepted"], tally["added"]
+        result = self._save(entries, added, accepted, tally["removed"], not_advanced, pending)
         log.info("Sync %s: state generation %s saved: %s", self.store.key, result.generation, result)
         return result
+
+    def _apply(
+        self,
+        upserts: list[tuple],
+        deletes: list[tuple],
+        pending_upserts: list[tuple],
+        pending_deletes: list[tuple],
+        tally: dict[str, int],
+    ) -> None:
+        """Write a partition's changes to the local copy of the state."""
+        db = self._db
+        if upserts:
+            tally["changes"] += db.executemany(
+                "INSERT OR REPLACE INTO main.identities (ihash, digest, kind, identity) VALUES (?, ?, ?, ?)",
+                upserts,
+            ).rowcount
+        if deletes:
+            tally["changes"] += db.executemany(
+                "DELETE FROM main.identities WHERE ihash = ?", deletes
+            ).rowcount
+        if pending_deletes:
+            tally["changes"] += db.executemany(
+                "DELETE FROM main.pending WHERE ihash = ?", pending_deletes
+            ).rowcount
+        if pending_upserts:
+            tally["changes"] += db.executemany(
+                "INSERT OR REPLACE INTO main.pending VALUES (?, ?, ?, ?, ?, ?)", pending_upserts
+            ).rowcount
+        for batch in (upserts, deletes, pending_upserts, pending_deletes):
+            batch.clear()
 
     def _save(
         self, entries: int, added: int, accepted: int, removed: int, not_advanced: int, pending: int
     ) -> CommitResult:
-        db = self._db
+        db, started = self._db, time.monotonic()
         state_id = int.from_bytes(os.urandom(4), "big") & 0x7FFF_FFFF
         generation = self.previous_generation + 1
         meta = {"sync_key": self.store.key, "generation": generation, "run_id": self.run_id}
@@ -674,8 +725,9 @@ class SyncRun:
             ) from error
         if self.unsaved is not None:
             self.store.file.remove_unsaved_marker()
+        seconds = round(time.monotonic() - started, 3)
         return CommitResult(
-            generation, entries, size, added, accepted - added, removed, not_advanced, pending, True
+            generation, entries, size, added, accepted - added, removed, not_advanced, pending, True, seconds
         )
 
     def _load_undelivered(self, handed: Handed) -> bool:
@@ -708,7 +760,7 @@ class SyncRun:
             return
         self._closed = True
         try:
-            for resource in (*self._cursors, self._db, self._spool_file, getattr(self, "_undelivered", None)):
+            for resource in (self._spool, self._db, getattr(self, "_undelivered", None)):
                 if resource is not None:
                     try:
                         resource.close()
@@ -734,16 +786,17 @@ class SyncRun:
             raise errors.SyncStateError(f"run {self.run_id} of sync {self.store.key}: call decide() first")
 
 
+def _by_partition(rows: Iterable[tuple]) -> Iterator[list[tuple]]:
+    """Rows in identity-hash order (the hash first), as one list per partition, all 256 in turn."""
+    rows = iter(rows)
+    pending = next(rows, None)
+    for part in range(PARTITIONS):
+        group: list[tuple] = []
+        while pending is not None and (pending[0] >> 56) + 128 == part:
+            group.append(pending)
+            pending = next(rows, None)
+        yield group
+
+
 def _text(identity: bytes) -> str:
     return identity.decode("utf-8", "surrogatepass")
-
-
-def _encode(message: Mapping[str, Any]) -> bytes:
-    """Encode a message that carries no encoding, its messageId last (as the transform writes it)."""
-    from airflow_provider_looker_segment.batching import encode_event
-
-    if not isinstance(message.get("messageId"), str):
-        raise ValueError(f"a message to spool needs a messageId, not {message.get('messageId')!r}")
-    return encode_event(
-        {**{k: v for k, v in message.items() if k != "messageId"}, "messageId": message["messageId"]}
-    )

@@ -466,6 +466,7 @@ def make_row_transformer(
     message_id_namespace: str,
     library: Mapping[str, Any] | None = None,
     derive_alias: bool = False,
+    defer_message_id: bool = False,
 ) -> RowTransformer:
     """
     Build the per-row function of a plan: row → ``(message, None)`` or ``(None, invalid reason)``.
@@ -481,8 +482,12 @@ def make_row_transformer(
     :param library: ``context.library``; defaults to this package's name and version.
     :param derive_alias: set ``message.alias`` on messages with a userId to the anonymousId derived from the
         row's email (a changed-only run finds by it a member that the state knew by that anonymousId).
+    :param defer_message_id: leave the messageId, timestamp and context out: ``message.encoded`` is then
+        only the identity and traits (the *head*), completed by :func:`complete_encoding` for the rows that
+        are sent (a changed-only run spools every row, and sends few).
     :return: the transformer; its ``tail`` attribute holds the bytes every encoding carries between the
-        traits and the messageId's 32 hex digits (the run's timestamp and context).
+        traits and the messageId's 32 hex digits (the run's timestamp and context), its ``hasher`` the
+        messageId's hash of the run's namespace.
     """
     if not isinstance(message_id_namespace, str) or not message_id_namespace:
         raise TransformConfigError("message_id_namespace must be a non-empty string")
@@ -569,6 +574,11 @@ def make_row_transformer(
             head = dumps(message)
         except encode_error:
             head = _dump_head(message)
+        if defer_message_id:
+            message.encoded = head
+            if alias is not None:
+                message.alias = alias
+            return message, None
         digest = hasher.copy()
         digest.update(head)
         hex_id = digest.hexdigest()
@@ -582,4 +592,15 @@ def make_row_transformer(
         return message, None
 
     transform.tail = tail  # type: ignore[attr-defined]
+    transform.hasher = hasher  # type: ignore[attr-defined]
     return transform
+
+
+def complete_encoding(head: bytes, tail: bytes, hasher: Any) -> bytes:
+    """
+    The encoding of a message whose messageId was deferred (``defer_message_id``): its head, the run's tail
+    and the messageId of the head, exactly as the transform would have made it.
+    """
+    digest = hasher.copy()
+    digest.update(head)
+    return head[:-1] + tail + digest.hexdigest().encode() + b'"}'

@@ -10,7 +10,8 @@ folder. The ``imported`` mark follows the import of the operator (Airflow's task
 after it - operator construction, connection look-ups, Looker login, the Look's definition, the streamed
 run, delivery - is the pipeline.
 
-Config (JSON argument): ``look_id``, ``run_id``.
+Config (JSON argument): ``look_id``, ``run_id``; optionally ``options``, more operator arguments (e.g.
+``sync_mode``, ``state_path`` for the scale section).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def main() -> None:
     """Run the operator once and print the measurements with the task's summary."""
     config = read_config()
     PROBE.mark("imported")
-    operator = LookerToSegmentOperator(task_id=TASK_ID, look_id=config["look_id"])
+    operator = LookerToSegmentOperator(
+        task_id=TASK_ID, look_id=config["look_id"], **config.get("options", {})
+    )
     ti = SimpleNamespace(dag_id=DAG_ID, task_id=TASK_ID, run_id=config["run_id"], map_index=-1)
     summary = operator.execute({"ti": ti})  # type: ignore[arg-type]
     PROBE.mark("done")
@@ -44,6 +47,22 @@ def main() -> None:
         batches=summary["batches"],
         requests=summary["requests"],
         bytes=summary["bytes"],
+        cohort={
+            key: summary[key]
+            for key in (
+                "new",
+                "changed",
+                "unchanged",
+                "departed",
+                "exited",
+                "spool_bytes",
+                "state_identities",
+                "state_bytes",
+                "state_load_seconds",
+                "state_save_seconds",
+            )
+            if key in summary
+        },
     )
 
 

@@ -271,7 +271,8 @@ def run_sync(
         failing = set(fail)
         fail = lambda message: any(message.get(kind) == identity for kind, identity in failing)  # noqa: E731
     with store.begin(run_id, full_refresh=full_refresh) as run:
-        run.spool(messages)
+        messages = list(messages) if not isinstance(messages, list) else messages
+        run.spool(messages, by_group=bool(messages) and messages[0].get("type") == "group")
         decision = run.decide()
         counts = CohortCounts(new=decision.new, changed=decision.changed, unchanged=decision.unchanged)
         plan_exits(

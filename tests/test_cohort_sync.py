@@ -49,7 +49,7 @@ def _events(**kwargs: Any) -> CohortEvents:
 
 
 def _departed(kind: str, identity: str) -> Departure:
-    return Departure(identity_hash(kind, identity), kind, identity, None, None, 3, False)
+    return Departure(0, identity_hash(kind, identity), kind, identity, None, None, 3, False)
 
 
 def test_exit_message_is_deterministic_minimal_and_derived_from_the_transition():
@@ -150,24 +150,24 @@ def store(tmp_path) -> CohortStateStore:
 def test_entry_events_follow_new_identities_only(store):
     events = _events(membership_trait=None, entered_event="Entered")
     counts, sent = _run(store, _rows(range(3)), events=events)
-    assert [(m["type"], m.get("event"), m["userId"]) for m in sent] == [
-        ("identify", None, "u0"),
-        ("track", "Entered", "u0"),
-        ("identify", None, "u1"),
-        ("track", "Entered", "u1"),
-        ("identify", None, "u2"),
-        ("track", "Entered", "u2"),
-    ]
-    assert sent[1]["properties"] == {"plan": "free"} and counts.entered_events == 3
-    assert sent[0]["messageId"] == f"{identity_hash('userId', 'u0'):016x}-lsg-{0:032x}"
+    pairs = [sent[i : i + 2] for i in range(0, len(sent), 2)]  # identities in hash order, each whole
+    assert sorted(
+        (call["userId"], call["type"], entry["type"], entry["event"], entry["userId"])
+        for call, entry in pairs
+    ) == [(f"u{n}", "identify", "track", "Entered", f"u{n}") for n in range(3)]
+    assert all(entry["properties"] == {"plan": "free"} for _call, entry in pairs)
+    assert counts.entered_events == 3
+    (first,) = [m for m in sent if m["userId"] == "u0" and m["type"] == "identify"]
+    assert first["messageId"] == f"{identity_hash('userId', 'u0'):016x}-lsg-{0:032x}"
     rows = _rows(range(4))
     rows[0]["traits"]["plan"] = "pro"  # changed: sent, but it did not enter
     counts, sent = _run(store, rows, events=events)
-    assert [(m["type"], m["userId"]) for m in sent] == [
-        ("identify", "u0"),
-        ("identify", "u3"),
-        ("track", "u3"),
+    assert sorted((m["userId"], m["type"]) for m in sent) == [
+        ("u0", "identify"),
+        ("u3", "identify"),
+        ("u3", "track"),
     ]
+    assert [m["type"] for m in sent if m["userId"] == "u3"] == ["identify", "track"]
     assert counts.entered_events == 1 and (counts.new, counts.changed) == (1, 1)
 
 
@@ -306,21 +306,16 @@ def test_a_member_told_it_left_enters_again_when_it_is_back(store):
 def test_a_stopped_delivery_advances_only_what_was_handed_whole(store):
     events = _events(entered_event="Entered")
     first = run_sync(store, _rows(range(4), trait="in_cohort"), events=events, stop_after=3)
-    assert [(m["type"], m["userId"]) for m in map(_wire, first.sent)] == [
-        ("identify", "u0"),
-        ("track", "u0"),
-        ("identify", "u1"),
-    ]
-    assert _stored_ids(store) == {"u0", "u1"} and first.commit.pending == 1  # u1's entry event is owed
+    sent = [(m["type"], m["userId"]) for m in map(_wire, first.sent)]
+    whole, half = sent[0][1], sent[2][1]
+    assert sent == [("identify", whole), ("track", whole), ("identify", half)]
+    assert _stored_ids(store) == {whole, half} and first.commit.pending == 1  # half's entry event is owed
     second = run_sync(store, _rows(range(4), trait="in_cohort"), events=events)
-    assert [(m["type"], m["userId"]) for m in map(_wire, second.sent)] == [
-        ("identify", "u1"),
-        ("track", "u1"),
-        ("identify", "u2"),
-        ("track", "u2"),
-        ("identify", "u3"),
-        ("track", "u3"),
-    ]
+    rest = [f"u{n}" for n in range(4) if f"u{n}" not in (whole, half)]
+    expected = [("track", half)] + [(kind, who) for who in rest for kind in ("identify", "track")]
+    assert sorted((m["type"], m["userId"]) for m in map(_wire, second.sent)) == sorted(
+        [("identify", half), *expected]
+    )
 
 
 # ------------------------------------------------------------------------------- identity switches

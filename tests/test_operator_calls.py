@@ -168,7 +168,7 @@ def test_entry_and_exit_events_across_three_runs(changed, looker, segment):
         "identify": [f"u{n}" for n in range(5)],
         "Entered VIP": [f"u{n}" for n in range(5)],
     }
-    entered = next(e for e in segment.events() if e["type"] == "track")
+    entered = next(e for e in segment.events() if e["type"] == "track" and e["userId"] == "u0")
     assert entered["properties"] == {"email": "u0@example.com", "plan": "free"}
     assert (first["entered_events"], first["events_by_type"]) == (5, {"identify": 5, "track": 5})
 

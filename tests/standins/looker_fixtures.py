@@ -77,6 +77,9 @@ ACCOUNT_USERS_LOOK_ID = "16"
 NEW_SIGNUPS_LOOK_ID = "17"
 #: Look ids from here on are generated Looks: Look ``GENERATED_LOOK_BASE + n`` has ``n`` rows.
 GENERATED_LOOK_BASE = 1_000_000
+#: Look ids from here on are generated Looks that evolve: Look ``EVOLVING_LOOK_BASE + g * 10**8 + n`` is the
+#: generated Look of ``n`` rows at generation ``g`` (see :class:`EvolvingLook`).
+EVOLVING_LOOK_BASE = 2_000_000_000
 
 #: The first row of Look 1, as in Segment's documentation of the Looker source.
 TOASTMATES_FIRST_ROW = {
@@ -587,10 +590,65 @@ def generated_look(
     )
 
 
+@dataclass
+class EvolvingLook(GeneratedLook):
+    """
+    A generated Look at a generation: at generation ``g >= 1``, 1 % of its rows changed (rows ``i`` with
+    ``i % 100 == g``: another plan) and 1 % replaced by other users (rows with ``i % 100 == 50 + g``: user
+    ``r<g>-<i>``) against generation 0, which is the generated Look itself. A changed-only sync of
+    generation 0, then 1, then 2... sees about 1 % changed, 1 % entered and 1 % left each time.
+
+    :param generation: 0 to 49.
+    """
+
+    generation: int = 0
+
+    def row(self, index: int) -> dict[str, Any]:
+        """Return row ``index`` (0-based)."""
+        row = generated_row(index)
+        g = self.generation
+        if g and index % 100 == g:
+            row["users.plan"] = f"changed-{g}"
+        elif g and index % 100 == 50 + g:
+            row["users.id"] = f"r{g}-{index:08d}"
+        return row
+
+    def encode_rows(
+        self, fmt: str, columns: tuple[FixtureField, ...], start: int, stop: int, links: bool = False
+    ) -> bytes:
+        """Generation 0 as a generated Look; other generations patch its rows (JSON formats only)."""
+        g = self.generation
+        if not g or fmt not in (JSON_DETAIL, JSON) or links:
+            return super().encode_rows(fmt, columns, start, stop, links)
+        detail = fmt == JSON_DETAIL
+        mid = _DETAIL_MIDDLE if detail else _JSON_MIDDLE
+        value = (lambda text: f'{{"value":{text}}}') if detail else (lambda text: text)
+        changed = f'"users.plan":{{"value":"changed-{g}"}},' if detail else f'"users.plan":"changed-{g}",'
+        rows = []
+        for i in range(start, stop):
+            uid = f"r{g}-{i:08d}" if i % 100 == 50 + g else f"u{i:08d}"
+            middle = mid[i % 60]
+            if i % 100 == g:
+                middle = middle[: middle.index('"users.plan"')] + changed
+            rows.append(
+                f'{{"users.id":{value(json.dumps(uid))},"users.email":{value(json.dumps(f"user{i:08d}@example.com"))},'
+                f'{middle}"users.sessions_count":{value(str(i % 97))}}}'
+            )
+        return ",".join(rows).encode()
+
+
 def resolve_generated(look_id: str) -> GeneratedLook | None:
     """Return the generated Look for an id ``>= GENERATED_LOOK_BASE``, else ``None``."""
     if not look_id.isdigit() or int(look_id) < GENERATED_LOOK_BASE:
         return None
+    if int(look_id) >= EVOLVING_LOOK_BASE:
+        generation, size = divmod(int(look_id) - EVOLVING_LOOK_BASE, 10**8)
+        if generation >= 50:
+            return None
+        base = generated_look(size, look_id)
+        return EvolvingLook(
+            **{**base.__dict__, "title": f"{base.title}, generation {generation}"}, generation=generation
+        )
     return generated_look(int(look_id) - GENERATED_LOOK_BASE, look_id)
 
 
