@@ -297,7 +297,7 @@ class Delivery:
                 senders = list(self.senders)
             for sender in senders:
                 sender.join()
-        self.log.info(
+        self.log.debug(
             "Segment delivery flow: %s; reading waited %.2f s for room.", self.flow.describe(), self.waited
         )
         return self.report
@@ -554,6 +554,8 @@ class Delivery:
                 ):
                     stop_reason = outcome.reason if outcome.fatal else f"{limit} batches failed in a row"
                     self.report.aborted = stop_reason
+                    if outcome.fatal:
+                        self.report.refused = outcome.reason
         if outcome.category != DELIVERED:
             self.log.warning(
                 "Segment batch of %d events %s: %s", len(batch), outcome.category, outcome.reason

@@ -36,6 +36,8 @@ class DeliveryReport:
     :param rejected_events_omitted: rejected events beyond the listed ones.
     :param failed_events_omitted: failed events beyond the listed ones.
     :param aborted: why sending stopped early, if it did.
+    :param refused: why Segment refused the connection for good, if it did (HTTP 401, 403 or 404, a
+        redirect, ``https://`` to a plain-HTTP port): a retry of the task would fail the same way.
     :param max_listed_events: cap on each of the two lists, so memory stays bounded.
     """
 
@@ -53,6 +55,7 @@ class DeliveryReport:
     rejected_events_omitted: int = 0
     failed_events_omitted: int = 0
     aborted: str | None = None
+    refused: str | None = None
     max_listed_events: int = DEFAULT_MAX_LISTED_EVENTS
 
     @property

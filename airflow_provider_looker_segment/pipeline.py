@@ -36,6 +36,7 @@ from airflow_provider_looker_segment.exceptions import (
     SegmentDeliveryError,
 )
 from airflow_provider_looker_segment.models import LookResultMeta, Row
+from airflow_provider_looker_segment.progress import SyncProgress
 from airflow_provider_looker_segment.settings import MAX_LIMIT, SyncSettings
 from airflow_provider_looker_segment.sync_state import SyncRun
 from airflow_provider_looker_segment.transform import (
@@ -145,6 +146,7 @@ def sync_look(
     state: SyncRun | None = None,
     log: logging.Logger | Any = None,
     progress_interval: float = 10.0,
+    progress: SyncProgress | None = None,
 ) -> SyncSummary:
     """
     Sync one Look: plan its fields, check the destinations, then stream its rows to Segment.
@@ -156,10 +158,25 @@ def sync_look(
     :param message_id_namespace: what makes this task run unique (``build_message_id_namespace``).
     :param state: the changed-only sync's run (``CohortStateStore.begin``), with ``sync_mode="changed"``.
     :param log: where the plan, warnings, examples and progress go.
-    :param progress_interval: seconds between progress lines.
+    :param progress_interval: seconds between progress lines (while reading and while delivering).
+    :param progress: the progress lines, when the caller started them before opening the stream (the
+        operator does, to report the wait for Looker's answer); by default they start here.
     :raises DestinationError: a listed destination cannot be fed; nothing was sent.
     """
     log = log or logging.getLogger(__name__)
+    if progress is None:
+        with SyncProgress(settings.look_id, log, progress_interval, dry_run=settings.dry_run) as progress:
+            return sync_look(
+                settings,
+                stream,
+                send=send,
+                destinations=destinations,
+                message_id_namespace=message_id_namespace,
+                state=state,
+                log=log,
+                progress_interval=progress_interval,
+                progress=progress,
+            )
     started = time.monotonic()
     plan = plan_transform(stream.meta, settings.transform_options())
     _log_plan(log, settings.look_id, plan)
@@ -169,6 +186,7 @@ def sync_look(
         plan, ran_at=ran_at, message_id_namespace=message_id_namespace, library=LIBRARY
     )
     counts = _RowCounts()
+    progress.reading(lambda: counts.rows)
     duplicates = DuplicateCounts()
     cohort = CohortCounts()
     by_group = plan.call == "group"
@@ -182,8 +200,7 @@ def sync_look(
     if settings.dry_run or send is None:
         delivery = _dry_run(messages, log)
     else:
-        progress = _ProgressLogger(settings.look_id, counts, started, log)
-        report = send(messages, progress=progress, progress_interval=progress_interval)
+        report = send(messages, progress=progress.delivered, progress_interval=progress_interval)
         delivery = report.to_dict()
         complete = not report.rejected_events_omitted and not report.failed_events_omitted
         undelivered = undelivered_identities(report.rejected_ids + report.failed_ids, complete)
@@ -230,32 +247,29 @@ def sync_look(
 
 
 def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
-    """The summary's one line (and the truncation warning)."""
-    if summary.filters:
-        log.info("Look %s: ran with the filters %s", summary.look_id, summary.filters)
+    """The summary's one line (and the truncation warning); the filters that ran were logged at the start."""
+    per_type = ", ".join(f"{kind} {count:,}" for kind, count in sorted(summary.events_by_type.items()))
+    verb = "would be sent" if summary.dry_run else "handed to Segment"
     log.info(
-        "Look %s: %d rows read, %d sent, %d invalid, %d rejected, %d failed, %d batches in %.1f s%s%s",
+        "Look %s: %s rows read, %s sent, %s invalid, %s rejected, %s failed, %s batches in %.1f s%s%s%s",
         summary.look_id,
-        summary.rows,
-        summary.sent,
-        summary.invalid,
-        summary.rejected,
-        summary.failed,
-        summary.batches,
+        f"{summary.rows:,}",
+        f"{summary.sent:,}",
+        f"{summary.invalid:,}",
+        f"{summary.rejected:,}",
+        f"{summary.failed:,}",
+        f"{summary.batches:,}",
         summary.seconds,
-        f" ({summary.duplicates} duplicate rows not sent)" if summary.duplicates else "",
+        f" ({summary.duplicates:,} duplicate rows not sent)" if summary.duplicates else "",
         " (dry run: nothing sent)" if summary.dry_run else "",
+        f"; events {verb} per call type: {per_type}" if per_type else "",
     )
-    if summary.events_by_type:
-        per_type = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.events_by_type.items()))
-        verb = "would be sent" if summary.dry_run else "handed to Segment"
-        log.info("Look %s: events %s per call type: %s", summary.look_id, verb, per_type)
     if summary.possibly_truncated:
         log.warning(
             "Look %s returned exactly as many rows as the limit (%s): the cohort may be truncated; "
             "raise `limit` or use -1 for all rows.",
             summary.look_id,
-            summary.limit,
+            f"{summary.limit:,}",
         )
 
 
@@ -392,14 +406,22 @@ def _finish_cohort(
 
 
 def _log_plan(log: Any, look_id: str, plan: TransformPlan) -> None:
+    """The plan in one line (warnings, for the user to act on, in lines of their own)."""
     what = f"track calls, event {plan.event!r}" if plan.call == "track" else f"{plan.call} calls"
-    log.info("Look %s: each row becomes one of Segment's %s", look_id, what)
-    for identifier, found in plan.identifiers.items():
-        if found:
-            log.info("Look %s: %s from field %s (%s)", look_id, identifier, found["field"], found["how"])
-        else:
-            log.info("Look %s: no %s field", look_id, identifier)
-    log.info("Look %s: %s (field → key): %s", look_id, plan.values_key, plan.traits)
+    found = [
+        f"{identifier} from field {choice['field']} ({choice['how']})" if choice else f"no {identifier} field"
+        for identifier, choice in plan.identifiers.items()
+    ]
+    note = f"; {plan.overwrite_note}" if plan.overwrite_note else ""
+    log.info(
+        "Look %s: each row becomes one of Segment's %s; %s; %s (field → key): %s%s",
+        look_id,
+        what,
+        ", ".join(found),
+        plan.values_key,
+        plan.traits,
+        note,
+    )
     for warning in plan.warnings:
         log.warning("Look %s: %s", look_id, warning)
 
@@ -425,28 +447,6 @@ def _check_destinations(log: Any, destinations: list[Destination], plan: Transfo
     log.info("Destinations checked: %s", ", ".join(d.name for d in destinations))
 
 
-class _ProgressLogger:
-    """Writes a progress line (rows read, events delivered, rate) when the Segment hook reports."""
-
-    def __init__(self, look_id: str, counts: _RowCounts, started: float, log: Any) -> None:
-        self._look_id = look_id
-        self._counts = counts
-        self._started = started
-        self._log = log
-
-    def __call__(self, report: Any) -> None:
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        self._log.info(
-            "Look %s: %d rows read, %d events delivered, %d rejected, %d failed (%.0f rows/s)",
-            self._look_id,
-            self._counts.rows,
-            report.delivered,
-            report.rejected,
-            report.failed,
-            self._counts.rows / elapsed,
-        )
-
-
 def _dry_run(messages: Iterable[dict], log: Any) -> Mapping[str, Any]:
     """Encode and batch every message as a real run would, log a few examples, send nothing."""
     examples: list[bytes] = []
@@ -460,7 +460,11 @@ def _dry_run(messages: Iterable[dict], log: Any) -> Mapping[str, Any]:
     plan = plan_batches(with_examples())
     for number, data in enumerate(examples, start=1):
         log.info("Dry run: example payload %d: %s", number, data.decode())
-    log.info("Dry run: %d events would be sent in %d batches; nothing was sent", plan.events, plan.batches)
+    log.info(
+        "Dry run: %s events would be sent in %s batches; nothing was sent",
+        f"{plan.events:,}",
+        f"{plan.batches:,}",
+    )
     return {
         "delivered": 0,
         "would_send": plan.events,

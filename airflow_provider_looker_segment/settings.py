@@ -142,7 +142,7 @@ class SyncSettings:
             max_exit_ratio=float(max_exit_ratio),
             call=call,
             group_id_field=group_id_field,
-            filters=_filters(arguments.get("filters")),
+            filters=parse_filters(arguments.get("filters")),
             event=event,
             **cohort_events,
         )
@@ -168,7 +168,7 @@ class SyncSettings:
         )
 
 
-def _filters(value: Any) -> dict[str, str]:
+def parse_filters(value: Any) -> dict[str, str]:
     """``filters``: Looker field → filter expression; empty expressions and field names are refused."""
     try:
         filters = to_str_dict(value, name="filters")

@@ -73,13 +73,13 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     }
     schema = {name: params.get_param(name).schema for name in params}
     assert schema["look_id"]["type"] == ["null", "string"] and params.get_param("look_id").description
-    assert schema["call"]["enum"] == ["identify", "group", "track"] and params["call"] == "identify"
+    assert schema["call"]["enum"] == ["identify", "group", "track", None] and params["call"] == "identify"
     for optional in ("event", "entered_event", "exited_event"):  # optional: no red star in the form
         assert schema[optional]["type"] == ["null", "string"] and params[optional] is None
     assert schema["destinations"]["type"] == ["null", "array"] and params["destinations"] is None
-    assert schema["dry_run"]["type"] == "boolean" and params["dry_run"] is False
-    assert schema["trait_key_style"]["enum"] == ["label", "snake", "field"]
-    assert schema["sync_mode"]["enum"] == ["all", "changed"] and params["sync_mode"] == "all"
+    assert schema["dry_run"]["type"] == ["boolean", "null"] and params["dry_run"] is False
+    assert schema["trait_key_style"]["enum"] == ["label", "snake", "field", None]
+    assert schema["sync_mode"]["enum"] == ["all", "changed", None] and params["sync_mode"] == "all"
     assert params["full_refresh"] is False
     assert schema["state_path"]["type"] == ["null", "string"] and params["state_path"] is None
     assert dag.max_active_runs == 1 and dag.catchup is False
@@ -156,7 +156,7 @@ def test_mapped_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     assert set(params) == {"look_ids", "dry_run", "sync_mode", "full_refresh", "state_path"}
     schema = {name: params.get_param(name).schema for name in params}
     assert schema["look_ids"]["type"] == ["null", "array"] and params["look_ids"] is None
-    assert schema["sync_mode"]["enum"] == ["all", "changed"] and params["sync_mode"] == "all"
+    assert schema["sync_mode"]["enum"] == ["all", "changed", None] and params["sync_mode"] == "all"
     assert params["dry_run"] is False and params["full_refresh"] is False
     assert schema["state_path"]["type"] == ["null", "string"] and params["state_path"] is None
     partial = dag.get_task("sync_cohort").partial_kwargs

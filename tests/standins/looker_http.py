@@ -251,10 +251,15 @@ class HandlerBase(BaseHTTPRequestHandler):
             self._end_chunks()
             return
         rows_sent = 0
+        pause = self.standin._take_pause(look.id)
         try:
             for piece, rows in result_pieces(look, fmt, query, self.standin.chunk_rows, cut, cached):
                 self._write_chunk(piece)
                 rows_sent += rows
+                if pause is not None and rows_sent >= pause[0]:
+                    self.wfile.flush()
+                    self.standin._wait(pause[1])
+                    pause = None
         finally:
             self.standin._count("rows_sent", rows_sent)
         if garbage is not None:
