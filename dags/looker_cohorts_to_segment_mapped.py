@@ -131,5 +131,7 @@ with DAG(
         full_refresh="{{ params.full_refresh }}",
         state_path=STATE_PATH_TEMPLATE,
         max_active_tis_per_dagrun=4,
+        # The grid names each mapped task after its Look ("Look 7"), not 0, 1, 2.
+        map_index_template="Look {{ task.look_id }}",
     ).expand(look_id=list_looks())
     add_up(synced.output)
