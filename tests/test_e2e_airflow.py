@@ -117,7 +117,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         resources.enter_context(airflow)  # stopped first (LIFO), also when a test or the set-up fails
         dag = airflow.wait_for_dag(DAG_ID)
         assert dag["is_paused"], "new DAGs start paused: the test unpauses it as a user would"
-        for dag_id in (DAG_ID, SIGNUPS_DAG_ID, MAPPED_DAG_ID):
+        for dag_id in (DAG_ID, SIGNUPS_DAG_ID):
             airflow.wait_for_dag(dag_id)
             response = airflow.api("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
             assert response.status_code == 200, response.text
@@ -353,8 +353,33 @@ def test_deferrable_signups_run_waits_in_the_triggerer(stack: Stack):
 # ------------------------------------------------------------------------------------------ mapped Looks
 
 
+def test_unpausing_a_dag_whose_variable_is_set_syncs_at_once(stack: Stack):
+    """As the README warns: no trigger needed, the latest day's run starts and sends to Segment."""
+    variable = {"key": "looker_segment_look_ids", "value": json.dumps([TOASTMATES_LOOK_ID])}
+    response = stack.airflow.api("POST", "/api/v2/variables", json=variable)
+    assert response.status_code in (200, 201), response.text
+    try:
+        stack.segment.reset()
+        assert stack.airflow.wait_for_dag(MAPPED_DAG_ID)["is_paused"]
+        response = stack.airflow.api("PATCH", f"/api/v2/dags/{MAPPED_DAG_ID}", json={"is_paused": False})
+        assert response.status_code == 200, response.text
+        deadline, runs = time.monotonic() + RUN_TIMEOUT, []
+        while not runs and time.monotonic() < deadline:
+            found = stack.airflow.api("GET", f"/api/v2/dags/{MAPPED_DAG_ID}/dagRuns").json()["dag_runs"]
+            runs = [run for run in found if run["run_type"] == "scheduled"]
+            time.sleep(1)
+        assert runs, "no scheduled run after unpausing"
+        run = stack.airflow.wait_for_run(MAPPED_DAG_ID, runs[0]["dag_run_id"], timeout=RUN_TIMEOUT)
+        assert run["state"] == "success", run
+        assert len(stack.segment.events()) == len(TOASTMATES.rows)  # a real sync, to the marketing tools
+    finally:
+        stack.airflow.api("DELETE", "/api/v2/variables/looker_segment_look_ids")
+
+
 def test_mapped_tasks_are_named_after_their_looks(stack: Stack):
     """The grid names each mapped task after its Look, the one that failed included (at once: deleted)."""
+    response = stack.airflow.api("PATCH", f"/api/v2/dags/{MAPPED_DAG_ID}", json={"is_paused": False})
+    assert response.status_code == 200, response.text
     response = stack.airflow.api(
         "POST",
         f"/api/v2/dags/{MAPPED_DAG_ID}/dagRuns",
