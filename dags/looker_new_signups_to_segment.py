@@ -35,9 +35,10 @@ Every day, the users who signed up the day before: the Look set in the Airflow V
 (`2026-11-28 to 2026-11-29`: that day, in Looker's filter syntax), as a Looker query task that the
 triggerer waits for (the task shows **deferred** meanwhile, holding no worker slot); then each row becomes
 one call (**call**, default `identify`; `track` with **event** for a journey tool). The task's
-**Looker Look** link (Details > Extra Links) opens the Look with the day's filter. While the Variable is not set, runs are skipped with a message
-saying so. `catchup` is off: a paused DAG does not send past days when it is switched back on (trigger a
-run with a logical date to send a past day).
+**Looker Look** link (Details > Extra Links) opens the Look with the day's filter. While the Variable is
+not set, runs are skipped with a message saying so. `catchup` is off: a paused DAG does not send past days
+when it is switched back on (trigger a run with a logical date to send a past day); unpausing it once the
+Variable is set sends the latest day at once.
 """
 
 with DAG(

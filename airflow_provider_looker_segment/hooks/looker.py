@@ -70,6 +70,7 @@ from airflow_provider_looker_segment.hooks.looker_tasks import (
 from airflow_provider_looker_segment.links import look_web_url
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
+from airflow_provider_looker_segment.models import shown_count as _count
 from airflow_provider_looker_segment.net import PLAIN_HTTP, TIMEOUT, TLS, redact, transport_problem
 
 __all__ = [
@@ -322,7 +323,7 @@ class LookerHook(LookerQueryTasks, BaseHook):
                 info.title,
                 run_query.describe(),
                 run_query.query_id,
-                effective,
+                _count(effective),
                 cache,
                 self.look_url(look_id, given),
             )
@@ -332,7 +333,7 @@ class LookerHook(LookerQueryTasks, BaseHook):
                 "Running Look %s (%s): limit %s, cache %s; in Looker: %s",
                 look_id,
                 info.title,
-                effective,
+                _count(effective),
                 cache,
                 self.look_url(look_id),
             )

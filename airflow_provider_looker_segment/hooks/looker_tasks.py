@@ -23,6 +23,7 @@ from airflow_provider_looker_segment.hooks.looker_query import (
 )
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
+from airflow_provider_looker_segment.models import shown_count as _count
 
 if TYPE_CHECKING:
     import logging
@@ -149,7 +150,7 @@ class LookerQueryTasks:
             info.title,
             what,
             query_id,
-            effective,
+            _count(effective),
             cache,
             self.look_url(look_id, given),
         )
