@@ -89,18 +89,35 @@ class Batch:
     def __repr__(self) -> str:
         return f"Batch(events={len(self)}, size={self.size})"
 
+    def head(self) -> bytes:
+        """
+        Return the request body up to its ``sentAt`` value: ``{"batch":[...],"sentAt":"``.
+
+        Build it once per batch; each attempt completes it with :func:`stamp_body`, so retries carry the same
+        events (Segment deduplicates them by ``messageId``) and the moment they were sent.
+        """
+        return b"".join((_PREFIX, b",".join(self.events), _SENT_AT))
+
     def body(self, sent_at: str | None = None) -> bytes:
         """
         Return the request body ``{"batch":[...],"sentAt":"..."}``.
 
-        Build it once per batch and re-send the same bytes on retries, so Segment can deduplicate them.
-
         :param sent_at: the ``sentAt`` value, as :func:`format_sent_at` writes it; now when omitted.
         """
-        stamp = (sent_at or format_sent_at()).encode("ascii")
-        if len(stamp) != SENT_AT_LENGTH:
-            raise ValueError(f"sentAt must be {SENT_AT_LENGTH} characters, e.g. 2024-01-31T12:00:00.000Z")
-        return b"".join((_PREFIX, b",".join(self.events), _SENT_AT, stamp, _SUFFIX))
+        return stamp_body(self.head(), sent_at or format_sent_at())
+
+
+def stamp_body(head: bytes, sent_at: str) -> bytes:
+    """
+    Complete a batch's :meth:`Batch.head` with its ``sentAt``: ``head + sent_at + '"}'``.
+
+    :param head: the body up to its ``sentAt`` value.
+    :param sent_at: the moment the attempt is sent, as :func:`format_sent_at` writes it.
+    """
+    stamp = sent_at.encode("ascii")
+    if len(stamp) != SENT_AT_LENGTH:
+        raise ValueError(f"sentAt must be {SENT_AT_LENGTH} characters, e.g. 2024-01-31T12:00:00.000Z")
+    return head + stamp + _SUFFIX
 
 
 def format_sent_at(moment: datetime | None = None) -> str:
@@ -139,10 +156,11 @@ class EncodedMessage(dict):
     """
     A Segment message that carries its own JSON encoding (:attr:`encoded`), made once by its producer (the
     transform encodes each row's message once, for its messageId and for the batch). :class:`Batcher` sends
-    :attr:`encoded` as it is: change the message only through :meth:`set_message_id`.
+    :attr:`encoded` as it is: change the message only through :meth:`set_message_id`. :attr:`alias`, when
+    set, is the anonymousId derived from the row's email of a message with a userId (never sent).
     """
 
-    __slots__ = ("encoded",)
+    __slots__ = ("alias", "encoded")
 
     def set_message_id(self, message_id: str) -> None:
         """Replace the ``messageId`` (the last key of :attr:`encoded`) in the message and in its encoding."""

@@ -1,51 +1,46 @@
 """
-``sync_mode="changed"``: keep only the calls whose identity is new or whose traits changed, and make the calls
-of identities that entered and left the cohort.
+``sync_mode="changed"``: the messages of a run, from what
+:class:`~airflow_provider_looker_segment.sync_run.SyncRun` decided, and the exit guard. Pure message logic;
+the run owns the spool and the state.
 
 * An identity is a userId, else an anonymousId; for group calls, a groupId.
+* **Calls**: the new, changed and switched identities' calls, as the transform encoded them, in the Look's
+  order; a switched member's call also carries the anonymousId the state knew it by (Segment links the two).
+* **Entry event** (``entered_event``): a track call right after a new identity's call, its traits as
+  properties (group calls: the same userId/anonymousId and ``context.groupId``).
 * **Exit call** (with a membership trait): the run's own call type with only the membership trait set to
-  ``false`` (``traits`` for identify and group calls, ``properties`` of the track event for track calls). A
-  group's exit call carries the anonymousId derived from its group id (the state keeps group ids only).
-* **Entry event** (``entered_event``): a track call for each identity not in the previous state, right after
-  its call; properties: the identity's traits as sent by that call. For group calls the track call carries
-  the same userId/anonymousId and ``context.groupId``.
-* **Exit event** (``exited_event``): a track call for each identity that left, with no properties but the
-  membership trait (``false``) when there is one: the state keeps hashes, never traits, and nothing is sent
-  that was not delivered before.
+  ``false``; **exit event** (``exited_event``): a track call with no properties but the membership trait. A
+  group's exit calls carry the anonymousId derived from its group id.
 
-Entry and exit messages have deterministic messageIds (run namespace + identity), so a retried task re-sends
-the same ones and Segment drops the repeats.
-
-Pure message logic on top of a :class:`~airflow_provider_looker_segment.sync_state.SyncRun` (which owns the
-state file); the operator wires it between the transform and the Segment hook.
-
-In this mode every messageId starts with the identity's hash (16 hex digits, see
-:func:`~airflow_provider_looker_segment.sync_state.format_identity_hash`), so the rejected and failed
-messageIds of a delivery report tell which identities must not advance in the state.
+Every messageId starts with the identity's hash (16 hex digits), so the rejected and failed messageIds of a
+delivery tell which identities must not advance. The calls that come from a state transition (entry event,
+exit call, exit event) have messageIds derived from the transition (sync key, identity, transition, the
+state generation it departs from): a later attempt of the same transition carries the same messageIds.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from airflow_provider_looker_segment.batching import EncodedMessage
-from airflow_provider_looker_segment.sync_state import (
-    ANONYMOUS_ID,
-    GROUP_ID,
-    NEW,
-    UNCHANGED,
-    USER_ID,
-    ExitIdentity,
+from airflow_provider_looker_segment.sync_run import (
+    CALL,
+    ENTER,
+    EVENT,
+    EXIT,
+    SWITCHED,
+    Decision,
+    Departure,
+    Handed,
     SyncRun,
-    format_identity_hash,
-    identity_hash,
-    identity_hash_from_message_id,
-    traits_digest,
+    Unit,
 )
-from airflow_provider_looker_segment.transform import MESSAGE_ID_PREFIX
+from airflow_provider_looker_segment.sync_state import ANONYMOUS_ID, GROUP_ID, USER_ID, format_identity_hash
 from airflow_provider_looker_segment.values import anonymous_id_from_group
 
 #: Values of the operator's ``sync_mode``.
@@ -61,31 +56,32 @@ class CohortCounts:
 
     :param new: identities not in the previous state (sent).
     :param changed: identities whose traits changed (sent); in a full refresh, every identity of the previous
-        state (sent whatever its traits).
+        state in the Look (sent whatever its traits).
     :param unchanged: identities whose traits did not change (not sent; 0 in a full refresh).
+    :param switched: members known by an anonymousId that now have a userId (one call with both).
+    :param rejoined: identities back in the Look whose last exit reached Segment only in part (sent again).
     :param exits: identities of the previous state absent from the Look.
-    :param exits_sent: of those, the identities whose exit (membership call and/or exit event) was handed to
-        Segment (0 without a membership trait or an exit event).
+    :param exits_sent: identities whose exit (membership call and/or exit event) was handed to Segment.
     :param entered_events: entry events (``entered_event``) handed to Segment.
     :param exited_events: exit events (``exited_event``) handed to Segment.
     :param exits_skipped: why the exits were not sent, if they were not.
-    :param guard_tripped: the exit guard's error message, if it tripped (the caller fails the task).
-    :param keep_departed: the departed identities stay in the state (pass ``exits_sent=not keep_departed``
-        to :meth:`~airflow_provider_looker_segment.sync_state.SyncRun.commit`). True until
-        :func:`exit_messages` has run and found it safe to let them go; it stays true when the Look may be
-        truncated or the exit guard tripped.
+    :param guard_tripped: the exit guard's error message, if it tripped (nothing is sent, the task fails).
+    :param keep_departed: the departed identities stay in the state (the Look may be truncated, or the guard
+        tripped).
     """
 
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    switched: int = 0
+    rejoined: int = 0
     exits: int = 0
     exits_sent: int = 0
     entered_events: int = 0
     exited_events: int = 0
     exits_skipped: str | None = None
     guard_tripped: str | None = field(default=None, repr=False)
-    keep_departed: bool = True
+    keep_departed: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,7 @@ class CohortEvents:
     :param membership_trait: the trait set on every call; exit calls set it to ``false``.
     :param entered_event: the track event sent for each identity that entered the cohort, or ``None``.
     :param exited_event: the track event sent for each identity that left, or ``None``.
-    :param message_id_namespace: what makes the task run unique.
+    :param sync_key: the sync's state key, part of every transition's messageId.
     :param timestamp: the messages' ``timestamp`` (when Looker ran the query), or ``None``.
     :param library: ``context.library``.
     """
@@ -108,7 +104,7 @@ class CohortEvents:
     membership_trait: str | None = None
     entered_event: str | None = None
     exited_event: str | None = None
-    message_id_namespace: str = ""
+    sync_key: str = ""
     timestamp: str | None = None
     library: Mapping[str, Any] = field(default_factory=dict)
 
@@ -117,13 +113,18 @@ class CohortEvents:
         """Whether identities that left get anything (a membership call or an exit event)."""
         return bool(self.membership_trait or self.exited_event)
 
-    def message_id(self, ihash: int, what: str, kind: str, identity: str) -> str:
-        """The deterministic, identity-keyed messageId of an entry or exit message."""
+    def transition_id(self, ihash: int, word: str, kind: str, identity: str, generation: int) -> str:
+        """
+        The messageId of a transition's message: ``<identity hash>-<word>-<32 hex>``, derived from the sync,
+        the identity, the transition (``entered``, ``exit``, ``exited``) and the generation it departs from.
+        """
         digest = hashlib.blake2b(
-            f"{self.message_id_namespace}\x1e{what}\x1e{kind}:{identity}".encode("utf-8", "surrogatepass"),
+            f"{self.sync_key}\x1e{word}\x1e{kind}:{identity}\x1e{generation}".encode(
+                "utf-8", "surrogatepass"
+            ),
             digest_size=16,
         ).hexdigest()
-        return keyed_message_id(ihash, MESSAGE_ID_PREFIX + digest)
+        return f"{format_identity_hash(ihash)}-{word}-{digest}"
 
     def finish(self, message: dict[str, Any], context: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Add the timestamp and context (``library`` and ``context``'s keys) to a message."""
@@ -133,60 +134,140 @@ class CohortEvents:
         return message
 
 
-def identity_of(message: Mapping[str, Any]) -> tuple[str, str]:
-    """
-    Return the identity a message is keyed by in the state: a group call's groupId, else its userId if any,
-    else its anonymousId.
-    """
-    if message.get("type") == "group":
-        return (GROUP_ID, message["groupId"])
-    user_id = message.get("userId")
-    return (USER_ID, user_id) if user_id else (ANONYMOUS_ID, message["anonymousId"])
-
-
-def keyed_message_id(ihash: int, message_id: str) -> str:
-    """Prefix a messageId with the identity hash: ``<16 hex>-<messageId>`` (53 characters for ours)."""
-    return f"{format_identity_hash(ihash)}-{message_id}"
-
-
-def changed_only(
-    messages: Iterable[dict[str, Any]],
-    run: SyncRun,
+def plan_exits(
+    decision: Decision,
     counts: CohortCounts,
-    events: CohortEvents | None = None,
-) -> Iterator[dict]:
+    events: CohortEvents,
+    *,
+    max_exit_ratio: float,
+    possibly_truncated: bool,
+) -> None:
     """
-    Classify every message's identity in ``run`` and yield only the new and changed ones, their messageId
-    prefixed with the identity hash, each new one followed by its entry event when ``events`` asks for one.
-    The digest covers the traits (or properties) as sent, membership trait included.
+    Decide, before anything is sent, what becomes of the identities that left (set in ``counts``).
+
+    No exit is sent when the Look may be truncated (they stay in the state), when more than
+    ``max_exit_ratio`` of the previous cohort would leave (the guard trips: ``counts.guard_tripped`` holds the
+    error; the run sends nothing and saves nothing), or when there is neither a membership trait nor an exit
+    event (they just leave the state).
     """
-    classify = run.classify
-    entered = events.entered_event if events is not None else None
-    for message in messages:
-        kind, identity = identity_of(message)
-        ihash = identity_hash(kind, identity)
-        values = message["traits"] if "traits" in message else message["properties"]
-        verdict = classify(kind, identity, traits_digest(values), ihash=ihash)
-        if verdict == UNCHANGED:
-            counts.unchanged += 1
-            continue
-        if verdict == NEW:
-            counts.new += 1
-        else:
-            counts.changed += 1
-        keyed = keyed_message_id(ihash, message["messageId"])
-        if isinstance(message, EncodedMessage):
-            message.set_message_id(keyed)  # keeps its encoding in step
-        else:
-            message["messageId"] = keyed
-        yield message
-        if entered and verdict == NEW:
-            counts.entered_events += 1
-            yield entry_event(message, ihash, kind, identity, events)  # type: ignore[arg-type]
+    counts.exits = decision.departed
+    if not decision.departed:
+        return
+    if possibly_truncated:
+        counts.exits_skipped = "the Look may be truncated (as many rows as the limit)"
+        counts.keep_departed = True
+        return
+    if decision.exit_ratio > max_exit_ratio:
+        counts.exits_skipped = "max_exit_ratio exceeded"
+        counts.keep_departed = True
+        counts.guard_tripped = (
+            f"{decision.departed:,} of the {decision.previous:,} identities of the previous run "
+            f"({decision.exit_ratio:.0%}) are not in the Look any more, more than max_exit_ratio="
+            f"{max_exit_ratio:g}: nothing was sent and the state was not changed ({decision.new:,} new, "
+            f"{decision.changed:,} changed identities not sent either). A broken or truncated query looks "
+            "like this; if the cohort really changed that much, run once with a higher max_exit_ratio (1 "
+            "allows any share)."
+        )
+        return
+    if not events.sends_exits:
+        counts.exits_skipped = (
+            "no membership_trait nor exited_event: departed identities are only removed from the state"
+        )
+
+
+class CohortMessages:
+    """
+    The messages of a changed-only run, in order: each unit's calls (in the Look's order), then the exits.
+    :attr:`handed` says how far they were read (handed to Segment), for :meth:`SyncRun.commit`.
+
+    :param run: the decided run.
+    :param events: what to send besides the calls.
+    :param counts: updated as messages are made.
+    """
+
+    def __init__(self, run: SyncRun, events: CohortEvents, counts: CohortCounts) -> None:
+        self.run, self.events, self.counts = run, events, counts
+        self.handed = Handed()
+        self.generation = run.previous_generation
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        handed = self.handed
+        for unit in self.run.iter_units():
+            messages = self._unit_messages(unit)
+            handed.units_done, remaining = unit.seq, (1 << len(messages)) - 1
+            handed.partial = (unit.ihash, _bits(messages, remaining))
+            for index, (_bit, message) in enumerate(messages):
+                remaining &= ~(1 << index)
+                handed.partial = (unit.ihash, _bits(messages, remaining)) if remaining else None
+                yield message
+        decision = self.run.decision
+        departures = self.counts.exits + (decision.orphans if decision else 0)
+        if departures and self.events.sends_exits and not self.counts.keep_departed:
+            handed.exits_started = True
+            for departure in self.run.iter_exits():
+                messages = self._exit_messages(departure)
+                handed.exits_done, remaining = _signed(departure.ihash), (1 << len(messages)) - 1
+                handed.partial = (departure.ihash, _bits(messages, remaining)) if messages else None
+                if messages:
+                    self.counts.exits_sent += 1
+                for index, (bit, message) in enumerate(messages):
+                    remaining &= ~(1 << index)
+                    handed.partial = (departure.ihash, _bits(messages, remaining)) if remaining else None
+                    if bit == EVENT:
+                        self.counts.exited_events += 1
+                    yield message
+        handed.all_done = True
+
+    def _unit_messages(self, unit: Unit) -> list[tuple[int, dict[str, Any]]]:
+        """The calls of one identity of the Look, as (part bit, message)."""
+        events = self.events
+        messages = [(CALL, self._call(unit))]
+        if not events.entered_event:
+            return messages
+        if unit.view & EVENT:
+            return messages  # Segment was told it entered (a changed member, or an earlier attempt)
+        generation = (
+            unit.generation if unit.transition == ENTER and unit.generation is not None else self.generation
+        )
+        self.counts.entered_events += 1
+        messages.append((EVENT, entry_event(orjson.loads(unit.body), unit, events, generation)))
+        return messages
+
+    def _call(self, unit: Unit) -> dict[str, Any]:
+        """The unit's call, as encoded by the transform, its messageId prefixed with the identity hash."""
+        prefix = f"{format_identity_hash(unit.ihash)}-".encode()
+        if unit.verdict == SWITCHED and unit.alt_identity is not None:
+            parsed = orjson.loads(unit.body)
+            parsed["anonymousId"] = unit.alt_identity
+            parsed["messageId"] = prefix.decode() + parsed["messageId"]
+            message = EncodedMessage(parsed)
+            message.encoded = orjson.dumps(parsed)
+            return message
+        if unit.kind == GROUP_ID:
+            message = EncodedMessage(orjson.loads(unit.body))
+        else:  # what the batcher reads of a message; the encoding is sent as it is
+            message = EncodedMessage(type=self.events.call, **{unit.kind: unit.identity})
+        body = unit.body
+        cut = body.rindex(b'"messageId":"') + len(b'"messageId":"')
+        message.encoded = body[:cut] + prefix + body[cut:]
+        message["messageId"] = prefix.decode() + body[cut:-2].decode()
+        return message
+
+    def _exit_messages(self, departure: Departure) -> list[tuple[int, dict[str, Any]]]:
+        """The exit calls of one identity, as (part bit, message): only what Segment was told of its entry."""
+        pending_exit = departure.transition == EXIT and departure.generation is not None
+        generation = departure.generation if pending_exit else self.generation
+        return exit_calls(
+            departure,
+            self.events,
+            generation,
+            with_call=bool(departure.view & CALL),
+            with_event=bool(departure.view & EVENT),
+        )
 
 
 def entry_event(
-    message: Mapping[str, Any], ihash: int, kind: str, identity: str, events: CohortEvents
+    message: Mapping[str, Any], unit: Unit, events: CohortEvents, generation: int
 ) -> dict[str, Any]:
     """The track call telling that ``message``'s identity entered the cohort (see the module's rules)."""
     entry: dict[str, Any] = {"type": "track", "event": events.entered_event}
@@ -196,23 +277,31 @@ def entry_event(
     entry["properties"] = dict(message["traits"] if "traits" in message else message["properties"])
     context = {"groupId": message["groupId"]} if "groupId" in message else None
     events.finish(entry, context)
-    entry["messageId"] = events.message_id(ihash, "entered", kind, identity)
+    entry["messageId"] = events.transition_id(unit.ihash, "entered", unit.kind, unit.identity, generation)
     return entry
 
 
-def exit_calls(departed: ExitIdentity, events: CohortEvents) -> list[dict[str, Any]]:
+def exit_calls(
+    departed: Departure,
+    events: CohortEvents,
+    generation: int,
+    *,
+    with_call: bool = True,
+    with_event: bool = True,
+) -> list[tuple[int, dict[str, Any]]]:
     """
-    The calls of an identity that left the cohort: the membership call (the run's call type, membership trait
-    ``false``) when there is a membership trait, and the exit event when ``exited_event`` is set.
+    The calls of an identity that left the cohort, as (part bit, message): the membership call (the run's
+    call type, membership trait ``false``) when there is a membership trait, and the exit event when
+    ``exited_event`` is set.
     """
-    calls: list[dict[str, Any]] = []
+    calls: list[tuple[int, dict[str, Any]]] = []
     trait = events.membership_trait
     if departed.kind == GROUP_ID:
         who: dict[str, Any] = {"anonymousId": anonymous_id_from_group(departed.identity)}
         context: dict[str, Any] | None = {"groupId": departed.identity}
     else:
         who, context = {departed.kind: departed.identity}, None
-    if trait:
+    if trait and with_call:
         call: dict[str, Any] = {"type": events.call}
         if events.call == "track":
             call |= {"event": events.event, **who, "properties": {trait: False}}
@@ -221,74 +310,41 @@ def exit_calls(departed: ExitIdentity, events: CohortEvents) -> list[dict[str, A
         else:
             call |= {**who, "traits": {trait: False}}
         events.finish(call)
-        call["messageId"] = events.message_id(departed.ihash, "exit", departed.kind, departed.identity)
-        calls.append(call)
-    if events.exited_event:
+        call["messageId"] = events.transition_id(
+            departed.ihash, "exit", departed.kind, departed.identity, generation
+        )
+        calls.append((CALL, call))
+    if events.exited_event and with_event:
         exited: dict[str, Any] = {"type": "track", "event": events.exited_event, **who}
         exited["properties"] = {trait: False} if trait else {}
         events.finish(exited, context)
-        exited["messageId"] = events.message_id(departed.ihash, "exited", departed.kind, departed.identity)
-        calls.append(exited)
+        exited["messageId"] = events.transition_id(
+            departed.ihash, "exited", departed.kind, departed.identity, generation
+        )
+        calls.append((EVENT, exited))
     return calls
 
 
-def exit_messages(
-    run: SyncRun,
-    counts: CohortCounts,
-    events: CohortEvents,
-    *,
-    max_exit_ratio: float,
-    possibly_truncated: bool,
-) -> Iterator[dict[str, Any]]:
-    """
-    Yield the exit calls and events, after every row was classified, unless it is unsafe or pointless.
-
-    No exit is sent (``counts.exits_skipped`` says why) when the Look may be truncated, when more than
-    ``max_exit_ratio`` of the previous cohort would leave (then ``counts.guard_tripped`` holds the error
-    message: the caller fails the task after saving the state), or when there is neither a membership trait
-    nor an exit event. In the first two cases the departed identities stay in the state
-    (``counts.keep_departed``); otherwise they just leave it.
-    """
-    counts.exits = run.exit_count
-    if not counts.exits:
-        counts.keep_departed = False
-        return
-    if possibly_truncated:
-        counts.exits_skipped = "the Look may be truncated (as many rows as the limit)"
-        return
-    if run.exit_ratio > max_exit_ratio:
-        counts.exits_skipped = "max_exit_ratio exceeded"
-        counts.guard_tripped = (
-            f"{counts.exits:,} of the {run.previous_count:,} identities of the previous run "
-            f"({run.exit_ratio:.0%}) are not in the Look any more, more than max_exit_ratio="
-            f"{max_exit_ratio:g}: they stay in the state and no exit call was sent. A broken or truncated "
-            "query looks like this; if the cohort really shrank, run once with a higher max_exit_ratio (1 "
-            "allows any share)."
-        )
-        return
-    counts.keep_departed = False
-    if not events.sends_exits:
-        counts.exits_skipped = (
-            "no membership_trait nor exited_event: departed identities are only removed from the state"
-        )
-        return
-    for departed in run.iter_exits():
-        counts.exits_sent += 1
-        counts.exited_events += 1 if events.exited_event else 0
-        yield from exit_calls(departed, events)
+def _bits(messages: list[tuple[int, dict[str, Any]]], remaining: int) -> int:
+    """The part bits of the messages whose index bit is set in ``remaining``."""
+    return sum(bit for index, (bit, _message) in enumerate(messages) if remaining >> index & 1)
 
 
-def undelivered_identities(message_ids: Iterable[Any], complete: bool) -> set[int] | None:
-    """
-    The identity hashes of rejected and failed events, from their messageIds; ``None`` when the list is
-    incomplete (capped), so that nothing sent advances in the state.
-    """
-    if not complete:
-        return None
-    hashes: set[int] = set()
-    for message_id in message_ids:
-        ihash = identity_hash_from_message_id(message_id)
-        if ihash is None:  # not one of ours: we cannot tell which identity it was
-            return None
-        hashes.add(ihash)
-    return hashes
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >> 63 else value
+
+
+__all__ = [
+    "ANONYMOUS_ID",
+    "GROUP_ID",
+    "SYNC_ALL",
+    "SYNC_CHANGED",
+    "SYNC_MODES",
+    "USER_ID",
+    "CohortCounts",
+    "CohortEvents",
+    "CohortMessages",
+    "entry_event",
+    "exit_calls",
+    "plan_exits",
+]

@@ -7,9 +7,10 @@ sender threads, started as needed up to the adaptive window of
 :class:`~airflow_provider_looker_segment.flow_control.FlowWindow` (at most ``max_in_flight``), POST them to
 ``/v1/batch``, each on its own ``requests`` session (connections reused, urllib3's own retries off), when the
 :class:`~airflow_provider_looker_segment.flow_control.Throttle` lets them. :meth:`Delivery._post` is the only
-retry mechanism: a plain loop that re-sends the batch byte for byte (so Segment deduplicates it by
-``messageId``) as the README's "Delivery" section describes. Every event ends in exactly one of delivered,
-rejected or failed of the :class:`~airflow_provider_looker_segment.delivery_report.DeliveryReport`.
+retry mechanism: a plain loop that re-sends the batch's events byte for byte (so Segment deduplicates them
+by ``messageId``), each attempt with its own ``sentAt``, as the README's "Delivery" section describes. Every
+event ends in exactly one of delivered, rejected or failed of the
+:class:`~airflow_provider_looker_segment.delivery_report.DeliveryReport`.
 """
 
 from __future__ import annotations
@@ -17,20 +18,22 @@ from __future__ import annotations
 import copy
 import email.utils
 import gzip as gzip_module
+import logging
 import math
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 import requests
 
 from airflow_provider_looker_segment import net
-from airflow_provider_looker_segment.batching import Batch, Batcher, RejectedEvent, format_sent_at
+from airflow_provider_looker_segment.batching import Batch, Batcher, RejectedEvent, format_sent_at, stamp_body
 from airflow_provider_looker_segment.delivery_report import (
     DEFAULT_MAX_LISTED_EVENTS,
     DELIVERED,
@@ -38,7 +41,13 @@ from airflow_provider_looker_segment.delivery_report import (
     REJECTED,
     DeliveryReport,
 )
-from airflow_provider_looker_segment.flow_control import SEGMENT_REQUESTS_PER_SECOND, FlowWindow, Throttle
+from airflow_provider_looker_segment.flow_control import (
+    SEGMENT_REQUESTS_PER_SECOND,
+    FlowWindow,
+    PaceMeter,
+    Throttle,
+    paced_batch_events,
+)
 
 __all__ = [
     "DEFAULT_MAX_LISTED_EVENTS",
@@ -55,8 +64,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from logging import Logger
-
     from airflow_provider_looker_segment.hooks.segment import SegmentSettings
 
 #: The reason of the events a :meth:`Delivery.stop` left unsent or in flight.
@@ -189,6 +196,7 @@ class Delivery:
     :param clock: monotonic seconds, for the rate limits, pauses, the retry time budget and the window's
         measurements (round trips, the time taken to form a batch).
     :param sleep: waits a number of seconds; by default a wait that :meth:`stop` cuts short.
+    :param wall_clock: Unix time, for the ``sentAt`` of each attempt.
     """
 
     def __init__(
@@ -199,23 +207,34 @@ class Delivery:
         batcher: Batcher,
         policy: RetryPolicy,
         max_consecutive_failed_batches: int | None,
-        log: Logger,
+        log: logging.Logger,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Any] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.new_session = new_session
+        pace = settings.events_per_second
+        if pace:  # a ceiling: batches of a tenth of a second's worth, a bucket of one batch (flow_control)
+            most = paced_batch_events(pace, batcher.max_batch_events)
+            batcher = Batcher(
+                max_batch_bytes=batcher.max_batch_bytes,
+                max_batch_events=most,
+                max_event_bytes=batcher.max_event_bytes,
+            )
         self.batcher = batcher
         self.policy = policy
         self.max_consecutive_failures = max_consecutive_failed_batches
         self.log = log
         self.max_queued_bytes = max_queued_bytes
         self.clock = clock
+        self.wall_clock = wall_clock
         self.stopping = threading.Event()
         self.sleep = sleep or self.stopping.wait
         request_rate = settings.requests_per_second or SEGMENT_REQUESTS_PER_SECOND
-        self.throttle = Throttle(request_rate, settings.events_per_second, clock)
+        self.throttle = Throttle(request_rate, pace, clock, burst=batcher.max_batch_events if pace else None)
+        self.meter = PaceMeter()
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.gzip:
             self.headers["Content-Encoding"] = "gzip"
@@ -256,11 +275,15 @@ class Delivery:
         messages: Iterable[Mapping[str, Any]],
         progress: Callable[[DeliveryReport], None] | None = None,
         progress_interval: float = 10.0,
+        on_undelivered: Callable[[Sequence[Any]], None] | None = None,
     ) -> DeliveryReport:
         """
         Send everything and return the report; an exception of the input (or any other) propagates once the
         requests on the wire have ended (no new request, no retry meanwhile).
+
+        :param on_undelivered: given the messageIds of every rejected or failed event (under the lock).
         """
+        self.report.listener = on_undelivered
         self.progress, self.progress_interval = progress, max(progress_interval, 0.01)
         self.next_report = time.monotonic() + self.progress_interval
         try:
@@ -300,6 +323,9 @@ class Delivery:
         self.log.debug(
             "Segment delivery flow: %s; reading waited %.2f s for room.", self.flow.describe(), self.waited
         )
+        pace = self.settings.events_per_second
+        level = logging.WARNING if self.meter.over_limit(pace) else logging.INFO
+        self.log.log(level, "Segment delivery pace: %s.", self.meter.describe(pace))
         return self.report
 
     def _until_stopped(self, messages: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
@@ -350,6 +376,7 @@ class Delivery:
             elif self.report.aborted:
                 self.report.add(FAILED, batch.message_ids, f"not sent: {self.report.aborted}")
             else:
+                self.meter.begin(self.clock())
                 self.pending[batch] = None
                 self.queue.append(batch)
                 self.queued_bytes += batch.size
@@ -430,12 +457,12 @@ class Delivery:
         ``X-RateLimit-Reset``; every sender then holds its next request until then), else an exponential
         backoff with jitter. No retry is started past ``max_retry_time`` from the first request. A 408, 429,
         5xx or timeout also halves the window (:meth:`FlowWindow.congested`); an accepted request's round
-        trip is measured for it.
+        trip is measured for it. Each attempt carries the same events and its own ``sentAt``, stamped as it is
+        sent (Segment computes ``timestamp = receivedAt - (sentAt - timestamp)``: a ``sentAt`` older than the
+        attempt would shift every event by the wait).
         """
-        body = batch.body(format_sent_at())
-        batch.events = []  # the body holds them now (memory of a batch in flight)
-        if self.settings.gzip:
-            body = gzip_module.compress(body, compresslevel=_GZIP_LEVEL, mtime=0)
+        head = batch.head()
+        batch.events = []  # the head holds them now (memory of a batch in flight)
         policy, secrets = self.policy, (self.settings.write_key,)
         deadline = math.inf
         attempt = 0
@@ -446,6 +473,9 @@ class Delivery:
                 self.sleep(wait)
             if attempt == 1:
                 deadline = self.clock() + policy.max_retry_time
+            body = stamp_body(head, format_sent_at(datetime.fromtimestamp(self.wall_clock(), timezone.utc)))
+            if self.settings.gzip:
+                body = gzip_module.compress(body, compresslevel=_GZIP_LEVEL, mtime=0)
             epoch = self._count_request(len(body), retry=attempt > 1)
             if epoch is None:
                 return _Outcome(FAILED, STOPPED)
@@ -468,7 +498,8 @@ class Delivery:
             else:
                 status = response.status_code
                 if 200 <= status < 300:
-                    self._measure(epoch, self.clock() - started)
+                    answered = self.clock()
+                    self._measure(epoch, answered - started, (started, answered, len(batch)))
                     return _Outcome(DELIVERED)
                 message = net.redact(response_message(response), secrets, basic_auth=True)
                 problem = f"HTTP {status}: {message}" if message else f"HTTP {status}"
@@ -515,10 +546,17 @@ class Delivery:
             self.report.bytes += size
             return self.flow.epoch
 
-    def _measure(self, epoch: int, round_trip: float | None) -> None:
-        """Tell the window about an answer: accepted after ``round_trip`` seconds, or pushback (``None``)."""
+    def _measure(
+        self, epoch: int, round_trip: float | None, accepted: tuple[float, float, int] | None = None
+    ) -> None:
+        """
+        Tell the window about an answer: accepted after ``round_trip`` seconds, or pushback (``None``); and
+        the pace meter about an accepted request (``(started, answered, events)``).
+        """
         with self.lock:
             before = self.flow.window
+            if accepted is not None:
+                self.meter.record(*accepted)
             if round_trip is not None:
                 self.flow.accepted(round_trip)
             elif self.flow.congested(epoch):

@@ -5,8 +5,9 @@ exactly once as delivered, rejected or failed, with the reasons and (a bounded l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 DELIVERED, REJECTED, FAILED = "delivered", "rejected", "failed"
@@ -39,6 +40,8 @@ class DeliveryReport:
     :param refused: why Segment refused the connection for good, if it did (HTTP 401, 403 or 404, a
         redirect, ``https://`` to a plain-HTTP port): a retry of the task would fail the same way.
     :param max_listed_events: cap on each of the two lists, so memory stays bounded.
+    :param listener: also given the messageIds of every rejected or failed event, unbounded (a changed-only
+        run writes them to disk to know which identities must not advance).
     """
 
     delivered: int = 0
@@ -57,6 +60,14 @@ class DeliveryReport:
     aborted: str | None = None
     refused: str | None = None
     max_listed_events: int = DEFAULT_MAX_LISTED_EVENTS
+    listener: Callable[[Sequence[Any]], None] | None = field(default=None, repr=False, compare=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DeliveryReport:
+        """A copy of the figures (progress snapshots), without the listener."""
+        values = {
+            f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self) if f.name != "listener"
+        }
+        return DeliveryReport(**values)
 
     @property
     def total(self) -> int:
@@ -106,6 +117,8 @@ class DeliveryReport:
         if category == DELIVERED:
             self.delivered += count
             return
+        if self.listener is not None:
+            self.listener(message_ids)
         rejected = category == REJECTED
         reasons, listed = (
             (self.rejected_reasons, self.rejected_ids) if rejected else (self.failed_reasons, self.failed_ids)

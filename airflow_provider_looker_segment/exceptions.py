@@ -2,10 +2,11 @@
 Exceptions raised by the provider. Every message names the cause and what to do about it.
 
 Two kinds: an error that can heal on its own (Looker or Segment unavailable, HTTP 5xx or 429, a timeout, a
-proxy's error page, a result that broke off, a lock held by a live run) is a plain
-:class:`LookerSegmentError`, so Airflow retries the task as its ``retries`` say. An error that no retry can
-fix (a deleted Look, a wrong parameter, a Look without identifiers, a destination that cannot be fed,
-credentials Looker refuses, events Segment rejects...) also derives from the Task SDK's
+proxy's error page, a result that broke off, a lock held by a live run or lost to another, a state the
+storage refused to save) is a plain :class:`LookerSegmentError`, so Airflow retries the task as its
+``retries`` say. An error that no retry can fix (a deleted Look, a wrong parameter, a Look without
+identifiers, a destination that cannot be fed, credentials Looker refuses, events Segment rejects, a damaged
+state file, a tripped exit guard...) also derives from the Task SDK's
 :class:`~airflow.sdk.exceptions.AirflowFailException`, so the task fails at once, with the same message,
 instead of waiting for retries that would fail the same way. :func:`is_retryable` tells them apart; the
 README's troubleshooting reference lists both.
@@ -200,6 +201,51 @@ class SyncStateLockedError(SyncStateError):
         self.sync_key = sync_key
         self.lock_path = lock_path
         self.owner = owner
+
+
+class SyncStateSaveError(SyncStateError):
+    """
+    Segment accepted the run's calls but the state could not be saved after every attempt. Retried: the
+    storage may heal (space freed, credentials renewed), and the retry's entry and exit events carry the same
+    messageIds.
+
+    :param sync_key: the sync.
+    :param state_path: where the state should have been saved (URI).
+    :param error: the last error.
+    :param attempts: how many times saving was tried.
+    :param generation: the generation of the state that stays in place.
+    :param marked: whether a marker telling the next run about it could be written.
+    """
+
+    def __init__(
+        self,
+        sync_key: str,
+        state_path: str,
+        error: BaseException,
+        *,
+        attempts: int,
+        generation: int,
+        marked: bool,
+    ) -> None:
+        super().__init__(
+            f"The calls were delivered to Segment, but the state of sync {sync_key} could not be saved to "
+            f"{state_path} ({attempts} attempts; last error: {type(error).__name__}: {error}). The state "
+            f"stays at generation {generation}, so the next run compares the Look with it and sends these "
+            "changes again; its entry and exit events carry the same messageIds as this run's (derived from "
+            "the transition), so Segment drops the repeats within its deduplication window (about 24 hours). "
+            "Fix the storage (space, permissions, credentials) before the next run."
+            + ("" if marked else " (The next run cannot be told about this: the storage refused that too.)")
+        )
+        self.sync_key = sync_key
+        self.state_path = state_path
+        self.generation = generation
+
+
+class SyncStateLockLostError(SyncStateError):
+    """
+    The run lost the lock of its sync while it ran (it was frozen past its lease) and stopped sending.
+    Retried: the retry waits for the lock like any run.
+    """
 
 
 class SyncStateConflictError(SyncStateError):

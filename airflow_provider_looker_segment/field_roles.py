@@ -22,11 +22,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import tzinfo
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_looker_segment.exceptions import TransformConfigError
 from airflow_provider_looker_segment.models import LookField, LookResultMeta, PivotValue
-from airflow_provider_looker_segment.values import trait_converter
+from airflow_provider_looker_segment.values import carries_time_of_day, time_zone, trait_converter
 
 if TYPE_CHECKING:
     from airflow_provider_looker_segment.transform import TransformOptions
@@ -283,7 +284,22 @@ def plan_traits(
     pairs = _trait_pairs(meta, options, choices, email)
     warnings: list[str] = []
     style = options.trait_key_style
-    specs = tuple(_trait_spec(f, key, meta.pivots, style, warnings) for f, key in pairs)
+    zone = time_zone(meta.timezone)
+    specs = tuple(_trait_spec(f, key, meta.pivots, style, warnings, zone) for f, key in pairs)
+    timed = [f.name for f, _key in pairs if carries_time_of_day(f.type)]
+    if timed and zone is None:
+        said = (
+            f"in the time zone {meta.timezone!r}, which this worker's time zone database does not know"
+            if meta.timezone
+            else "in which time zone it ran the query"
+        )
+        verb = "give" if len(timed) > 1 else "gives"
+        warnings.append(
+            f"{', '.join(timed)} {verb} date-times sent without a UTC offset "
+            f"(e.g. 2024-01-05T10:11:12), the local time of the query: Looker did not say {said}. Segment's "
+            "spec wants them in UTC and Engage drops timestamp traits without a zone: set the Look's "
+            "query time zone in Looker (or install the zone's data on the workers)."
+        )
     _check_duplicate_keys(specs, options.membership_trait)
     if options.call == "group" and email and choices[USER_ID] and email not in options.exclude_fields:
         warnings.append(
@@ -292,7 +308,7 @@ def plan_traits(
         )
     reserved = _RESERVED_BY_NORM[options.call]
     warnings += _reserved_trait_warnings(
-        pairs, set(options.trait_names), email, options.membership_trait, reserved
+        pairs, set(options.trait_names), email, options.membership_trait, reserved, options.call
     )
     warnings += _general_warnings(trait_keys(specs), options.membership_trait, options.call)
     return specs, warnings
@@ -356,10 +372,15 @@ def _pivot_key(base: str, pivot: PivotValue, style: str) -> str:
 
 
 def _trait_spec(
-    f: LookField, key: str, pivots: tuple[PivotValue, ...], style: str, warnings: list[str]
+    f: LookField,
+    key: str,
+    pivots: tuple[PivotValue, ...],
+    style: str,
+    warnings: list[str],
+    zone: tzinfo | None = None,
 ) -> TraitSpec:
-    """Precompute the row-loop entry of one field."""
-    plain, convert = trait_converter(f.type)
+    """Precompute the row-loop entry of one field (``zone``: the query's time zone, for date-times)."""
+    plain, convert = trait_converter(f.type, zone)
     if not f.pivoted:
         return (f.name, key, None, plain, convert)
     if not pivots:
@@ -389,8 +410,13 @@ def _check_duplicate_keys(specs: tuple[TraitSpec, ...], membership_trait: str | 
 # --- warnings ---------------------------------------------------------------------------------------------
 
 
-def _is_intended(reserved: str, f: LookField, explicit: set[str], email_field: str | None) -> bool:
-    """Whether the column is the natural source of a reserved trait (``users.name`` → ``name``)."""
+def _is_intended(
+    reserved: str, f: LookField, explicit: set[str], email_field: str | None, call: str = "identify"
+) -> bool:
+    """
+    Whether the column is the natural source of a reserved trait: ``users.name`` → ``name`` for identify
+    calls, ``accounts.name`` → ``name`` (and ``accounts.plan`` → ``plan``) for group calls.
+    """
     if reserved == "id":
         return False
     if reserved == "email":
@@ -399,7 +425,8 @@ def _is_intended(reserved: str, f: LookField, explicit: set[str], email_field: s
         return True
     view, last = _split_name(f.name)
     same_name = _NON_ALNUM.sub("", last) == reserved.lower()
-    return same_name and (not view or bool(_view_words(view) & _PERSON_VIEW_WORDS))
+    natural_views = _GROUP_ID_VIEW_WORDS if call == "group" else _PERSON_VIEW_WORDS
+    return same_name and (not view or bool(_view_words(view) & natural_views))
 
 
 def _reserved_trait_warnings(
@@ -408,11 +435,12 @@ def _reserved_trait_warnings(
     email_field: str | None,
     membership: str | None,
     reserved_by_norm: dict[str, str],
+    call: str = "identify",
 ) -> list[str]:
     warnings = []
     for f, key in pairs:
         reserved = None if f.pivoted else reserved_by_norm.get(_NON_ALNUM.sub("", key.lower()))
-        if reserved and not _is_intended(reserved, f, explicit, email_field):
+        if reserved and not _is_intended(reserved, f, explicit, email_field, call):
             warnings.append(
                 f"Trait {key!r} comes from {f.name} (label {f.label_short or f.label!r}), which does not "
                 f"look like the source of Segment's reserved trait {reserved!r}; downstream tools give it a "

@@ -1,5 +1,6 @@
 """
-Flow control of a Segment delivery: how many batch requests are in flight, and when the next one may start.
+Flow control of a Segment delivery: how many batch requests are in flight, when the next one may start, and
+the pace reached.
 
 * :class:`FlowWindow` decides how many requests may be in flight. Enough to hide Segment's round trip,
   whatever it is (Little's law: in flight = batches per second x round-trip seconds, with headroom), under an
@@ -8,40 +9,65 @@ Flow control of a Segment delivery: how many batch requests are in flight, and w
 * :class:`Throttle` decides when the next request may start: the request rate (``requests_per_second``,
   else Segment's guidance below), a token bucket of events (``events_per_second``, :class:`TokenBucket`),
   and pauses Segment asked for (``Retry-After``).
+* :class:`PaceMeter` measures what Segment accepted: the sustained rate and the busiest second, for the
+  task log (Segment queues what a workspace sends beyond its limit).
 
 Segment's published limits, which the defaults respect:
 
 * HTTP Tracking API, "Rate limits" (https://segment.com/docs/connections/sources/catalog/libraries/server/
   http-api/#rate-limits): "For each workspace, Segment recommends you to not exceed 1,000 requests per
   second with the HTTP API"; beyond, events may be queued, or requests answered 429 with ``Retry-After`` and
-  ``X-RateLimit-Reset``. Without ``requests_per_second``, one delivery never starts more than
-  :data:`SEGMENT_REQUESTS_PER_SECOND` requests per second.
-* "Rate Limits and SLA" (https://segment.com/docs/connections/rate-limits/): a workspace's sources together
-  may send 60 million events per ten minutes (an average of 100,000 events per second,
-  :data:`SEGMENT_EVENTS_PER_SECOND`) before Segment queues the excess; Engage takes 1,000 events per second
-  inbound (https://segment.com/docs/engage/product-limits/, :data:`ENGAGE_EVENTS_PER_SECOND`). These are in
-  events, not requests: ``events_per_second`` paces a delivery to a share of them.
+  ``X-RateLimit-Reset`` (both in seconds). Without ``requests_per_second``, one delivery never starts more
+  than :data:`SEGMENT_REQUESTS_PER_SECOND` requests per second.
+* "Product Limits" (https://segment.com/docs/connections/rate-limits/, updated 2024-01-25): when a
+  workspace's sources together send more than 1,000 events per second without prior arrangement
+  (:data:`SEGMENT_EVENTS_PER_SECOND`; it was 60 million per ten minutes, about 100,000 per second, in early
+  2023), Segment may queue the excess and process it no faster than that: nothing is dropped, destinations
+  get the events later. Engage takes 1,000 events per second inbound (:data:`ENGAGE_EVENTS_PER_SECOND`).
+  These are in events, not requests: ``events_per_second`` paces a delivery to a share of them.
+
+``events_per_second`` is a ceiling: a paced delivery sends batches of at most a tenth of the rate
+(:func:`paced_batch_events`, at least one event) from a bucket that holds one such batch, so no one-second
+window carries more than the rate plus one batch (the burst a late request can cause), however long a
+batch waited.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from collections.abc import Callable
 
 #: Segment's guidance for the HTTP API: at most 1,000 requests per second per workspace.
 SEGMENT_REQUESTS_PER_SECOND = 1000.0
-#: Segment's ingestion ceiling per workspace: 60 million events per ten minutes.
-SEGMENT_EVENTS_PER_SECOND = 100_000.0
+#: Segment's inbound limit per workspace (its sources together) since 2024-01-25; beyond it Segment queues.
+SEGMENT_EVENTS_PER_SECOND = 1000.0
 #: Engage's (Personas') inbound ceiling.
 ENGAGE_EVENTS_PER_SECOND = 1000.0
+#: With ``events_per_second``, a batch holds at most ``rate / PACED_BATCHES_PER_SECOND`` events (at least 1).
+PACED_BATCHES_PER_SECOND = 10
 #: Requests in flight before the first round trip has been measured (under the cap): a small Look's few
 #: batches all go in the first round trip.
 INITIAL_WINDOW = 8
 #: In flight = batches per second x round trip x this, plus one: room for round trips longer than average.
 HEADROOM = 1.5
+#: Seconds below which two clock readings count as the same moment (sums of sleeps are not exact).
+_EPSILON = 1e-9
 #: Weight of a new sample in the moving averages of round trip, batch production time and batch size.
 SMOOTHING = 0.25
+
+
+def paced_batch_events(events_per_second: float, max_batch_events: int) -> int:
+    """
+    The most events one batch may carry under ``events_per_second``: a tenth of a second's worth, at least
+    one, at most ``max_batch_events`` (Segment's 2,500 by default). With batches no larger, the token bucket
+    can hold a single batch and the pace stays within the rate plus one batch in any second.
+
+    :param events_per_second: the pace.
+    :param max_batch_events: the batcher's own cap.
+    """
+    return max(1, min(max_batch_events, int(events_per_second // PACED_BATCHES_PER_SECOND)))
 
 
 def _average(old: float | None, sample: float, weight: float) -> float:
@@ -178,7 +204,9 @@ class TokenBucket:
 
     It fills at ``rate`` tokens per second up to ``capacity`` (default: one second's worth) and starts empty
     at its first use, so that a run's average rate is ``rate``. A batch of N events takes N tokens; one larger
-    than the capacity goes once the bucket is full and leaves a debt that the next batches wait for.
+    than the capacity goes once the bucket is full and leaves a debt that the next batches wait for. Events
+    taken in any interval of T seconds are at most ``capacity + rate x T``: a capacity of one batch keeps
+    every second within the rate plus one batch.
 
     :param rate: events per second.
     :param capacity: the most tokens the bucket holds (the largest burst after an idle time).
@@ -219,13 +247,19 @@ class Throttle:
     :param requests_per_second: the request rate, ``None`` or 0 for none.
     :param events_per_second: the event rate, ``None`` or 0 for none.
     :param clock: monotonic seconds.
+    :param burst: the most events the bucket holds (default: one second's worth); a paced delivery gives its
+        largest batch (:func:`paced_batch_events`).
     """
 
     def __init__(
-        self, requests_per_second: float | None, events_per_second: float | None, clock: Callable[[], float]
+        self,
+        requests_per_second: float | None,
+        events_per_second: float | None,
+        clock: Callable[[], float],
+        burst: float | None = None,
     ) -> None:
         self._interval = 1.0 / requests_per_second if requests_per_second else 0.0
-        self._bucket = TokenBucket(events_per_second) if events_per_second else None
+        self._bucket = TokenBucket(events_per_second, burst) if events_per_second else None
         self._clock = clock
         self._lock = threading.Lock()
         self._next_slot = 0.0
@@ -246,3 +280,88 @@ class Throttle:
             if self._interval:
                 self._next_slot = start + self._interval
         return start - now
+
+
+class PaceMeter:
+    """
+    Events Segment accepted, by the moment their request started (not thread-safe: the delivery holds its
+    lock): how many, over how long, and the most that started within one second.
+
+    The busiest second is counted over half-open windows ``[t, t + 1)`` ending at each request; requests that
+    answer out of order are placed by their start, so the count holds unless one answers more than a second
+    after a later one started.
+    """
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.requests = 0
+        #: When the first batch was ready (or the first accepted request started, if earlier) and the last
+        #: accepted answer (``clock()`` readings).
+        self.first: float | None = None
+        self.last: float | None = None
+        #: The most events in requests started within one second of each other.
+        self.peak = 0
+        self._starts: list[float] = []  # the last second's accepted requests, by start
+        self._sizes: list[int] = []
+        self._kept = 0  # events of the requests kept
+
+    def begin(self, moment: float) -> None:
+        """The first batch is ready at ``moment``: the delivery's time starts (later calls are ignored)."""
+        if self.first is None:
+            self.first = moment
+
+    def record(self, started: float, answered: float, events: int) -> None:
+        """Segment accepted a request of ``events`` started at ``started`` and answered at ``answered``."""
+        self.events += events
+        self.requests += 1
+        self.first = started if self.first is None else min(self.first, started)
+        self.last = answered if self.last is None else max(self.last, answered)
+        starts, sizes = self._starts, self._sizes
+        at = bisect.bisect_right(starts, started)
+        starts.insert(at, started)
+        sizes.insert(at, events)
+        self._kept += events
+        if at == len(starts) - 1:  # the usual case: the newest start; older than a second leaves the window
+            drop = bisect.bisect_right(starts, started - 1.0 + _EPSILON)
+            if drop:
+                self._kept -= sum(sizes[:drop])
+                del starts[:drop], sizes[:drop]
+            self.peak = max(self.peak, self._kept)
+            return
+        window, low = 0, 0  # out of order: recount the windows ending at each request kept
+        for index, start in enumerate(starts):
+            window += sizes[index]
+            while starts[low] <= start - 1.0 + _EPSILON:
+                window -= sizes[low]
+                low += 1
+            self.peak = max(self.peak, window)
+
+    @property
+    def seconds(self) -> float:
+        """From the first batch ready to the last accepted answer (0 before any)."""
+        return 0.0 if self.first is None or self.last is None else max(0.0, self.last - self.first)
+
+    def sustained(self) -> float:
+        """Events per second over the delivery, counting at least one second (a small run is not a rate)."""
+        return self.events / max(1.0, self.seconds)
+
+    def over_limit(self, events_per_second: float | None) -> bool:
+        """Whether an unpaced delivery sent more than Segment's 1,000 events within one second."""
+        return not events_per_second and self.peak > SEGMENT_EVENTS_PER_SECOND
+
+    def describe(self, events_per_second: float | None) -> str:
+        """One line for the task log, with a hint when an unpaced delivery exceeded the workspace's limit."""
+        line = (
+            f"{self.events:,} events accepted in {self.seconds:.1f} s: {self.sustained():,.0f} events/s "
+            f"sustained, at most {self.peak:,} in one second"
+        )
+        if events_per_second:
+            return f"{line} (events_per_second {events_per_second:,g})"
+        if self.over_limit(events_per_second):
+            line += (
+                f"; above Segment's {SEGMENT_EVENTS_PER_SECOND:,.0f} events per second per workspace, so "
+                "Segment may queue the excess (nothing is dropped; destinations get the events later): set "
+                "events_per_second to this task's share of 1,000 (divided among the tasks sending to the "
+                "workspace at once) to stay within it"
+            )
+        return line

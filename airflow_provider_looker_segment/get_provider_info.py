@@ -130,7 +130,8 @@ def get_provider_info() -> dict[str, Any]:
                     "events_per_second": {
                         "label": "Pace (events per second)",
                         "description": (
-                            "Optional pacing of each task's events, at least 1, e.g. 1000 for Engage; "
+                            "Optional ceiling on each task's events per second, at least 1: Segment "
+                            "takes 1,000 per workspace (Engage too), shared by the tasks sending at once; "
                             "empty: none."
                         ),
                         "schema": {"type": ["number", "null"], "minimum": 1},

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: The API port of Looker instances hosted on premises (and of older hosted ones); the web UI is not there.
 LEGACY_API_PORT = 19999
+#: The longest Look URL a task log shows whole (a long filter value would make it a megabyte).
+MAX_SHOWN_URL = 2_000
 
 
 def look_web_url(api_base_url: str, look_id: str, filters: Mapping[str, str] | None = None) -> str:
@@ -46,6 +48,20 @@ def look_web_url(api_base_url: str, look_id: str, filters: Mapping[str, str] | N
     netloc = host if parts.port in (None, LEGACY_API_PORT) else f"{host}:{parts.port}"
     query = urlencode([(f"f[{name}]", value) for name, value in (filters or {}).items()])
     return urlunsplit((parts.scheme, netloc, f"/looks/{quote(look_id, safe='')}", query, ""))
+
+
+def shown_look_url(api_base_url: str, look_id: str, filters: Mapping[str, str] | None = None) -> str:
+    """
+    :func:`look_web_url` as a task log shows it: whole up to :data:`MAX_SHOWN_URL` characters; longer (a
+    long filter value, e.g. a list of user ids), the Look's own URL and the length of the one with filters.
+    """
+    url = look_web_url(api_base_url, look_id, filters)
+    if len(url) <= MAX_SHOWN_URL:
+        return url
+    return (
+        f"{look_web_url(api_base_url, look_id)} (with the filters, its URL has {len(url):,} characters: "
+        "too long to log; the task's Looker Look link carries it)"
+    )
 
 
 class LookerLookLink(BaseOperatorLink):

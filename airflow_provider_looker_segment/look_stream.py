@@ -331,7 +331,12 @@ class LookStream:
         """Build the result's metadata from the body's head (everything before ``data``)."""
         doc = self._parse_head(head, rows=first is not None)
         return LookResultMeta.from_detail(
-            self.look_id, doc, hidden_fields=info.hidden_fields, first_row=first, limit=self._limit
+            self.look_id,
+            doc,
+            hidden_fields=info.hidden_fields,
+            first_row=first,
+            limit=self._limit,
+            query_timezone=info.query_timezone,
         )
 
     def _parse_head(self, head: bytes, *, rows: bool) -> dict[str, Any]:

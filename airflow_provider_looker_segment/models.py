@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from airflow_provider_looker_segment.look_filters import shorten
+
 #: Field categories as Looker's ``json_detail`` format groups them.
 DIMENSION = "dimension"
 MEASURE = "measure"
@@ -85,7 +87,12 @@ class PivotValue:
 
 @dataclass(frozen=True)
 class LookInfo:
-    """A Look's saved definition, from ``GET /looks/{id}``."""
+    """
+    A Look's saved definition, from ``GET /looks/{id}``.
+
+    :ivar query_timezone: the time zone its query runs in (``America/New_York``), ``None`` when not set
+        (Looker then uses its default).
+    """
 
     id: str
     title: str
@@ -96,6 +103,7 @@ class LookInfo:
     pivots: tuple[str, ...]
     hidden_fields: tuple[str, ...]
     deleted: bool
+    query_timezone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,10 @@ class LookRunQuery:
     replaced: Mapping[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
-        """The given filters in words, e.g. ``users.plan = 'pro' (added); users.created_date = ...``."""
+        """
+        The given filters in words, e.g. ``users.plan = 'pro' (added); users.created_date = ...``; a long
+        expression is shortened (:func:`~airflow_provider_looker_segment.look_filters.shorten`).
+        """
         parts = []
         for name, expression in self.filters.items():
             if name not in self.replaced:
@@ -125,8 +136,8 @@ class LookRunQuery:
             elif self.replaced[name] == expression:
                 how = "the Look's own"
             else:
-                how = f"replaces the Look's {self.replaced[name]!r}"
-            parts.append(f"{name} = {expression!r} ({how})")
+                how = f"replaces the Look's {shorten(self.replaced[name])!r}"
+            parts.append(f"{name} = {shorten(expression)!r} ({how})")
         return "; ".join(parts)
 
 
@@ -140,6 +151,8 @@ class LookResultMeta:
     :param pivots: pivot values, empty for an unpivoted Look.
     :param ran_at: when Looker ran the query (timezone-aware); ``None`` if Looker did not say.
     :param limit: the row limit in effect (``-1`` or ``None`` for no limit).
+    :param timezone: the time zone the query ran in, whose local times its date-time values are (the
+        result's ``timezone``, else the query's ``query_timezone``); ``None`` when Looker did not say.
     """
 
     look_id: str
@@ -147,6 +160,7 @@ class LookResultMeta:
     pivots: tuple[PivotValue, ...] = ()
     ran_at: datetime | None = None
     limit: int | None = None
+    timezone: str | None = None
 
     @classmethod
     def from_detail(
@@ -157,10 +171,11 @@ class LookResultMeta:
         hidden_fields: Iterable[str] = (),
         first_row: Mapping[str, Any] | None = None,
         limit: int | None = None,
+        query_timezone: str | None = None,
     ) -> LookResultMeta:
         """
         Build the metadata of a ``json_detail`` result from its top-level keys (``fields``, ``pivots``,
-        ``ran_at``).
+        ``ran_at``, ``timezone``).
 
         :param look_id: the Look.
         :param head: the result's top-level keys.
@@ -168,6 +183,7 @@ class LookResultMeta:
         :param first_row: the first raw row: a cell without ``value`` is pivoted (``{pivot key: cell}``);
             without rows, the measures and table calculations of a result with pivots are.
         :param limit: the row limit in effect.
+        :param query_timezone: the query's ``query_timezone``, for a result that does not name its zone.
         """
         pivots = tuple(PivotValue.from_detail(p) for p in head.get("pivots") or () if isinstance(p, dict))
         block, hidden = head.get("fields") or {}, set(hidden_fields)
@@ -186,7 +202,11 @@ class LookResultMeta:
                     pivoted = bool(pivots) and category != DIMENSION
                 fields.append(LookField.from_detail(entry, category, hidden=name in hidden, pivoted=pivoted))
         ran_at = parse_ran_at(head.get("ran_at"))
-        return cls(look_id=look_id, fields=tuple(fields), pivots=pivots, ran_at=ran_at, limit=limit)
+        zones = (head.get("timezone"), query_timezone)
+        zone = next((z.strip() for z in zones if isinstance(z, str) and z.strip()), None)
+        return cls(
+            look_id=look_id, fields=tuple(fields), pivots=pivots, ran_at=ran_at, limit=limit, timezone=zone
+        )
 
     def field_by_name(self, name: str) -> LookField | None:
         """Return the field called ``name``, or ``None``."""

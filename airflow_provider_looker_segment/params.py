@@ -142,6 +142,16 @@ def to_str_dict(value: Any, *, name: str) -> dict[str, str]:
     :param value: ``None``, a mapping, or a rendered mapping (JSON or a Python literal).
     :param name: the parameter's name, for the error message.
     """
+    return {str(k): str(v) for k, v in to_mapping(value, name=name).items()}
+
+
+def to_mapping(value: Any, *, name: str) -> dict[Any, Any]:
+    """
+    Return ``value`` as a mapping, its values as they are (a rendered ``None`` stays ``None``).
+
+    :param value: ``None``, a mapping, or a rendered mapping (JSON or a Python literal).
+    :param name: the parameter's name, for the error message.
+    """
     if value is None:
         return {}
     if isinstance(value, str):
@@ -154,7 +164,7 @@ def to_str_dict(value: Any, *, name: str) -> dict[str, str]:
             raise InvalidParameterError(f"{name} is not a valid mapping: {value!r} ({err})") from None
     if not isinstance(value, Mapping):
         raise InvalidParameterError(f"{name} must be a mapping of Looker field → trait key, got {value!r}")
-    return {str(k): str(v) for k, v in value.items()}
+    return dict(value)
 
 
 def to_optional_int(value: Any, *, name: str) -> int | None:

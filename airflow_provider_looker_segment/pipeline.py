@@ -23,9 +23,8 @@ from airflow_provider_looker_segment.batching import encode_event, plan_batches
 from airflow_provider_looker_segment.cohort_sync import (
     CohortCounts,
     CohortEvents,
-    changed_only,
-    exit_messages,
-    undelivered_identities,
+    CohortMessages,
+    plan_exits,
 )
 from airflow_provider_looker_segment.dedupe import DuplicateCounts, drop_duplicates
 from airflow_provider_looker_segment.destinations import Destination, check_destinations
@@ -34,14 +33,18 @@ from airflow_provider_looker_segment.exceptions import (
     ExitGuardError,
     LookerSegmentError,
     SegmentDeliveryError,
+    SyncStateError,
+    SyncStateLockLostError,
+    SyncStateSaveError,
 )
 from airflow_provider_looker_segment.models import LookResultMeta, Row
 from airflow_provider_looker_segment.progress import SyncProgress
 from airflow_provider_looker_segment.settings import MAX_LIMIT, SyncSettings
-from airflow_provider_looker_segment.sync_state import SyncRun
+from airflow_provider_looker_segment.sync_run import SyncRun
 from airflow_provider_looker_segment.transform import (
     TransformPlan,
     format_timestamp,
+    is_group_without_user,
     make_row_transformer,
     plan_transform,
 )
@@ -70,8 +73,13 @@ class CohortSummary:
     previous_cohort: int
     state_generation: int
     full_refresh: bool
+    switched: int = 0
+    pending: int = 0
+    spool_bytes: int = 0
+    state_saved: bool = False
     state_identities: int | None = None
     exit_guard: str | None = None
+    state_error: str | None = None
 
 
 @dataclass
@@ -107,6 +115,7 @@ class SyncSummary:
     ran_at: str | None
     filters: dict[str, str] = field(default_factory=dict)
     events_by_type: dict[str, int] = field(default_factory=dict)
+    groups_without_user: int = 0
     cohort: CohortSummary | None = None
     seconds: float = 0.0
 
@@ -116,7 +125,7 @@ class SyncSummary:
         cohort = summary.pop("cohort")
         seconds = summary.pop("seconds")
         if cohort is not None:
-            for optional in ("state_identities", "exit_guard"):
+            for optional in ("state_identities", "exit_guard", "state_error"):
                 if cohort[optional] is None:
                     del cohort[optional]
             summary.update(cohort)
@@ -147,9 +156,13 @@ def sync_look(
     log: logging.Logger | Any = None,
     progress_interval: float = 10.0,
     progress: SyncProgress | None = None,
+    stop: Callable[[], Any] | None = None,
 ) -> SyncSummary:
     """
     Sync one Look: plan its fields, check the destinations, then stream its rows to Segment.
+
+    With ``state`` (``sync_mode="changed"``) the whole Look is read into the run's local spool first, and
+    compared with the previous state before anything is sent: a tripped exit guard sends nothing.
 
     :param settings: what to do.
     :param stream: the Look's result (e.g. from ``LookerHook.stream_look``).
@@ -161,6 +174,7 @@ def sync_look(
     :param progress_interval: seconds between progress lines (while reading and while delivering).
     :param progress: the progress lines, when the caller started them before opening the stream (the
         operator does, to report the wait for Looker's answer); by default they start here.
+    :param stop: stops a running ``send`` (the Segment hook's ``stop``): called when the run loses its lock.
     :raises DestinationError: a listed destination cannot be fed; nothing was sent.
     """
     log = log or logging.getLogger(__name__)
@@ -176,6 +190,7 @@ def sync_look(
                 log=log,
                 progress_interval=progress_interval,
                 progress=progress,
+                stop=stop,
             )
     started = time.monotonic()
     plan = plan_transform(stream.meta, settings.transform_options())
@@ -183,27 +198,44 @@ def sync_look(
     _check_destinations(log, destinations, plan)
     ran_at = stream.meta.ran_at
     transform = make_row_transformer(
-        plan, ran_at=ran_at, message_id_namespace=message_id_namespace, library=LIBRARY
+        plan,
+        ran_at=ran_at,
+        message_id_namespace=message_id_namespace,
+        library=LIBRARY,
+        derive_alias=state is not None and plan.call != "group",
     )
     counts = _RowCounts()
-    progress.reading(lambda: counts.rows)
+    progress.reading(lambda: counts.rows, sending=state is None)
     duplicates = DuplicateCounts()
-    cohort = CohortCounts()
-    by_group = plan.call == "group"
-    unique = drop_duplicates(_messages(stream.rows, transform, counts), duplicates, by_group=by_group)
-    messages: Iterable[dict] = unique
     by_type: Counter[str] = Counter()
-    if state is not None:  # entry and exit events join the run's calls: count each type as it passes
-        messages = _with_exits(unique, state, cohort, settings, stream, message_id_namespace, ran_at)
-        messages = _counted(messages, by_type, plan.call)
-    undelivered: set[int] | None = None
+    cohort: CohortCounts | None = None
+    if state is None:
+        by_group = plan.call == "group"
+        messages: Iterable[dict] = drop_duplicates(
+            _messages(stream.rows, transform, counts), duplicates, by_group=by_group
+        )
+    else:
+        cohort, events = _decide(settings, stream, state, transform, counts, duplicates, log)
+        progress.sending()
+        if cohort.guard_tripped:
+            messages = ()  # nothing is sent, nothing is saved: the task fails with the counts
+        else:
+            cohort_messages = CohortMessages(state, events, cohort)
+            messages = _counted(cohort_messages, by_type, plan.call)
+    without_user = [0]
+    if plan.call == "group":  # group calls carrying the anonymousId derived from the group id (MTUs)
+        messages = _groups_without_user(messages, without_user)
+    undelivered = None
     if settings.dry_run or send is None:
         delivery = _dry_run(messages, log)
     else:
-        report = send(messages, progress=progress.delivered, progress_interval=progress_interval)
+        options: dict[str, Any] = {"progress": progress.delivered, "progress_interval": progress_interval}
+        if state is not None:
+            options["on_undelivered"] = undelivered = state.record_undelivered
+            if stop is not None:
+                state.on_lock_lost(lambda _reason: stop())
+        report = send(messages, **options)
         delivery = report.to_dict()
-        complete = not report.rejected_events_omitted and not report.failed_events_omitted
-        undelivered = undelivered_identities(report.rejected_ids + report.failed_ids, complete)
     if state is None:  # only the run's own calls, one per row read that was neither invalid nor a duplicate
         by_type[plan.call] += counts.rows - sum(counts.invalid.values()) - duplicates.duplicates
     warning = duplicates.warning(settings.look_id)
@@ -239,9 +271,11 @@ def sync_look(
         ran_at=ran_at.isoformat() if ran_at is not None else None,
         filters=dict(settings.filters),
         events_by_type=dict(by_type),
+        groups_without_user=without_user[0],
     )
-    if state is not None:
-        summary.cohort = _finish_cohort(settings, state, cohort, undelivered, log)
+    if state is not None and cohort is not None:
+        handed = cohort_messages.handed if not cohort.guard_tripped else None
+        summary.cohort = _finish_cohort(settings, state, cohort, handed, undelivered is not None, log)
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
 
@@ -264,6 +298,15 @@ def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
         " (dry run: nothing sent)" if summary.dry_run else "",
         f"; events {verb} per call type: {per_type}" if per_type else "",
     )
+    if summary.groups_without_user:
+        log.warning(
+            "Look %s: %s group calls %s no user identifier but the anonymousId derived from the group id: "
+            "Segment counts each anonymousId not tied to a userId as a monthly tracked user. Set "
+            "group_without_user='skip' to send only rows with a user.",
+            summary.look_id,
+            f"{summary.groups_without_user:,}",
+            "would carry" if summary.dry_run else "carried",
+        )
     if summary.possibly_truncated:
         log.warning(
             "Look %s returned exactly as many rows as the limit (%s): the cohort may be truncated; "
@@ -277,11 +320,20 @@ def failure(settings: SyncSettings, summary: SyncSummary) -> LookerSegmentError 
     """
     The error that fails the task after a sync, or ``None``: a tripped exit guard, rejected or failed
     events, or more invalid rows than ``max_invalid_rows``; its message carries the whole summary.
+
+    Its class says whether Airflow retries the task
+    (:func:`~airflow_provider_looker_segment.exceptions.is_retryable`): an :class:`ExitGuardError` fails at
+    once; a lost lock (:class:`SyncStateLockLostError`) and a state that could not be saved
+    (:class:`SyncStateError`) are retried; a :class:`SegmentDeliveryError` is retried or not as the operator
+    decides from the delivery report (events Segment rejected fail at once).
     """
     problems = []
     guard = summary.cohort.exit_guard if summary.cohort else None
+    state_error = summary.cohort.state_error if summary.cohort else None
     if guard:
         problems.append(guard)
+    if state_error:
+        problems.append(state_error)
     if summary.rejected:
         verb = "would be rejected" if settings.dry_run else "rejected"
         problems.append(f"{summary.rejected} events {verb} by Segment ({summary.rejected_reasons})")
@@ -294,9 +346,16 @@ def failure(settings: SyncSettings, summary: SyncSummary) -> LookerSegmentError 
         )
     if not problems:
         return None
-    error = ExitGuardError if guard else SegmentDeliveryError
+    error: type[LookerSegmentError] = SegmentDeliveryError
+    if guard:
+        error = ExitGuardError
+    elif state_error and state_error.startswith(_LOCK_LOST):
+        error = SyncStateLockLostError
+    elif state_error:
+        error = SyncStateError
     details = orjson.dumps(summary.to_dict()).decode()
-    return error(f"Look {settings.look_id}: " + "; ".join(problems) + f". Summary: {details}")
+    text = "; ".join(problem.rstrip(".") for problem in problems)
+    return error(f"Look {settings.look_id}: {text}. Summary: {details}")
 
 
 # ------------------------------------------------------------------------------------------- internals
@@ -337,47 +396,95 @@ def _counted(messages: Iterable[dict], by_type: Counter[str], call: str) -> Iter
     by_type[call] += made
 
 
-def _with_exits(
-    messages: Iterable[dict],
-    state: SyncRun,
-    cohort: CohortCounts,
+def _groups_without_user(messages: Iterable[dict], count: list[int]) -> Iterator[dict]:
+    """Count the group calls whose only identity is the anonymousId derived from the group id."""
+    for message in messages:
+        if "userId" not in message and is_group_without_user(message):
+            count[0] += 1
+        yield message
+
+
+_LOCK_LOST = "This run lost the lock of its sync"
+
+
+def _decide(
     settings: SyncSettings,
     stream: LookStreamLike,
-    namespace: str,
-    ran_at: Any,
-) -> Iterator[dict]:
-    """The new and changed identities' calls and entry events, then the exits (once every row was seen)."""
+    state: SyncRun,
+    transform: Any,
+    counts: _RowCounts,
+    duplicates: DuplicateCounts,
+    log: Any,
+) -> tuple[CohortCounts, CohortEvents]:
+    """Read the whole Look into the run's spool, compare it with the state, decide the exits."""
+    ran_at = stream.meta.ran_at
     events = CohortEvents(
         call=settings.call,
         event=settings.event,
         membership_trait=settings.membership_trait,
         entered_event=settings.entered_event,
         exited_event=settings.exited_event,
-        message_id_namespace=namespace,
+        sync_key=state.store.key,
         timestamp=format_timestamp(ran_at) if ran_at is not None else None,
         library=LIBRARY,
     )
-    yield from changed_only(messages, state, cohort, events)
-    yield from exit_messages(
-        state,
+    if state.unsaved is not None:
+        log.warning(
+            "Sync %s: run %s delivered its calls but could not save the state; this run compares the Look "
+            "with the state it left (generation %s) and sends those changes again. Entry and exit events "
+            "carry the messageIds of that run (derived from the transition), so Segment drops the repeats "
+            "within its deduplication window (about 24 hours).",
+            state.store.key,
+            state.unsaved.get("run_id", "?"),
+            state.previous_generation,
+        )
+    state.spool(_messages(stream.rows, transform, counts), tail=getattr(transform, "tail", None))
+    decision = state.decide()
+    duplicates.duplicates, duplicates.example = decision.duplicates, decision.duplicate_example
+    cohort = CohortCounts(
+        new=decision.new,
+        changed=decision.changed,
+        unchanged=decision.unchanged,
+        switched=decision.switched,
+        rejoined=decision.rejoined,
+    )
+    plan_exits(
+        decision,
         cohort,
         events,
         max_exit_ratio=settings.max_exit_ratio,
         possibly_truncated=stream.possibly_truncated,
     )
+    log.info(
+        "Look %s: %s rows read and compared with the state (generation %s, %s identities): %s new, "
+        "%s changed, %s unchanged, %s switched to a userId, %s left the cohort (spool: %s bytes on local "
+        "disk).",
+        settings.look_id,
+        f"{decision.rows:,}",
+        state.previous_generation,
+        f"{decision.previous:,}",
+        f"{decision.new:,}",
+        f"{decision.changed + decision.rejoined:,}",
+        f"{decision.unchanged:,}",
+        f"{decision.switched:,}",
+        f"{decision.departed:,}",
+        f"{state.spool_bytes:,}",
+    )
+    return cohort, events
 
 
 def _finish_cohort(
     settings: SyncSettings,
     state: SyncRun,
     cohort: CohortCounts,
-    undelivered: set[int] | None,
+    handed: Any,
+    sent: bool,
     log: Any,
 ) -> CohortSummary:
-    """Save the state (it advances only for accepted events) and report the cohort's movements."""
+    """Save the state (an identity advances only when its calls were all accepted); report the cohort."""
     summary = CohortSummary(
         new=cohort.new,
-        changed=cohort.changed,
+        changed=cohort.changed + cohort.rejoined,
         unchanged=cohort.unchanged,
         exited=cohort.exits_sent,
         departed=cohort.exits,
@@ -387,21 +494,46 @@ def _finish_cohort(
         previous_cohort=state.previous_count,
         state_generation=state.previous_generation,
         full_refresh=state.full_refresh,
+        switched=cohort.switched,
+        spool_bytes=state.spool_bytes,
         exit_guard=cohort.guard_tripped,  # the task fails after the summary is logged
     )
-    if cohort.exits_skipped and cohort.exits:
+    if cohort.exits_skipped and cohort.exits and not cohort.guard_tripped:
         log.warning(
-            "Look %s: %d identities left the cohort; no exit call sent: %s.",
+            "Look %s: %s identities left the cohort; no exit call sent: %s.",
             settings.look_id,
-            cohort.exits,
+            f"{cohort.exits:,}",
             cohort.exits_skipped,
         )
-    if settings.dry_run:
+    if cohort.guard_tripped:
+        log.info("Exit guard: nothing was sent and the sync state was not changed.")
+        return summary
+    if settings.dry_run or not sent:
         log.info("Dry run: the sync state was read, not changed.")
         return summary
-    result = state.commit(undelivered, exits_sent=not cohort.keep_departed)
+    if state.lock_lost:
+        summary.state_error = (
+            f"{_LOCK_LOST} while it ran ({state.lock_lost}): it stopped sending and did not save the state; "
+            "the events it delivered are sent again by a later run. A run frozen for longer than the lock's "
+            "lease (a long pause, a suspended machine) does this; make sure only one run of a sync is active "
+            "at a time."
+        )
+        return summary
+    try:
+        result = state.commit(
+            handed,
+            keep_departed=cohort.keep_departed,
+            membership_trait=bool(settings.membership_trait),
+            entered_event=bool(settings.entered_event),
+            exited_event=bool(settings.exited_event),
+        )
+    except SyncStateSaveError as error:
+        summary.state_error = str(error)
+        return summary
     summary.state_generation = result.generation
     summary.state_identities = result.entries
+    summary.pending = result.pending
+    summary.state_saved = result.saved
     return summary
 
 
@@ -454,7 +586,7 @@ def _dry_run(messages: Iterable[dict], log: Any) -> Mapping[str, Any]:
     def with_examples() -> Iterator[dict]:
         for message in messages:
             if len(examples) < DRY_RUN_EXAMPLES:
-                examples.append(encode_event(message))
+                examples.append(getattr(message, "encoded", None) or encode_event(message))
             yield message
 
     plan = plan_batches(with_examples())

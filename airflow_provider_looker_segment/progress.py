@@ -48,17 +48,25 @@ class SyncProgress:
         self._dry_run = dry_run
         self._started = self._reading_since = time.monotonic()
         self._report: Any = None
+        self._sending = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def reading(self, rows_read: Callable[[], int]) -> None:
+    def reading(self, rows_read: Callable[[], int], *, sending: bool = True) -> None:
         """
         Follow the rows read from now on.
 
         :param rows_read: returns the rows read so far (called from the thread; reading an ``int`` is atomic).
+        :param sending: whether events go out while the rows are read; ``False`` for a changed-only sync,
+            which reads the whole Look and compares it with its state first (then :meth:`sending`).
         """
         self._rows_read = rows_read
         self._reading_since = time.monotonic()
+        self._sending = sending
+
+    def sending(self) -> None:
+        """The whole Look was read (a changed-only sync): the events go out from now on."""
+        self._sending = True
 
     def delivered(self, report: Any) -> None:
         """
@@ -76,6 +84,8 @@ class SyncProgress:
         rate = f"{rows / max(now - self._reading_since, 1e-9):,.0f} rows/s"
         if self._dry_run:
             return f"Look {self._look_id}: {rows:,} rows read ({rate}); dry run, nothing sent"
+        if not self._sending:
+            return f"Look {self._look_id}: {rows:,} rows read ({rate}), to compare with the sync state"
         report = self._report
         if report is None:
             return f"Look {self._look_id}: {rows:,} rows read, sending to Segment ({rate})"

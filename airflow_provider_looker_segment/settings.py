@@ -10,19 +10,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
+from airflow_provider_looker_segment.batching import MAX_EVENT_BYTES
 from airflow_provider_looker_segment.cohort_sync import SYNC_ALL, SYNC_CHANGED, SYNC_MODES
 from airflow_provider_looker_segment.exceptions import InvalidParameterError
+from airflow_provider_looker_segment.look_filters import normalise_filters
 from airflow_provider_looker_segment.params import (
     to_bool,
+    to_mapping,
     to_number,
     to_optional_str,
     to_str_dict,
     to_str_list,
 )
-from airflow_provider_looker_segment.transform import CALLS, TRAIT_KEY_STYLES, TransformOptions
+from airflow_provider_looker_segment.transform import (
+    CALLS,
+    GROUP_WITHOUT_USER,
+    TRAIT_KEY_STYLES,
+    TransformOptions,
+)
 
 #: The largest row limit Looker's API takes (a 64-bit integer).
 MAX_LIMIT = 2**63 - 1
+#: Bytes of a track call besides its event name: type, identity, timestamp, context, a 53-character
+#: messageId (a generous bound: an event name that leaves less room than this fits in no event).
+TRACK_CALL_BYTES = 400
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,7 @@ class SyncSettings:
     entered_event: str | None = None
     exited_event: str | None = None
     filters: dict[str, str] = field(default_factory=dict)
+    group_without_user: str = "anonymous_id"
 
     @classmethod
     def from_arguments(cls, **arguments: Any) -> SyncSettings:
@@ -91,7 +105,7 @@ class SyncSettings:
             raise InvalidParameterError(
                 f"call must be one of {', '.join(CALLS)}, got {arguments.get('call')!r}"
             )
-        event = to_optional_str(arguments.get("event"))
+        event = _event_name("event", arguments.get("event"))
         if call == "track" and event is None:
             raise InvalidParameterError(
                 "call='track' needs event, the name of the track event (e.g. 'Joined VIP cohort'): set event"
@@ -106,9 +120,21 @@ class SyncSettings:
                 f"group_id_field ({group_id_field!r}) gives the groupId of group calls: set call='group', "
                 "or leave group_id_field empty"
             )
+        without_user = to_optional_str(arguments.get("group_without_user")) or "anonymous_id"
+        if without_user not in GROUP_WITHOUT_USER:
+            raise InvalidParameterError(
+                f"group_without_user must be one of {', '.join(GROUP_WITHOUT_USER)} (what a group call of a "
+                "row without a user identifier does: send it with the anonymousId derived from the group id, "
+                f"or skip the row), got {arguments.get('group_without_user')!r}"
+            )
+        if call != "group" and without_user != "anonymous_id":
+            raise InvalidParameterError(
+                f"group_without_user ({without_user!r}) applies to group calls: set call='group', or leave "
+                "group_without_user at its default"
+            )
         cohort_events = {}
         for name in ("entered_event", "exited_event"):
-            cohort_events[name] = to_optional_str(arguments.get(name))
+            cohort_events[name] = _event_name(name, arguments.get(name))
             if cohort_events[name] is not None and sync_mode != SYNC_CHANGED:
                 raise InvalidParameterError(
                     f"{name} ({cohort_events[name]!r}) needs sync_mode='changed': entries and exits are "
@@ -144,6 +170,7 @@ class SyncSettings:
             group_id_field=group_id_field,
             filters=parse_filters(arguments.get("filters")),
             event=event,
+            group_without_user=without_user,
             **cohort_events,
         )
 
@@ -165,23 +192,40 @@ class SyncSettings:
             call=self.call,
             group_id_field=self.group_id_field,
             event=self.event,
+            group_without_user=self.group_without_user,
         )
 
 
 def parse_filters(value: Any) -> dict[str, str]:
-    """``filters``: Looker field → filter expression; empty expressions and field names are refused."""
+    """
+    ``filters``: Looker field → filter expression, checked by
+    :func:`~airflow_provider_looker_segment.look_filters.normalise_filters` (the expressions are Looker's to
+    judge: ``NULL``, ``-NULL``, ``EMPTY``... pass as they are).
+    """
     try:
-        filters = to_str_dict(value, name="filters")
+        filters = to_mapping(value, name="filters")
     except InvalidParameterError as error:
         raise InvalidParameterError(
             f"{error}. filters must map Looker field names to Looker filter expressions, e.g. "
             '{"users.created_date": "2026-11-28"}'
         ) from None
-    for name, expression in filters.items():
-        if not name.strip() or not expression.strip() or expression.strip().lower() in ("none", "null"):
-            raise InvalidParameterError(
-                f"filters[{name!r}] = {expression!r}: each filter needs a Looker field name and a filter "
-                "expression (e.g. '2026-11-28', 'pro,enterprise', 'NOT NULL'); remove the filter to keep the "
-                "Look's own"
-            )
-    return {name.strip(): expression.strip() for name, expression in filters.items()}
+    return normalise_filters(filters)
+
+
+def _event_name(name: str, value: Any) -> str | None:
+    """
+    A track event name (``event``, ``entered_event``, ``exited_event``), or ``None`` when not given; refused
+    when it leaves no room for the rest of a call in Segment's 32 KB per event (every call would be rejected).
+    """
+    event = to_optional_str(value)
+    if event is None:
+        return None
+    size = len(orjson.dumps(event))
+    if size + TRACK_CALL_BYTES > MAX_EVENT_BYTES:
+        raise InvalidParameterError(
+            f"{name} is {len(event):,} characters ({size:,} bytes encoded): a track call carrying it cannot "
+            f"fit in Segment's limit of {MAX_EVENT_BYTES:,} bytes per event, so Segment would reject every "
+            f"call. Use a short event name (at most {MAX_EVENT_BYTES - TRACK_CALL_BYTES - 2:,} bytes); "
+            f"it starts with {event[:40]!r}"
+        )
+    return event

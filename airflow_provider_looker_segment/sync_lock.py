@@ -5,6 +5,10 @@ Created exclusively where the filesystem can (a warning says the lock is weaker 
 taken over when it was left by an earlier try of the same task instance, once it has not been renewed for
 ``stale_after``, or at once when its holder's process is provably gone (same host name and pid namespace,
 no such pid). A live concurrent run is refused with :class:`SyncStateLockedError`.
+
+A holder that finds its lock taken over (it was frozen past its lease: a long pause, a suspended machine) or
+cannot renew it for longer than the lease sets :attr:`SyncLock.lost` and calls the ``on_lost`` callbacks, so
+that the run stops sending at once and fails instead of going on without the lock.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -70,8 +76,16 @@ class LockOwner:
     def __str__(self) -> str:
         since = f" since {self.acquired_at.isoformat(timespec='seconds')}" if self.acquired_at else ""
         if self.last_renewed:
-            ago = max(_utcnow() - self.last_renewed, timedelta(0))
-            since += f", last renewed {timedelta(seconds=int(ago.total_seconds()))} ago"
+            ago = _utcnow() - self.last_renewed
+            if ago < -timedelta(seconds=1):
+                ahead = timedelta(seconds=int(-ago.total_seconds()))
+                since += (
+                    f", last renewed {ahead} in the future (its host's clock is ahead of this one: "
+                    "synchronise the clocks of the hosts that share the state)"
+                )
+            else:
+                ago = max(ago, timedelta(0))
+                since += f", last renewed {timedelta(seconds=int(ago.total_seconds()))} ago"
         return f"run {self.run_id!r} (host {self.host}{f', pid {self.pid}' if self.pid else ''}){since}"
 
 
@@ -115,8 +129,18 @@ class SyncLock:
         self.path, self.key, self.stale_after = path, key, stale_after
         self.renew_every = renew_interval.total_seconds()
         self.owner: LockOwner | None = None
+        #: Set once this run knows it no longer holds the lock (taken over, or not renewable for a lease).
+        self.lost = threading.Event()
+        self.lost_reason: str | None = None
+        self._on_lost: list[Callable[[str], object]] = []
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew, name=f"lsg-lock-{self.key}", daemon=True)
+
+    def on_lost(self, callback: Callable[[str], object]) -> None:
+        """Call ``callback(reason)`` (from the renewing thread) when the lock is lost; at once if it is."""
+        self._on_lost.append(callback)
+        if self.lost.is_set():
+            callback(self.lost_reason or "lost")
 
     def read_owner(self) -> LockOwner | None:
         """Return the current owner, or ``None`` if the sync is not locked."""
@@ -126,6 +150,11 @@ class SyncLock:
                 modified = self.path.fs.modified(self.path.path)
         except FileNotFoundError:
             return None
+        except IsADirectoryError:
+            raise errors.SyncStateError(
+                f"The lock of sync {self.key} cannot be taken: {self.path} is a folder, where the lock file "
+                "should be. Remove that folder (this provider never creates it), then run again."
+            ) from None
         if modified is not None and modified.tzinfo is None:
             modified = modified.replace(tzinfo=timezone.utc)
         return LockOwner.from_bytes(data, modified)
@@ -170,23 +199,42 @@ class SyncLock:
         return errors.SyncStateLockedError(self.key, str(self.path), owner, self.stale_after.total_seconds())
 
     def _renew(self) -> None:
-        """Rewrite ``renewed_at`` every ``renew_every`` seconds while the lock still has this run's token."""
+        """
+        Rewrite ``renewed_at`` every ``renew_every`` seconds while the lock still has this run's token; mark
+        the lock lost when another run holds it, or when it could not be renewed for a whole lease.
+        """
         owner = self.owner
+        renewed = time.monotonic()
         while owner is not None and not self._stop.wait(self.renew_every):
             try:
                 current = self.read_owner()
                 if current is None or current.token != owner.token:
-                    log.warning(
-                        "Sync %s: this run lost its lock (now held by %s) and stops renewing it; its commit "
-                        "fails if another run saves the state meanwhile.",
-                        self.key,
-                        current or "nobody",
-                    )
+                    self._lose(f"another run took it over (now held by {current or 'nobody'})")
                     return
                 if not self._stop.is_set():
                     self.path.write_bytes(replace(owner, renewed_at=_utcnow()).to_bytes())
+                    renewed = time.monotonic()
             except Exception:
                 log.warning("Could not renew the lock %s; trying again.", self.path, exc_info=True)
+                if time.monotonic() - renewed > self.stale_after.total_seconds():
+                    self._lose(
+                        f"it could not be renewed for more than {self.stale_after.total_seconds():g} s, so "
+                        "another run may have taken it over"
+                    )
+                    return
+
+    def _lose(self, reason: str) -> None:
+        """Mark the lock lost and tell the callbacks (once)."""
+        if self.lost.is_set() or self._stop.is_set():
+            return
+        self.lost_reason = reason
+        self.lost.set()
+        log.error("Sync %s: this run lost its lock: %s. It stops sending and fails.", self.key, reason)
+        for callback in self._on_lost:
+            try:
+                callback(reason)
+            except Exception:
+                log.warning("A lost-lock callback of sync %s failed.", self.key, exc_info=True)
 
     def release(self) -> None:
         """Stop renewing and remove the lock if this run still holds it (never raises)."""

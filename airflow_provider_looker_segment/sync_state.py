@@ -1,48 +1,50 @@
 """
-Per-sync state for ``sync_mode="changed"``: which identities a Look last delivered, with which traits digest.
+Where a changed-only sync (``sync_mode="changed"``) keeps its state, and how the state file is read and saved.
 
-A sync (:func:`sync_key`) keeps one SQLite file, ``<base>/<sync key>.state``: table ``identities(ihash
-INTEGER PRIMARY KEY, digest INTEGER, kind INTEGER, identity BLOB)``, a row per identity Segment accepted (its
-:func:`identity_hash` and last :func:`traits_digest`, unsigned 64-bit values stored as the signed integers
-of the same bits; kind 0 userId, 1 anonymousId, 2 groupId; the identity in UTF-8, to send a last call when it
-leaves; never traits) and table ``meta(key, value)``: sync_key, generation, state_id, run_id, written_at. Its
-header holds the application id ``LSG\\x01`` (format version 1) and, as user version, the state id.
+A sync (:func:`sync_key`) keeps one SQLite file, ``<base>/<sync key>.state``, whose header holds the
+application id ``LSG\\x01`` (format version 1) and, as user version, the state id:
 
-A run (:meth:`CohortStateStore.begin`) locks the sync and works on a local copy in bounded memory: hashes
-and digests in two ``array('q')`` searched by bisection (16 bytes per identity), a presence byte per
-identity, new and changed entries appended to a scratch table on disk. Its commit applies the accepted
-events, uploads a compact copy to ``<key>.state.tmp-<uuid>`` and moves it onto ``<key>.state`` unless the
-stored state id changed meanwhile. The lock ``<key>.lock`` (created exclusively where the filesystem can) is
-a lease renewed by a thread; one not renewed for ``lock_stale_after``, or whose holder's process is gone
-(same host), is taken over.
+* ``identities(ihash INTEGER PRIMARY KEY, digest INTEGER, kind INTEGER, identity BLOB)``: a row per identity
+  in the cohort as Segment last accepted it: its :func:`identity_hash`, the :func:`traits_digest` of its last
+  call (unsigned 64-bit values stored as the signed integers of the same bits), its kind (0 userId,
+  1 anonymousId, 2 groupId) and the identity in UTF-8 (to send a last call when it leaves); never traits.
+* ``pending(ihash INTEGER PRIMARY KEY, transition INTEGER, generation INTEGER, view INTEGER, kind INTEGER,
+  identity BLOB)``: the identities whose entry (transition 1) or exit (2) reached Segment only in part: what
+  Segment was told (``view``: bit 1, its call; bit 2, its entry event) and the generation the transition
+  departed from (see :mod:`~airflow_provider_looker_segment.sync_run`); created by this version, absent from
+  older files.
+* ``meta(key, value)``: sync_key, generation, state_id, run_id, written_at.
+
+A run locks the sync (:mod:`~airflow_provider_looker_segment.sync_lock`), downloads the file, checks its
+layout, works on the local copy and, at the end, uploads a compact copy to ``<key>.state.tmp-<uuid>`` and
+moves it onto ``<key>.state`` unless the stored state id changed meanwhile; a failed upload is tried again
+a few times before the run fails saying that Segment has the calls but the state was not saved.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import logging
 import re
 import shutil
 import sqlite3
 import tempfile
+import time
 import uuid
-from array import array
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, suppress
 from datetime import datetime, timedelta, timezone
-from itertools import compress, islice
-from operator import not_
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Final, Literal, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_looker_segment import exceptions as errors
-from airflow_provider_looker_segment.sync_lock import SyncLock
+
+if TYPE_CHECKING:
+    from airflow_provider_looker_segment.sync_run import SyncRun
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,10 @@ USER_ID: Final = "userId"
 ANONYMOUS_ID: Final = "anonymousId"
 GROUP_ID: Final = "groupId"
 IDENTITY_KINDS: Final = (USER_ID, ANONYMOUS_ID, GROUP_ID)
-#: What :meth:`SyncRun.classify` returns.
-NEW: Final = "new"
-CHANGED: Final = "changed"
-UNCHANGED: Final = "unchanged"
-Classification = Literal["new", "changed", "unchanged"]
 #: A lock not renewed for this long is considered left behind by a crashed run and is taken over.
-DEFAULT_LOCK_STALE_AFTER: Final = timedelta(seconds=60)
+DEFAULT_LOCK_STALE_AFTER = timedelta(seconds=60)
+#: Seconds waited before each new attempt to save the state (so 4 attempts in about 15 s).
+DEFAULT_SAVE_RETRY_DELAYS = (1.0, 4.0, 10.0)
 
 _APPLICATION_ID: Final = b"LSG\x01"  # "LSG" and the format version
 _SCHEMA: Final = f"""
@@ -66,23 +65,33 @@ _SCHEMA: Final = f"""
                              identity BLOB NOT NULL);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value NOT NULL);
 """
-_SCRATCH: Final = """
-    CREATE TABLE run.fresh (ihash INTEGER NOT NULL, digest, kind, identity);  -- in arrival order
-    CREATE TABLE run.failed (ihash INTEGER PRIMARY KEY);
+_PENDING: Final = """
+    CREATE TABLE IF NOT EXISTS pending (ihash INTEGER PRIMARY KEY, transition INTEGER NOT NULL,
+        generation INTEGER NOT NULL, view INTEGER NOT NULL, kind INTEGER NOT NULL, identity BLOB NOT NULL);
 """
+#: The columns each table must have, as (name, declared type, primary key position), in order.
+_LAYOUT: Final = {
+    "identities": (("ihash", "INTEGER", 1), ("digest", "INTEGER", 0), ("kind", "INTEGER", 0),
+                   ("identity", "BLOB", 0)),
+    "meta": (("key", "TEXT", 1), ("value", "", 0)),
+    "pending": (("ihash", "INTEGER", 1), ("transition", "INTEGER", 0), ("generation", "INTEGER", 0),
+                ("view", "INTEGER", 0), ("kind", "INTEGER", 0), ("identity", "BLOB", 0)),
+}  # fmt: skip
 _U64: Final = 1 << 64
-_FLUSH_ROWS = 10_000  # new and changed entries appended to the scratch table at once
 _HEX16: Final = re.compile(r"[0-9a-fA-F]{16}")
 _UNSAFE_KEY_CHARS: Final = re.compile(r"[^A-Za-z0-9._-]+")
+_KIND_PREFIXES: Final = {kind: kind.encode("ascii") + b":" for kind in IDENTITY_KINDS}
 
 
-def _check_kind(kind: str) -> int:
+def check_kind(kind: str) -> int:
+    """Return the stored code of an identity kind."""
     if kind not in IDENTITY_KINDS:
         raise ValueError(f"identity kind must be one of {IDENTITY_KINDS}, not {kind!r}")
     return IDENTITY_KINDS.index(kind)
 
 
-def _encode_identity(identity: str) -> bytes:
+def encode_identity(identity: str) -> bytes:
+    """An identity as stored (UTF-8, lone surrogates kept)."""
     if not isinstance(identity, str) or not identity:
         raise ValueError(f"an identity must be a non-empty string, not {identity!r}")
     return identity.encode("utf-8", "surrogatepass")
@@ -94,8 +103,8 @@ def _blake2b_64(data: bytes) -> int:
 
 def identity_hash(kind: str, identity: str) -> int:
     """Return the 64-bit hash of an identity: blake2b (8 bytes, big-endian) of ``"<kind>:<identity>"``."""
-    _check_kind(kind)
-    return _blake2b_64(kind.encode("ascii") + b":" + _encode_identity(identity))
+    check_kind(kind)
+    return _blake2b_64(_KIND_PREFIXES[kind] + encode_identity(identity))
 
 
 def format_identity_hash(ihash: int) -> str:
@@ -119,38 +128,79 @@ def traits_digest(traits: Mapping[str, Any]) -> int:
     return _blake2b_64(orjson.dumps(traits, option=orjson.OPT_SORT_KEYS))
 
 
-def sync_key(
-    look_id: str, segment_host: str, write_key: str, *, call: str = "identify", event: str | None = None
-) -> str:
-    """
-    Return the filename-safe key of the sync of a Look to a Segment source, e.g.
-    ``look-42-api.segment.io-1f0c9a3e5b7d2c4a``: the Look id, the host (``segment_host`` may be a base URL)
-    and a hash of both and of the write key, which never appears. Group and track syncs of the same Look
-    have keys of their own (``look-42-group-...``, ``look-42-track-...``, the event name in the hash): a Look
-    synced as identify and as group calls keeps two states, one of users, one of groups.
-    """
-    host = segment_host.strip()
-    host = (urlsplit(host).netloc or host if "://" in host else host).strip("/").lower()
-    parts = [str(look_id), host, write_key]
-    if call != "identify":
-        parts += [call, event or ""]
-    data = "\n".join(parts).encode("utf-8", "surrogatepass")
-    digest = hashlib.blake2b(data, digest_size=8, person=b"lsg-sync-key").hexdigest()
-    safe = lambda value, length: _UNSAFE_KEY_CHARS.sub("_", value).strip("._-")[:length] or "_"  # noqa: E731
-    kind = "" if call == "identify" else f"{safe(call, 16)}-"
-    return f"look-{safe(str(look_id), 32)}-{kind}{safe(host, 48)}-{digest}"
-
-
-def _signed(value: int) -> int:
+def signed(value: int) -> int:
     """The signed 64-bit integer with the bits of an unsigned one (SQLite integers are signed)."""
     return value - _U64 if value >> 63 else value
 
 
-def _utcnow() -> datetime:
+def _safe(value: str, length: int) -> str:
+    return _UNSAFE_KEY_CHARS.sub("_", value).strip("._-")[:length] or "_"
+
+
+def sync_key(
+    look_id: str,
+    segment_host: str,
+    write_key: str,
+    *,
+    call: str = "identify",
+    state_key: str | None = None,
+    event: str | None = None,
+) -> str:
+    """
+    Return the filename-safe key of the state of a sync, e.g. ``look-42-api.segment.io-1f0c9a3e5b7d2c4a``.
+
+    The default key is made of what identifies the cohort and where it goes, never of values rendered per
+    run: the Look id, the call type (group and track syncs have keys of their own, ``look-42-group-...``,
+    ``look-42-track-...``), the Segment host (``segment_host`` may be a base URL) and a hash of these and of
+    the write key, which never appears. A track event name, filters and other templated values are not part
+    of it, so a sync keeps its state when they are rendered differently per run.
+
+    :param state_key: the user's own key (the operator's ``state_key``) instead of the Look and call type:
+        ``vip-2026`` gives ``vip-2026-api.segment.io-<hash>``; it must be a filename-safe text.
+    :param event: only for the key versions up to 0.x, which hashed the track event name in
+        (:func:`legacy_sync_keys`).
+    """
+    host = segment_host.strip()
+    host = (urlsplit(host).netloc or host if "://" in host else host).strip("/").lower()
+    if state_key is not None:
+        parts = ["state_key", state_key, host, write_key]
+        label = _safe(state_key, 64)
+    else:
+        parts = [str(look_id), host, write_key]
+        if call != "identify":
+            parts += [call, event or ""]
+        label = f"look-{_safe(str(look_id), 32)}" + ("" if call == "identify" else f"-{_safe(call, 16)}")
+    digest = hashlib.blake2b(
+        "\n".join(parts).encode("utf-8", "surrogatepass"), digest_size=8, person=b"lsg-sync-key"
+    ).hexdigest()
+    return f"{label}-{_safe(host, 48)}-{digest}"
+
+
+def legacy_sync_keys(
+    look_id: str, segment_host: str, write_key: str, *, call: str = "identify", event: str | None = None
+) -> tuple[str, ...]:
+    """
+    The keys earlier versions gave the same sync, whose state a run adopts when its own key has none: a track
+    sync's key used to hash the event name in (so a templated event started a new state on every run).
+    """
+    if call != "track" or not event:
+        return ()
+    return (sync_key(look_id, segment_host, write_key, call=call, event=event),)
+
+
+def check_state_key(state_key: str) -> str:
+    """Refuse a ``state_key`` that is not a short, filename-safe text (so it names the file as given)."""
+    if not state_key or len(state_key) > 64 or _UNSAFE_KEY_CHARS.search(state_key) or state_key[0] in "._-":
+        raise errors.InvalidParameterError(
+            f"state_key {state_key!r} cannot name a state file: use 1 to 64 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit (e.g. 'vip-cohort-2026')"
+        )
+    return state_key
+
+
+def utcnow() -> datetime:
+    """Now, in UTC."""
     return datetime.now(timezone.utc)
-
-
-# --------------------------------------------------------------------------------------------- store
 
 
 class StateEntry(NamedTuple):
@@ -160,14 +210,6 @@ class StateEntry(NamedTuple):
     digest: int
     kind: str
     identity: str
-
-
-class ExitIdentity(NamedTuple):
-    """A previous identity absent from this run: send it an identify with the membership trait false."""
-
-    kind: str
-    identity: str
-    ihash: int
 
 
 class StateHeader(NamedTuple):
@@ -181,23 +223,7 @@ class StateHeader(NamedTuple):
     count: int
 
 
-class CommitResult(NamedTuple):
-    """
-    What a commit wrote: the new state's ``generation``, identities (``entries``) and file ``size``; events
-    accepted for new identities (``added``), changed ones (``updated``) and exits (``removed``); events not
-    accepted (``not_advanced``: sent again next run).
-    """
-
-    generation: int
-    entries: int
-    size: int
-    added: int
-    updated: int
-    removed: int
-    not_advanced: int
-
-
-def _state_token(head: bytes | None) -> str:
+def state_token(head: bytes | None) -> str:
     """Identify a stored version from its first 100 bytes: its state id, or ``absent`` / ``unreadable``."""
     if head is None:
         return "absent"
@@ -205,7 +231,7 @@ def _state_token(head: bytes | None) -> str:
     return head[60:64].hex() if ours else "unreadable"
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path) -> sqlite3.Connection:
     """Open a local copy of a state: a scratch file (a failed run discards it), hence no journal nor sync."""
     db = sqlite3.connect(path, check_same_thread=False)
     db.execute("PRAGMA journal_mode = OFF")
@@ -217,6 +243,236 @@ def _copy(source: IO[bytes], target: IO[bytes]) -> None:
     shutil.copyfileobj(source, target, 1 << 20)
 
 
+def layout_problem(db: sqlite3.Connection) -> str | None:
+    """What is wrong with the tables of a state file of our application id, or ``None``."""
+    for table, expected in _LAYOUT.items():
+        columns = tuple(
+            (name, kind.upper(), pk) for _, name, kind, _, _, pk in db.execute(f"PRAGMA table_info({table})")
+        )
+        if not columns:
+            if table == "pending":  # files of versions before it
+                continue
+            return f"it has no table {table!r}"
+        if columns != expected:
+            have = ", ".join(f"{name} {kind or 'ANY'}" for name, kind, _ in columns)
+            want = ", ".join(f"{name} {kind or 'ANY'}" for name, kind, _ in expected)
+            return f"its table {table!r} has the columns ({have}) instead of ({want})"
+    meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('sync_key', 'generation')"))
+    if not isinstance(meta.get("generation", 0), int):
+        return f"its generation {meta['generation']!r} is not a number"
+    return None
+
+
+class StateFile:
+    """
+    The stored state of one sync, ``<base_path>/<key>.state``: download, check, publish.
+
+    :param base_path: the folder of the state files.
+    :param key: the sync's key.
+    :param legacy_keys: keys of earlier versions for the same sync, adopted when ``key`` has no state yet.
+    :param save_retry_delays: seconds waited before each new attempt of a failed save.
+    :param sleep: how to wait between attempts.
+    """
+
+    def __init__(
+        self,
+        base_path: ObjectStoragePath,
+        key: str,
+        *,
+        legacy_keys: Sequence[str] = (),
+        save_retry_delays: Sequence[float] | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+    ) -> None:
+        self.base_path, self.key, self.legacy_keys = base_path, key, tuple(legacy_keys)
+        delays = DEFAULT_SAVE_RETRY_DELAYS if save_retry_delays is None else save_retry_delays
+        self.save_retry_delays, self.sleep = tuple(delays), sleep
+        self.path = base_path / f"{key}.state"
+        self.unsaved_marker = base_path / f"{key}.state.unsaved"
+
+    def open(self, workdir: Path, *, full_refresh: bool) -> tuple[sqlite3.Connection, str]:
+        """
+        Download the state (or the state of a legacy key) to ``workdir`` and open it; return the connection
+        and the stored version's token (what :meth:`publish` expects to replace).
+
+        :raises SyncStateCorruptError: the file is unreadable and ``full_refresh`` is false. With
+            ``full_refresh``, a copy of it is kept beside it and the run starts from an empty state.
+        """
+        local = workdir / "state.db"
+        head, source = self._download(self.path, local), self.path
+        token = state_token(head)
+        if head is None:
+            for legacy in self.legacy_keys:
+                legacy_path = self.base_path / f"{legacy}.state"
+                if (head := self._download(legacy_path, local)) is not None:
+                    log.info(
+                        "Sync %s: adopting the state %s, written by an earlier version under another key; "
+                        "from now on the state is saved as %s (the old file is no longer used).",
+                        self.key,
+                        legacy_path,
+                        self.path,
+                    )
+                    source = legacy_path
+                    break
+        if head is not None:
+            try:
+                db = self._check(local, head, source)
+                db.executescript(_PENDING)
+                return db, token
+            except errors.SyncStateCorruptError as error:
+                if not full_refresh:
+                    raise
+                kept = self._keep_unreadable(source, local)
+                log.warning(
+                    "Sync %s: full refresh without the previous state, which is unreadable (%s); it was kept "
+                    "as %s. The identities that left the cohort cannot be computed, so no exit is sent for "
+                    "them.",
+                    self.key,
+                    error.reason,
+                    kept,
+                )
+                local.unlink(missing_ok=True)
+        db = connect(local)
+        db.executescript(_SCHEMA + _PENDING)
+        return db, token
+
+    @staticmethod
+    def _download(path: ObjectStoragePath, local: Path) -> bytes | None:
+        """Copy a stored file to ``local``; return its first 100 bytes, or ``None`` when there is none."""
+        try:
+            with path.open("rb") as stored, open(local, "wb") as copy:
+                _copy(stored, copy)
+        except (FileNotFoundError, IsADirectoryError):
+            local.unlink(missing_ok=True)
+            return None
+        with open(local, "rb") as copy:
+            return copy.read(100)
+
+    def _check(self, local: Path, head: bytes, source: ObjectStoragePath) -> sqlite3.Connection:
+        """Open the local copy of a stored state, if it is a sound state of this sync in this format."""
+        owners = (self.key, *self.legacy_keys)
+        if head.startswith(b"LSG-SYNC-STATE"):
+            problem = "it has the format of an earlier, unreleased version of this provider"
+        elif state_token(head) == "unreadable":
+            problem = "it is not a sync state file of this format version (unexpected first bytes)"
+        else:
+            db = None
+            try:
+                db = connect(local)
+                problem = db.execute("PRAGMA quick_check").fetchone()[0]
+                if problem == "ok":
+                    problem = layout_problem(db) or "ok"
+                if problem == "ok":
+                    owner = (
+                        db.execute("SELECT value FROM meta WHERE key = 'sync_key'").fetchone() or [None]
+                    )[0]
+                    if owner in owners:
+                        return db
+                    problem = f"it belongs to sync {owner}"
+                else:
+                    problem = problem if problem.startswith("it ") else f"it is damaged ({problem})"
+            except sqlite3.DatabaseError as error:
+                problem = f"it is damaged (sqlite: {error})"
+            if db is not None:
+                db.close()
+        raise errors.SyncStateCorruptError(str(source), problem)
+
+    def _keep_unreadable(self, source: ObjectStoragePath, local: Path) -> str:
+        """Keep a copy of an unreadable state beside it, ``<name>.unreadable-<UTC time>``; return its path."""
+        stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
+        kept = self.base_path / f"{source.name}.unreadable-{stamp}"
+        try:
+            with open(local, "rb") as copy, kept.open("wb") as target:
+                _copy(copy, target)
+        except Exception as error:  # keeping it is a courtesy: the full refresh goes on
+            log.warning("Could not keep a copy of the unreadable state %s: %s", source, error)
+            return "(not kept: the copy failed)"
+        return str(kept)
+
+    def publish(self, local: Path, expected_token: str) -> None:
+        """
+        Upload the new state next to the current one, check for a concurrent writer, then replace it; a
+        failed upload is tried again after each of :attr:`save_retry_delays`.
+
+        :raises SyncStateConflictError: the stored state changed since this run loaded it.
+        :raises OSError: the last attempt failed too.
+        """
+        for attempt, delay in enumerate((*self.save_retry_delays, None), start=1):
+            try:
+                self._publish_once(local, expected_token)
+                return
+            except errors.SyncStateConflictError:
+                raise
+            except Exception as error:
+                if delay is None:
+                    raise
+                log.warning(
+                    "Sync %s: saving the state to %s failed (attempt %d: %s); trying again in %g s.",
+                    self.key,
+                    self.path,
+                    attempt,
+                    error,
+                    delay,
+                )
+                self.sleep(delay)
+
+    def _publish_once(self, local: Path, expected_token: str) -> None:
+        tmp = self.base_path / f"{self.key}.state.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(local, "rb") as source, tmp.open("wb") as target:
+                _copy(source, target)
+            current = "absent"
+            with suppress(FileNotFoundError):
+                current = state_token(self.path.fs.cat_file(self.path.path, start=0, end=100))
+            if current != expected_token:
+                raise errors.SyncStateConflictError(
+                    f"The state of sync {self.key} ({self.path}) changed since this run loaded it "
+                    f"({expected_token} -> {current}): another run wrote it concurrently. This run's state "
+                    "was not saved, so the next run sends its changes again. Make sure only one run of this "
+                    "sync is active at a time (max_active_runs=1)."
+                )
+            tmp.fs.mv(tmp.path, self.path.path)
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)
+            except Exception:
+                log.warning("Could not remove %s; it is removed by the next run.", tmp, exc_info=True)
+            raise
+
+    def remove_leftovers(self) -> None:
+        """Remove the temporary uploads of interrupted runs (call it holding the lock)."""
+        fs = self.base_path.fs
+        try:
+            names = fs.ls(self.base_path.path, detail=False)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.rstrip("/").rsplit("/", 1)[-1].startswith(f"{self.key}.state.tmp-"):
+                log.info("Removing %s, left behind by an interrupted run.", name)
+                fs.rm_file(name)
+
+    def read_unsaved_marker(self) -> dict[str, Any] | None:
+        """What a run that could not save its state left behind (:meth:`write_unsaved_marker`), if any."""
+        try:
+            return dict(orjson.loads(self.unsaved_marker.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except Exception:
+            return {"run_id": "?"}
+
+    def write_unsaved_marker(self, details: Mapping[str, Any]) -> bool:
+        """Tell the next run that this one delivered calls without saving the state (best effort)."""
+        try:
+            self.unsaved_marker.write_bytes(orjson.dumps(dict(details)))
+            return True
+        except Exception:
+            return False
+
+    def remove_unsaved_marker(self) -> None:
+        """Remove the marker once a state was saved (best effort)."""
+        with suppress(Exception):
+            self.unsaved_marker.unlink(missing_ok=True)
+
+
 class CohortStateStore:
     """
     The state of one sync, stored as ``<base_path>/<key>.state`` next to its lock ``<key>.lock``.
@@ -224,10 +480,16 @@ class CohortStateStore:
     :param base_path: the folder of the state files: an :class:`~airflow.sdk.ObjectStoragePath` or a URL
         (``file:///...``, ``s3://...``, any fsspec URL Airflow knows); a local folder is created if missing.
     :param key: the sync's key, from :func:`sync_key`.
-    :param lock_stale_after: a lock not renewed for this long (timedelta or seconds) is taken over. Hosts
-        sharing the state must have synchronised clocks (well within this).
+    :param legacy_keys: keys that earlier versions gave this sync (:func:`legacy_sync_keys`).
+    :param lock_stale_after: a lock not renewed for this long (timedelta or seconds) is taken over (default
+        :data:`DEFAULT_LOCK_STALE_AFTER`). Hosts sharing the state must have synchronised clocks (well within
+        this).
     :param lock_renew_interval: how often a run renews its lock (default: a third of ``lock_stale_after``).
-    :param tmp_dir: local folder for the run's copies of the state (default: the system's temporary folder).
+    :param tmp_dir: local folder for the run's copies of the state and its spool (default: the system's
+        temporary folder).
+    :param save_retry_delays: seconds waited before each new attempt of a failed save (default
+        :data:`DEFAULT_SAVE_RETRY_DELAYS`).
+    :param sleep: how to wait between save attempts.
     """
 
     def __init__(
@@ -235,21 +497,29 @@ class CohortStateStore:
         base_path: ObjectStoragePath | str,
         key: str,
         *,
-        lock_stale_after: timedelta | float = DEFAULT_LOCK_STALE_AFTER,
+        legacy_keys: Sequence[str] = (),
+        lock_stale_after: timedelta | float | None = None,
         lock_renew_interval: timedelta | float | None = None,
         tmp_dir: str | None = None,
+        save_retry_delays: Sequence[float] | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
     ) -> None:
         if not key or _UNSAFE_KEY_CHARS.search(key):
             raise ValueError(f"a sync key must be non-empty and filename-safe, not {key!r}")
         self.base_path = ObjectStoragePath(base_path) if isinstance(base_path, str) else base_path
         self.key, self.tmp_dir = key, tmp_dir
         delta = lambda value: value if isinstance(value, timedelta) else timedelta(seconds=value)  # noqa: E731
-        self.lock_stale_after = delta(lock_stale_after)
+        self.lock_stale_after = delta(
+            DEFAULT_LOCK_STALE_AFTER if lock_stale_after is None else lock_stale_after
+        )
         renew = self.lock_stale_after / 3 if lock_renew_interval is None else lock_renew_interval
         self.lock_renew_interval = delta(renew)
         if not timedelta(0) < self.lock_renew_interval < self.lock_stale_after:
             raise ValueError("lock_renew_interval must be positive and shorter than lock_stale_after")
-        self.state_path = self.base_path / f"{key}.state"
+        self.file = StateFile(
+            self.base_path, key, legacy_keys=legacy_keys, save_retry_delays=save_retry_delays, sleep=sleep
+        )
+        self.state_path = self.file.path
         self.lock_path = self.base_path / f"{key}.lock"
 
     def begin(self, run_id: str, *, full_refresh: bool = False) -> SyncRun:
@@ -258,77 +528,34 @@ class CohortStateStore:
 
         :param run_id: identifies the task instance (not the try): a lock left by the same ``run_id`` (an
             earlier, crashed try) is taken over.
-        :param full_refresh: classify every identity as sent (:data:`NEW` or :data:`CHANGED`, whatever its
-            digest); exits are still listed against the previous state. An unreadable previous state is then
-            ignored with a warning (that is how a damaged file is recovered): the run is a first run.
+        :param full_refresh: send every identity of the Look whatever the state says; exits are still found
+            against the previous state. An unreadable previous state is then kept beside it and ignored
+            with a warning (that is how a damaged file is recovered): the run is a first run.
         :raises SyncStateLockedError: another run of this sync holds the lock.
         :raises SyncStateCorruptError: the previous state is unreadable (and ``full_refresh`` is false).
         """
+        from airflow_provider_looker_segment.sync_run import SyncRun
+
         return SyncRun(self, run_id, full_refresh)
 
     def read_header(self) -> StateHeader | None:
         """Return what the stored state says about itself, or ``None`` if there is none (without locking)."""
         with tempfile.TemporaryDirectory(prefix="lsg-sync-state-", dir=self.tmp_dir) as workdir:
-            db, token = self._open(Path(workdir), full_refresh=False)
+            db, token = self.file.open(Path(workdir), full_refresh=False)
             with closing(db):
                 meta = dict(db.execute("SELECT key, value FROM meta"))
                 count = db.execute("SELECT count(*) FROM identities").fetchone()[0]
         return None if token == "absent" else StateHeader(**meta, count=count)
 
     def iter_entries(self) -> Iterator[StateEntry]:
-        """Stream the stored state's entries (without locking; for inspection and tests)."""
+        """Stream the stored state's entries (without locking; for inspection)."""
         with tempfile.TemporaryDirectory(prefix="lsg-sync-state-", dir=self.tmp_dir) as workdir:
-            db, _token = self._open(Path(workdir), full_refresh=False)
+            db, _token = self.file.open(Path(workdir), full_refresh=False)
             with closing(db):
-                yield from map(self._entry, db.execute("SELECT * FROM identities"))
+                for row in db.execute("SELECT ihash, digest, kind, identity FROM identities"):
+                    yield self.entry(row)
 
-    def _open(self, workdir: Path, full_refresh: bool) -> tuple[sqlite3.Connection, str]:
-        """Download the state to a local copy and open it; return it and the stored version's token."""
-        local, head = workdir / "state.db", None
-        with suppress(FileNotFoundError):
-            with self.state_path.open("rb") as stored, open(local, "wb") as copy:
-                _copy(stored, copy)
-            with open(local, "rb") as copy:
-                head = copy.read(100)
-        if head is not None:
-            try:
-                return self._check(local, head), _state_token(head)
-            except errors.SyncStateCorruptError as error:
-                if not full_refresh:
-                    raise
-                log.warning(
-                    "Sync %s: full refresh without the previous state, which is unreadable (%s): the "
-                    "identities that left the cohort cannot be computed, so no exit is sent for them.",
-                    self.key,
-                    error.reason,
-                )
-                local.unlink()
-        db = _connect(local)
-        db.executescript(_SCHEMA)
-        return db, _state_token(head)
-
-    def _check(self, local: Path, head: bytes) -> sqlite3.Connection:
-        """Open the local copy of the stored state, if it is a sound state of this sync in this format."""
-        db, owner = None, None
-        if head.startswith(b"LSG-SYNC-STATE"):
-            problem = "it has the format of an earlier, unreleased version of this provider"
-        elif _state_token(head) == "unreadable":
-            problem = "it is not a sync state file of this format version (unexpected first bytes)"
-        else:
-            try:
-                db = _connect(local)
-                problem = db.execute("PRAGMA quick_check").fetchone()[0]
-                owner = (db.execute("SELECT value FROM meta WHERE key = 'sync_key'").fetchone() or [None])[0]
-            except sqlite3.DatabaseError as error:
-                problem = f"sqlite: {error}"
-            if db is not None and (problem, owner) == ("ok", self.key):
-                return db
-            if db is not None:
-                db.close()
-            problem = f"it belongs to sync {owner}" if problem == "ok" else f"it is damaged ({problem})"
-        raise errors.SyncStateCorruptError(str(self.state_path), problem)
-
-    def _entry(self, row: tuple[int, int, int, bytes]) -> StateEntry:
+    def entry(self, row: tuple[int, int, int, bytes]) -> StateEntry:
         """Return a stored row as an entry, checking that its identity matches its hash."""
         ihash, digest, kind, identity = row[0] % _U64, row[1] % _U64, row[2], row[3]
         with suppress(IndexError, TypeError, AttributeError, ValueError):
@@ -336,236 +563,3 @@ class CohortStateStore:
             if identity_hash(entry.kind, entry.identity) == ihash:
                 return entry
         raise errors.SyncStateCorruptError(str(self.state_path), f"its identity {ihash:016x} is damaged")
-
-    def _publish(self, local: Path, expected_token: str) -> None:
-        """Upload the new state next to the current one, check for a concurrent writer, then replace it."""
-        tmp = self.base_path / f"{self.key}.state.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(local, "rb") as source, tmp.open("wb") as target:
-                _copy(source, target)
-            current = "absent"
-            with suppress(FileNotFoundError):
-                current = _state_token(self.state_path.fs.cat_file(self.state_path.path, start=0, end=100))
-            if current != expected_token:
-                raise errors.SyncStateConflictError(
-                    f"The state of sync {self.key} ({self.state_path}) changed since this run loaded it "
-                    f"({expected_token} -> {current}): another run wrote it concurrently. This run's state "
-                    "was not saved, so the next run sends its changes again. Make sure only one run of this "
-                    "sync is active at a time (max_active_runs=1)."
-                )
-            tmp.fs.mv(tmp.path, self.state_path.path)
-        except BaseException:
-            try:
-                tmp.unlink(missing_ok=True)
-            except Exception:
-                log.warning("Could not remove %s; it is removed by the next run.", tmp, exc_info=True)
-            raise
-
-
-# --------------------------------------------------------------------------------------------- run
-
-
-class SyncRun:
-    """
-    One run of a sync, from :meth:`CohortStateStore.begin`: classify identities, list exits, commit.
-
-    Use it as a context manager: leaving it releases the lock and removes local temporary files; without a
-    :meth:`commit` the stored state is left as it was.
-    """
-
-    def __init__(self, store: CohortStateStore, run_id: str, full_refresh: bool) -> None:
-        self.store, self.run_id, self.full_refresh = store, run_id, full_refresh
-        self._closed = self._committed = False
-        self._db: sqlite3.Connection | None = None
-        if store.base_path.protocol in ("", "file", "local"):
-            store.base_path.mkdir(parents=True, exist_ok=True)
-        self._lock = SyncLock(store.lock_path, store.key, store.lock_stale_after, store.lock_renew_interval)
-        self._lock.acquire(run_id)
-        self._workdir = Path(tempfile.mkdtemp(prefix="lsg-sync-state-", dir=store.tmp_dir))
-        try:
-            for name in store.base_path.fs.ls(store.base_path.path, detail=False):  # safe: we hold the lock
-                if name.rstrip("/").rsplit("/", 1)[-1].startswith(f"{store.key}.state.tmp-"):
-                    log.info("Removing %s, left behind by an interrupted run.", name)
-                    store.base_path.fs.rm_file(name)
-            self._db, self._token = store._open(self._workdir, full_refresh)
-            self._meta = dict(self._db.execute("SELECT key, value FROM meta"))
-            self._hashes, self._digests = array("q"), array("q")  # ascending ihash, for bisect
-            for ihash, digest in self._db.execute("SELECT ihash, digest FROM identities"):
-                self._hashes.append(ihash)
-                self._digests.append(digest)
-            self._db.execute("ATTACH DATABASE ? AS run", (str(self._workdir / "run.db"),))
-            self._db.execute("PRAGMA run.journal_mode = OFF")
-            self._db.executescript(_SCRATCH)
-        except BaseException:
-            self.close()
-            raise
-        self._presence = bytearray(len(self._hashes))  # 1: classified in this run
-        self._pending: list[tuple[int, int, int, bytes]] = []  # new and changed entries, for run.fresh
-        #: identities classified new, changed and unchanged so far.
-        self.new_count = self.changed_count = self.unchanged_count = 0
-        refresh = ", full refresh" if full_refresh else ""
-        log.info(
-            "Sync %s: %s previous identities (generation %s)%s.",
-            store.key,
-            len(self._hashes),
-            self.previous_generation,
-            refresh,
-        )
-
-    def __enter__(self) -> SyncRun:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    @property
-    def previous_count(self) -> int:
-        """Identities in the previous state (0 on a first run or when a full refresh could not read it)."""
-        return len(self._hashes)
-
-    @property
-    def previous_generation(self) -> int:
-        """Generation of the previous state (0 if none was loaded)."""
-        return int(self._meta.get("generation", 0))
-
-    @property
-    def exit_count(self) -> int:
-        """Previous identities not classified in this run (so far): they left the cohort."""
-        return self._presence.count(0)
-
-    @property
-    def exit_ratio(self) -> float:
-        """:attr:`exit_count` / :attr:`previous_count` (0.0 without a previous state)."""
-        return self.exit_count / self.previous_count if self.previous_count else 0.0
-
-    def classify(self, kind: str, identity: str, digest: int, *, ihash: int | None = None) -> Classification:
-        """
-        Record an identity as present in this run and say whether its event must be sent.
-
-        :param kind: :data:`USER_ID`, :data:`ANONYMOUS_ID` or :data:`GROUP_ID` (group calls).
-        :param identity: the userId, anonymousId or groupId.
-        :param digest: the digest of what is sent (see :func:`traits_digest`), 0 <= digest < 2**64.
-        :param ihash: ``identity_hash(kind, identity)`` if already computed (e.g. for the messageId).
-        :return: :data:`NEW` (not in the previous state), :data:`CHANGED` (digest differs, or any digest in
-            a full refresh) or :data:`UNCHANGED` (nothing to send). An identity given twice is compared with
-            the previous state each time; the state keeps the digest of its last occurrence sent (last wins).
-        """
-        self._check_usable()
-        kind_code = _check_kind(kind)
-        if not 0 <= digest < _U64:
-            raise ValueError(f"a digest must be an unsigned 64-bit integer, not {digest!r}")
-        key, value = _signed(identity_hash(kind, identity) if ihash is None else ihash), _signed(digest)
-        index = bisect.bisect_left(self._hashes, key)
-        if index < len(self._hashes) and self._hashes[index] == key:
-            self._presence[index] = 1
-            if self._digests[index] == value and not self.full_refresh:
-                self.unchanged_count += 1
-                return UNCHANGED
-            self.changed_count += 1
-            result: Classification = CHANGED
-        else:
-            self.new_count += 1
-            result = NEW
-        self._pending.append((key, value, kind_code, _encode_identity(identity)))
-        if len(self._pending) >= _FLUSH_ROWS:
-            self._flush()
-        return result
-
-    def iter_exits(self) -> Iterator[ExitIdentity]:
-        """
-        Stream the previous identities not classified in this run (call it once all are classified).
-
-        :raises SyncStateCorruptError: one is damaged (its identity does not match its hash); a full refresh
-            skips it with a warning instead (no exit call; it leaves the state).
-        """
-        self._check_usable()
-        departed = compress(self._hashes, map(not_, self._presence))
-        while chunk := list(islice(departed, 500)):  # a query per chunk: no statement stays open
-            query = f"SELECT * FROM identities WHERE ihash IN ({','.join('?' * len(chunk))})"
-            for row in self._db.execute(query, chunk).fetchall():
-                try:
-                    entry = self.store._entry(row)
-                except errors.SyncStateCorruptError as error:
-                    if not self.full_refresh:
-                        raise
-                    log.warning(
-                        "Sync %s: full refresh: %s, no exit is sent for it.", self.store.key, error.reason
-                    )
-                    continue
-                yield ExitIdentity(entry.kind, entry.identity, entry.ihash)
-
-    def commit(self, not_delivered: Collection[int] | None, *, exits_sent: bool = True) -> CommitResult:
-        """
-        Write the next state: it advances only for events Segment accepted.
-
-        A new or changed identity whose event was not accepted keeps its previous digest (or stays absent), so
-        it is sent again by the next run; an exited identity whose exit was accepted leaves the state, one
-        whose exit was not accepted stays (and exits again next run).
-
-        :param not_delivered: identity hashes of the events (new, changed or exit) rejected or failed, or
-            ``None`` when it is unknown which (e.g. the failure list was capped): nothing sent advances.
-        :param exits_sent: ``False`` when the departed identities must stay in the state (a possibly
-            truncated Look, or the exit guard tripped); ``True`` lets each leave once its exit call is
-            delivered, or at once when no exit call is made (no membership trait).
-        :raises SyncStateConflictError: the stored state changed since this run loaded it.
-        """
-        self._check_usable()
-        self._flush()
-        self._committed = True  # whatever happens next, the local copy has moved on: no second try
-        db, added, accepted, removed = self._db, 0, 0, 0
-        if not_delivered is not None:
-            failed = {_signed(ihash) for ihash in not_delivered}
-            db.executemany("INSERT OR IGNORE INTO run.failed VALUES (?)", ((ihash,) for ihash in failed))
-            rows = "FROM run.fresh WHERE ihash NOT IN (SELECT ihash FROM run.failed)"  # the accepted ones
-            new = f"SELECT count(*) {rows} AND ihash NOT IN (SELECT ihash FROM identities)"
-            added = db.execute(new).fetchone()[0]
-            # In hash order (a sequential write); of an identity given twice, the last one wins.
-            insert = f"INSERT OR REPLACE INTO identities SELECT * {rows} ORDER BY ihash, rowid"
-            accepted = db.execute(insert).rowcount
-            if exits_sent:
-                departed = compress(self._hashes, map(not_, self._presence))
-                delete = "DELETE FROM identities WHERE ihash = ?"
-                removed = db.executemany(delete, ((h,) for h in departed if h not in failed)).rowcount
-        state_id = uuid.uuid4().int & 0x7FFF_FFFF
-        meta = {"sync_key": self.store.key, "generation": self.previous_generation + 1, "run_id": self.run_id}
-        meta |= {"state_id": f"{state_id:08x}", "written_at": _utcnow().isoformat(timespec="seconds")}
-        db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
-        db.execute(f"PRAGMA user_version = {state_id}")
-        db.commit()
-        next_state = self._workdir / "next.state"
-        db.execute("VACUUM main INTO ?", (str(next_state),))  # compact, in hash order
-        self.store._publish(next_state, self._token)
-        entries, size = db.execute("SELECT count(*) FROM identities").fetchone()[0], next_state.stat().st_size
-        not_advanced = self.new_count + self.changed_count - accepted + self.exit_count - removed
-        result = CommitResult(
-            meta["generation"], entries, size, added, accepted - added, removed, not_advanced
-        )
-        log.info("Sync %s: state generation %s saved: %s", self.store.key, result.generation, result)
-        return result
-
-    def close(self) -> None:
-        """Release the lock and remove local temporary files (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._db is not None:
-            self._db.close()
-        shutil.rmtree(self._workdir, ignore_errors=True)
-        self._lock.release()
-        if not self._committed:
-            log.info(
-                "Sync %s: run %s ended without a commit, the state is unchanged.", self.store.key, self.run_id
-            )
-
-    def _flush(self) -> None:
-        """Append the pending new and changed entries to the scratch table."""
-        self._db.executemany("INSERT INTO run.fresh VALUES (?, ?, ?, ?)", self._pending)
-        self._pending.clear()
-
-    def _check_usable(self) -> None:
-        if self._closed or self._committed:
-            raise errors.SyncStateError(
-                f"run {self.run_id} of sync {self.store.key} is already committed or closed"
-            )

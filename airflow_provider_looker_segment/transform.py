@@ -21,7 +21,9 @@ Documented formats
 * **Group calls** (``call="group"``) carry ``groupId`` from the group id field (never a trait); a row
   without a group id is invalid (:data:`INVALID_NO_GROUP_ID`). Segment requires a ``userId`` or an
   ``anonymousId`` on a group call: a row with neither (and no email to derive one from) gets the stable
-  anonymousId derived from its group id (:func:`.values.anonymous_id_from_group`), never a random one.
+  anonymousId derived from its group id (:func:`.values.anonymous_id_from_group`), never a random one, with
+  ``group_without_user="anonymous_id"`` (the default; Segment counts each such id as a monthly tracked user),
+  or is invalid (:data:`INVALID_NO_USER_FOR_GROUP`) with ``"skip"``, as Looker's own action refuses it.
 * **Track calls** (``call="track"``) carry ``event`` and put the columns in ``properties`` instead of
   ``traits`` (as Looker's Segment Track action does).
 * **Traits** (values: :mod:`.values`; keys and pivoted measures: :mod:`.field_roles`) in field order; a
@@ -74,8 +76,10 @@ from airflow_provider_looker_segment.values import (
 
 __all__ = [
     "CALLS",
+    "GROUP_WITHOUT_USER",
     "INVALID_NO_GROUP_ID",
     "INVALID_NO_IDENTIFIER",
+    "INVALID_NO_USER_FOR_GROUP",
     "MESSAGE_ID_PREFIX",
     "TRAIT_KEY_STYLES",
     "IdentifierChoice",
@@ -85,6 +89,7 @@ __all__ = [
     "anonymous_id_from_email",
     "build_message_id_namespace",
     "format_timestamp",
+    "is_group_without_user",
     "make_row_transformer",
     "plan_transform",
     "to_trait_value",
@@ -101,6 +106,11 @@ CALLS = ("identify", "group", "track")
 INVALID_NO_IDENTIFIER = "no_identifier"
 #: Invalid-row reason (group calls): the row has no group id.
 INVALID_NO_GROUP_ID = "no_group_id"
+#: Invalid-row reason (group calls with ``group_without_user="skip"``): the row has no user identifier.
+INVALID_NO_USER_FOR_GROUP = "no_user_for_group"
+#: What a group call of a row without a user identifier does: send with the anonymousId derived from the
+#: group id (the default), or skip the row as invalid.
+GROUP_WITHOUT_USER = ("anonymous_id", "skip")
 
 #: Prefix of every messageId made here.
 MESSAGE_ID_PREFIX = "lsg-"
@@ -176,6 +186,8 @@ class TransformOptions:
     :param call: ``"identify"`` (default), ``"group"`` or ``"track"``.
     :param group_id_field: Looker field giving ``groupId`` (group calls only); ``None``/``""``: detect.
     :param event: the event name of track calls (required with ``call="track"``, refused otherwise).
+    :param group_without_user: group calls of rows without a user identifier: ``"anonymous_id"`` (send with
+        the anonymousId derived from the group id) or ``"skip"`` (invalid, :data:`INVALID_NO_USER_FOR_GROUP`).
     """
 
     user_id_field: str | None = None
@@ -188,8 +200,14 @@ class TransformOptions:
     call: str = "identify"
     group_id_field: str | None = None
     event: str | None = None
+    group_without_user: str = "anonymous_id"
 
     def __post_init__(self) -> None:
+        if self.group_without_user not in GROUP_WITHOUT_USER:
+            raise TransformConfigError(
+                f"group_without_user must be one of {', '.join(map(repr, GROUP_WITHOUT_USER))}, "
+                f"got {self.group_without_user!r}"
+            )
         if self.call not in CALLS:
             raise TransformConfigError(
                 f"call must be one of {', '.join(map(repr, CALLS))}, got {self.call!r}"
@@ -242,6 +260,7 @@ class TransformPlan:
     :param call: ``"identify"``, ``"group"`` or ``"track"``.
     :param group_id: field giving ``groupId`` (group calls), or ``None``.
     :param event: the event name of track calls, or ``None``.
+    :param group_without_user: ``"anonymous_id"`` or ``"skip"`` (see :class:`TransformOptions`).
     """
 
     look_id: str
@@ -254,6 +273,7 @@ class TransformPlan:
     call: str = "identify"
     group_id: IdentifierChoice | None = None
     event: str | None = None
+    group_without_user: str = "anonymous_id"
 
     @property
     def values_key(self) -> str:
@@ -271,7 +291,7 @@ class TransformPlan:
         anonymous = self.anonymous_id
         if anonymous is None and self.email is not None:
             anonymous = IdentifierChoice(self.email.field, "derived from email, for rows without a userId")
-        elif anonymous is None and self.group_id is not None:
+        elif anonymous is None and self.group_id is not None and self.group_without_user == "anonymous_id":
             anonymous = IdentifierChoice(
                 self.group_id.field, "derived from the group id, for rows without a user identifier"
             )
@@ -318,7 +338,8 @@ class TransformPlan:
     @property
     def has_anonymous_id(self) -> bool:
         """Rows can get an anonymousId: from an anonymousId field, derived from the email or the group id."""
-        return self.anonymous_id is not None or self.email is not None or self.group_id is not None
+        from_group = self.group_id is not None and self.group_without_user == "anonymous_id"
+        return self.anonymous_id is not None or self.email is not None or from_group
 
     @property
     def has_group_id(self) -> bool:
@@ -354,6 +375,7 @@ def plan_transform(meta: LookResultMeta, options: TransformOptions | None = None
         call=options.call,
         group_id=choices.get(GROUP_ID),
         event=options.event,
+        group_without_user=options.group_without_user,
     )
 
 
@@ -398,6 +420,17 @@ def build_message_id_namespace(
     return orjson.dumps([dag_id, task_id, run_id, map_index, str(look_id)]).decode()
 
 
+def is_group_without_user(message: Mapping[str, Any]) -> bool:
+    """Whether a message is a group call whose only identity is the anonymousId derived from its group id."""
+    group_id = message.get("groupId")
+    return (
+        message.get("type") == "group"
+        and "userId" not in message
+        and isinstance(group_id, str)
+        and message.get("anonymousId") == anonymous_id_from_group(group_id)
+    )
+
+
 def _dump_head(message: dict[str, Any]) -> bytes:
     """
     Compact JSON of a message's identity and traits (the start of its encoding); values orjson refuses
@@ -439,6 +472,7 @@ def make_row_transformer(
     ran_at: datetime | None,
     message_id_namespace: str,
     library: Mapping[str, Any] | None = None,
+    derive_alias: bool = False,
 ) -> RowTransformer:
     """
     Build the per-row function of a plan: row → ``(message, None)`` or ``(None, invalid reason)``.
@@ -452,7 +486,10 @@ def make_row_transformer(
     :param ran_at: when Looker ran the query (the messages' ``timestamp``); ``None``: no timestamp.
     :param message_id_namespace: what makes this task run unique (see :func:`build_message_id_namespace`).
     :param library: ``context.library``; defaults to this package's name and version.
-    :return: the transformer.
+    :param derive_alias: set ``message.alias`` on messages with a userId to the anonymousId derived from the
+        row's email (a changed-only run finds by it a member that the state knew by that anonymousId).
+    :return: the transformer; its ``tail`` attribute holds the bytes every encoding carries between the
+        traits and the messageId's 32 hex digits (the run's timestamp and context).
     """
     if not isinstance(message_id_namespace, str) or not message_id_namespace:
         raise TransformConfigError("message_id_namespace must be a non-empty string")
@@ -464,6 +501,7 @@ def make_row_transformer(
     email_field = plan.email.field if plan.email else None
     group_field = plan.group_id.field if plan.group_id else None
     call, event, values_key = plan.call, plan.event, plan.values_key
+    skip_without_user = plan.group_without_user == "skip"
     specs, membership = plan.specs, plan.membership_trait
     # Without pivots (the usual Look), each trait is one lookup: the loop skips the pivot test.
     flat = (
@@ -496,12 +534,17 @@ def make_row_transformer(
             user_id = (value.strip() or None) if value.__class__ is str else identifier(value)
         if anon_field is not None:
             anonymous_id = identifier(get(anon_field))
+        alias = None
         if user_id is None and anonymous_id is None:
             anonymous_id = from_email(get(email_field)) if email_field else None
             if anonymous_id is None:
                 if group_id is None:
                     return None, INVALID_NO_IDENTIFIER
+                if skip_without_user:
+                    return None, INVALID_NO_USER_FOR_GROUP
                 anonymous_id = from_group(group_id)
+        elif derive_alias and user_id is not None and anonymous_id is None and email_field is not None:
+            alias = from_email(get(email_field))
         traits: dict[str, Any] = {}
         if flat is not None:
             for name, key, plain, convert in flat:
@@ -541,6 +584,9 @@ def make_row_transformer(
         message["context"] = context
         message["messageId"] = MESSAGE_ID_PREFIX + hex_id
         message.encoded = head[:-1] + tail + hex_id.encode() + b'"}'
+        if alias is not None:
+            message.alias = alias
         return message, None
 
+    transform.tail = tail  # type: ignore[attr-defined]
     return transform

@@ -14,12 +14,17 @@ How Looker's raw values are written in Segment messages (pure functions, no I/O)
   with a fraction or an exponent are read) becomes a float, or its decimal text beyond a float's range
   (``1E+400``); integers outside the 64-bit range become strings; a lone UTF-16 surrogate in a string
   (``"\\ud800"`` in JSON) becomes U+FFFD, the replacement character (in identifiers too);
-  ``date``/``datetime``/``time`` objects become ISO 8601 strings. In fields whose LookML type starts with
-  ``date`` or is ``time``/``datetime``/``timestamp``, Looker's unformatted
-  ``"YYYY-MM-DD HH:MM[:SS[.ffffff]]"`` strings become ISO 8601 ``"YYYY-MM-DDTHH:MM[:SS[.ffffff]]"``
-  (``"2024-01-05 10"`` of a ``date_hour`` becomes ``"2024-01-05T10:00"``); no UTC offset is added because
-  Looker gives these values in the query's time zone. Other strings (``"2024-01-05"``, ``"2024-01"``) are
-  already ISO 8601 and are left alone.
+  ``date``/``datetime``/``time`` objects become ISO 8601 strings.
+* **Date-times.** In fields whose LookML type starts with ``date`` or is ``time``/``datetime``/``timestamp``,
+  Looker's unformatted ``"YYYY-MM-DD HH[:MM[:SS[.fff...]]]"`` strings are local times of the zone the query
+  ran in (the result's ``timezone``, else the query's ``query_timezone``). With that zone known they become
+  the instant in UTC, ISO 8601 as Segment's spec asks (Engage keeps no timestamp trait without a zone):
+  ``"2024-03-01 08:15:30"`` in ``America/New_York`` → ``"2024-03-01T13:15:30Z"``, ``"2024-01-05 10"`` (a
+  ``date_hour``) in UTC → ``"2024-01-05T10:00:00Z"``, fractions kept as given. With the zone unknown they
+  become ISO 8601 without an offset, ``"2024-01-05T10:11:12"`` (``"2024-01-05T10:00"`` for a ``date_hour``),
+  and the plan warns. A local time that a daylight-saving change skips or repeats is read with the offset
+  before the change. Dates without a time (``"2024-01-05"``, ``"2024-01"``) are left alone: they have no
+  instant.
 * **Arrays and objects** (Segment supports neither) become their compact JSON text, keys in their original
   order, non-ASCII characters kept: ``["a", 1]`` → ``'["a",1]'``, ``{"k": null}`` → ``'{"k":null}'``.
 * **Timestamps** are ISO 8601 in UTC with milliseconds: ``"2024-01-05T10:00:00.000Z"`` (naive = UTC).
@@ -32,9 +37,10 @@ import json
 import re
 import uuid
 from collections.abc import Callable
-from datetime import date, datetime, time, timezone
+from datetime import date, datetime, time, timezone, tzinfo
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
@@ -49,7 +55,18 @@ GROUP_ANONYMOUS_ID_NAMESPACE = uuid.UUID("1d983c1c-6dae-5e95-9bfe-dd6955cc3e1f")
 _NAMESPACE_BYTES = ANONYMOUS_ID_NAMESPACE.bytes
 _GROUP_NAMESPACE_BYTES = GROUP_ANONYMOUS_ID_NAMESPACE.bytes
 _LOOKER_DATETIME = re.compile(r"(\d{4}-\d{2}-\d{2}) (\d{2})((?::\d{2}(?::\d{2}(?:\.\d+)?)?)?)")
+_LOOKER_PARTS = re.compile(r"(\d{4})-(\d{2})-(\d{2}) (\d{2})(?::(\d{2})(?::(\d{2})(\.\d+)?)?)?")
 _TIME_TYPES = frozenset({"time", "datetime", "timestamp"})
+#: LookML ``date_*`` types whose values carry a time of day (``date_time``, ``date_hour6``, ...).
+_TIME_OF_DAY_PREFIXES = (
+    "date_time",
+    "date_raw",
+    "date_hour",
+    "date_minute",
+    "date_second",
+    "date_millisecond",
+    "date_microsecond",
+)
 _INT64_MIN = -(2**63)
 _UINT64_MAX = 2**64 - 1
 _NONE_TYPE = type(None)
@@ -137,16 +154,61 @@ def to_time_trait_value(value: Any) -> Any:
     return to_trait_value(value)
 
 
-def trait_converter(lookml_type: str | None) -> tuple[frozenset[type], Converter]:
+def zoned_time_converter(zone: tzinfo) -> Converter:
+    """
+    Return a converter like :func:`to_time_trait_value` whose Looker date-times, local times of ``zone``,
+    become the instant in UTC: ``"2024-03-01 08:15:30"`` (``America/New_York``) → ``"2024-03-01T13:15:30Z"``.
+
+    :param zone: the time zone the query ran in.
+    """
+
+    def convert(value: Any) -> Any:
+        if not isinstance(value, str):
+            return to_trait_value(value)
+        match = _LOOKER_PARTS.fullmatch(value)
+        if match is None:
+            return str(value)
+        year, month, day, hour, minute, second, fraction = match.groups()
+        try:
+            local = datetime(int(year), int(month), int(day), int(hour), int(minute or 0), int(second or 0))
+        except ValueError:  # not a date (e.g. hour 24): as it came
+            return str(value)
+        moment = local.replace(tzinfo=zone).astimezone(timezone.utc)
+        return f"{moment:%Y-%m-%dT%H:%M:%S}{fraction or ''}Z"  # offsets are whole minutes: fraction as is
+
+    return convert
+
+
+def time_zone(name: Any) -> tzinfo | None:
+    """
+    The time zone Looker names (``America/New_York``, ``UTC``), or ``None`` when it names none or one that
+    this machine's time zone database does not know.
+    """
+    if not isinstance(name, str) or not name.strip():
+        return None
+    try:
+        return ZoneInfo(name.strip())
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def carries_time_of_day(lookml_type: str | None) -> bool:
+    """Whether values of this LookML type are date-times (a date and a time of day), not bare dates."""
+    kind = (lookml_type or "").lower()
+    return kind in _TIME_TYPES or kind.startswith(_TIME_OF_DAY_PREFIXES)
+
+
+def trait_converter(lookml_type: str | None, zone: tzinfo | None = None) -> tuple[frozenset[type], Converter]:
     """
     Return how the values of a field of this LookML type become traits, for the row loop.
 
     :param lookml_type: the field's ``type`` (e.g. ``number``, ``date_time``), or ``None``.
+    :param zone: the time zone the query ran in; ``None`` when unknown (date-times then keep no offset).
     :return: ``(classes copied as they are, converter for any other value)``.
     """
     kind = (lookml_type or "").lower()
     if kind.startswith("date") or kind in _TIME_TYPES:
-        return _PLAIN_NO_STR, to_time_trait_value
+        return _PLAIN_NO_STR, to_time_trait_value if zone is None else zoned_time_converter(zone)
     return _PLAIN, to_trait_value
 
 

@@ -215,8 +215,9 @@ def pacing_lines(report: Report) -> list[str]:
         "",
         *_table(header, [row]),
         "",
-        "Ours with the Segment connection's extra `events_per_second` (a token bucket on events: a batch of "
-        "N events takes N tokens; it starts empty, so a run's average is the pace). **events ÷ pipeline s** "
+        "Ours with the Segment connection's extra `events_per_second` (a ceiling: batches of at most a tenth "
+        "of the pace from a token bucket of one batch, a batch of N events taking N tokens; it starts empty, "
+        "so a run's average is the pace). **events ÷ pipeline s** "
         "counts the whole pipeline, Looker log-in and the first batch's wait included; **at Segment**: the "
         "events after the first request ÷ the time from the first to the last request's arrival at the "
         "stand-in. The deviation is the worst of both, over the runs.",

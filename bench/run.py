@@ -26,6 +26,9 @@ of 100 events at a time, so 10,000 rows already take 20 s at 200 ms). Pacing: ou
 connection's extra ``events_per_second`` = ``--pace`` (default 20,000) on ``--pace-rows`` rows (default
 200,000, at most the largest size); the rate achieved is read from the stand-in's arrival times.
 
+Drill links: the ``json_detail`` bytes of Look 1 and of a generated Look of ``--drill-rows`` rows (default
+10,000), with Looker's default drill links and with ``generate_drill_links=false`` (``drill_links.py``).
+
 The Markdown report is printed and written to ``bench/RESULTS.md`` (with a hand-written closing note
 appended when ``--notes`` names one); every run's figures go to ``bench/out/results.json``, from which
 ``--render-only`` rebuilds the report. The child runs and the stand-ins are in ``harness.py``.
@@ -49,6 +52,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(1, str(BENCH_DIR.parent / "tests"))  # the stand-ins (tests/standins)
 
+import drill_links  # noqa: E402
 from harness import CASES, STARTUP_CASES, Bench, BenchError, Case, RunRecord, baseline_problem  # noqa: E402
 from report import Report, render_markdown  # noqa: E402
 
@@ -136,6 +140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help=f"rows of the pacing check (default {DEFAULT_PACE_ROWS:,}, at most the largest size)",
+    )
+    parser.add_argument(
+        "--drill-rows",
+        type=int,
+        default=drill_links.DEFAULT_ROWS,
+        help=f"rows of the generated Look whose bytes with and without drill links are measured (default "
+        f"{drill_links.DEFAULT_ROWS:,}; 0 for none)",
     )
     parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="Markdown report ('-': none)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="JSON of every run ('-': none)")
@@ -274,6 +285,10 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> Report:
                 profile = {"rows": rows, "functions": bench.profile_floor(rows)}
             bench.body_path(rows).unlink(missing_ok=True)
         measure_delivery(bench, cases)
+        drill = drill_links.measure(bench.looker.base_url, args.drill_rows) if args.drill_rows > 0 else []
+        for figure in drill:
+            with_links, without = figure["with_links"], figure["without_links"]
+            _log(f"drill links: Look {figure['look_id']}: {with_links:,} B, {without:,} B without")
     large = [n for n in args.sizes if n >= LARGE_SIZE]
     if large and any(case.baseline for case in cases) and args.large_repeat < args.repeat:
         notes.append(
@@ -296,6 +311,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> Report:
         command=" ".join(["python", "bench/run.py", *sys.argv[1:]]),
         baseline_python=args.baseline_python if any(case.baseline for case in cases) else None,
         profile=profile,
+        drill_links=drill,
     )
 
 

@@ -4,6 +4,10 @@ Sync several Looker cohorts into Segment in parallel, one mapped task per Look, 
 The Looks come from the trigger form (``look_ids``) or, when it is left empty, from the Airflow Variable
 ``looker_segment_look_ids`` (a JSON list such as ``["1", "7"]``), which is what the daily schedule syncs;
 while neither is set, a run is skipped with a message saying what to set.
+
+The tasks that run at once share one Segment workspace's budget: Segment takes 1,000 events per second per
+workspace (all its sources together) and queues the excess, so each of the ``PARALLEL_LOOKS`` tasks gets
+``events_per_second = WORKSPACE_EVENTS_PER_SECOND / PARALLEL_LOOKS``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ STATE_PATH_VARIABLE = "looker_segment_state_path"
 #: ``state_path``: the trigger form's value, else the Variable, else "" (the operator's default folder).
 STATE_PATH_TEMPLATE = "{{ params.state_path or var.value.get('looker_segment_state_path', '') }}"
 
+#: What the workspace takes without prior arrangement (Segment's limit since 2024-01-25; Engage: 1,000 too).
+#: Raise it if Segment raised your workspace's limit; lower it if other DAGs send to the workspace as well.
+WORKSPACE_EVENTS_PER_SECOND = 1000
+#: Mapped tasks that run at once (one Look each).
+PARALLEL_LOOKS = 4
+
 log = logging.getLogger(__name__)
 
 DOC = """
@@ -36,6 +46,12 @@ that Variable, and while it is not set, runs are skipped with a message saying s
 synced once. The
 last task adds up the summaries and is the DAG's result: rows read, events sent, invalid, rejected and
 failed, per Look and in total.
+
+**One workspace, one budget.** Segment takes 1,000 events per second per workspace, from all its sources
+together; beyond it, Segment queues the excess (nothing is dropped, destinations get the events later).
+At most 4 Looks sync at once (`max_active_tis_per_dagrun`), each with `events_per_second=250`: 4 x 250 =
+1,000. If other DAGs send to the same workspace at the same time, put every such task in one Airflow pool
+(e.g. `pool="segment_workspace"` with 4 slots) and give each task 1,000 / (the pool's slots).
 
 * **dry_run**: build and validate every call, send nothing;
 * **sync_mode**: `all` sends every row on every run; `changed` sends only the users who are new or whose
@@ -130,7 +146,9 @@ with DAG(
         sync_mode="{{ params.sync_mode }}",
         full_refresh="{{ params.full_refresh }}",
         state_path=STATE_PATH_TEMPLATE,
-        max_active_tis_per_dagrun=4,
+        # The workspace's 1,000 events/s shared by the tasks that run at once (a ceiling per task).
+        max_active_tis_per_dagrun=PARALLEL_LOOKS,
+        events_per_second=WORKSPACE_EVENTS_PER_SECOND / PARALLEL_LOOKS,
         # The grid names each mapped task after its Look ("Look 7"), not 0, 1, 2.
         map_index_template="Look {{ task.look_id }}",
     ).expand(look_id=list_looks())

@@ -18,19 +18,28 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import fsspec
 from airflow.sdk.io import attach
 from fsspec.implementations.memory import MemoryFileSystem
 
+from airflow_provider_looker_segment.cohort_sync import CohortCounts, CohortEvents, CohortMessages, plan_exits
 from airflow_provider_looker_segment.exceptions import SyncStateLockedError
+from airflow_provider_looker_segment.sync_run import (
+    CHANGED,
+    NEW,
+    REJOINED,
+    SWITCHED,
+    CommitResult,
+    Decision,
+    Departure,
+)
 from airflow_provider_looker_segment.sync_state import (
     ANONYMOUS_ID,
     USER_ID,
     CohortStateStore,
-    SyncRun,
     traits_digest,
 )
 
@@ -104,22 +113,41 @@ def bench_identity(number: int) -> tuple[str, str]:
     return kind, hashlib.md5(str(number).encode(), usedforsecurity=False).hexdigest()
 
 
-def run_counts(run: SyncRun) -> dict[str, int]:
-    """The counters of a run: previous, new, changed, unchanged and exits."""
-    return {
-        "previous": run.previous_count,
-        "new": run.new_count,
-        "changed": run.changed_count,
-        "unchanged": run.unchanged_count,
-        "exits": run.exit_count,
-    }
-
-
-def _classify_range(run: SyncRun, numbers: Iterator[int], changed_every: int | None) -> None:
+def _bench_messages(numbers: Iterator[int], changed_every: int | None) -> Iterator[dict[str, Any]]:
     for number in numbers:
         kind, identity = bench_identity(number)
         version = 2 if changed_every and number % changed_every == 0 else 1
-        run.classify(kind, identity, traits_digest({"plan": "pro", "number": number, "version": version}))
+        traits = {"plan": "pro", "number": number, "version": version}
+        yield {"type": "identify", kind: identity, "traits": traits, "messageId": f"lsg-{number:032x}"}
+
+
+def _bench_run(store: CohortStateStore, run_id: str, messages: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """One run that hands every message to a Segment that accepts them all; its counts."""
+    events = CohortEvents(membership_trait="m", sync_key=store.key)
+    with store.begin(run_id) as run:
+        run.spool(messages)
+        decision = run.decide()
+        counts = CohortCounts()
+        plan_exits(decision, counts, events, max_exit_ratio=1.0, possibly_truncated=False)
+        cohort_messages = CohortMessages(run, events, counts)
+        sent = sum(1 for _message in cohort_messages)
+        result = run.commit(
+            cohort_messages.handed,
+            keep_departed=False,
+            membership_trait=True,
+            entered_event=False,
+            exited_event=False,
+        )
+    return {
+        "previous": decision.previous,
+        "new": decision.new,
+        "changed": decision.changed,
+        "unchanged": decision.unchanged,
+        "exits": decision.departed,
+        "sent": sent,
+        "size": result.size,
+        "spool_bytes": run.spool_bytes,
+    }
 
 
 def _max_rss_mb() -> float:
@@ -151,23 +179,19 @@ def run_benchmark(base_url: str, count: int) -> dict[str, object]:
     store = CohortStateStore(base_url, "bench-sync")
     baseline = _current_rss_mb()
     started = time.monotonic()
-    with store.begin("bench-run-1") as run:
-        _classify_range(run, iter(range(count)), None)
-        first = run.commit(set())
-        first_counts = run_counts(run)
-    with store.begin("bench-run-2") as run:
-        _classify_range(run, iter(range(count // 100, count + count // 100)), 50)
-        exits = sum(1 for _ in run.iter_exits())
-        second = run.commit(set())
-        second_counts = run_counts(run)
+    first = _bench_run(store, "bench-run-1", _bench_messages(iter(range(count)), None))
+    second = _bench_run(
+        store, "bench-run-2", _bench_messages(iter(range(count // 100, count + count // 100)), 50)
+    )
     peak = _max_rss_mb()
     return {
         "count": count,
-        "first_run": first_counts,
-        "second_run": second_counts,
-        "exits_listed": exits,
-        "state_size_bytes": second.size,
-        "first_state_size_bytes": first.size,
+        "first_run": {k: v for k, v in first.items() if k not in ("size", "spool_bytes", "sent")},
+        "second_run": {k: v for k, v in second.items() if k not in ("size", "spool_bytes", "sent")},
+        "sent": [first["sent"], second["sent"]],
+        "spool_bytes": first["spool_bytes"],
+        "state_size_bytes": second["size"],
+        "first_state_size_bytes": first["size"],
         "baseline_rss_mb": round(baseline, 1),
         "peak_rss_mb": round(peak, 1),
         "growth_mb": round(peak - baseline, 1),
@@ -184,3 +208,105 @@ if __name__ == "__main__":
     else:
         NUMERIC_IDS = "--numeric" in sys.argv[3:]
         print(json.dumps(run_benchmark(sys.argv[1], int(sys.argv[2]))))
+
+
+# ------------------------------------------------------------------------------ changed-only runs, end to end
+
+
+class RunResult(NamedTuple):
+    """What :func:`run_sync` did: per identity its class, the exits, the messages handed and accepted."""
+
+    classes: dict[tuple[str, str], str]
+    exits: list[Departure]
+    sent: list[dict[str, Any]]
+    accepted: list[dict[str, Any]]
+    counts: CohortCounts
+    decision: Decision
+    commit: CommitResult | None
+
+
+VERDICT_NAMES = {NEW: "new", CHANGED: "changed", SWITCHED: "switched", REJOINED: "rejoined"}
+
+
+def cohort_message(
+    kind: str, identity: str, version: int, run_id: str = "run", **extra: Any
+) -> dict[str, Any]:
+    """An identify call of the cohort: ``traits`` ``{"v": version}``, a messageId of this run."""
+    digest = hashlib.md5(f"{run_id}/{kind}/{identity}/{version}".encode(), usedforsecurity=False).hexdigest()
+    return {
+        "type": "identify",
+        kind: identity,
+        "traits": {"v": version},
+        **extra,
+        "messageId": f"lsg-{digest}",
+    }
+
+
+def run_sync(
+    store: CohortStateStore,
+    cohort: dict[tuple[str, str], int] | list[dict[str, Any]],
+    *,
+    events: CohortEvents | None = None,
+    fail: Callable[[dict[str, Any]], bool] | set[tuple[str, str]] = frozenset(),
+    unknown_failure: bool = False,
+    run_id: str = "run",
+    full_refresh: bool = False,
+    max_exit_ratio: float = 1.0,
+    possibly_truncated: bool = False,
+    stop_after: int | None = None,
+) -> RunResult:
+    """
+    One changed-only run as the pipeline makes it: spool the cohort's calls, decide, hand the messages to a
+    simulated Segment (``fail`` says which are refused: a predicate, or (kind, identity) pairs whose every
+    message fails; ``stop_after`` stops reading after that many), commit.
+    """
+    events = events or CohortEvents(membership_trait="m", sync_key=store.key)
+    if isinstance(cohort, dict):
+        messages = [
+            cohort_message(kind, identity, version, run_id) for (kind, identity), version in cohort.items()
+        ]
+    else:
+        messages = cohort
+    if isinstance(fail, (set, frozenset)):
+        failing = set(fail)
+        fail = lambda message: any(message.get(kind) == identity for kind, identity in failing)  # noqa: E731
+    with store.begin(run_id, full_refresh=full_refresh) as run:
+        run.spool(messages)
+        decision = run.decide()
+        counts = CohortCounts(new=decision.new, changed=decision.changed, unchanged=decision.unchanged)
+        plan_exits(
+            decision, counts, events, max_exit_ratio=max_exit_ratio, possibly_truncated=possibly_truncated
+        )
+        classes = {(unit.kind, unit.identity): VERDICT_NAMES[unit.verdict] for unit in run.iter_units()}
+        exits = list(run.iter_exits())
+        if counts.guard_tripped:
+            return RunResult(classes, exits, [], [], counts, decision, None)
+        cohort_messages = CohortMessages(run, events, counts)
+        sent, accepted = [], []
+        for message in cohort_messages:
+            if stop_after is not None and len(sent) >= stop_after:
+                # Read but never sent, as a stopped delivery accounts for the batch being filled.
+                run.record_undelivered([message["messageId"]])
+                break
+            sent.append(message)
+            if fail(message):
+                run.record_undelivered([message["messageId"]])
+            else:
+                accepted.append(message)
+        if unknown_failure:
+            run.record_undelivered(["not-one-of-ours"])
+        result = run.commit(
+            cohort_messages.handed,
+            keep_departed=counts.keep_departed,
+            membership_trait=bool(events.membership_trait),
+            entered_event=bool(events.entered_event),
+            exited_event=bool(events.exited_event),
+        )
+    return RunResult(classes, exits, sent, accepted, counts, decision, result)
+
+
+def stored_versions(store: CohortStateStore) -> dict[tuple[str, str], int]:
+    """The stored state as (kind, identity) → version (the ``v`` whose traits digest it holds, up to 99)."""
+    by_digest = {traits_digest({"v": version}): version for version in range(100)}
+    by_digest |= {traits_digest({"v": version, "m": True}): version for version in range(100)}
+    return {(e.kind, e.identity): by_digest.get(e.digest, -1) for e in store.iter_entries()}

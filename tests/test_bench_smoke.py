@@ -123,6 +123,14 @@ def test_the_pacing_check_delivers_everything_through_the_connection_extra(smoke
     assert "## Pacing: `events_per_second`" in markdown and "| 20,000 | 10,000 | 1 | 10,000 | 0 |" in markdown
 
 
+def test_the_bytes_drill_links_cost_are_measured(smoke):
+    results, markdown = smoke
+    look_1, generated = results["drill_links"]
+    assert (look_1["look_id"], generated["rows"]) == ("1", 10_000)
+    assert all(0 < figure["without_links"] < figure["with_links"] for figure in (look_1, generated))
+    assert "## Drill links: `generate_drill_links=false`" in markdown
+
+
 def test_report_has_the_tables(smoke):
     results, markdown = smoke
     assert "| Rows | Run | rows/s |" in markdown

@@ -150,6 +150,24 @@ def test_mapped_dag_expands_over_looks(monkeypatch: pytest.MonkeyPatch):
     assert dag.get_task("add_up").upstream_task_ids == {"sync_cohort"}
 
 
+def test_mapped_tasks_share_the_workspaces_1000_events_per_second(monkeypatch: pytest.MonkeyPatch):
+    module = _load(DAGS / "looker_cohorts_to_segment_mapped.py", monkeypatch)
+    sync = module.dag.get_task("sync_cohort")
+    pace, at_once = sync.partial_kwargs["events_per_second"], sync.partial_kwargs["max_active_tis_per_dagrun"]
+    assert (pace, at_once) == (250, 4) and pace * at_once == module.WORKSPACE_EVENTS_PER_SECOND == 1000
+
+
+def test_a_mapped_run_paces_each_task_at_its_share(standins, monkeypatch, capfd):
+    _looker, segment = standins
+    dag = _load(DAGS / "looker_cohorts_to_segment_mapped.py", monkeypatch).dag
+    dag_run = dag.test(run_conf={"look_ids": ["1", "16"]})
+    assert dag_run.state == "success"
+    assert len(segment.events()) == 13
+    assert all(record.events <= 25 for record in segment.records())  # a tenth of 250 per request at most
+    text = "".join(capfd.readouterr())
+    assert text.count("events paced at 250/s") == 2 and text.count("(events_per_second 250).") == 2
+
+
 def test_mapped_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     dag = _load(DAGS / "looker_cohorts_to_segment_mapped.py", monkeypatch).dag
     params = dag.params

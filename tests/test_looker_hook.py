@@ -18,6 +18,7 @@ from itertools import islice
 import certifi
 import orjson
 import pytest
+import requests
 from airflow.sdk import BaseHook
 from looker_helpers import (
     CLIENT_ID,
@@ -28,6 +29,7 @@ from looker_helpers import (
     set_connection,
 )
 from standins.looker_fixtures import (
+    ACCOUNT_USERS_LOOK_ID,
     DELETED_LOOK_ID,
     EDGE_VALUES_LOOK_ID,
     GENERATED_LOOK_BASE,
@@ -263,6 +265,48 @@ def test_wrong_credentials_never_leak_the_secret(looker, make_hook, caplog, capf
     assert looker.counters["failed_logins"] == 2
 
 
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_login_answered_429_or_5xx_is_retried_with_retry_after(hook, looker, status, caplog):
+    caplog.set_level(logging.INFO, logger="airflow_provider_looker_segment.hooks.looker")
+    looker.fail_next_requests(2, path="/api/4.0/login", status=status, retry_after=1)  # waits 0.1 s at most
+    assert hook.get_look(TOASTMATES_LOOK_ID).title == "Active users, last 30 days"
+    assert [r.status for r in looker.requests if r.path == "/api/4.0/login"] == [status, status, 200]
+    retries = [r.getMessage() for r in caplog.records if "POST /api/4.0/login" in r.getMessage()]
+    assert retries == [
+        f"Looker answered HTTP {status} to POST /api/4.0/login; retry 1 of 2 in 0.1 s (Retry-After)",
+        f"Looker answered HTTP {status} to POST /api/4.0/login; retry 2 of 2 in 0.1 s (Retry-After)",
+    ]
+    assert CLIENT_SECRET not in caplog.text
+
+
+def test_a_login_still_refused_by_an_upgrade_does_not_blame_the_credentials(hook, looker):
+    looker.fail_next_requests(6, path="/api/4.0/login", status=503, retry_after=0)  # two logins of 3 tries
+    with pytest.raises(LookerApiError) as caught:
+        hook.get_look(TOASTMATES_LOOK_ID)
+    assert str(caught.value) == (
+        f"Logging in to Looker at {looker.base_url} failed (HTTP 503, still after 2 retries): Service "
+        "temporarily unavailable. Looker is limiting requests or unavailable (e.g. during an upgrade); this "
+        "is not about the credentials: let the task retry later."
+    )
+    assert caught.value.status == 503 and "Check the client ID" not in str(caught.value)
+    ok, message = hook.test_connection()
+    assert not ok and "not about the credentials" in message
+
+
+@pytest.mark.parametrize("path", ["/api/4.0/queries", "/api/4.0/query_tasks"])
+def test_creating_a_query_or_a_query_task_is_retried_on_429_and_5xx(hook, looker, path):
+    looker.fail_next_requests(1, path=path, status=429, retry_after=0)
+    looker.fail_next_requests(1, path=path, status=502)
+    filters = {"users.plan": "pro"}
+    if path.endswith("/queries"):
+        with hook.stream_look(NEW_SIGNUPS_LOOK_ID, filters=filters) as stream:
+            assert stream.query.query_id == "2000001"
+    else:
+        assert looker.query_tasks.get(hook.start_query_task(TOASTMATES_LOOK_ID)) is not None
+    assert [r.status for r in looker.requests if r.path == path] == [429, 502, 200]
+    assert looker.counters.get("queries_created", 0) + looker.counters.get("query_tasks", 0) == 1
+
+
 def test_unreachable_host(make_hook, looker):
     url = looker.base_url
     looker.stop()
@@ -419,7 +463,13 @@ def test_stream_toastmates_cohort(hook, looker):
     assert isinstance(meta.ran_at, datetime) and meta.ran_at.utcoffset() is not None
     run = looker.run_requests()[0]
     assert run.path == "/api/4.0/looks/1/run/json_detail"
-    assert run.query == {"apply_formatting": "false", "apply_vis": "false", "cache": "true", "limit": "-1"}
+    assert run.query == {
+        "apply_formatting": "false",
+        "apply_vis": "false",
+        "cache": "true",
+        "generate_drill_links": "false",  # per-cell URLs the sync never reads
+        "limit": "-1",
+    }
     assert run.authorization and run.auth_scheme == "bearer"
 
 
@@ -529,9 +579,28 @@ def test_failed_sql_raises_with_lookers_message(hook):
     assert caught.value.look_id == "10"
 
 
+def test_a_result_with_drill_links_reads_as_one_without(hook, looker):
+    """Should a Looker ignore generate_drill_links=false, its cells' links are skipped like any other key."""
+    looker.add_look(generated_look(5000, look_id="77"))
+    token = looker.issue_token()
+    bodies = [
+        requests.get(
+            f"{looker.base_url}/api/4.0/looks/77/run/json_detail",
+            params={"generate_drill_links": links},
+            headers={"Authorization": f"token {token}"},
+            timeout=30,
+        ).content
+        for links in ("true", "false")
+    ]
+    assert b'"links":[{' in bodies[0] and b'"links"' not in bodies[1]
+    info = hook.get_look("77")
+    rows = [list(LookStream("77", io.BytesIO(body), info, -1).rows) for body in bodies]
+    assert rows[0] == rows[1] and len(rows[0]) == 5000 and rows[0][4999] == generated_row(4999)
+
+
 def test_looker_error_row_inside_data_is_not_yielded(hook, looker):
     class ErrorInData(FixtureLook):
-        def encode_rows(self, fmt, columns, start, stop) -> bytes:
+        def encode_rows(self, fmt, columns, start, stop, links=False) -> bytes:
             return b'{"users.id":{"value":"a"}},{"looker_error":"Query killed by admin"}'
 
     base = fixture_looks()[TOASTMATES_LOOK_ID]
@@ -649,10 +718,10 @@ def test_body_cut_off_before_the_first_row(hook, looker):
 
 def test_read_timeout_mid_stream_is_a_stream_error(looker, make_hook):
     class StallingLook(FixtureLook):
-        def encode_rows(self, fmt, columns, start, stop) -> bytes:
+        def encode_rows(self, fmt, columns, start, stop, links=False) -> bytes:
             if start >= 2:
                 time.sleep(1.0)
-            return super().encode_rows(fmt, columns, start, stop)
+            return super().encode_rows(fmt, columns, start, stop, links)
 
     base = fixture_looks()[TOASTMATES_LOOK_ID]
     looker.chunk_rows = 2
@@ -1083,7 +1152,13 @@ def test_filters_run_the_looks_query_with_them(hook, looker):
     )
     run = looker.run_requests()[0]
     assert run.path == "/api/4.0/queries/2000001/run/json_detail"
-    assert run.query == {"apply_formatting": "false", "apply_vis": "false", "cache": "true", "limit": "-1"}
+    assert run.query == {
+        "apply_formatting": "false",
+        "apply_vis": "false",
+        "cache": "true",
+        "generate_drill_links": "false",  # per-cell URLs the sync never reads
+        "limit": "-1",
+    }
     saved = looker.look(NEW_SIGNUPS_LOOK_ID).look_json()["query"]
     created = looker.queries.get("2000001")
     copied = ("model", "view", "fields", "sorts", "limit", "vis_config", "query_timezone", "total")
@@ -1175,8 +1250,12 @@ def test_a_filter_on_a_field_not_in_the_explore_is_a_clear_error(hook, looker, v
         (["users.plan", "pro"], "filters must be a mapping of Looker field name to filter expression"),
         ({" ": "pro"}, "filters: ' ' is not a Looker field name"),
         ({"users.plan": " "}, "filters['users.plan'] is empty: Looker would ignore it"),
-        ({"users.plan": None}, "filters['users.plan'] must be a Looker filter expression (text), got None"),
+        ({"users.plan": None}, "filters['users.plan'] has no expression (None): give a Looker filter"),
         ({"users.plan": True}, "filters['users.plan'] must be a Looker filter expression (text), got True"),
+        (
+            {"users.plan": "pro", " users.plan ": "free"},
+            "filters name the field users.plan twice: 'users.plan' and ' users.plan ' differ only by blanks",
+        ),
     ],
 )
 def test_unusable_filters_are_refused_before_looker_is_called(hook, looker, filters, message):
@@ -1186,6 +1265,22 @@ def test_unusable_filters_are_refused_before_looker_is_called(hook, looker, filt
     with pytest.raises(InvalidParameterError):
         hook.start_query_task(NEW_SIGNUPS_LOOK_ID, filters=filters)
     assert looker.counters.get("requests", 0) == 0
+
+
+def test_a_long_filter_value_is_shortened_in_the_log(hook, looker, caplog, capfd):
+    caplog.set_level(logging.INFO)
+    ids = ",".join(f"u{number:07d}" for number in range(120_000))  # about 1 MB of user ids
+    with hook.stream_look(ACCOUNT_USERS_LOOK_ID, filters={"users.id": ids}) as stream:
+        assert list(stream.rows) == []
+    assert looker.queries.received[-1]["filters"]["users.id"] == ids  # Looker gets it whole
+    assert stream.query.filters["users.id"] == ids
+    output = capfd.readouterr()
+    logged = caplog.text + output.out + output.err
+    assert "Running Look 16 (Account owners) with filters: users.id = 'u0000000,u0000001," in logged
+    assert f"... ({len(ids):,} characters)' (added)" in logged
+    assert ids not in logged and len(logged) < 20_000
+    # The web URL with the filters would carry the megabyte too: the log shows the Look's own and says why.
+    assert f"in Looker: {looker.base_url}/looks/16 (with the filters, its URL has " in logged
 
 
 def test_a_filter_equal_to_the_looks_own_runs_the_same_rows(hook, looker):
@@ -1217,7 +1312,13 @@ def test_a_query_task_of_a_look_as_saved(hook, looker):
     task = looker.query_tasks.get(task_id)
     assert (task.query_id, task.look_id, task.result_format) == ("100012", "12", "json_detail")
     started = next(r for r in looker.requests if r.path == "/api/4.0/query_tasks")
-    assert started.query == {"apply_formatting": "false", "apply_vis": "false", "cache": "false"}
+    assert started.query == {
+        "apply_formatting": "false",
+        "apply_vis": "false",
+        "cache": "false",
+        "generate_drill_links": "false",
+    }
+    assert task.json()["generate_links"] is False
     assert [hook.query_task_status(task_id) for _ in range(3)] == ["added", "running", "complete"]
     with hook.stream_query_task(task_id, TRUNCATED_LOOK_ID, None) as stream:
         rows = list(stream.rows)
@@ -1247,23 +1348,52 @@ def test_results_of_a_task_that_has_not_ended(make_hook, pending):
         hook = make_hook(looker.base_url)
         task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
         with pytest.raises(QueryTaskError) as caught:
-            with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID):
+            with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, wait=0):
                 pytest.fail("no stream expected")
         error = caught.value
         assert (error.status, error.task_id, error.task_status, error.look_id) == (
             pending,
             task_id,
-            "running",
+            "added",  # its status, asked when the results were not ready
             "1",
         )
         assert str(error) == (
-            f"Reading the results of Looker query task {task_id} (Look 1): the task has not completed (HTTP "
-            f"{pending}); wait for its status to be complete before reading its results"
+            f"Reading the results of Looker query task {task_id} (Look 1): Looker answered HTTP {pending} "
+            "(results not ready): the task has not completed (its status is added); wait for its status to "
+            "be complete before reading its results"
         )
         # waiting: the results are asked for again until the task ends (each ask moves the stand-in's task on)
         with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, wait=30, poll_interval=0.01) as stream:
             assert len(list(stream.rows)) == 10
         assert looker.query_tasks.get(task_id).history == ["added", "added", "running", "running", "complete"]
+
+
+def test_results_not_ready_after_complete_are_asked_for_again_briefly(hook, looker):
+    """Looker may answer 202 right after the task reported complete: asked again, then read."""
+    task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
+    assert [hook.query_task_status(task_id) for _ in range(3)] == ["added", "running", "complete"]
+    looker.delay_results_after_complete(2)
+    with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, poll_interval=0.01) as stream:
+        assert len(list(stream.rows)) == 10
+    results = [r.status for r in looker.requests if r.path.endswith("/results")]
+    assert results == [202, 202, 200]
+
+
+def test_results_still_not_ready_after_the_wait_fail_saying_what_happened(hook, looker):
+    task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
+    assert [hook.query_task_status(task_id) for _ in range(3)] == ["added", "running", "complete"]
+    looker.delay_results_after_complete(1000)
+    with pytest.raises(QueryTaskError) as caught:
+        with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, wait=0.2, poll_interval=0.05):
+            pytest.fail("no stream expected")
+    asks = len([r for r in looker.requests if r.path.endswith("/results")])
+    assert asks >= 2  # asked again (bounded by the wait), not failed at once
+    assert str(caught.value) == (
+        f"Reading the results of Looker query task {task_id} (Look 1): Looker answered HTTP 202 (results not "
+        f"ready) after asking {asks} times over 0.2 s, although the task's status is complete: Looker did "
+        "not hand over the results; let the task retry (it starts a new query task)"
+    )
+    assert (caught.value.status, caught.value.task_status) == (202, "complete")
 
 
 def test_a_failed_query_task_raises_lookers_sql_error(hook, looker):

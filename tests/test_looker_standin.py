@@ -103,13 +103,16 @@ def test_sdk_runs_a_look_in_json_csv_and_json_detail(sdk):
     assert lines[0] == ["Users User ID", "Users Name", "Users Email", "Users Sessions Count"]
     assert lines[1] == ["00MWWFOLRcETcTCf", "Ty Arthur", "ty.arthur@segment.com", "2"]
 
-    detail = json.loads(sdk.run_look(TOASTMATES_LOOK_ID, "json_detail", apply_formatting=False))
+    detail = json.loads(
+        sdk.run_look(TOASTMATES_LOOK_ID, "json_detail", apply_formatting=False, generate_drill_links=False)
+    )
     assert list(detail)[: list(detail).index("data")] == [
         "id",
         "from_cache",
         "fields",
         "pivots",
         "ran_at",
+        "timezone",
         "runtime",
         "has_totals",
         "has_subtotals",
@@ -254,17 +257,54 @@ def test_deleted_look_is_served_with_its_flag_but_does_not_run(sdk, looker):
     assert run(looker, DELETED_LOOK_ID, "json", token).status_code == 404
 
 
-def test_sql_failure_is_http_200_with_a_looker_error_row(looker):
+def test_sql_failure_is_http_200_with_a_looker_error_row_in_json(looker):
     token = login(looker)
-    answer = run(looker, SQL_ERROR_LOOK_ID, "json_detail", token)
+    answer = run(looker, SQL_ERROR_LOOK_ID, "json", token)
     assert answer.status_code == 200
     assert list(answer.json()[0]) == ["looker_error"]
     assert "users.last_login does not exist" in answer.json()[0]["looker_error"]
 
 
+def test_sql_failure_of_a_json_detail_run_has_the_json_detail_shape(looker):
+    """The reference: json_detail reports a failed query in ``errors``, with an empty ``data``."""
+    token = login(looker)
+    answer = run(looker, SQL_ERROR_LOOK_ID, "json_detail", token)
+    assert answer.status_code == 200
+    detail = answer.json()
+    assert isinstance(detail, dict) and detail["data"] == []
+    (error,) = detail["errors"]
+    assert "users.last_login does not exist" in error["message"] and error["level"] == "error"
+
+
+def test_json_detail_cells_carry_drill_links_unless_asked_not_to(looker):
+    """Looker's default (generate_drill_links=true): every cell with a value carries its drill links."""
+    token = login(looker)
+    detail = run(looker, TOASTMATES_LOOK_ID, "json_detail", token).json()
+    cell = detail["data"][0]["users.id"]
+    assert cell["value"] == "00MWWFOLRcETcTCf"
+    assert cell["links"] == [
+        {
+            "label": "Users User ID details",
+            "url": "/explore/toastmates/users?fields=users.detail*&f[users.id]=00MWWFOLRcETcTCf&limit=500",
+            "type": "drill",
+            "type_label": None,
+        }
+    ]
+    pivoted = run(looker, PIVOT_LOOK_ID, "json_detail", token).json()["data"][0]["orders.count"]["complete"]
+    assert pivoted["links"][0]["type"] == "measure_default"
+    assert pivoted["links"][0]["label"].startswith("Show All")
+    plain = run(looker, TOASTMATES_LOOK_ID, "json_detail", token, generate_drill_links="false")
+    with_links = run(looker, TOASTMATES_LOOK_ID, "json_detail", token, generate_drill_links="true")
+    assert all(set(c) == {"value"} for row in plain.json()["data"] for c in row.values())
+    assert len(with_links.content) > 2 * len(plain.content)
+    generated = run(looker, str(GENERATED_LOOK_BASE + 3), "json_detail", token).json()["data"]
+    email_drill = generated[2]["users.email"]["links"][0]["url"]
+    assert email_drill.endswith("f[users.email]=user00000002%40example.com&limit=500")
+
+
 def test_pivoted_look_nests_measures_by_pivot_key(looker):
     token = login(looker)
-    detail = run(looker, PIVOT_LOOK_ID, "json_detail", token).json()
+    detail = run(looker, PIVOT_LOOK_ID, "json_detail", token, generate_drill_links="false").json()
     assert [p["key"] for p in detail["pivots"]] == ["complete", "pending", "cancelled"]
     assert detail["fields"]["pivots"][0]["name"] == "orders.status"
     assert detail["data"][1]["orders.count"]["pending"] == {"value": None}
@@ -273,7 +313,7 @@ def test_pivoted_look_nests_measures_by_pivot_key(looker):
 
 def test_edge_values_are_written_as_exact_json_numbers_and_surrogate_escapes(looker):
     token = login(looker)
-    answer = run(looker, EDGE_VALUES_LOOK_ID, "json_detail", token)
+    answer = run(looker, EDGE_VALUES_LOOK_ID, "json_detail", token, generate_drill_links="false")
     text = answer.content.decode("utf-8")  # valid UTF-8: lone surrogates are escapes, not bytes
     assert '"users.external_id":{"value":18446744073709551616}' in text
     assert '"users.score":{"value":1E+400}' in text and '"users.score":{"value":-1E+400}' in text
@@ -730,7 +770,9 @@ def test_sdk_runs_a_query_task_from_added_to_complete(sdk, looker):
         result_format=models40.ResultFormat.json_detail,
         look_id="1",
     )
-    task = sdk.create_query_task(body, limit=3, apply_formatting=False, cache=False)
+    task = sdk.create_query_task(
+        body, limit=3, apply_formatting=False, cache=False, generate_drill_links=False
+    )
     assert re.fullmatch(r"[0-9a-f]{32}", task.id) and task.status == "added" and task.look_id == "1"
     assert [sdk.query_task(task.id, fields="id,status").status for _ in range(3)] == [
         "added",
@@ -857,3 +899,30 @@ def test_fail_next_task_polls_answers_errors_then_drops(looker):
     with pytest.raises(requests.ConnectionError):
         get(looker, f"query_tasks/{task_id}", token)
     assert task_status(looker, token, task_id) == "added"  # failed polls do not move the task on
+    looker.fail_next_task_polls(1, status=429, retry_after=10)
+    limited = get(looker, f"query_tasks/{task_id}", token)
+    assert (limited.status_code, limited.headers["Retry-After"]) == (429, "10")
+    assert limited.json()["message"] == "Too Many Requests"
+
+
+def test_any_route_can_be_answered_429_or_503_first(looker):
+    """A Looker upgrade's 503 or a 429 on the login, the queries, the query tasks (Looker's error shape)."""
+    looker.fail_next_requests(1, path="/api/4.0/login", status=503, retry_after=30)
+    form = {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+    refused = requests.post(f"{looker.base_url}/api/4.0/login", data=form, timeout=10)
+    assert (refused.status_code, refused.headers["Retry-After"]) == (503, "30")
+    assert set(refused.json()) == {"message", "documentation_url"}
+    assert looker.counters.get("logins", 0) == 0  # not looked at
+    token = login(looker)
+    looker.fail_next_requests(1, method="GET", path="/api/4.0/looks/1", status=429)
+    assert get(looker, "looks/1", token).status_code == 429 and get(looker, "looks/1", token).ok
+    assert looker.counters["request_faults"] == 2
+
+
+def test_results_of_a_complete_task_can_be_late(looker):
+    token = login(looker)
+    task_id = new_task(looker, token, look_query_id(TOASTMATES_LOOK_ID))
+    assert [task_status(looker, token, task_id) for _ in range(3)] == ["added", "running", "complete"]
+    looker.delay_results_after_complete(1)
+    answers = [get(looker, f"query_tasks/{task_id}/results", token) for _ in range(2)]
+    assert [(a.status_code, a.content[:1]) for a in answers] == [(202, b""), (200, b"{")]

@@ -136,6 +136,35 @@ def test_the_triggers_own_timeout(looker, start, timeout):
     assert looker.counters["logouts"] == 1
 
 
+def test_no_wait_goes_past_the_timeout(looker, start, caplog, capfd):
+    """A poll answered 429 Retry-After 10 with 0.5 s left: the timeout at 0.5 s, no 10 s wait, no retry."""
+    caplog.set_level(logging.INFO)
+    looker.end_next_query_tasks("never")
+    task_id = start()
+    looker.fail_next_task_polls(5, status=429, retry_after=10)
+    payload = only_event(trigger(task_id, timeout=0.5, retries=3)).payload
+    assert payload == {
+        "status": "error",
+        "query_task_id": task_id,
+        "looker_status": None,  # never seen: the operator asks Looker to kill the query
+        "message": f"Looker query task {task_id} did not complete within 0.5 seconds (timeout; Looker did "
+        "not answer in time); Looker may still be running it",
+    }
+    polls = [r.status for r in looker.requests if r.path == f"/api/4.0/query_tasks/{task_id}"]
+    assert polls == [429]  # not asked again after the deadline
+    text = logged(caplog, capfd)
+    told = f"Reading Looker query task {task_id}: Looker answered HTTP 429; a retry in 10 s would come "
+    assert told in text
+
+
+def test_a_login_retried_after_a_503_with_retry_after(looker, start):
+    task_id = start()
+    looker.fail_next_requests(2, path="/api/4.0/login", status=503, retry_after=0)
+    assert only_event(trigger(task_id, retries=3)).payload["status"] == "success"
+    logins = [r.status for r in looker.requests if r.path == "/api/4.0/login"]
+    assert logins[-3:] == [503, 503, 200]
+
+
 def test_the_wait_does_not_block_the_event_loop(looker, start):
     """Other coroutines run while the trigger waits: they see the task between the trigger's polls."""
     looker.polls_per_step = 2
@@ -356,7 +385,7 @@ def test_results_are_read_once_the_trigger_fired_whatever_looker_answers_before(
         with LookerHook(CONN_ID, retries=0) as hook:
             task_id = hook.start_query_task(TOASTMATES_LOOK_ID, limit=3)
             with pytest.raises(QueryTaskError) as caught:  # before: "not finished", not an empty result
-                with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, 3):
+                with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, 3, wait=0):
                     pytest.fail("no stream expected")
             assert (caught.value.status, caught.value.task_status) == (pending, "running")
             assert only_event(trigger(task_id)).payload["status"] == "success"

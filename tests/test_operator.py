@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from standins.looker_fixtures import (
     SQL_ERROR_LOOK_ID,
     TOASTMATES_LOOK_ID,
     TRUNCATED_LOOK_ID,
+    VALUE_TYPES_LOOK_ID,
     FixtureField,
     FixtureLook,
     fixture_looks,
@@ -248,6 +250,30 @@ def test_missing_write_key_fails_before_reading_looker(run, looker, segment, mon
     assert "write key" in "".join(capfd.readouterr()).lower()
 
 
+def test_date_times_are_sent_in_utc_from_the_zone_looker_ran_the_query_in(run, segment, capfd):
+    """Look 6 runs in America/New_York: its local date-times become instants in UTC (ISO 8601, Z)."""
+    dag_run, _ti, _summary = run(look_id=VALUE_TYPES_LOOK_ID)
+    assert dag_run.state == "success"
+    traits = [event["traits"] for event in segment.events()]
+    assert [t["last seen time"] for t in traits] == ["2024-03-01T13:15:30Z", "2024-01-01T05:00:00Z", None]
+    assert [t["created date"] for t in traits] == ["2024-02-29", "2023-12-31", None]  # dates stay dates
+    assert [t["created month"] for t in traits] == ["2024-02", "2023-12", None]
+    assert "without a UTC offset" not in "".join(capfd.readouterr())
+
+
+def test_date_times_of_an_unknown_zone_keep_their_local_time_with_a_warning(run, looker, segment, capfd):
+    looker.add_look(dataclasses.replace(fixture_looks()[VALUE_TYPES_LOOK_ID], id="606", query_timezone=None))
+    dag_run, _ti, _summary = run(look_id="606")
+    assert dag_run.state == "success"
+    assert segment.events()[0]["traits"]["last seen time"] == "2024-03-01T08:15:30"
+    text = "".join(capfd.readouterr())
+    assert (
+        "users.last_seen_time gives date-times sent without a UTC offset (e.g. 2024-01-05T10:11:12), the "
+        "local time of the query: Looker did not say in which time zone it ran the query." in text
+    )
+    assert "set the Look's query time zone in Looker" in text
+
+
 def test_invalid_rows_are_reported_and_can_fail_the_task(run, looker, segment):
     uid = FixtureField("users.id", "Users ID", "ID", tags=("user_id",))
     email = FixtureField("users.email", "Users Email", "Email", tags=("email",))
@@ -381,16 +407,18 @@ def test_mass_exit_stops_the_run_before_any_exit(changed, looker, segment, capfd
     _cohort(looker, [("u0", "free"), ("u1", "free"), ("u2", "pro")])  # 7 of 10 gone
     dag_run, ti, _summary = changed(membership_trait="in_cohort")
     assert dag_run.state == "failed" and ti.state == "failed"
-    # u2's change was sent and saved; the exit guard fails the task at once (no retry).
+    # The guard is decided before the first call: u2's change is not sent either; it fails the task at once.
     assert ti.try_number == 1
-    assert [(e["userId"], e["traits"]["in_cohort"]) for e in segment.events()] == [("u2", True)]
+    assert segment.events() == [] and segment.stats()["requests"] == 0
     text = "".join(capfd.readouterr())
     assert "ExitGuardError" in text and "7 of the 10 identities" in text and "max_exit_ratio=0.5" in text
-    assert "Look 600: 3 rows read, 1 sent" in text  # the summary is logged before the task fails
+    assert text.count("Look 600: 3 rows read, 0 sent") == 1  # the one try logs its summary, then fails
     segment.reset()
     _dag_run, _ti, summary = changed(membership_trait="in_cohort", max_exit_ratio=1.0)
-    assert summary["exited"] == 7 and summary["sent"] == 7
-    assert all(e["traits"] == {"in_cohort": False} for e in segment.events())
+    assert summary["exited"] == 7 and summary["sent"] == 8 and summary["changed"] == 1
+    assert sorted(e["userId"] for e in segment.events() if e["traits"] == {"in_cohort": False}) == [
+        f"u{n}" for n in range(3, 10)
+    ]
 
 
 def test_truncated_look_never_produces_exits(changed, looker, segment):

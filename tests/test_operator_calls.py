@@ -38,6 +38,50 @@ def test_group_calls_from_an_account_level_look(run, segment):
     assert summary["events_by_type"] == {"group": 3}
 
 
+def test_group_calls_without_a_user_are_counted_and_their_cost_is_logged(run, segment, capfd):
+    dag_run, _ti, summary = run(look_id=ACCOUNTS_LOOK_ID, call="group")
+    assert dag_run.state == "success"
+    assert summary["groups_without_user"] == 3  # each derived anonymousId is a monthly tracked user
+    text = "".join(capfd.readouterr())
+    assert (
+        "Look 15: 3 group calls carried no user identifier but the anonymousId derived from the group id: "
+        "Segment counts each anonymousId not tied to a userId as a monthly tracked user." in text
+    )
+    dag_run, _ti, summary = run(look_id=ACCOUNT_USERS_LOOK_ID, call="group", exclude_fields=["users.email"])
+    assert summary["groups_without_user"] == 0  # every account has a user (or an email-derived id)
+
+
+def test_group_calls_without_a_user_can_be_skipped_as_invalid(run, segment):
+    dag_run, _ti, summary = run(look_id=ACCOUNTS_LOOK_ID, call="group", group_without_user="skip")
+    assert dag_run.state == "success" and segment.stats()["requests"] == 0
+    assert (summary["sent"], summary["groups_without_user"]) == (0, 0)
+    assert summary["invalid_reasons"] == {"no_user_for_group": 3, "no_group_id": 1}
+    assert summary["identifiers"]["anonymousId"] is None  # no id derived from the group id
+    dag_run, _ti, summary = run(look_id=ACCOUNT_USERS_LOOK_ID, call="group", group_without_user="skip")
+    assert summary["sent"] == 3 and summary["invalid"] == 0  # users (one by the email-derived id) stay
+
+
+def test_group_without_user_is_checked_before_looker_is_read(run, looker, segment, capfd):
+    runs_before = looker.counters.get("runs", 0)
+    dag_run, _ti, _summary = run(group_without_user="skip")  # identify calls
+    assert dag_run.state == "failed" and looker.counters.get("runs", 0) == runs_before
+    dag_run, _ti, _summary = run(call="group", group_without_user="drop")
+    assert dag_run.state == "failed" and looker.counters.get("runs", 0) == runs_before
+    text = "".join(capfd.readouterr())
+    assert "group_without_user ('skip') applies to group calls: set call='group'" in text
+    assert "group_without_user must be one of anonymous_id, skip" in text
+
+
+def test_account_name_and_plan_are_the_group_traits_name_and_plan(run, segment, capfd):
+    dag_run, _ti, _summary = run(look_id=ACCOUNTS_LOOK_ID, call="group")
+    assert dag_run.state == "success"
+    assert segment.events()[0]["traits"] == {"name": "Toastmates Inc.", "plan": "enterprise", "seats": 120}
+    text = "".join(capfd.readouterr())
+    assert "reserved trait" not in text  # accounts.name and accounts.plan are their natural sources
+    dag_run, _ti, _summary = run(look_id=ACCOUNT_USERS_LOOK_ID)  # identify: an account's name is no user's
+    assert "'name' comes from accounts.name" in "".join(capfd.readouterr())
+
+
 def test_group_calls_keep_the_users_of_a_user_level_look(run, segment):
     dag_run, _ti, _summary = run(look_id=ACCOUNT_USERS_LOOK_ID, call="group", exclude_fields=["users.email"])
     assert dag_run.state == "success"
@@ -53,7 +97,7 @@ def test_group_calls_keep_the_users_of_a_user_level_look(run, segment):
 def test_group_dry_run_logs_group_payloads(run, segment, capfd):
     dag_run, _ti, summary = run(look_id=ACCOUNTS_LOOK_ID, call="group", dry_run=True)
     assert dag_run.state == "success" and segment.stats()["requests"] == 0
-    assert summary["would_send"] == 3
+    assert summary["would_send"] == 3 and summary["groups_without_user"] == 3  # would carry derived ids
     text = "".join(capfd.readouterr())
     assert 'Dry run: example payload 1: {"type":"group","groupId":"acct-toastmates"' in text
     assert "each row becomes one of Segment's group calls" in text

@@ -12,7 +12,12 @@ from typing import Any
 import pytest
 from standins.connections import standin_connections
 from standins.demo import read_return_value
-from standins.looker_fixtures import NEW_SIGNUPS_LOOK_ID, SQL_ERROR_LOOK_ID, TOASTMATES_LOOK_ID
+from standins.looker_fixtures import (
+    ACCOUNT_USERS_LOOK_ID,
+    NEW_SIGNUPS_LOOK_ID,
+    SQL_ERROR_LOOK_ID,
+    TOASTMATES_LOOK_ID,
+)
 from test_operator import DAG_FILE, looker, run, segment  # noqa: F401  (fixtures)
 
 
@@ -79,6 +84,43 @@ def test_an_empty_filter_expression_is_refused(run, looker, segment, capfd):
     assert "filters['users.created_date']" in "".join(capfd.readouterr())
 
 
+@pytest.mark.parametrize(
+    ("expression", "users"),
+    [
+        ("NULL", [None]),  # Looker's "is null": the account owner without a user id (an email-derived id)
+        ("-NULL", ["00MWWFOLRcETcTCf", "01HQZ3V8K2M5N7PB"]),
+        ("null", [None]),  # typed by a user: Looker's to judge (it reads any case of NULL as "is null")
+        ("None", []),  # the text None: no user has that id
+    ],
+)
+def test_lookers_filter_expressions_go_to_looker_as_given(run, looker, segment, expression, users):
+    dag_run, _ti, summary = run(look_id=ACCOUNT_USERS_LOOK_ID, filters={"users.id": expression})
+    assert dag_run.state == "success"
+    assert looker.queries.received[-1]["filters"]["users.id"] == expression
+    assert [event.get("userId") for event in segment.events()] == users
+    assert summary["filters"] == {"users.id": expression}
+
+
+def test_filter_names_differing_only_by_blanks_are_refused_naming_both(run, looker, segment, capfd):
+    created_before = len(looker.queries.received)
+    dag_run, _ti, _summary = run(filters={"users.plan": "pro", "users.plan ": "free"})
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert len(looker.queries.received) == created_before
+    text = "".join(capfd.readouterr())
+    refusal = "filters name the field users.plan twice: 'users.plan' and 'users.plan ' differ only by blanks"
+    assert refusal in text
+
+
+def test_an_event_name_too_long_for_any_call_is_refused_before_looker_is_read(run, looker, segment, capfd):
+    runs_before = looker.counters.get("runs", 0)
+    dag_run, _ti, _summary = run(call="track", event="Joined " + "x" * 40_000)
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert looker.counters.get("runs", 0) == runs_before
+    text = "".join(capfd.readouterr())
+    assert "event is 40,007 characters (40,009 bytes encoded): a track call carrying it cannot fit" in text
+    assert "x" * 200 not in text
+
+
 def test_without_filters_the_saved_look_runs(run, looker, segment):
     created_before = len(looker.queries.received)
     _dag_run, _ti, summary = run()
@@ -96,6 +138,15 @@ def test_deferrable_run_waits_for_the_query_task_then_syncs(deferred, looker, se
     polls = _task_paths(looker, "GET", "/api/4.0/query_tasks/")
     assert any(path.endswith("/results") for path in polls)
     assert len([p for p in polls if not p.endswith("/results")]) >= 2  # added -> running -> complete
+
+
+def test_results_not_ready_right_after_complete_are_asked_for_again(deferred, looker, segment):
+    looker.delay_results_after_complete(2)  # 202 twice after the task reported complete
+    dag_run, ti, summary = deferred()
+    assert dag_run.state == "success", ti.state
+    assert summary["sent"] == 10
+    results = [r.status for r in looker.requests if r.path.endswith("/results")]
+    assert results[-3:] == [202, 202, 200]
 
 
 def test_deferrable_run_with_filters(deferred, looker, segment):
@@ -136,6 +187,28 @@ def test_a_query_that_outlives_the_timeout_is_killed(airflow_db, monkeypatch, lo
     text = "".join(capfd.readouterr())
     assert "did not complete within 0.5 seconds" in text and "Asked Looker to kill query task" in text
     assert looker.client_secret not in text
+
+
+def test_a_status_poll_told_to_wait_past_the_timeout_fails_at_the_timeout(
+    airflow_db, monkeypatch, looker, segment, capfd
+):
+    """query_timeout 0.5 s, polls answered 429 Retry-After 10: no 10 s wait, the timeout, the query killed."""
+    for name, value in standin_connections(looker.base_url, segment.base_url).items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("lsg_operator_test", DAG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    looker.end_next_query_tasks("never", count=3)
+    looker.fail_next_task_polls(3, status=429, retry_after=10)  # the first poll of each try
+    kills_before = len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/"))
+    dag_run = module.timeout_dag.test(run_conf={"look_id": TOASTMATES_LOOK_ID})
+    assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert dag_run.get_task_instance("sync").try_number == 3  # a timeout is retried (a new query task)
+    assert len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/")) - kills_before == 3  # each try
+    text = "".join(capfd.readouterr())
+    assert "a retry in 10 s would come after the timeout" in text
+    assert "did not complete within 0.5 seconds (timeout; Looker did not answer in time)" in text
+    assert "gave up after" not in text and "Asked Looker to kill query task" in text
 
 
 # ---------------------------------------------------------------------------------------------- the link

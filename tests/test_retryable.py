@@ -24,6 +24,8 @@ TABLE = {
     errors.SyncStateError: True,
     errors.SyncStateLockedError: True,
     errors.SyncStateConflictError: True,
+    errors.SyncStateSaveError: True,
+    errors.SyncStateLockLostError: True,
     errors.LookerRequestError: False,
     errors.LookNotFoundError: False,
     errors.LookDeletedError: False,
@@ -76,6 +78,15 @@ def test_rejected_credentials_fail_at_once(looker, make_hook):
     error = _raised(lambda: make_hook(looker.base_url, password=WRONG_SECRET).get_look(TOASTMATES_LOOK_ID))
     assert isinstance(error, LookerRequestError) and not is_retryable(error)
     assert "rejected the API credentials" in str(error)
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(405, False), (429, True), (503, True)])
+def test_a_login_refused_for_another_reason_than_the_credentials(make_hook, looker, status, retryable):
+    # Busy or upgrading (429, 5xx beyond the hook's retries): retried; another 4xx: no retry changes it.
+    looker.fail_next_requests(10, path="/api/4.0/login", status=status, retry_after=0)
+    error = _raised(lambda: make_hook(looker.base_url, retries=0).get_look(TOASTMATES_LOOK_ID))
+    assert error.status == status and is_retryable(error) is retryable
+    assert "Logging in to Looker" in str(error) and "Check the client ID" not in str(error)
 
 
 def test_a_deleted_or_missing_look_fails_at_once(hook):

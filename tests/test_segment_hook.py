@@ -26,7 +26,7 @@ from segment_helpers import (
     sender_threads,
     wait_until,
 )
-from standins.segment_standin import SegmentStandIn
+from standins.segment_standin import SegmentStandIn, segment_timestamp
 
 from airflow_provider_looker_segment.batching import (
     DEFAULT_MAX_BATCH_BYTES,
@@ -47,6 +47,7 @@ from airflow_provider_looker_segment.flow_control import (
     INITIAL_WINDOW,
     SEGMENT_REQUESTS_PER_SECOND,
     FlowWindow,
+    PaceMeter,
     Throttle,
     TokenBucket,
 )
@@ -166,7 +167,17 @@ def test_a_missing_message_id_is_assigned_and_sent(segment, conn_id):
 # -- Segment refusing ----------------------------------------------------------------------------------
 
 
+def test_an_unknown_write_key_is_answered_200_and_its_events_dropped_by_segment(segment, monkeypatch):
+    """As Segment: HTTP 200 to every request, nothing received: only the source's debugger shows it."""
+    conn_id = connect(monkeypatch, segment, write_key="not-the-key")
+    report = hook(conn_id, max_batch_events=100).send(identifies(300))
+    assert (report.delivered, report.rejected, report.failed) == (300, 0, 0)  # what Segment answered
+    stats = segment.stats()
+    assert (stats["events"], stats["dropped_events"], stats["by_status"]) == (0, 300, {"200": 3})
+
+
 def test_a_wrong_write_key_gives_401_reported_and_not_retried(segment, monkeypatch):
+    segment.unknown_write_key = "401"  # e.g. a gateway in front of Segment; Segment itself answers 200
     conn_id = connect(monkeypatch, segment, write_key="not-the-key")
     messages = list(identifies(2000))
     report = hook(conn_id, max_batch_events=100, max_in_flight=2).send(messages)
@@ -230,6 +241,28 @@ def test_retry_after_in_seconds_or_as_an_http_date_is_obeyed(segment, conn_id, s
     report = hook(conn_id, max_batch_events=100, max_in_flight=2).send(messages)
     assert report.delivered == 300 and report.retries == 1
     assert assert_retry_after_obeyed(segment, 1.0) == 1
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+def test_sent_at_is_stamped_on_each_attempt_so_segment_keeps_the_events_timestamps(segment, conn_id):
+    """
+    Segment sets timestamp = receivedAt - (sentAt - timestamp): a retry waiting 10 s (Retry-After) must
+    carry a sentAt of its own, or every event of the batch would be dated 10 s later.
+    """
+    clock, epoch = FakeClock(), 1_700_000_000.0
+    segment.clock = lambda: epoch + clock()  # Segment's receivedAt and the client's wall clock agree
+    segment.set_faults(script=["429"], retry_after=10)
+    messages = [{**identify(number), "timestamp": "2023-11-14T21:00:00.000Z"} for number in range(50)]
+    fake = {"clock": clock, "sleep": clock.sleep, "wall_clock": lambda: epoch + clock()}
+    sender = hook(conn_id, max_in_flight=1, **fake)
+    report = sender.send(messages)
+    assert report.delivered == 50 and report.retries == 1
+    refused, accepted = segment.records()
+    assert (refused.action, accepted.action) == ("429", "200")
+    assert accepted.arrived - refused.arrived == pytest.approx(10.0, abs=0.01)
+    assert accepted.digest == refused.digest and accepted.sent_at != refused.sent_at  # same events
+    stamped = segment_timestamp("2023-11-14T21:00:00.000Z", accepted.sent_at, accepted.arrived)
+    assert stamped.isoformat() == "2023-11-14T21:00:00+00:00"
     assert_received_equals_delivered(segment, report, ids(messages))
 
 
@@ -399,16 +432,84 @@ def test_events_per_second_paces_each_batch_by_its_events(segment, conn_id):
     assert_received_equals_delivered(segment, report, ids(messages))
 
 
-def test_a_batch_over_one_seconds_worth_of_events_still_goes(segment, conn_id):
-    """1,000 events/s: a batch of 2,500 goes once the bucket is full (1 s); the next one pays the debt."""
+def busiest_second(segment: SegmentStandIn) -> int:
+    """The most events Segment received within one second ([t, t + 1) windows, by the stand-in's clock)."""
+    arrivals = sorted((r.arrived, r.events) for r in segment.records() if r.accepted)
+    end = 1.0 - 1e-9  # the injected clock adds up sleeps of 0.1 s: 0.1 + 1.0 may come out as 1.0999...
+    return max(
+        sum(events for moment, events in arrivals if start <= moment < start + end) for start, _ in arrivals
+    )
+
+
+def test_events_per_second_is_a_ceiling_even_for_a_small_look(segment, conn_id):
+    """1 event/s and 30 rows: 30 requests of one event, a second apart (it was one request of 30)."""
     clock = FakeClock()
-    messages = [{"type": "identify", "userId": f"u{i}", "messageId": f"m{i}"} for i in range(2600)]
-    pacing = {"max_in_flight": 1, "events_per_second": 1000, "clock": clock, "sleep": clock.sleep}
-    sender = hook(conn_id, max_batch_events=2500, **pacing)
+    segment.clock = clock  # Segment's receivedAt, by the same injected clock
+    messages = list(identifies(30))
+    sender = hook(conn_id, max_in_flight=1, events_per_second=1, clock=clock, sleep=clock.sleep)
     report = sender.send(messages)
-    assert [r.events for r in segment.records()] == [2500, 100]
-    assert clock.sleeps == pytest.approx([1.0, 1.6])
-    assert report.delivered / clock() == pytest.approx(1000)
+    assert report.delivered == 30
+    assert [(r.events, r.arrived) for r in segment.records()] == [(1, pytest.approx(n)) for n in range(1, 31)]
+    assert busiest_second(segment) == 1  # exactly the rate: nothing is late with an injected clock
+    assert_received_equals_delivered(segment, report, ids(messages))
+
+
+@pytest.mark.parametrize(("rate", "batch"), [(100, 10), (1000, 100), (2, 1)])
+def test_no_second_carries_more_than_the_rate_plus_one_batch_after_a_pause(segment, conn_id, rate, batch):
+    """
+    Batches of a tenth of the rate from a bucket of one batch: Looker pausing for 5 s (the bucket fills)
+    does not let a burst through; at most the rate plus one batch in any second (the batch in flight
+    when the pause began goes late, with the next one right behind it: the documented burst).
+    """
+    clock = FakeClock()
+    segment.clock = clock
+
+    def rows_with_a_pause():
+        for number, message in enumerate(identifies(rate * 6)):
+            if number == rate * 3:
+                clock.sleep(5.0)  # the Look's rows stop coming for 5 s
+            yield message
+
+    report = hook(conn_id, max_in_flight=1, events_per_second=rate, clock=clock, sleep=clock.sleep).send(
+        rows_with_a_pause()
+    )
+    assert report.delivered == rate * 6
+    assert {r.events for r in segment.records()} == {batch}
+    assert busiest_second(segment) <= rate + batch
+
+
+def test_the_pace_reached_is_logged_with_a_hint_above_segments_limit(segment, conn_id, capsys):
+    clock = FakeClock()
+    unpaced = hook(conn_id, max_batch_events=100, max_in_flight=1, clock=clock, sleep=clock.sleep)
+    assert unpaced.send(identifies(3000)).delivered == 3000  # 30 requests, 1 ms apart (1,000 requests/s)
+    out = capsys.readouterr().out
+    line = re.search(r"Segment delivery pace: ([^\n]*)", out).group(1)
+    assert line.startswith("3,000 events accepted in 0.0 s: 3,000 events/s sustained, at most 3,000 in one")
+    assert "above Segment's 1,000 events per second per workspace, so Segment may queue the excess" in line
+    assert "set events_per_second" in line
+    paced = hook(conn_id, max_in_flight=1, events_per_second=1000, clock=clock, sleep=clock.sleep).send(
+        identifies(3000)
+    )
+    assert paced.delivered == 3000
+    line = re.search(r"Segment delivery pace: ([^\n]*)", capsys.readouterr().out).group(1)
+    assert line.startswith("3,000 events accepted in 3.0 s: 1,000 events/s sustained, at most 1,000 in one")
+    assert "(events_per_second 1,000)." in line and "above" not in line
+
+
+def test_the_pace_meter_counts_the_busiest_second_whatever_the_answer_order():
+    meter = PaceMeter()
+    assert (meter.sustained(), meter.seconds, meter.peak) == (0.0, 0.0, 0)
+    for started, events in [(0.0, 10), (0.5, 10), (0.2, 30), (1.1, 5), (1.15, 40), (3.0, 1)]:
+        meter.record(started, started + 0.1, events)
+    assert meter.peak == 85  # (0.15, 1.15]: 0.2, 0.5, 1.1 and 1.15, though 0.2 was recorded after 0.5
+    assert (meter.events, meter.requests, meter.seconds) == (96, 6, pytest.approx(3.1))
+    assert meter.sustained() == pytest.approx(96 / 3.1)
+    assert "at most 85 in one second" in meter.describe(None) and "above" not in meter.describe(None)
+    meter.record(3.5, 3.6, 1000)
+    assert meter.peak == 1001 and meter.over_limit(None) and not meter.over_limit(1000)
+    assert "above Segment's 1,000 events per second per workspace" in meter.describe(None)
+    meter.begin(-1.0)  # later calls do not move the start
+    assert meter.first == 0.0
 
 
 def test_events_and_requests_per_second_together_the_slower_wins(segment, conn_id):
@@ -757,6 +858,9 @@ def test_test_connection_says_what_it_checked(segment, conn_id, monkeypatch):
     assert record.events == 0 and record.auth == "basic"
     wrong = connect(monkeypatch, segment, "segment_wrong", write_key="not-the-key")
     ok, message = SegmentHook(wrong).test_connection()
+    assert ok and "Segment accepts unknown write keys with HTTP 200" in message  # as Segment: 200
+    segment.unknown_write_key = "401"
+    ok, message = SegmentHook(wrong).test_connection()
     assert not ok and "HTTP 401" in message
     closed = {"conn_type": "segment_tracking", "host": "http://127.0.0.1:9", "password": "k" * 20}
     monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_CLOSED", json.dumps(closed))
@@ -980,3 +1084,25 @@ def test_retry_after_header_parsing():
     assert asked_wait({"Retry-After": "soon", "X-RateLimit-Reset": "9"}, now) == 9  # unreadable: the other
     assert asked_wait({"Retry-After": "garbage"}, now) is None
     assert asked_wait({}, now) is None
+
+
+def test_a_progress_snapshot_leaves_the_undelivered_listener_behind():
+    """The listener of a changed-only run holds its SQLite state: progress snapshots must not copy it."""
+    import copy
+    import sqlite3
+
+    from airflow_provider_looker_segment.delivery_report import FAILED, DeliveryReport
+
+    connection = sqlite3.connect(":memory:")
+    seen: list[str] = []
+
+    class Run:
+        db = connection
+
+        def record(self, message_ids):
+            seen.extend(message_ids)
+
+    report = DeliveryReport(listener=Run().record)
+    report.add(FAILED, ["m1"], "timeout")
+    snapshot = copy.deepcopy(report)
+    assert snapshot.listener is None and snapshot.failed_ids == ["m1"] and seen == ["m1"]

@@ -26,6 +26,7 @@ from standins.segment_standin import (
     SegmentStandIn,
     SegmentStandInClient,
     SegmentStandInProcess,
+    segment_timestamp,
 )
 
 AUTH = (DEFAULT_WRITE_KEY, "")
@@ -94,23 +95,50 @@ def test_accepts_a_batch_and_records_what_arrived(segment: SegmentStandIn):
 
 
 @pytest.mark.parametrize(
-    ("auth", "body_key", "status", "recorded"),
+    ("auth", "body_key", "status", "recorded", "received"),
     [
-        (AUTH, None, 200, "basic"),
-        (None, DEFAULT_WRITE_KEY, 200, "body"),
-        (("wrong-key", ""), None, 401, "wrong"),
-        (None, "wrong-key", 401, "wrong"),
-        (None, None, 401, "none"),
+        (AUTH, None, 200, "basic", 1),
+        (None, DEFAULT_WRITE_KEY, 200, "body", 1),
+        (("wrong-key", ""), None, 200, "unknown", 0),  # Segment: 200, and the events are dropped
+        (None, "wrong-key", 200, "unknown", 0),
+        (None, None, 401, "none", 0),
     ],
 )
-def test_write_key_by_basic_auth_or_in_the_body(segment, auth, body_key, status, recorded):
+def test_write_key_by_basic_auth_or_in_the_body(segment, auth, body_key, status, recorded, received):
     extra = {"writeKey": body_key} if body_key else {}
     response = post(segment, batch_body([event("a")], **extra), auth=auth)
     assert response.status_code == status
     (record,) = segment.records()
-    assert record.auth == recorded
-    assert segment.stats()["events"] == (1 if status == 200 else 0)
+    assert record.auth == recorded and record.accepted == bool(received)
+    stats = segment.stats()
+    assert (stats["events"], stats["dropped_events"]) == (received, 1 if recorded == "unknown" else 0)
+    assert segment.message_ids() == ["a"] * received
     assert "wrong-key" not in response.text
+
+
+@pytest.mark.parametrize(("auth", "body_key"), [(("wrong-key", ""), None), (None, "wrong-key")])
+def test_an_unknown_write_key_can_get_401_instead(auth, body_key):
+    extra = {"writeKey": body_key} if body_key else {}
+    with SegmentStandIn(unknown_write_key="401") as strict:
+        response = post(strict, batch_body([event("a")], **extra), auth=auth)
+        assert response.status_code == 401 and "wrong-key" not in response.text
+        (record,) = strict.records()
+        assert record.auth == "wrong" and strict.stats()["dropped_events"] == 0
+    with pytest.raises(ValueError, match="unknown_write_key"):
+        SegmentStandIn(unknown_write_key="403")
+
+
+def test_sent_at_is_recorded_and_segment_corrects_timestamps_with_it(segment: SegmentStandIn):
+    """Segment's timestamp = receivedAt - (sentAt - timestamp): a sentAt older than the request shifts it."""
+    segment.clock = lambda: 1_700_000_100.0  # 2023-11-14T22:15:00Z: receivedAt
+    late = batch_body([event("a")]).replace(SENT_AT.encode(), b"2023-11-14T22:14:30.000Z")
+    assert post(segment, late).status_code == 200
+    (record,) = segment.records()
+    assert (record.arrived, record.sent_at) == (1_700_000_100.0, "2023-11-14T22:14:30.000Z")
+    shifted = segment_timestamp("2023-11-14T22:00:00.000Z", record.sent_at, record.arrived)
+    assert shifted.isoformat() == "2023-11-14T22:00:30+00:00"  # 30 s later than the event happened
+    same = segment_timestamp("2023-11-14T22:00:00.000Z", "2023-11-14T22:15:00.000Z", record.arrived)
+    assert same.isoformat() == "2023-11-14T22:00:00+00:00"
 
 
 def test_gzip_bodies(segment: SegmentStandIn):
@@ -188,15 +216,14 @@ def test_429_with_retry_after_or_rate_limit_reset(segment: SegmentStandIn, style
     assert response.status_code == 429
     (record,) = segment.records()
     assert record.action == "429" and not record.accepted and record.first_message_id == "a"
-    if style == "seconds":
-        assert response.headers["Retry-After"] == "3"
+    if style == "seconds":  # as Segment documents them: both headers, "the number of seconds" to wait
+        assert (response.headers["Retry-After"], response.headers["X-RateLimit-Reset"]) == ("3", "2.5")
     elif style == "http-date":
         moment = email.utils.parsedate_to_datetime(response.headers["Retry-After"]).timestamp()
         assert record.answered + 2.5 <= moment < record.answered + 3.5
     else:
         assert "Retry-After" not in response.headers
-        reset = int(response.headers["X-RateLimit-Reset"]) / 1000
-        assert record.answered + 2.5 <= reset <= record.answered + 2.502
+        assert response.headers["X-RateLimit-Reset"] == "2.5"  # seconds, not an epoch time
     assert segment.stats()["events"] == 0
 
 
@@ -390,6 +417,7 @@ def test_runs_by_hand_and_is_read_from_another_process(tmp_path):
         [
             *(sys.executable, "-m", "standins.segment_standin", "--port", "0"),
             *("--record", "ids", "--write-key", "cli-key", "--faults", '{"every_500": 2}'),
+            *("--unknown-write-key", "401"),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -403,9 +431,11 @@ def test_runs_by_hand_and_is_read_from_another_process(tmp_path):
             requests.post(
                 f"{url}/v1/batch", data=batch_body([event(m)]), auth=("cli-key", ""), timeout=5
             ).status_code
-            for m in ("a", "b", "c")
+            for m in ("a", "b", "c", "d")
         ]
-        assert statuses == [200, 500, 200]
+        assert statuses == [200, 500, 200, 500]
+        unknown = requests.post(f"{url}/v1/batch", data=batch_body([event("e")]), auth=("x", ""), timeout=5)
+        assert unknown.status_code == 401  # --unknown-write-key 401 (Segment's own answer is 200)
         client = SegmentStandInClient(url)
         assert client.message_ids() == ["a", "c"]
         assert client.stats()["record"] == "ids"

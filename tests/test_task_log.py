@@ -21,6 +21,7 @@ ROWS = ({"users.id": "u1", "accounts.name": "Toastmates Inc."}, {"users.id": "u2
 #: Progress lines (their number depends on how long a phase lasts).
 PROGRESS = re.compile(
     r"rows read, sending to Segment|events delivered, \d|waiting for Looker's answer|dry run, nothing sent"
+    r"|to compare with the sync state"
 )
 
 
@@ -35,15 +36,17 @@ def provider_lines(text: str) -> list[tuple[str, str]]:
 
 
 def test_a_clean_run_logs_one_info_line_per_phase(run, looker, segment, capfd, caplog):
-    look_id = str(GENERATED_LOOK_BASE + 2_000)
+    # 1,000 rows: within Segment's 1,000 events per second per workspace even unpaced (more in one second
+    # is worth a warning: Segment would queue the excess).
+    look_id = str(GENERATED_LOOK_BASE + 1_000)
     dag_run, _ti, summary = run(look_id=look_id)
-    assert dag_run.state == "success" and summary["sent"] == 2_000
+    assert dag_run.state == "success" and summary["sent"] == 1_000
     lines = provider_lines("".join(capfd.readouterr()))
     assert [level for level, _message in lines if level != "info"] == []  # nothing to act on: no warning
     phases = [message for _level, message in lines if not PROGRESS.search(message)]
     url = f"{looker.base_url}/looks/{look_id}"
-    assert len(phases) == 4, phases
-    running, plan, sending, done = phases
+    assert len(phases) == 5, phases
+    running, plan, sending, pace, done = phases
     assert running.startswith(f"Running Look {look_id} (") and running.endswith(f"in Looker: {url}")
     assert plan.startswith(f"Look {look_id}: each row becomes one of Segment's identify calls; ")
     assert "userId from field users.id (tag user_id)" in plan and "'users.plan': 'plan'" in plan
@@ -52,8 +55,13 @@ def test_a_clean_run_logs_one_info_line_per_phase(run, looker, segment, capfd, c
         "email, name, plan, sessions count"
     )
     assert sending.startswith(f"Sending to {segment.base_url}/v1/batch: up to 32 requests in flight")
-    assert done.startswith(f"Look {look_id}: 2,000 rows read, 2,000 sent, 0 invalid, 0 rejected, 0 failed, ")
-    assert done.endswith("; events handed to Segment per call type: identify 2,000")
+    assert re.fullmatch(
+        r"Segment delivery pace: 1,000 events accepted in [\d.]+ s: [\d,]+ events/s sustained, at most "
+        r"[\d,]+ in one second\.",
+        pace,
+    ), pace
+    assert done.startswith(f"Look {look_id}: 1,000 rows read, 1,000 sent, 0 invalid, 0 rejected, 0 failed, ")
+    assert done.endswith("; events handed to Segment per call type: identify 1,000")
     assert sum(message.count(url) for _level, message in lines) == 1  # the web URL, once
     # looker_sdk's own line per request (POST(.../login), GET(...), DELETE(.../logout)) is not logged.
     sdk = [
@@ -110,6 +118,25 @@ def test_progress_is_logged_while_the_look_is_read(run, looker, segment, capfd, 
     assert read, lines
     counts = [int(re.search(r"([\d,]+) rows read", line)[1].replace(",", "")) for line in read]
     assert all(0 < count <= rows for count in counts) and counts == sorted(counts)
+
+
+def test_a_changed_only_sync_reports_progress_while_it_reads_before_sending(
+    run, looker, segment, capfd, tmp_path
+):
+    # A changed-only sync reads the whole Look into its spool before it sends anything: the lines say so.
+    rows = 120_000
+    look_id = str(GENERATED_LOOK_BASE + rows)
+    looker.pause_after(look_id, 100_000, 3.0)  # six progress intervals while the spool is filled
+    dag_run, _ti, summary = run(look_id=look_id, sync_mode="changed", state_path=str(tmp_path))
+    assert dag_run.state == "success" and summary["rows"] == rows and summary["new"] == rows
+    lines = _progress("".join(capfd.readouterr()))
+    reading = rf"Look {look_id}: ([\d,]+) rows read \([\d,]+ rows/s\), to compare with the sync state"
+    read = [re.fullmatch(reading, line) for line in lines]
+    counts = [int(match[1].replace(",", "")) for match in read if match]
+    assert counts and all(0 < count <= rows for count in counts) and counts == sorted(counts), lines
+    # Nothing was sent while those lines were written: each comes before any line with delivery counts.
+    first_delivery = next((i for i, line in enumerate(lines) if "events delivered" in line), len(lines))
+    assert all(i < first_delivery for i, match in enumerate(read) if match)
 
 
 def test_the_wait_for_lookers_answer_is_reported(run, looker, capfd):

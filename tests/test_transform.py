@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from datetime import date, datetime, time, timedelta, timezone
@@ -616,6 +617,35 @@ def test_to_trait_value(value, expected):
 def test_dates_by_field_type(looker_type, value, expected):
     meta = look(fld("users.id", "ID", "user_id"), fld("users.seen", "Seen", type=looker_type))
     assert one(meta, {"users.id": 1, "users.seen": value})["traits"] == {"seen": expected}
+
+
+@pytest.mark.parametrize(
+    ("zone", "looker_type", "value", "expected"),
+    [
+        ("America/New_York", "date_time", "2024-03-01 08:15:30", "2024-03-01T13:15:30Z"),
+        ("America/New_York", "date_time", "2024-07-01 08:15:30", "2024-07-01T12:15:30Z"),  # summer time
+        ("Asia/Kolkata", "date_raw", "2024-01-05 10:00:00.123456", "2024-01-05T04:30:00.123456Z"),
+        ("UTC", "date_hour", "2024-01-05 10", "2024-01-05T10:00:00Z"),
+        ("Europe/Paris", "date_minute", "2024-01-01 00:30", "2023-12-31T23:30:00Z"),
+        ("America/New_York", "date_time", "2024-03-10 02:30:00", "2024-03-10T07:30:00Z"),  # skipped: before
+        ("America/New_York", "date_time", "2024-11-03 01:30:00", "2024-11-03T05:30:00Z"),  # repeated: first
+        ("America/New_York", "date_date", "2024-01-05", "2024-01-05"),  # a date has no instant
+        ("America/New_York", "date_time", "2024-02-30 10:00:00", "2024-02-30 10:00:00"),  # not a date
+        ("America/New_York", "date_time", None, None),
+        ("America/New_York", "string", "2024-01-05 10:00:00", "2024-01-05 10:00:00"),
+        ("Mars/Olympus_Mons", "date_time", "2024-01-05 10:00:00", "2024-01-05T10:00:00"),  # unknown zone
+    ],
+)
+def test_date_times_in_the_zone_of_the_query(zone, looker_type, value, expected):
+    meta = dataclasses.replace(
+        look(fld("users.id", "ID", "user_id"), fld("users.seen", "Seen", type=looker_type)), timezone=zone
+    )
+    assert one(meta, {"users.id": 1, "users.seen": value})["traits"] == {"seen": expected}
+    warned = any("without a UTC offset" in w for w in plan_transform(meta).warnings)
+    assert warned == (zone == "Mars/Olympus_Mons" and looker_type == "date_time")
+    if warned:
+        unknown = "in the time zone 'Mars/Olympus_Mons', which this worker's time zone database does not know"
+        assert unknown in " ".join(plan_transform(meta).warnings)
 
 
 def test_integers_beyond_64_bits_become_strings():

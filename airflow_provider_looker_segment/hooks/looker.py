@@ -47,6 +47,7 @@ from airflow_provider_looker_segment.exceptions import (
     LookNotFoundError,
 )
 from airflow_provider_looker_segment.hooks.looker_connection import (
+    CREDENTIAL_STATUSES,
     DEFAULT_TIMEOUT,
     RETRY_STATUSES,
     ConnectionApiSettings,
@@ -67,7 +68,7 @@ from airflow_provider_looker_segment.hooks.looker_tasks import (
     LookerQueryTasks,
     normalise_id,
 )
-from airflow_provider_looker_segment.links import look_web_url
+from airflow_provider_looker_segment.links import look_web_url, shown_look_url
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
 from airflow_provider_looker_segment.models import shown_count as _count
@@ -143,6 +144,7 @@ def _look_info(look_id: str, look: models40.LookWithQuery) -> LookInfo:
         pivots=tuple(query.pivots or ()) if query else (),
         hidden_fields=tuple(vis.get("hidden_fields") or ()),
         deleted=bool(look.deleted),
+        query_timezone=(query.query_timezone if query else None) or None,
     )
 
 
@@ -284,7 +286,8 @@ class LookerHook(LookerQueryTasks, BaseHook):
         filters: Mapping[str, str] | None = None,
     ) -> Iterator[LookStream]:
         """
-        Run a Look and stream its result (``json_detail``, raw values, visualisation not applied).
+        Run a Look and stream its result (``json_detail``, raw values, visualisation not applied, no drill
+        links).
 
         With ``filters``, the Look's query is copied with the given filters replacing or adding to its own
         (``create_query``) and that query runs instead; the Look's metadata rules (tags, labels, hidden
@@ -310,7 +313,13 @@ class LookerHook(LookerQueryTasks, BaseHook):
         given = normalise_filters(filters)
         info, look = self._read_look(look_id)
         effective = info.limit if limit is None else int(limit)
-        params = {"apply_formatting": "false", "apply_vis": "false", "cache": "true" if cache else "false"}
+        # Drill links (Looker's default) are per-cell URLs the sync never reads: leave them out of the body.
+        params = {
+            "apply_formatting": "false",
+            "apply_vis": "false",
+            "cache": "true" if cache else "false",
+            "generate_drill_links": "false",
+        }
         if limit is not None:
             params["limit"] = str(limit)
         run_query: LookRunQuery | None = None
@@ -325,7 +334,7 @@ class LookerHook(LookerQueryTasks, BaseHook):
                 run_query.query_id,
                 _count(effective),
                 cache,
-                self.look_url(look_id, given),
+                self.shown_look_url(look_id, given),
             )
         else:
             path = f"looks/{quote(look_id, safe='')}/run/json_detail"
@@ -335,7 +344,7 @@ class LookerHook(LookerQueryTasks, BaseHook):
                 info.title,
                 _count(effective),
                 cache,
-                self.look_url(look_id),
+                self.shown_look_url(look_id),
             )
         try:
             response = self._open(path, params, f"Running Look {look_id}", look_id=look_id)
@@ -352,6 +361,10 @@ class LookerHook(LookerQueryTasks, BaseHook):
         operator's extra link gives it.
         """
         return look_web_url(self.settings.base_url, look_id, filters)
+
+    def shown_look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str:
+        """:meth:`look_url` as the task log shows it (a URL too long to log is replaced by the Look's own)."""
+        return shown_look_url(self.settings.base_url, look_id, filters)
 
     # --- internals ----------------------------------------------------------------------------------------
 
@@ -488,11 +501,25 @@ class LookerHook(LookerQueryTasks, BaseHook):
         """
         message = self._redact(message)
         lasting = status is not None and 400 <= status < 500 and status not in PASSING_CLIENT_STATUSES
-        if login and lasting:
+        if login and status in CREDENTIAL_STATUSES:
             return LookerRequestError(
                 f"Looker rejected the API credentials of connection '{self.looker_conn_id}' "
                 f"(client ID {self.settings.client_id}) at {self.settings.base_url}: "
                 f"HTTP {status} {message}. Check the client ID and secret.",
+                status=status,
+            )
+        if login and lasting:  # another 4xx (405, 422...): no retry changes it, nor is it the credentials
+            return LookerRequestError(
+                f"Logging in to Looker at {self.settings.base_url} failed (HTTP {status}): "
+                f"{message.rstrip('.')}. Is Host the Looker API URL?",
+                status=status,
+            )
+        if login:  # 429, 5xx...: Looker busy or unavailable (an upgrade), not refusing the credentials
+            retried = f", still after {self.retries} retries" if status in RETRY_STATUSES else ""
+            return LookerApiError(
+                f"Logging in to Looker at {self.settings.base_url} failed (HTTP {status}{retried}): "
+                f"{message.rstrip('.')}. Looker is limiting requests or unavailable (e.g. during an "
+                "upgrade); this is not about the credentials: let the task retry later.",
                 status=status,
             )
         if status == 404 and look_id is not None:

@@ -31,6 +31,15 @@ _log = logging.getLogger("airflow_provider_looker_segment.hooks.looker")
 DEFAULT_TIMEOUT = 120.0
 #: Statuses retried with backoff (before a body starts), as are connection errors.
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+#: What ``POST /login`` answers to credentials it refuses (Looker answers 404 to a wrong client id or secret;
+#: 400 to a malformed login): only these are reported as a credentials problem.
+CREDENTIAL_STATUSES = (400, 401, 403, 404)
+#: The POST paths retried like idempotent calls on 429 and 5xx answers (and connection errors): a login, a
+#: query or a query task Looker refused with such an answer was not made. A POST whose answer broke off is not
+#: retried (it may have been made).
+RETRIED_POSTS = ("/login", "/queries", "/query_tasks")
+#: Whether the request being sent in this thread is one of :data:`RETRIED_POSTS` (read by the retry policy).
+_retried_post = threading.local()
 
 
 # --- connection settings --------------------------------------------------------------------------------
@@ -115,7 +124,16 @@ class ConnectionApiSettings(api_settings.ApiSettings):
 
 
 class _BoundedRetry(Retry):
-    """urllib3 ``Retry`` whose ``Retry-After`` waits are capped by ``backoff_max`` and logged."""
+    """
+    urllib3 ``Retry`` whose ``Retry-After`` waits are capped by ``backoff_max`` and logged, and that retries
+    the answers of :data:`RETRIED_POSTS` as those of idempotent calls (429 and 5xx: Looker did not act).
+    """
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        """Whether an answer is retried: as urllib3 decides, a POST of :data:`RETRIED_POSTS` as a GET."""
+        if method == "POST" and getattr(_retried_post, "active", False):
+            method = "GET"
+        return super().is_retry(method, status_code, has_retry_after)
 
     def get_retry_after(self, response: Any) -> float | None:
         """Return the server's ``Retry-After`` in seconds, at most ``backoff_max`` (unreadable: ``None``)."""
@@ -160,17 +178,25 @@ class LookerSession(requests.Session):
             kwargs["verify"] = self.verify
         last = self.last
         last.url, last.status, last.error = str(url), None, None
+        verb = method.decode() if isinstance(method, bytes) else str(method)
+        path = urlsplit(str(url)).path
+        _retried_post.active = verb.upper() == "POST" and path.endswith(RETRIED_POSTS)
         try:
             response = super().request(method, url, *args, **kwargs)
         except requests.RequestException as exc:
             last.error = exc
             raise
+        finally:
+            _retried_post.active = False
         last.status = response.status_code
         return response
 
 
 def make_session(retries: int, backoff_factor: float, max_backoff: float) -> LookerSession:
-    """Return a session that retries connection errors, 429 and 5xx (idempotent methods) with backoff."""
+    """
+    Return a session that retries connection errors, 429 and 5xx with backoff (``Retry-After`` obeyed, up
+    to ``max_backoff``): idempotent methods, and the logins, queries and query tasks of :data:`RETRIED_POSTS`.
+    """
     retry = _BoundedRetry(
         total=retries,
         connect=retries,

@@ -1,63 +1,24 @@
 """
-Filtered runs of a Look: the filters given for a run checked, put over the Look's own query, and Looker's
-refusal of them explained. No I/O here: :class:`~airflow_provider_looker_segment.hooks.looker.LookerHook`
-creates the query and runs it.
+Filtered runs of a Look: the filters given for a run (checked by :mod:`..look_filters`) put over the Look's
+own query, and Looker's refusal of them explained. No I/O here:
+:class:`~airflow_provider_looker_segment.hooks.looker.LookerHook` creates the query and runs it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
 
 from looker_sdk.sdk.api40 import models as models40
 
-from airflow_provider_looker_segment.exceptions import (
-    InvalidParameterError,
-    LookerApiError,
-    LookerRequestError,
-    LookFilterError,
-)
+from airflow_provider_looker_segment.exceptions import LookerApiError, LookerRequestError, LookFilterError
+from airflow_provider_looker_segment.look_filters import normalise_filters, shorten
 from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
+
+__all__ = ["FILTER_REFUSAL_STATUSES", "filter_error", "filtered_write_query", "normalise_filters"]
 
 #: What Looker's answer says when it refuses a query (HTTP statuses of ``create_query`` and of a run).
 FILTER_REFUSAL_STATUSES = (400, 422)
-
-
-def normalise_filters(filters: Mapping[str, Any] | None) -> dict[str, str]:
-    """
-    Check the filters given for a run: a mapping of Looker field name → Looker filter expression.
-
-    :param filters: e.g. ``{"users.created_date": "2026-11-27"}``; ``None`` or empty for none. Numbers are
-        taken as their text (``5`` → ``"5"``).
-    :return: the filters, names and expressions stripped of surrounding blanks.
-    :raises InvalidParameterError: not a mapping, an empty field name, or an empty or non-text expression
-        (an empty expression would make Looker ignore the filter silently).
-    """
-    if filters is None:
-        return {}
-    if not isinstance(filters, Mapping):
-        raise InvalidParameterError(
-            "filters must be a mapping of Looker field name to filter expression, e.g. "
-            f"{{'users.created_date': '2026-11-27'}}; got a {type(filters).__name__}"
-        )
-    checked: dict[str, str] = {}
-    for name, expression in filters.items():
-        field_name = str(name).strip() if isinstance(name, str) else ""
-        if not field_name:
-            raise InvalidParameterError(f"filters: {name!r} is not a Looker field name (e.g. 'users.state')")
-        if isinstance(expression, bool) or not isinstance(expression, str | int | float):
-            raise InvalidParameterError(
-                f"filters[{field_name!r}] must be a Looker filter expression (text), got {expression!r}"
-            )
-        text = str(expression).strip()
-        if not text:
-            raise InvalidParameterError(
-                f"filters[{field_name!r}] is empty: Looker would ignore it; give a filter expression, or "
-                "leave the field out"
-            )
-        checked[field_name] = text
-    return checked
 
 
 def filtered_write_query(
@@ -128,7 +89,7 @@ def filter_error(
     explore = f"{info.model}::{info.view}" if info.model and info.view else "the Look's explore"
     return LookFilterError(
         f"Look {look_id}: Looker refused the filter{plural} on {', '.join(fields)}: a filter must name a "
-        f"field of the explore {explore} and give a Looker filter expression. {error.message}",
+        f"field of the explore {explore} and give a Looker filter expression. {shorten(error.message, 1000)}",
         status=error.status,
         look_id=look_id,
         fields=fields,

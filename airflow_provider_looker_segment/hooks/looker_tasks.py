@@ -36,6 +36,10 @@ T = TypeVar("T")
 FINAL_TASK_STATUSES = frozenset({"complete", "error", "killed", "expired"})
 #: What the results of a query task that has not ended answer (202 in Looker's docs, 204 in older releases).
 PENDING_RESULT_STATUSES = (202, 204)
+#: Seconds :meth:`LookerQueryTasks.stream_query_task` keeps asking by default while the results answer that
+#: they are not ready (Looker may, right after a task reported ``complete``), and the pause between asks.
+RESULTS_WAIT = 30.0
+RESULTS_POLL_INTERVAL = 0.5
 
 
 def normalise_id(value: str | int, what: str = "A Look id") -> str:
@@ -83,7 +87,7 @@ class LookerQueryTasks:
 
         def _closing(self, response: requests.Response) -> AbstractContextManager[None]: ...
 
-        def look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str: ...
+        def shown_look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str: ...
 
     def start_query_task(
         self,
@@ -132,7 +136,12 @@ class LookerQueryTasks:
             task = self._call(
                 action,
                 lambda: self.sdk.create_query_task(
-                    body, limit=limit, apply_formatting=False, apply_vis=False, cache=cache
+                    body,
+                    limit=limit,
+                    apply_formatting=False,
+                    apply_vis=False,
+                    cache=cache,
+                    generate_drill_links=False,  # per-cell URLs the sync never reads
                 ),
             )
         except LookerApiError as exc:
@@ -152,7 +161,7 @@ class LookerQueryTasks:
             query_id,
             _count(effective),
             cache,
-            self.look_url(look_id, given),
+            self.shown_look_url(look_id, given),
         )
         return str(task.id)
 
@@ -188,8 +197,8 @@ class LookerQueryTasks:
         limit: int | None = -1,
         *,
         strict_limit: bool = False,
-        wait: float = 0.0,
-        poll_interval: float = 1.0,
+        wait: float = RESULTS_WAIT,
+        poll_interval: float = RESULTS_POLL_INTERVAL,
     ) -> Iterator[LookStream]:
         """
         Stream the result of a complete query task of a Look, as :meth:`stream_look` streams a run.
@@ -199,12 +208,13 @@ class LookerQueryTasks:
         :param limit: the limit the task was started with (for the truncation check); ``None`` for the
             Look's saved limit.
         :param strict_limit: as for :meth:`stream_look`.
-        :param wait: seconds to keep asking while Looker answers that the task has not ended (HTTP 202, or
-            204 in older releases); ``0`` asks once.
+        :param wait: seconds to keep asking while Looker answers that the results are not ready (HTTP 202, or
+            204 in older releases), as it may right after the task reported ``complete``; ``0`` asks once.
         :param poll_interval: seconds between two asks while waiting.
         :return: a context manager giving a :class:`LookStream` (``meta``, ``rows``, ``possibly_truncated``).
-        :raises QueryTaskError: the task has not completed (after ``wait``), or Looker has no results for it
-            (unknown, killed, or its results expired: HTTP 404).
+        :raises QueryTaskError: the results were still not ready after ``wait`` (the message says what the
+            task's status was then), or Looker has no results for it (unknown, killed, or its results
+            expired: HTTP 404).
         :raises LookQueryError: the query's SQL failed (``errors`` in the ``json_detail`` result).
         :raises LookNotFoundError: the Look does not exist or the API user cannot see it.
         :raises LookerApiError: any other failure of the Looker API.
@@ -216,7 +226,9 @@ class LookerQueryTasks:
         path = f"query_tasks/{quote(task_id, safe='')}/results"
         action = f"Reading the results of Looker query task {task_id} (Look {look_id})"
         deadline = time.monotonic() + max(0.0, wait)
+        asks = 0
         while True:
+            asks += 1
             try:
                 response = self._open(path, {}, action, accept=(200, *PENDING_RESULT_STATUSES))
             except LookerApiError as exc:
@@ -233,21 +245,38 @@ class LookerQueryTasks:
                 break
             response.close()
             if time.monotonic() >= deadline:
-                waited = f" after waiting {wait:g} s" if wait > 0 else ""
-                raise QueryTaskError(
-                    f"{action}: the task has not completed{waited} (HTTP {response.status_code}); wait "
-                    "for its status to be complete before reading its results",
-                    task_id=task_id,
-                    task_status="running",
-                    status=response.status_code,
-                    look_id=look_id,
-                )
+                raise self._results_not_ready(action, task_id, look_id, response.status_code, wait, asks)
             time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
         self.log.info(
             "Reading the results of Looker query task %s (Look %s, %s)", task_id, look_id, info.title
         )
         with self._closing(response):
             yield self._stream(look_id, response, info, effective, strict_limit, None)
+
+    def _results_not_ready(
+        self, action: str, task_id: str, look_id: str, status: int, wait: float, asks: int
+    ) -> QueryTaskError:
+        """What happened when the results were still not ready: the answers, and the task's status then."""
+        try:
+            task_status: str | None = self.query_task_status(task_id)
+        except LookerApiError:
+            task_status = None
+        waited = f" after asking {asks} times over {wait:g} s" if wait > 0 else ""
+        answered = f"{action}: Looker answered HTTP {status} (results not ready){waited}"
+        if task_status == "complete":
+            message = (
+                f"{answered}, although the task's status is complete: Looker did not hand over the results; "
+                "let the task retry (it starts a new query task)"
+            )
+        else:
+            now = f" (its status is {task_status})" if task_status else ""
+            message = (
+                f"{answered}: the task has not completed{now}; wait for its status to be complete before "
+                "reading its results"
+            )
+        return QueryTaskError(
+            message, task_id=task_id, task_status=task_status, status=status, look_id=look_id
+        )
 
     def kill_query_task(self, task_id: str) -> bool:
         """

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -51,7 +51,8 @@ __all__ = ["DEFAULT_HOST", "DeliveryReport", "SegmentHook", "SegmentSettings"]
 DEFAULT_HOST = "https://api.segment.io"
 DEFAULT_TIMEOUT = 30.0
 #: Default cap on requests in flight: at a 200 ms round trip, 32 requests carry 160 batches per second (about
-#: 250,000 events per second with batches of ~1,600 identify calls), above Segment's 100,000 per workspace.
+#: 250,000 events per second with batches of ~1,600 identify calls), for workspaces whose limit was raised
+#: above the 1,000 events per second Segment takes without prior arrangement (see ``events_per_second``).
 DEFAULT_MAX_IN_FLIGHT = 32
 MAX_IN_FLIGHT_LIMIT = 64
 #: Lowest client-side rate limit: one request every 10 s (lower ones turn a sync into days).
@@ -114,9 +115,12 @@ class SegmentHook(BaseHook):
     :param requests_per_second: client-side cap on requests per second, for workspaces with low limits
         (extra ``requests_per_second``, default none: Segment's guidance of 1,000 requests per second per
         workspace applies; at least 0.1, or 0 for none).
-    :param events_per_second: paces the events sent, a token bucket of one second's worth: a batch of N
-        events takes N tokens (extra ``events_per_second``, default none; at least 1, or 0 for none). E.g.
-        1,000 for an Engage space, or a share of the workspace's 100,000 events per second.
+    :param events_per_second: a ceiling on the events sent per second (extra ``events_per_second``,
+        default none; at least 1, or 0 for none): batches of at most a tenth of the rate (at least one event)
+        from a token bucket holding one batch, so no one-second window carries more than the rate plus one
+        batch. Segment takes 1,000 events per second per workspace (all its sources together) without prior
+        arrangement and queues the excess (delivered later, not dropped); Engage takes 1,000 too. With N
+        tasks sending to one workspace at once, give each 1,000 / N.
     :param max_attempts: requests per batch at most, the first included (default 8).
     :param max_retry_time: seconds from a batch's first request after which it is not retried (default 300).
     :param backoff_factor: first backoff in seconds, doubled on each retry (default 0.5).
@@ -132,6 +136,7 @@ class SegmentHook(BaseHook):
         measurements (tests pass a fake).
     :param sleep: waits a number of seconds between attempts (tests pass a fake); by default a wait that
         :meth:`stop` cuts short.
+    :param wall_clock: Unix time, for the ``sentAt`` stamped on each attempt (tests pass a fake).
     """
 
     conn_name_attr = "segment_conn_id"
@@ -159,6 +164,7 @@ class SegmentHook(BaseHook):
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Any] | None = None,
+        wall_clock: Callable[[], float] = time.time,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -182,6 +188,7 @@ class SegmentHook(BaseHook):
         self.max_queued_bytes = to_number(max_queued_bytes, name="max_queued_bytes", whole=True, minimum=1)
         self._clock = clock
         self._sleep = sleep
+        self._wall_clock = wall_clock
         self._settings: SegmentSettings | None = None
         self._stopped = False
         self._delivery: Delivery | None = None
@@ -295,6 +302,7 @@ class SegmentHook(BaseHook):
         *,
         progress: Callable[[DeliveryReport], None] | None = None,
         progress_interval: float = 10.0,
+        on_undelivered: Callable[[Sequence[Any]], None] | None = None,
     ) -> DeliveryReport:
         """
         Deliver messages in batches; return what became of each.
@@ -310,6 +318,8 @@ class SegmentHook(BaseHook):
         :param progress: called from the calling thread with a copy of the report every
             ``progress_interval`` seconds; when omitted, progress is logged instead.
         :param progress_interval: seconds between progress reports.
+        :param on_undelivered: also given the messageIds of every rejected or failed event, all of them (the
+            report lists a bounded number), from the thread that settled them.
         """
         settings = self.settings
         self.log.info(
@@ -335,13 +345,14 @@ class SegmentHook(BaseHook):
             max_queued_bytes=self.max_queued_bytes,
             clock=self._clock,
             sleep=self._sleep,
+            wall_clock=self._wall_clock,
         )
         self._delivery = delivery
         self.last_report = None
         if self._stopped:  # stop() came first: read nothing, send nothing
             delivery.stop()
         try:
-            report = delivery.run(messages, progress, progress_interval)
+            report = delivery.run(messages, progress, progress_interval, on_undelivered)
         finally:
             self._delivery = None
         self.last_report = report

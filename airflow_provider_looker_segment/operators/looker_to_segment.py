@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from datetime import timedelta
@@ -16,6 +17,7 @@ from airflow.sdk.definitions.asset import BaseAsset
 from airflow_provider_looker_segment.cohort_sync import SYNC_ALL
 from airflow_provider_looker_segment.destinations import Destination, resolve_destinations
 from airflow_provider_looker_segment.exceptions import (
+    InvalidParameterError,
     LookerApiError,
     LookerSegmentError,
     QueryTaskError,
@@ -29,7 +31,12 @@ from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.params import to_number, to_optional_str
 from airflow_provider_looker_segment.pipeline import SyncSettings, failure, log_summary, sync_look
 from airflow_provider_looker_segment.progress import SyncProgress
-from airflow_provider_looker_segment.sync_state import CohortStateStore, sync_key
+from airflow_provider_looker_segment.sync_state import (
+    CohortStateStore,
+    check_state_key,
+    legacy_sync_keys,
+    sync_key,
+)
 from airflow_provider_looker_segment.transform import build_message_id_namespace
 from airflow_provider_looker_segment.triggers.looker import LookerQueryTaskTrigger
 
@@ -69,8 +76,12 @@ class LookerToSegmentOperator(BaseOperator):
         ``properties``). (templated)
     :param group_id_field: with ``call="group"``, the Looker field that gives ``groupId``; detected from the
         LookML tag ``segment_group_id`` or the field's name or label (``accounts.id``, ``Account ID``) when
-        not given. A row without a user identifier gets an anonymousId derived from its group id.
-        (templated)
+        not given. (templated)
+    :param group_without_user: with ``call="group"``, what a row without a user identifier (an
+        account-level Look) becomes: ``"anonymous_id"`` (default) sends its group call with a stable
+        anonymousId derived from the group id, which Segment counts as a monthly tracked user (the summary's
+        ``groups_without_user``); ``"skip"`` counts the row invalid (``no_user_for_group``), as Looker's own
+        Segment action refuses it. (templated)
     :param event: with ``call="track"`` (required there), the event name, e.g. ``"Joined VIP cohort"``.
         (templated)
     :param entered_event: with ``sync_mode="changed"``, also send a track call with this event name for
@@ -105,6 +116,12 @@ class LookerToSegmentOperator(BaseOperator):
     :param state_path: folder of the ``sync_mode="changed"`` state files: a local path or any URL Airflow's
         ObjectStoragePath reads (``s3://bucket/looker-segment/``, ``gs://...``); use shared storage when tasks
         run on several workers. Default: ``$AIRFLOW_HOME/looker_segment_state``. (templated)
+    :param state_key: with ``sync_mode="changed"``, name the sync's state yourself (1 to 64 letters, digits,
+        ``.``, ``_``, ``-``), e.g. ``"vip-{{ macros.ds_format(ds, '%Y-%m-%d', '%Y') }}"`` for a state per
+        year.
+        By default the state is keyed by the Look, the call type and the Segment source (write key hashed),
+        never by other values rendered per run (a templated ``event`` or ``filters`` keep one state).
+        (templated)
     :param full_refresh: with ``sync_mode="changed"``, send everything whatever the state says; exits are
         still computed against the previous state. (templated)
     :param membership_trait: a trait set to ``true`` on every call (e.g. ``in_active_users``); with
@@ -127,8 +144,10 @@ class LookerToSegmentOperator(BaseOperator):
     :param gzip: gzip request bodies (default: the Segment connection's setting).
     :param requests_per_second: client-side cap on requests per second (default: the connection's, else
         Segment's guidance of 1,000 per second).
-    :param events_per_second: paces the events this task sends, e.g. ``1000`` for Engage's inbound limit
-        or a share of the workspace's 100,000 events per second (default: the connection's, else none).
+    :param events_per_second: a ceiling on the events this task sends per second (batches of a tenth of it,
+        no second carrying more than it plus one batch); default: the connection's, else none. Segment takes
+        1,000 events per second per workspace (Engage too) and queues the excess, delivered later: give each
+        of N tasks sending to one workspace at once 1,000 / N.
     :param progress_interval: seconds between progress lines in the task log.
     """
 
@@ -137,6 +156,7 @@ class LookerToSegmentOperator(BaseOperator):
         "filters",
         "call",
         "group_id_field",
+        "group_without_user",
         "event",
         "entered_event",
         "exited_event",
@@ -152,6 +172,7 @@ class LookerToSegmentOperator(BaseOperator):
         "max_invalid_rows",
         "sync_mode",
         "state_path",
+        "state_key",
         "full_refresh",
         "membership_trait",
         "max_exit_ratio",
@@ -183,11 +204,13 @@ class LookerToSegmentOperator(BaseOperator):
         max_invalid_rows: int | str | None = None,
         sync_mode: str = SYNC_ALL,
         state_path: str | ObjectStoragePath | None = None,
+        state_key: str | None = None,
         full_refresh: bool | str = False,
         membership_trait: str | None = None,
         max_exit_ratio: float | str = 0.5,
         call: str = "identify",
         group_id_field: str | None = None,
+        group_without_user: str = "anonymous_id",
         event: str | None = None,
         entered_event: str | None = None,
         exited_event: str | None = None,
@@ -218,11 +241,13 @@ class LookerToSegmentOperator(BaseOperator):
         self.max_invalid_rows = max_invalid_rows
         self.sync_mode = sync_mode
         self.state_path = state_path
+        self.state_key = state_key
         self.full_refresh = full_refresh
         self.membership_trait = membership_trait
         self.max_exit_ratio = max_exit_ratio
         self.call = call
         self.group_id_field = group_id_field
+        self.group_without_user = group_without_user
         self.event = event
         self.entered_event = entered_event
         self.exited_event = exited_event
@@ -379,6 +404,7 @@ class LookerToSegmentOperator(BaseOperator):
                     log=self.log,
                     progress_interval=self.progress_interval,
                     progress=progress,
+                    stop=segment.stop,
                 )
         finally:
             gc.unfreeze()
@@ -394,10 +420,13 @@ class LookerToSegmentOperator(BaseOperator):
         """
         The error to fail the task with after a sync: undelivered events are retried only when some failed
         for a reason that can pass (Segment unavailable, rate limits, timeouts); events Segment rejected or
-        refused for good, and too many invalid rows, fail the task at once (same message).
+        refused for good, and too many invalid rows, fail the task at once (same message). The cohort's
+        errors keep their class (:func:`~airflow_provider_looker_segment.pipeline.failure`): a tripped exit
+        guard fails at once (``ExitGuardError``); a lost lock (``SyncStateLockLostError``) and a state that
+        could not be saved (``SyncStateError``) are retried.
         """
         if type(error) is not SegmentDeliveryError:
-            return error  # the exit guard fails at once (ExitGuardError)
+            return error
         report = self._segment.last_report if self._segment is not None else None
         if report is not None and report.failed and report.refused is None:
             return error
@@ -411,15 +440,24 @@ class LookerToSegmentOperator(BaseOperator):
     def _state_store(self, settings: SyncSettings, segment: SegmentHook) -> CohortStateStore:
         state_path = _state_folder(self.state_path)
         self._warn_if_state_is_local(state_path)
+        base_url, write_key = segment.settings.base_url, segment.settings.write_key
+        own_key = to_optional_str(self.state_key)
         key = sync_key(
             settings.look_id,
-            segment.settings.base_url,
-            segment.settings.write_key,
+            base_url,
+            write_key,
             call=settings.call,
-            event=settings.event,
+            state_key=None if own_key is None else check_state_key(own_key),
+        )
+        legacy = (
+            ()
+            if own_key
+            else legacy_sync_keys(
+                settings.look_id, base_url, write_key, call=settings.call, event=settings.event
+            )
         )
         self.log.info("Sync state: %s/%s.state", state_path, key)
-        return CohortStateStore(state_path, key)
+        return CohortStateStore(state_path, key, legacy_keys=legacy)
 
     @staticmethod
     def _message_id_namespace(context: Context, look_id: str) -> str:
@@ -481,6 +519,16 @@ def _state_folder(state_path: str | ObjectStoragePath | None) -> ObjectStoragePa
     if text is None:
         home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
         text = os.path.join(home, DEFAULT_STATE_FOLDER)
+    if (
+        "://" not in text
+        and re.match(r"[A-Za-z][A-Za-z0-9+.-]*:(?![\\/])", text)
+        and not re.match(r"[A-Za-z]:[\\/]", text)
+    ):
+        raise InvalidParameterError(
+            f"state_path {text!r} looks like a URL without '//': write a local folder as a path "
+            "(/var/lib/looker-segment or file:///var/lib/looker-segment) or a URL as scheme://..., e.g. "
+            "s3://bucket/looker-segment/"
+        )
     if "://" not in text:
         text = "file://" + os.path.abspath(os.path.expanduser(text))
     return ObjectStoragePath(text)

@@ -23,6 +23,7 @@ from airflow.sdk import BaseHook
 from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
 from airflow_provider_looker_segment.hooks.looker_connection import (
+    CREDENTIAL_STATUSES,
     RETRY_STATUSES,
     LookerConnectionSettings,
     settings_from_connection,
@@ -58,6 +59,10 @@ class _Failed(Exception):
     """The wait cannot go on: the message says why (already redacted)."""
 
 
+class _TimedOut(Exception):
+    """The trigger's timeout: a request or a wait before a retry would have gone past its deadline."""
+
+
 class LookerQueryTaskTrigger(BaseTrigger):
     """
     Wait for a Looker async query task (``create_query_task``) to end.
@@ -67,7 +72,10 @@ class LookerQueryTaskTrigger(BaseTrigger):
     "message": ...}`` when it ended ``error``, ``killed`` or ``expired`` (``looker_status`` is that status),
     when the trigger's own ``timeout`` passed (``looker_status``: the last status seen), or when Looker could
     not be asked (``looker_status``: the last status seen, or ``None``). Connection errors and HTTP 429/5xx
-    answers are retried ``retries`` times with exponential backoff before giving up.
+    answers are retried ``retries`` times with exponential backoff (or the ``Retry-After`` Looker asks for)
+    before giving up. Nothing waits past the timeout's deadline: neither a request (its HTTP timeout is cut
+    to the time left) nor a wait before a retry (a ``Retry-After`` beyond the deadline ends the wait at the
+    deadline, with the timeout as the outcome).
 
     :param looker_conn_id: the Looker connection (the same as the hook's: Host, Login, Password; extras
         ``verify_ssl`` and ``timeout``).
@@ -145,7 +153,7 @@ class LookerQueryTaskTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """Ask Looker to kill the query when a user kills the deferred task (mark failed, clear...)."""
-        client = _LookerClient(self, await self._settings())
+        client = _LookerClient(self, await self._settings(), deadline=None)  # a kill is never too late
         try:
             await client.login()
             response = await client.request("DELETE", f"/running_queries/{self.query_task_id}", "Killing")
@@ -161,7 +169,7 @@ class LookerQueryTaskTrigger(BaseTrigger):
         """Wait for the query task to end (or the timeout); return the event's payload."""
         last: str | None = None
         try:
-            client = _LookerClient(self, await self._settings())
+            client = _LookerClient(self, await self._settings(), deadline=self.deadline)
         except _Failed as failed:
             return self._error(str(failed), last)
         try:
@@ -177,14 +185,17 @@ class LookerQueryTaskTrigger(BaseTrigger):
                     return self._error(await self._ended_message(client, status), status)
                 remaining = None if self.deadline is None else self.deadline - time.time()
                 if remaining is not None and remaining <= 0:
-                    return self._error(
-                        f"Looker query task {self.query_task_id} did not complete within {self.timeout:g} "
-                        f"seconds (timeout; its last status was {status}); Looker may still be running it",
-                        status,
-                    )
+                    raise _TimedOut
                 await asyncio.sleep(
                     self.poll_interval if remaining is None else min(self.poll_interval, remaining)
                 )
+        except _TimedOut:
+            seen = f"its last status was {last}" if last else "Looker did not answer in time"
+            return self._error(
+                f"Looker query task {self.query_task_id} did not complete within {self.timeout:g} seconds "
+                f"(timeout; {seen}); Looker may still be running it",
+                last,
+            )
         except _Failed as failed:
             return self._error(str(failed), last)
         finally:
@@ -218,11 +229,17 @@ class LookerQueryTaskTrigger(BaseTrigger):
 
 
 class _LookerClient:
-    """The trigger's Looker session: login, requests with retries and a second login on 401, logout."""
+    """
+    The trigger's Looker session: login, requests with retries and a second login on 401, logout; with a
+    ``deadline`` (Unix time), no request nor wait before a retry goes past it (:class:`_TimedOut`).
+    """
 
-    def __init__(self, trigger: LookerQueryTaskTrigger, settings: LookerConnectionSettings) -> None:
+    def __init__(
+        self, trigger: LookerQueryTaskTrigger, settings: LookerConnectionSettings, *, deadline: float | None
+    ) -> None:
         self.trigger = trigger
         self.settings = settings
+        self.deadline = deadline
         self.token: str | None = None
         self.http = httpx.AsyncClient(
             base_url=f"{settings.base_url}{API_PREFIX}", verify=settings.verify_ssl, timeout=settings.timeout
@@ -236,12 +253,19 @@ class _LookerClient:
         """``POST /login`` with the client id and secret (form data); keep the access token."""
         form = {"client_id": self.settings.client_id, "client_secret": self.settings.client_secret}
         response = await self.request("POST", "/login", "Logging in to Looker", data=form, auth=False)
-        if response.status_code != 200:
+        if response.status_code in CREDENTIAL_STATUSES:
             raise _Failed(
                 self.redact(
                     f"Looker rejected the API credentials of connection '{self.trigger.looker_conn_id}' "
                     f"(client ID {self.settings.client_id}) at {self.settings.base_url}: HTTP "
                     f"{response.status_code} {_message(response)}. Check the client ID and secret."
+                )
+            )
+        if response.status_code != 200:
+            raise _Failed(
+                self.redact(
+                    f"Logging in to Looker at {self.settings.base_url} failed (HTTP {response.status_code}): "
+                    f"{_message(response)}"
                 )
             )
         token = _json(response).get("access_token")
@@ -278,7 +302,7 @@ class _LookerClient:
         path = f"/query_tasks/{self.trigger.query_task_id}/results"
         try:
             response = await self.request("GET", path, "Reading the error of the query task")
-        except _Failed:
+        except (_Failed, _TimedOut):
             return ""
         if response.status_code != 200:
             return self.redact(_message(response))[:DETAILS_CHARS] if response.status_code == 400 else ""
@@ -298,9 +322,16 @@ class _LookerClient:
         while True:
             headers = {"Authorization": f"Bearer {self.token}"} if auth and self.token else {}
             retry_after: float | None = None
+            left = None if self.deadline is None else self.deadline - time.time()
+            if left is not None:
+                if left <= 0:
+                    raise _TimedOut
+                kwargs["timeout"] = min(self.settings.timeout, left)  # the answer must come by the deadline
             try:
                 response = await self.http.request(method, path, headers=headers, **kwargs)
             except httpx.HTTPError as exc:
+                if self.deadline is not None and time.time() >= self.deadline:
+                    raise _TimedOut from None
                 problem = self._transport_problem(exc)
             else:
                 if response.status_code == 401 and auth and not logged_in_again:
@@ -320,6 +351,17 @@ class _LookerClient:
                 MAX_RETRY_WAIT,
                 retry_after if retry_after is not None else self.trigger.retry_backoff * 2 ** (failures - 1),
             )
+            left = None if self.deadline is None else self.deadline - time.time()
+            if left is not None and wait >= left:  # the retry would come after the deadline
+                self.trigger.log.warning(
+                    "%s",
+                    self.redact(
+                        f"{action}: {problem}; a retry in {wait:g} s would come after the timeout, in "
+                        f"{max(0.0, left):.1f} s"
+                    ),
+                )
+                await asyncio.sleep(max(0.0, left))
+                raise _TimedOut
             self.trigger.log.warning(
                 "%s",
                 self.redact(f"{action}: {problem}; retry {failures} of {self.trigger.retries} in {wait:g} s"),

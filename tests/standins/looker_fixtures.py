@@ -12,7 +12,8 @@ Id      What it covers
 3       hidden fields: one in ``vis_config.hidden_fields``, one hidden in LookML
 4       a pivot on ``orders.status`` (pivoted measures, one null pivot cell)
 5       table calculations (a number and a yes/no that evaluates to ``false``)
-6       value types: nulls, integers, floats, big integers, dates, times, yes/no, ``0``/``""``
+6       value types: nulls, integers, floats, big integers, dates, times, yes/no, ``0``/``""``; its query
+        runs in the time zone ``America/New_York`` (its date-times are local times there)
 7       an anonymous id (tag ``segment_anonymous_id``) and no user id
 8       only an email (tag ``email``)
 9       two fields tagged ``user_id``
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION
 
@@ -211,6 +213,8 @@ class FixtureLook:
     :param deleted: the Look is in the trash.
     :param looker_error: when set, running the Look fails with this SQL error.
     :param filters: the query's saved filters; the rows already satisfy them.
+    :param query_timezone: the query's time zone (its date-times are local times of it), also the result's
+        ``timezone``; ``None``: not set (the result then names no zone either).
     """
 
     id: str
@@ -226,6 +230,7 @@ class FixtureLook:
     deleted: bool = False
     looker_error: str | None = None
     filters: dict[str, str] = field(default_factory=dict)
+    query_timezone: str | None = "UTC"
 
     @property
     def row_count(self) -> int:
@@ -292,7 +297,7 @@ class FixtureLook:
                 "dynamic_fields": json.dumps([{"table_calculation": f.name, "label": f.label} for f in calcs])
                 if calcs
                 else None,
-                "query_timezone": "UTC",
+                "query_timezone": self.query_timezone,
                 "has_table_calculations": bool(calcs),
                 "client_id": f"fixture{self.id}",
             },
@@ -321,9 +326,12 @@ class FixtureLook:
             for p in self.pivot_values
         ]
 
-    def encode_rows(self, fmt: str, columns: tuple[FixtureField, ...], start: int, stop: int) -> bytes:
+    def encode_rows(
+        self, fmt: str, columns: tuple[FixtureField, ...], start: int, stop: int, links: bool = False
+    ) -> bytes:
         """
-        Encode rows ``[start, stop)`` for ``fmt``.
+        Encode rows ``[start, stop)`` for ``fmt``; with ``links``, ``json_detail`` cells carry their drill
+        links (:func:`drill_links`), as Looker's do unless ``generate_drill_links=false``.
 
         JSON rows are joined with commas (no leading or trailing comma); CSV rows end with a newline.
         """
@@ -336,10 +344,16 @@ class FixtureLook:
             return text.encode()  # surrogate pairs joined, lone surrogates U+FFFD
         pivoted = self.pivoted_names()
         encode = _detail_cell if fmt == JSON_DETAIL else _plain_cell
+        if links and fmt == JSON_DETAIL:
+
+            def encode(value: Any, fixture_field: FixtureField | None = None) -> dict[str, Any]:
+                cell = _detail_cell(value, fixture_field)
+                return {**cell, "links": drill_links(self, fixture_field, value)}
+
         rows = [
             json_bytes(
                 {
-                    f.name: _pivot_cell(self.row(i).get(f.name), encode)
+                    f.name: _pivot_cell(self.row(i).get(f.name), lambda cell, f=f: encode(cell, f))
                     if f.name in pivoted
                     else encode(self.row(i).get(f.name), f)
                     for f in columns
@@ -397,6 +411,25 @@ def _detail_cell(value: Any, fixture_field: FixtureField | None = None) -> dict[
     if fixture_field is not None and fixture_field.type.startswith("date") and value is not None:
         return {"value": value, "rendered": value}
     return {"value": value}
+
+
+def drill_links(look: FixtureLook, fixture_field: FixtureField | None, value: Any) -> list[dict[str, Any]]:
+    """
+    The drill links of a ``json_detail`` cell: a measure's "Show All" to the rows behind it, a dimension's
+    drill to the details of its value (``label``, ``url``, ``type``, ``type_label``); none for a null or a
+    table calculation.
+    """
+    if value is None or fixture_field is None or fixture_field.category == TABLE_CALCULATION:
+        return []
+    view = fixture_field.view or look.view
+    explore = f"/explore/{look.model}/{look.view}?fields={view}.detail*"
+    if fixture_field.category == MEASURE:
+        label, url, kind = f"Show All {value}", f"{explore}&limit=500", "measure_default"
+    else:
+        label = f"{fixture_field.label} details"
+        url = f"{explore}&f[{fixture_field.name}]={quote(str(value), safe='')}&limit=500"
+        kind = "drill"
+    return [{"label": label, "url": url, "type": kind, "type_label": None}]
 
 
 def _plain_cell(value: Any, fixture_field: FixtureField | None = None) -> Any:
@@ -495,8 +528,15 @@ class GeneratedLook(FixtureLook):
         """Return row ``index`` (0-based)."""
         return generated_row(index)
 
-    def encode_rows(self, fmt: str, columns: tuple[FixtureField, ...], start: int, stop: int) -> bytes:
-        """Encode rows ``[start, stop)`` from string templates (about 1.5 M rows/s)."""
+    def encode_rows(
+        self, fmt: str, columns: tuple[FixtureField, ...], start: int, stop: int, links: bool = False
+    ) -> bytes:
+        """
+        Encode rows ``[start, stop)`` from string templates (about 1.5 M rows/s); with drill ``links``, as a
+        fixture Look does (slower: only a test or the benchmark asks for them).
+        """
+        if links and fmt == JSON_DETAIL:
+            return super().encode_rows(fmt, columns, start, stop, links)
         if fmt == JSON_DETAIL:
             mid = _DETAIL_MIDDLE
             text = ",".join(
@@ -761,7 +801,15 @@ def _value_types() -> FixtureLook:
             None,
         ),
     )
-    return FixtureLook(VALUE_TYPES_LOOK_ID, "Every value type", "toastmates", "users", fields, rows)
+    return FixtureLook(
+        VALUE_TYPES_LOOK_ID,
+        "Every value type",
+        "toastmates",
+        "users",
+        fields,
+        rows,
+        query_timezone="America/New_York",
+    )
 
 
 def _anonymous() -> FixtureLook:

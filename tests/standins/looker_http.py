@@ -29,6 +29,7 @@ DOCS_BASE = "https://docs.cloud.google.com/looker/docs/r/err/4.0"
 DEFAULT_CHUNK_ROWS = 2000
 
 TRUE_WORDS = frozenset({"true", "1", "yes"})
+FALSE_WORDS = frozenset({"false", "0", "no"})
 #: What a proxy or single sign-on gateway in front of Looker answers instead of the result (HTTP 200).
 PROXY_PAGE = (
     b"<!DOCTYPE html>\n<html>\n<head><title>Sign in - Corporate Access Gateway</title></head>\n<body>\n"
@@ -246,22 +247,29 @@ class HandlerBase(BaseHTTPRequestHandler):
         self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        if look.looker_error is not None:
-            self._write_chunk(json.dumps([{"looker_error": look.looker_error}]).encode())
+        if look.looker_error is not None:  # json_detail: its own shape, errors and no data (the reference)
+            error = (
+                detail_error_body(look, look.looker_error, None)
+                if fmt == JSON_DETAIL
+                else json.dumps([{"looker_error": look.looker_error}]).encode()
+            )
+            self._write_chunk(error)
             self._end_chunks()
             return
-        rows_sent = 0
+        rows_sent = body_bytes = 0
         pause = self.standin._take_pause(look.id)
         try:
             for piece, rows in result_pieces(look, fmt, query, self.standin.chunk_rows, cut, cached):
                 self._write_chunk(piece)
                 rows_sent += rows
+                body_bytes += len(piece)
                 if pause is not None and rows_sent >= pause[0]:
                     self.wfile.flush()
                     self.standin._wait(pause[1])
                     pause = None
         finally:
             self.standin._count("rows_sent", rows_sent)
+            self.standin._count("result_bytes", body_bytes)
         if garbage is not None:
             self._write_chunk(garbage)
         elif cut is not None:
@@ -286,6 +294,7 @@ def result_pieces(
     if cut is not None:
         total = min(total, cut)
     apply_vis = query.get("apply_vis", "false").lower() in TRUE_WORDS
+    links = query.get("generate_drill_links", "true").lower() not in FALSE_WORDS  # Looker's default: true
     columns = look.columns(apply_vis)
     if fmt == JSON_DETAIL:
         prefix, suffix = _detail_frame(look, apply_vis, cached)
@@ -299,7 +308,7 @@ def result_pieces(
     for start in range(0, total, step):
         stop = min(total, start + step)
         lead = separator if start else b""
-        yield lead + look.encode_rows(fmt, columns, start, stop), stop - start
+        yield lead + look.encode_rows(fmt, columns, start, stop, links and fmt == JSON_DETAIL), stop - start
     if cut is None:
         yield suffix, 0
 
@@ -324,6 +333,7 @@ def _detail_frame(look: FixtureLook, apply_vis: bool, cached: bool) -> tuple[byt
         "fields": look.detail_fields(apply_vis),
         "pivots": look.detail_pivots(),
         "ran_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"timezone": look.query_timezone} if look.query_timezone else {}),
         "runtime": "0.042",
         "has_totals": False,
         "has_subtotals": False,
@@ -344,8 +354,9 @@ def proxy_page(authorization: str | None = None) -> bytes:
 
 def detail_error_body(look: FixtureLook, message: str, details: str | None) -> bytes:
     """
-    A ``json_detail`` result of a failed query task: HTTP 200, no rows, the database's error in ``errors``
-    (``message``, ``message_details``, ``sql_error_loc``), after ``data`` as the reader must expect.
+    A ``json_detail`` result of a failed query (a run's, or a query task's): HTTP 200, no rows, the
+    database's error in ``errors`` (``message``, ``message_details``, ``sql_error_loc``), after an empty
+    ``data`` as the reader must expect.
     """
     error = {
         "message": message,

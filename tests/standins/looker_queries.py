@@ -471,7 +471,7 @@ class QueryTask:
         return {
             "id": self.id,
             "query_id": self.query_id,
-            "generate_links": False,
+            "generate_links": self.params.get("generate_drill_links", "true").lower() != "false",
             "force_production": False,
             "path_prefix": None,
             "cache": self.params.get("cache", "true").lower() != "false",

@@ -135,11 +135,14 @@ class QueryRoutes(HandlerBase):
             return
         fault = self.standin._take_task_poll_fault()
         if fault is not None:
-            if fault == 0:
+            status, retry_after = fault
+            if status == 0:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            self._send_error(record, fault, "Service temporarily unavailable.", template)
+            headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+            message = "Too Many Requests" if status == 429 else "Service temporarily unavailable."
+            self._send_error(record, status, message, template, headers)
             return
         task = self.standin.query_tasks.look_at(task_id, self.standin.polls_per_step)
         if task is None:
@@ -155,7 +158,9 @@ class QueryRoutes(HandlerBase):
         if task is None or task.status in ("killed", "expired"):
             self._send_error(record, 404, "Not found", template)
             return
-        if task.status in ("added", "running"):
+        if task.status in ("added", "running") or (
+            task.status == "complete" and self.standin._take_late_result()
+        ):
             self._send_empty(record, self.standin.pending_results_status)
             return
         if task.status == "error" and task.error is not None:

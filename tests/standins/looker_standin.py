@@ -11,6 +11,7 @@ It serves the Looks of :mod:`.looker_fixtures` over plain HTTP (or HTTPS with a 
         looker.garble_after("1", 3)             # the body goes on with a proxy's HTML page after 3 rows
         looker.answer_html_next_runs(1)         # HTTP 200 with a text/html page instead of the result
         looker.end_next_query_tasks("killed")   # the next query task ends killed
+        looker.fail_next_requests(2, path="/api/4.0/login", status=503, retry_after=1)  # any route
         assert looker.counters["runs"] == 1
 
 Endpoints: ``POST /api/4.0/login``, ``DELETE /api/logout`` and ``/api/4.0/logout``, ``GET /api/versions``,
@@ -21,7 +22,11 @@ queries (``POST /api/4.0/queries``, ``GET /api/4.0/queries/{id}[/run/{format}]``
 ``DELETE /api/4.0/running_queries/{id}``): see :mod:`.looker_query_routes` and :mod:`.looker_queries`.
 Errors have Looker's shapes (``Error``: ``{"message", "documentation_url"}``; ``ValidationError`` adds
 ``errors``); the documentation URLs use the ``https://docs.cloud.google.com/looker/docs/r/err/`` form, which
-looker_sdk does not try to download.
+looker_sdk does not try to download. Runs and query tasks take ``generate_drill_links`` (default true, as in
+Looker): ``json_detail`` cells then carry the drill ``links`` Looker computes for them, and
+``generate_drill_links=false`` leaves them out. A failed query's ``json_detail`` result (a run or a query
+task's) is the ``json_detail`` shape with ``errors`` and an empty ``data``; ``json`` runs answer Looker's
+``[{"looker_error": ...}]`` row.
 
 Run it by hand with ``python -m standins.looker_standin --port 0``.
 """
@@ -93,8 +98,12 @@ class _Faults:
     delay_prefix: str = API_PREFIX
     # look id -> [rows, seconds]: the next run of the Look pauses its body after so many rows
     pause_after: dict[str, list[Any]] = field(default_factory=dict)
-    # answers of the next query task status polls: an HTTP status, or 0 to close the connection
-    task_polls: list[int] = field(default_factory=list)
+    # answers of the next query task status polls: (HTTP status, Retry-After), or status 0 to close the link
+    task_polls: list[tuple[int, float | None]] = field(default_factory=list)
+    # answers of the next requests to a route: [method, path, status, Retry-After, times left]
+    requests: list[list[Any]] = field(default_factory=list)
+    # results of complete query tasks still answered "not ready" this many more times
+    late_results: int = 0
 
 
 class LookerStandIn(ThreadedStandIn):
@@ -294,10 +303,40 @@ class LookerStandIn(ThreadedStandIn):
         """
         self.query_tasks.end_next(outcome, count)
 
-    def fail_next_task_polls(self, count: int, *, status: int | None = 503) -> None:
-        """Answer the next ``count`` query task status polls with ``status`` (``None``: drop the link)."""
+    def fail_next_task_polls(
+        self, count: int, *, status: int | None = 503, retry_after: float | None = None
+    ) -> None:
+        """
+        Answer the next ``count`` query task status polls with ``status`` (``None``: drop the link), with
+        ``Retry-After`` when given (429 is documented on every Looker operation).
+        """
         with self._lock:
-            self._faults.task_polls.extend([status or 0] * count)
+            self._faults.task_polls.extend([(status or 0, retry_after)] * count)
+
+    def fail_next_requests(
+        self,
+        count: int,
+        *,
+        method: str = "POST",
+        path: str = f"{API_PREFIX}/login",
+        status: int = 503,
+        retry_after: float | None = None,
+    ) -> None:
+        """
+        Answer the next ``count`` requests ``method path`` (e.g. ``POST /api/4.0/login``, ``/queries``,
+        ``/query_tasks``) with ``status`` in Looker's error shape, with ``Retry-After`` when given, before
+        looking at them: a Looker upgrade's 503, or a 429.
+        """
+        with self._lock:
+            self._faults.requests.append([method.upper(), path, status, retry_after, count])
+
+    def delay_results_after_complete(self, count: int) -> None:
+        """
+        Answer the next ``count`` results requests of complete query tasks as if they were still running
+        (``pending_results_status``), as Looker may right after a task reported ``complete``.
+        """
+        with self._lock:
+            self._faults.late_results += count
 
     def clear_faults(self) -> None:
         """Remove every injected fault and delay (query task outcomes included)."""
@@ -370,10 +409,31 @@ class LookerStandIn(ThreadedStandIn):
             pause = self._faults.pause_after.pop(look_id, None)
         return (int(pause[0]), float(pause[1])) if pause else None
 
-    def _take_task_poll_fault(self) -> int | None:
-        """Consume the next status poll's fault: an HTTP status, ``0`` to drop the connection, or ``None``."""
+    def _take_task_poll_fault(self) -> tuple[int, float | None] | None:
+        """
+        Consume the next status poll's fault: ``(HTTP status, Retry-After)``, status ``0`` to drop the
+        connection, or ``None``.
+        """
         with self._lock:
             return self._faults.task_polls.pop(0) if self._faults.task_polls else None
+
+    def _take_request_fault(self, method: str, path: str) -> tuple[int, float | None] | None:
+        """Consume a fault of the route ``method path``: ``(HTTP status, Retry-After)``, or ``None``."""
+        with self._lock:
+            for fault in self._faults.requests:
+                if fault[0] == method and fault[1] == path and fault[4] > 0:
+                    fault[4] -= 1
+                    self._counters["request_faults"] += 1
+                    return fault[2], fault[3]
+        return None
+
+    def _take_late_result(self) -> bool:
+        """Whether this results request of a complete task is answered as if it were still running."""
+        with self._lock:
+            if self._faults.late_results > 0:
+                self._faults.late_results -= 1
+                return True
+        return False
 
     def _mark_run(self, look_id: str) -> bool:
         """Count a run of ``look_id``; return whether the Look had run before (a cache hit)."""
@@ -408,6 +468,8 @@ class _Handler(QueryRoutes):
         body = self._read_body()
         path = record.path
         inline = _INLINE_RUN_PATH.match(path)
+        if self._injected_fault(record):
+            return
         if path == f"{API_PREFIX}/login":
             self._login(record, query, body)
         elif path == f"{API_PREFIX}/queries":
@@ -438,6 +500,8 @@ class _Handler(QueryRoutes):
     def do_GET(self) -> None:
         record, query = self._begin()
         path = record.path
+        if self._injected_fault(record):
+            return
         if path == "/api/versions":
             self._send_json(record, 200, _versions(self.standin))
         elif path == f"{API_PREFIX}/user":
@@ -457,6 +521,17 @@ class _Handler(QueryRoutes):
             self._query_task(record, query, found.group(1))
         else:
             self._send_error(record, 404, "Not found", path.removeprefix(f"{API_PREFIX}/"))
+
+    def _injected_fault(self, record: RecordedRequest) -> bool:
+        """Answer a fault of :meth:`LookerStandIn.fail_next_requests` for this route; whether one was."""
+        fault = self.standin._take_request_fault(record.method, record.path)
+        if fault is None:
+            return False
+        status, retry_after = fault
+        headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+        message = "Too Many Requests" if status == 429 else "Service temporarily unavailable."
+        self._send_error(record, status, message, record.path.removeprefix(f"{API_PREFIX}/"), headers)
+        return True
 
     def _login(self, record: RecordedRequest, query: dict[str, str], body: bytes) -> None:
         form = dict(query)

@@ -14,15 +14,21 @@ Ingestion: ``POST /v1/batch`` (and ``/v1/import``) with ``{"batch": [...]}``, an
 ``POST /v1/identify`` (``track``, ``page``, ``screen``, ``group``, ``alias``). Basic auth with the write key
 as user name, or ``writeKey`` in the body; gzip request bodies (``Content-Encoding: gzip``). Segment's limits:
 400 for a body over 500 KB or any event over 32 KB; a batch of more than 2,500 events is answered 200 but its
-events are counted as rejected, not received; 401 for a missing or unknown write key.
+events are counted as rejected, not received. An unknown write key is answered 200 and its events are dropped
+(counted in ``stats()["dropped_events"]``, not received), as Segment does ("Segment returns a 200 response for
+all API requests except errors caused by large payloads and JSON errors"); ``unknown_write_key="401"``
+(``--unknown-write-key 401``) answers 401 instead, as a gateway in front of it might; a missing write key is
+answered 401. Each request's ``sentAt`` is recorded, and :func:`segment_timestamp` computes the ``timestamp``
+Segment derives from it: ``receivedAt - (sentAt - timestamp)``.
 
 Round trip: ``latency_ms`` (``--latency-ms``) holds every answer to an ingestion request until that long after
 the request arrived, as a distant Segment would (it answers a batch in 50-200 ms); each connection has its own
 thread, so held answers overlap and never delay other requests. ``stats()["max_concurrent_requests"]`` tells
 how many ingestion requests were being served at once (the client's requests in flight).
 
-Faults (:class:`Faults`, also settable over HTTP): 429 with ``Retry-After`` (seconds or HTTP date) or
-``X-RateLimit-Reset`` every N requests, 5xx every N, a TCP reset (``SO_LINGER`` 0) every N, slow answers,
+Faults (:class:`Faults`, also settable over HTTP): 429 with ``Retry-After`` and ``X-RateLimit-Reset`` (both
+seconds, as Segment documents them; or ``Retry-After`` as an HTTP date, or ``X-RateLimit-Reset`` alone) every
+N requests, 5xx every N, a TCP reset (``SO_LINGER`` 0) every N, slow answers,
 never answering, a per-request script, and fixed answers for requests that contain given messageIds.
 
 Record modes: ``full`` keeps every event; ``ids`` keeps messageIds (arrival order, duplicates counted);
@@ -61,7 +67,9 @@ import threading
 import time
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
@@ -82,6 +90,8 @@ MAX_BATCH_EVENTS = 2500
 HARD_BODY_LIMIT = 16 * 1024 * 1024
 RECORD_MODES = ("full", "ids", "count")
 RETRY_AFTER_STYLES = ("seconds", "http-date", "x-ratelimit-reset", "none")
+#: What an unknown write key gets: ``drop`` (HTTP 200, events dropped: Segment's behaviour) or ``401``.
+UNKNOWN_WRITE_KEY_ANSWERS = ("drop", "401")
 BATCH_PATHS = frozenset({"/v1/batch", "/v1/import"})
 SINGLE_PATHS = {f"/v1/{kind}": kind for kind in ("identify", "track", "page", "screen", "group", "alias")}
 CONTROL_PREFIX = "/_standin/"
@@ -102,9 +112,10 @@ class Faults:
     :param every_reset: reset the TCP connection (no answer) on every Nth request (0 = never).
     :param server_error_status: the status of ``every_500``.
     :param retry_after: seconds a 429 asks the client to wait.
-    :param retry_after_style: ``seconds`` (``Retry-After: 1``, rounded up), ``http-date`` (``Retry-After``
-        as an HTTP date, rounded up to the second), ``x-ratelimit-reset`` (``X-RateLimit-Reset`` in epoch
-        milliseconds, no ``Retry-After``) or ``none``.
+    :param retry_after_style: ``seconds`` (``Retry-After`` in whole seconds, rounded up, and
+        ``X-RateLimit-Reset`` in seconds, as Segment's HTTP API documents them), ``http-date``
+        (``Retry-After`` as an HTTP date, rounded up to the second), ``x-ratelimit-reset``
+        (``X-RateLimit-Reset`` in seconds, no ``Retry-After``) or ``none``.
     :param delay: seconds to wait before answering any ingestion request (slow answers).
     :param hang: never answer any ingestion request (the connection is held until the stand-in stops or
         ``hang_seconds`` pass, then closed without an answer).
@@ -169,8 +180,9 @@ class RequestRecord:
 
     :param seq: its number among ingestion requests since the last reset (1-based).
     :param path: the URL path.
-    :param arrived: ``time.time()`` when its headers had been read.
-    :param answered: ``time.time()`` when the answer (or reset) was written; ``None`` for ``hang``.
+    :param arrived: when its headers had been read (Segment's ``receivedAt``), by the stand-in's ``clock``
+        (``time.time()`` unless a test sets another).
+    :param answered: when the answer (or reset) was written, by the same clock; ``None`` for ``hang``.
     :param action: what was done: the HTTP status answered (``"200"``, ``"429"``...), ``"reset"``,
         ``"accept-reset"``, ``"partial"`` or ``"hang"``.
     :param status: the HTTP status answered, ``None`` if none was.
@@ -179,12 +191,15 @@ class RequestRecord:
     :param wire_bytes: body bytes as received.
     :param body_bytes: body bytes after gunzip.
     :param gzip: the body was gzip-encoded.
-    :param auth: ``basic`` (Basic auth with a known key), ``body`` (``writeKey`` in the body), ``wrong``,
-        ``none`` or ``unchecked`` (answered before authentication).
+    :param auth: ``basic`` (Basic auth with a known key), ``body`` (``writeKey`` in the body), ``unknown``
+        (an unknown key, answered 200 and dropped), ``wrong`` (an unknown key answered 401), ``none`` or
+        ``unchecked`` (answered before authentication).
     :param first_message_id: the first event's messageId (identifies a batch and its retries).
     :param message_ids: every event's messageId (``ids`` and ``full`` modes).
-    :param digest: CRC-32 of the body as received (``ids`` and ``full`` modes): identical re-sends match.
+    :param digest: CRC-32 of the events as received (the body without its ``sentAt``; ``ids`` and ``full``
+        modes): re-sends of the same events match.
     :param error: the error message answered, if any.
+    :param sent_at: the body's ``sentAt``, if any.
     """
 
     seq: int
@@ -203,6 +218,7 @@ class RequestRecord:
     message_ids: tuple[Any, ...] | None = None
     digest: int | None = None
     error: str | None = None
+    sent_at: str | None = None
 
     def to_dict(self, *, ids: bool = True) -> dict[str, Any]:
         """A JSON-serialisable copy, optionally without the messageIds."""
@@ -235,6 +251,9 @@ class SegmentStandIn(ThreadedStandIn):
     :param max_batch_events: events per batch beyond which a batch's events are rejected.
     :param latency_ms: the round trip: every answer to an ingestion request is held until this many
         milliseconds after the request arrived (0: answer at once).
+    :param unknown_write_key: ``drop`` (default: HTTP 200, events dropped, as Segment) or ``401``.
+    :ivar clock: Unix time for the records' ``arrived`` and ``answered`` (Segment's ``receivedAt``); a test
+        may set a fake one shared with the client (``reset`` puts ``time.time`` back).
     """
 
     def __init__(
@@ -249,6 +268,7 @@ class SegmentStandIn(ThreadedStandIn):
         max_event_bytes: int = MAX_EVENT_BYTES,
         max_batch_events: int = MAX_BATCH_EVENTS,
         latency_ms: float = 0.0,
+        unknown_write_key: str = "drop",
     ) -> None:
         if record not in RECORD_MODES:
             raise ValueError(f"record must be one of {RECORD_MODES}, not {record!r}")
@@ -256,7 +276,11 @@ class SegmentStandIn(ThreadedStandIn):
             raise ValueError("at least one write key is needed")
         if not 0 <= latency_ms < math.inf:
             raise ValueError(f"latency_ms must be a number of milliseconds, at least 0, not {latency_ms!r}")
+        if unknown_write_key not in UNKNOWN_WRITE_KEY_ANSWERS:
+            raise ValueError(f"unknown_write_key must be one of {UNKNOWN_WRITE_KEY_ANSWERS}")
         super().__init__()
+        self.unknown_write_key = self._unknown_write_key = unknown_write_key
+        self.clock: Callable[[], float] = time.time
         self.host = host
         self.port = port
         self.write_keys = frozenset(write_keys)
@@ -331,8 +355,13 @@ class SegmentStandIn(ThreadedStandIn):
 
     # -- records -----------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget everything received and clear the faults."""
+        """
+        Forget everything received, clear the faults, put the real clock back and the answer to unknown
+        write keys given at construction.
+        """
         with self._lock:
+            self.clock = time.time
+            self.unknown_write_key = self._unknown_write_key
             self._clear_records()
             self._faults = Faults()
             self._fault_seq = 0
@@ -347,7 +376,9 @@ class SegmentStandIn(ThreadedStandIn):
         self._counters: dict[str, int] = dict.fromkeys(
             ("requests", "accepted_requests", "events", "duplicate_message_ids", "rejected_events"), 0
         )
-        self._counters.update(rejected_requests=0, wire_bytes=0, tls_handshakes=0)
+        self._counters.update(
+            rejected_requests=0, wire_bytes=0, tls_handshakes=0, dropped_requests=0, dropped_events=0
+        )
         self._counters["max_concurrent_requests"] = self._active  # those being served now still count
         self._by_status: dict[str, int] = {}
 
@@ -359,6 +390,7 @@ class SegmentStandIn(ThreadedStandIn):
         ``"reset"``...); ``accepted_requests`` and ``events``: requests and events recorded as received
         (duplicates included); ``unique_message_ids`` and ``duplicate_message_ids`` (``None`` in ``count``
         mode); ``rejected_requests`` and ``rejected_events`` (answered 4xx, or over 2,500 events);
+        ``dropped_requests`` and ``dropped_events`` (an unknown write key: answered 200, not received);
         ``wire_bytes``; ``tls_handshakes`` (connections that opened with a TLS handshake, i.e. a client using
         ``https://`` on this plain-HTTP port; answered 400 in plain HTTP, as any HTTP server would, which the
         client sees as a TLS error); ``first_arrival`` and ``last_arrival`` (``time.time()``);
@@ -490,6 +522,12 @@ class SegmentStandIn(ThreadedStandIn):
         seen.update(message_ids)
         self._counters["duplicate_message_ids"] += len(message_ids) - (len(seen) - before)
         self._id_chunks.append(message_ids)
+
+    def _count_dropped(self, record: RequestRecord) -> None:
+        """A batch of an unknown write key: answered 200, its events dropped."""
+        with self._lock:
+            self._counters["dropped_events"] += record.events
+            self._counters["dropped_requests"] += 1
 
     def _count_oversize_batch(self, record: RequestRecord) -> None:
         """A batch over the event-count limit: answered 200, events counted as rejected."""
@@ -669,7 +707,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _ingest_held(self, path: str, arrived: float) -> None:
         """Read, decide, hold the answer for the round trip (``latency``), then answer."""
         standin = self.standin
-        record = standin._new_record(path, arrived)
+        record = standin._new_record(path, standin.clock())
         wire = self._read_body()
         if wire is None:
             return
@@ -695,9 +733,13 @@ class _Handler(BaseHTTPRequestHandler):
         """Parse a body early (to name its batch in the record) without judging it; ``None`` if unusable."""
         record.digest = zlib.crc32(wire)
         try:
-            data = orjson.loads(_gunzip(wire) if record.gzip else wire)
+            raw = _gunzip(wire) if record.gzip else wire
+            data = orjson.loads(raw)
         except (orjson.JSONDecodeError, OSError, EOFError, zlib.error):
             return None
+        if isinstance(data, dict) and isinstance(data.get("sentAt"), str):
+            record.sent_at = data["sentAt"]
+            record.digest = zlib.crc32(raw.replace(f'"sentAt":"{record.sent_at}"'.encode(), b""))
         events = _events_of(record.path, data)
         if events is not None:
             _name_events(record, events)
@@ -712,7 +754,7 @@ class _Handler(BaseHTTPRequestHandler):
             standin._stopping.wait(standin._faults.hang_seconds)
             self._reset()
             return
-        record.answered = time.time()
+        record.answered = standin.clock()
         if action in ("reset", "partial"):
             standin._finish(record, None)
             if action == "partial":
@@ -722,7 +764,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset()
             return
         record.status = int(action)
-        headers = self._rate_limit_headers(record.status, record.answered)
+        headers = self._rate_limit_headers(record.status, time.time())
         standin._finish(record, None)
         self._respond(record.status, {"success": False, "message": _phrase(record.status)}, headers)
 
@@ -731,11 +773,12 @@ class _Handler(BaseHTTPRequestHandler):
         faults = self.standin._faults
         if status != 429 or faults.retry_after_style == "none":
             return {}
+        reset = f"{faults.retry_after:g}"  # seconds to wait, as Segment documents X-RateLimit-Reset
         if faults.retry_after_style == "seconds":
-            return {"Retry-After": str(math.ceil(faults.retry_after))}
+            return {"Retry-After": str(math.ceil(faults.retry_after)), "X-RateLimit-Reset": reset}
         if faults.retry_after_style == "http-date":
             return {"Retry-After": email.utils.formatdate(math.ceil(now + faults.retry_after), usegmt=True)}
-        return {"X-RateLimit-Reset": str(math.ceil((now + faults.retry_after) * 1000))}
+        return {"X-RateLimit-Reset": reset}
 
     def _serve(self, record: RequestRecord, wire: bytes, parsed: Any, *, reset_after: bool) -> None:
         """Judge a request like Segment; store the record, then answer (or reset after accepting)."""
@@ -748,15 +791,21 @@ class _Handler(BaseHTTPRequestHandler):
                 str(rejected.status),
                 rejected.message,
             )
-            record.answered = time.time()
+            record.answered = standin.clock()
             standin._finish(record, None)
             self._respond(rejected.status, {"success": False, "message": rejected.message})
+            return
+        if record.auth == "unknown":  # Segment: HTTP 200, and the events are dropped
+            record.status, record.action, record.answered = 200, "200", standin.clock()
+            standin._count_dropped(record)
+            standin._finish(record, None)
+            self._respond(200, b'{"success":true}')
             return
         if len(events) > standin.max_batch_events:
             standin._count_oversize_batch(record)
             events = None
         record.accepted = events is not None
-        record.answered = time.time()
+        record.answered = standin.clock()
         if reset_after:
             record.action = "accept-reset"
             standin._finish(record, events)
@@ -810,10 +859,13 @@ class _Handler(BaseHTTPRequestHandler):
             user = base64.b64decode(token.strip(), validate=True).decode().partition(":")[0]
         except (binascii.Error, UnicodeDecodeError):
             user = ""
-        if scheme.lower() != "basic" or user not in self.standin.write_keys:
+        if scheme.lower() != "basic" or not user:
             record.auth = "wrong"
             raise _Rejected(401, "invalid write key")
-        record.auth = "basic"
+        if user not in self.standin.write_keys:
+            self._unknown_key(record)
+        else:
+            record.auth = "basic"
         return user
 
     def _check_body_key(self, record: RequestRecord, parsed: Any) -> None:
@@ -823,9 +875,33 @@ class _Handler(BaseHTTPRequestHandler):
             record.auth = "none"
             raise _Rejected(401, "missing write key: use Basic auth or writeKey in the body")
         if key not in self.standin.write_keys:
+            self._unknown_key(record)
+            return
+        record.auth = "body"
+
+    def _unknown_key(self, record: RequestRecord) -> None:
+        """An unknown write key: dropped after a 200 (Segment), or 401 with ``unknown_write_key="401"``."""
+        if self.standin.unknown_write_key == "401":
             record.auth = "wrong"
             raise _Rejected(401, "invalid write key")
-        record.auth = "body"
+        record.auth = "unknown"
+
+
+def segment_timestamp(timestamp: str, sent_at: str, received_at: float) -> datetime:
+    """
+    The ``timestamp`` Segment gives an event: ``receivedAt - (sentAt - timestamp)``, the correction of the
+    client's clock ("Timestamps" in Segment's Spec: Common fields).
+
+    :param timestamp: the event's ``timestamp`` as sent (ISO 8601).
+    :param sent_at: the request's ``sentAt`` (ISO 8601).
+    :param received_at: when the request arrived (Unix time: a record's ``arrived``).
+    """
+    received = datetime.fromtimestamp(received_at, timezone.utc)
+    return received - (_iso(sent_at) - _iso(timestamp))
+
+
+def _iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def _events_of(path: str, data: Any) -> list[Any] | None:
@@ -957,6 +1033,7 @@ class SegmentStandInProcess(StandInProcess):
     :param faults: faults to start with.
     :param port: port to bind, 0 for a free one.
     :param latency_ms: the round trip every answer is held for (see :class:`SegmentStandIn`).
+    :param unknown_write_key: ``drop`` (HTTP 200, Segment's behaviour) or ``401``.
     """
 
     def __init__(
@@ -967,8 +1044,10 @@ class SegmentStandInProcess(StandInProcess):
         faults: Faults | None = None,
         port: int = 0,
         latency_ms: float = 0.0,
+        unknown_write_key: str = "drop",
     ) -> None:
         args = ["--port", str(port), "--record", record, "--latency-ms", f"{latency_ms:g}"]
+        args += ["--unknown-write-key", unknown_write_key]
         for key in write_keys:
             args += ["--write-key", key]
         if faults is not None:
@@ -1007,6 +1086,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="hold every answer this many milliseconds after its request arrived, as a distant Segment "
         "would (default 0)",
     )
+    parser.add_argument(
+        "--unknown-write-key",
+        choices=UNKNOWN_WRITE_KEY_ANSWERS,
+        default="drop",
+        help="an unknown write key: drop (HTTP 200, events dropped, as Segment; default) or 401",
+    )
     parser.add_argument("--url-file", default=None, help="also write the base URL to this file")
     return parser.parse_args(argv)
 
@@ -1025,6 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
         write_keys=args.write_keys or [DEFAULT_WRITE_KEY],
         record=args.record,
         latency_ms=args.latency_ms,
+        unknown_write_key=args.unknown_write_key,
     )
     if faults:
         standin.set_faults(faults)
