@@ -1,6 +1,7 @@
 """
-``sync_mode="changed"``: the messages of a run, from what :class:`~airflow_provider_looker_segment.sync_run.SyncRun`
-decided, and the exit guard. Pure message logic; the run owns the spool and the state.
+``sync_mode="changed"``: the messages of a run, from what
+:class:`~airflow_provider_looker_segment.sync_run.SyncRun` decided, and the exit guard. Pure message logic;
+the run owns the spool and the state.
 
 * An identity is a userId, else an anonymousId; for group calls, a groupId.
 * **Calls**: the new, changed and switched identities' calls, as the transform encoded them, in the Look's
@@ -163,9 +164,9 @@ def plan_exits(
             f"{decision.departed:,} of the {decision.previous:,} identities of the previous run "
             f"({decision.exit_ratio:.0%}) are not in the Look any more, more than max_exit_ratio="
             f"{max_exit_ratio:g}: nothing was sent and the state was not changed ({decision.new:,} new, "
-            f"{decision.changed:,} changed identities not sent either). A broken or truncated query looks like "
-            "this; if the cohort really changed that much, run once with a higher max_exit_ratio (1 allows any "
-            "share)."
+            f"{decision.changed:,} changed identities not sent either). A broken or truncated query looks "
+            "like this; if the cohort really changed that much, run once with a higher max_exit_ratio (1 "
+            "allows any share)."
         )
         return
     if not events.sends_exits:

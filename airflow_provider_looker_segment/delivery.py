@@ -320,7 +320,7 @@ class Delivery:
                 senders = list(self.senders)
             for sender in senders:
                 sender.join()
-        self.log.info(
+        self.log.debug(
             "Segment delivery flow: %s; reading waited %.2f s for room.", self.flow.describe(), self.waited
         )
         pace = self.settings.events_per_second
@@ -592,6 +592,8 @@ class Delivery:
                 ):
                     stop_reason = outcome.reason if outcome.fatal else f"{limit} batches failed in a row"
                     self.report.aborted = stop_reason
+                    if outcome.fatal:
+                        self.report.refused = outcome.reason
         if outcome.category != DELIVERED:
             self.log.warning(
                 "Segment batch of %d events %s: %s", len(batch), outcome.category, outcome.reason

@@ -37,6 +37,8 @@ class DeliveryReport:
     :param rejected_events_omitted: rejected events beyond the listed ones.
     :param failed_events_omitted: failed events beyond the listed ones.
     :param aborted: why sending stopped early, if it did.
+    :param refused: why Segment refused the connection for good, if it did (HTTP 401, 403 or 404, a
+        redirect, ``https://`` to a plain-HTTP port): a retry of the task would fail the same way.
     :param max_listed_events: cap on each of the two lists, so memory stays bounded.
     :param listener: also given the messageIds of every rejected or failed event, unbounded (a changed-only
         run writes them to disk to know which identities must not advance).
@@ -56,6 +58,7 @@ class DeliveryReport:
     rejected_events_omitted: int = 0
     failed_events_omitted: int = 0
     aborted: str | None = None
+    refused: str | None = None
     max_listed_events: int = DEFAULT_MAX_LISTED_EVENTS
     listener: Callable[[Sequence[Any]], None] | None = field(default=None, repr=False, compare=False)
 

@@ -1,12 +1,34 @@
-"""Exceptions raised by the provider. Every message names the cause and what to do about it."""
+"""
+Exceptions raised by the provider. Every message names the cause and what to do about it.
+
+Two kinds: an error that can heal on its own (Looker or Segment unavailable, HTTP 5xx or 429, a timeout, a
+proxy's error page, a result that broke off, a lock held by a live run or lost to another, a state the
+storage refused to save) is a plain :class:`LookerSegmentError`, so Airflow retries the task as its
+``retries`` say. An error that no retry can fix (a deleted Look, a wrong parameter, a Look without
+identifiers, a destination that cannot be fed, credentials Looker refuses, events Segment rejects, a damaged
+state file, a tripped exit guard...) also derives from the Task SDK's
+:class:`~airflow.sdk.exceptions.AirflowFailException`, so the task fails at once, with the same message,
+instead of waiting for retries that would fail the same way. :func:`is_retryable` tells them apart; the
+README's troubleshooting reference lists both.
+"""
 
 from __future__ import annotations
 
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 
 class LookerSegmentError(AirflowException):
-    """Base class of every error this provider raises."""
+    """Base class of every error this provider raises (those that can heal: Airflow retries them)."""
+
+
+def is_retryable(error: BaseException) -> bool:
+    """
+    Whether Airflow's retries may help: ``False`` for the errors that fail a task at once (subclasses of
+    :class:`~airflow.sdk.exceptions.AirflowFailException`).
+
+    :param error: an exception a task raised.
+    """
+    return not isinstance(error, AirflowFailException)
 
 
 class LookerApiError(LookerSegmentError):
@@ -25,27 +47,38 @@ class LookerApiError(LookerSegmentError):
         self.look_id = look_id
 
 
-class LookNotFoundError(LookerApiError):
+class LookerRequestError(LookerApiError, AirflowFailException):
+    """
+    Looker refused the request for a reason no retry changes: rejected credentials, an HTTP 4xx other than
+    408 and 429 (no permission, an invalid request), a Look that cannot run as asked, or a Host whose scheme
+    or port is wrong, or whose TLS certificate the worker does not trust. The task fails at once.
+    """
+
+
+class LookNotFoundError(LookerRequestError):
     """The Look does not exist or the API user cannot see it."""
 
 
-class LookDeletedError(LookerApiError):
+class LookDeletedError(LookerRequestError):
     """The Look is in the trash."""
 
 
 class LookQueryError(LookerApiError):
-    """Looker ran the Look's SQL and it failed (HTTP 200 with a ``looker_error`` row)."""
+    """
+    Looker ran the Look's SQL and it failed (HTTP 200 with a ``looker_error`` row). Retried: the database's
+    error can be an outage (a warehouse that is down, overloaded or restarting) as well as a SQL mistake.
+    """
 
 
 class LookStreamError(LookerApiError):
-    """The result body ended early or could not be parsed."""
+    """The result body ended early or could not be parsed (a closed connection, a proxy's error page)."""
 
 
-class LookTruncatedError(LookerApiError):
+class LookTruncatedError(LookerApiError, AirflowFailException):
     """The result has as many rows as the limit in effect and strict truncation checks were asked for."""
 
 
-class LookFilterError(LookerApiError):
+class LookFilterError(LookerRequestError):
     """
     Looker refused the filters given for a run of a Look (e.g. a field that is not in the Look's explore).
 
@@ -67,7 +100,7 @@ class LookFilterError(LookerApiError):
 class QueryTaskError(LookerApiError):
     """
     A Looker async query task cannot give a result: it ended ``error``, ``killed`` or ``expired``, is
-    unknown to Looker, or has not completed yet.
+    unknown to Looker, or has not completed yet. Retried: a retry starts a new query task.
 
     :param task_id: the query task.
     :param task_status: its Looker status when known (``running``, ``killed``, ``expired``...).
@@ -87,27 +120,39 @@ class QueryTaskError(LookerApiError):
         self.task_status = task_status
 
 
-class SegmentConfigurationError(LookerSegmentError):
+class SegmentConfigurationError(LookerSegmentError, AirflowFailException):
     """The Segment connection or the delivery settings are unusable (e.g. no write key)."""
 
 
 class SegmentDeliveryError(LookerSegmentError):
-    """Some events were rejected by Segment or could not be delivered."""
+    """
+    Some events could not be delivered for a reason that can pass (Segment unavailable or rate-limiting
+    beyond the delivery's own retries, timeouts, connection errors): Airflow retries the task, which sends
+    the same messageIds again (Segment drops the ones it already has).
+    """
 
 
-class TransformConfigError(LookerSegmentError):
+class UndeliverableEventsError(SegmentDeliveryError, AirflowFailException):
+    """
+    Events that no retry can deliver: Segment rejected them (HTTP 400 or 413, over 32 KB), refused the
+    connection for good (HTTP 401, 403, 404, a redirect, ``https://`` to a plain-HTTP port), or more rows
+    than ``max_invalid_rows`` produced no event. The task fails at once.
+    """
+
+
+class TransformConfigError(LookerSegmentError, AirflowFailException):
     """The Look's fields and the operator's settings do not give a usable row → identify mapping."""
 
 
-class DestinationError(LookerSegmentError):
+class DestinationError(LookerSegmentError, AirflowFailException):
     """The requested Segment destinations are unknown or need identifiers the Look does not provide."""
 
 
-class InvalidParameterError(LookerSegmentError, ValueError):
+class InvalidParameterError(LookerSegmentError, ValueError, AirflowFailException):
     """An operator argument (after template rendering) has a value that cannot be used."""
 
 
-class ConnectionConfigError(LookerSegmentError):
+class ConnectionConfigError(LookerSegmentError, AirflowFailException):
     """An Airflow connection's fields (Host, Login, Password) cannot be used."""
 
 
@@ -115,7 +160,7 @@ class SyncStateError(LookerSegmentError):
     """The state of a ``sync_mode="changed"`` sync cannot be used or saved."""
 
 
-class SyncStateCorruptError(SyncStateError):
+class SyncStateCorruptError(SyncStateError, AirflowFailException):
     """
     A state file is unreadable, damaged or of an unknown format version.
 
@@ -134,7 +179,8 @@ class SyncStateCorruptError(SyncStateError):
 
 class SyncStateLockedError(SyncStateError):
     """
-    Another run of the same sync holds its lock.
+    Another run of the same sync holds its lock. Retried: the lock is released when that run ends, and taken
+    over once it is not renewed any more.
 
     :param sync_key: the sync.
     :param lock_path: the lock file (URI).
@@ -159,7 +205,9 @@ class SyncStateLockedError(SyncStateError):
 
 class SyncStateSaveError(SyncStateError):
     """
-    Segment accepted the run's calls but the state could not be saved after every attempt.
+    Segment accepted the run's calls but the state could not be saved after every attempt. Retried: the
+    storage may heal (space freed, credentials renewed), and the retry's entry and exit events carry the same
+    messageIds.
 
     :param sync_key: the sync.
     :param state_path: where the state should have been saved (URI).
@@ -181,11 +229,11 @@ class SyncStateSaveError(SyncStateError):
     ) -> None:
         super().__init__(
             f"The calls were delivered to Segment, but the state of sync {sync_key} could not be saved to "
-            f"{state_path} ({attempts} attempts; last error: {type(error).__name__}: {error}). The state stays "
-            f"at generation {generation}, so the next run compares the Look with it and sends these changes "
-            "again; its entry and exit events carry the same messageIds as this run's (derived from the "
-            "transition), so Segment drops the repeats within its deduplication window (about 24 hours). Fix "
-            "the storage (space, permissions, credentials) before the next run."
+            f"{state_path} ({attempts} attempts; last error: {type(error).__name__}: {error}). The state "
+            f"stays at generation {generation}, so the next run compares the Look with it and sends these "
+            "changes again; its entry and exit events carry the same messageIds as this run's (derived from "
+            "the transition), so Segment drops the repeats within its deduplication window (about 24 hours). "
+            "Fix the storage (space, permissions, credentials) before the next run."
             + ("" if marked else " (The next run cannot be told about this: the storage refused that too.)")
         )
         self.sync_key = sync_key
@@ -194,12 +242,18 @@ class SyncStateSaveError(SyncStateError):
 
 
 class SyncStateLockLostError(SyncStateError):
-    """The run lost the lock of its sync while it ran (it was frozen past its lease) and stopped sending."""
+    """
+    The run lost the lock of its sync while it ran (it was frozen past its lease) and stopped sending.
+    Retried: the retry waits for the lock like any run.
+    """
 
 
 class SyncStateConflictError(SyncStateError):
-    """The stored state changed since this run loaded it (another run wrote it concurrently)."""
+    """The stored state changed since this run loaded it (another run wrote it concurrently). Retried."""
 
 
-class ExitGuardError(LookerSegmentError):
-    """More of the previous cohort would leave in one run than ``max_exit_ratio`` allows."""
+class ExitGuardError(LookerSegmentError, AirflowFailException):
+    """
+    More of the previous cohort would leave in one run than ``max_exit_ratio`` allows. The task fails at
+    once: check the Look, or run once with a higher ``max_exit_ratio``.
+    """

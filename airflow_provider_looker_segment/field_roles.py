@@ -12,8 +12,9 @@ What each of a Look's fields becomes in a Segment call (pure, used by :func:`.tr
   pivot's label (its ``label``, else its dimension values joined with ``" | "``, else its key):
   ``"orders count | complete"`` for the ``label`` style, ``"orders.count | complete"`` for ``field``, and
   ``"orders_count__complete"`` (pivot label snake-cased, double underscore) for ``snake``.
-* **Warnings**: reserved Segment traits reached by an unlikely column, keys differing only by case, and
-  the list of traits every identify overwrites.
+* **Warnings**: reserved Segment traits reached by an unlikely column, keys differing only by case, no
+  trait at all. The list of traits every identify or group call overwrites is a note
+  (:func:`overwrite_note`), logged with the plan.
 """
 
 from __future__ import annotations
@@ -459,20 +460,27 @@ def _general_warnings(keys: list[str], membership: str | None, call: str) -> lis
         warnings.append(
             f"Trait keys {', '.join(map(repr, same))} differ only by case; some tools merge them."
         )
-    if membership:
-        keys = [*keys, membership]
-    if keys and call == "identify":
-        warnings.append(
-            "Each identify overwrites these traits in downstream tools that already have them: "
-            f"{', '.join(keys)} (avoid trait names your marketing tools already use)."
-        )
-    elif keys and call == "group":
-        warnings.append(
-            "Each group call overwrites these group traits in downstream tools that already have them: "
-            f"{', '.join(keys)}."
-        )
-    elif not keys:
+    if not keys and not membership:
         warnings.append(
             f"The Look gives no {VALUES_KEY[call]}: the {call} calls will carry identifiers only."
         )
     return warnings
+
+
+def overwrite_note(keys: list[str] | tuple[str, ...], call: str) -> str | None:
+    """
+    What every call of a sync writes over in downstream tools, for the plan's log line: not a warning, as it
+    is true of every identify or group call, and a warning on every run would drown those that need action.
+
+    :param keys: the trait keys the calls carry, the membership trait included.
+    :param call: ``"identify"``, ``"group"`` or ``"track"`` (track calls overwrite no profile trait).
+    :return: the note, or ``None`` when the calls overwrite nothing.
+    """
+    if not keys or call == "track":
+        return None
+    what = (
+        "identify overwrites these traits"
+        if call == "identify"
+        else "group call overwrites these group traits"
+    )
+    return f"each {what} in downstream tools that already have them: {', '.join(keys)}"

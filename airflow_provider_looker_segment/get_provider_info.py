@@ -11,7 +11,9 @@ def get_provider_info() -> dict[str, Any]:
     """
     Return the provider's metadata: hooks, operators and the two connection types.
 
-    Airflow 3's UI builds the connection forms from ``conn-fields`` and ``ui-field-behaviour`` here.
+    Airflow 3's UI builds the connection forms from ``conn-fields`` and ``ui-field-behaviour`` here. The
+    numeric fields' schemas carry the bounds the hooks accept (``minimum``, ``maximum``: the form's number
+    inputs keep to them), so the form cannot save a value the task would refuse.
     """
     return {
         "package-name": PACKAGE_NAME,
@@ -72,22 +74,25 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "timeout": {
                         "label": "Timeout (seconds)",
-                        "description": "HTTP timeout for each Looker API call.",
-                        "schema": {"type": ["integer", "null"], "default": 120},
+                        "description": (
+                            "HTTP timeout for each Looker API call and each read of the result: at least 1 "
+                            "second; empty: 120."
+                        ),
+                        "schema": {"type": ["integer", "null"], "default": 120, "minimum": 1},
                     },
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "extra"],
                     "relabeling": {
                         "host": "Looker API base URL",
-                        "login": "API client ID",
-                        "password": "API client secret",
+                        "login": "Client ID (API key)",
+                        "password": "Client secret (API key)",
                     },
                     "placeholders": {
                         "host": "https://company.cloud.looker.com",
                         "port": "443 (or 19999 for older self-hosted instances)",
-                        "login": "API3 client ID",
-                        "password": "API3 client secret",
+                        "login": "Client ID of a Looker API key (Admin > Users > Edit Keys)",
+                        "password": "Client secret of that API key",
                     },
                 },
             },
@@ -98,8 +103,8 @@ def get_provider_info() -> dict[str, Any]:
                 "conn-fields": {
                     "timeout": {
                         "label": "Timeout (seconds)",
-                        "description": "HTTP timeout for each batch request.",
-                        "schema": {"type": ["integer", "null"], "default": 30},
+                        "description": "HTTP timeout for each batch request: at least 1 second; empty: 30.",
+                        "schema": {"type": ["integer", "null"], "default": 30, "minimum": 1},
                     },
                     "gzip": {
                         "label": "Gzip request bodies",
@@ -109,23 +114,27 @@ def get_provider_info() -> dict[str, Any]:
                     "max_in_flight": {
                         "label": "Requests in flight (cap)",
                         "description": (
-                            "Most batch requests in flight at once; below it, the number adapts to "
-                            "Segment's measured round trip."
+                            "Most batch requests in flight at once, from 1 to 64; below it, the number "
+                            "adapts to Segment's measured round trip. Empty: 32."
                         ),
-                        "schema": {"type": ["integer", "null"], "default": 32},
+                        "schema": {"type": ["integer", "null"], "default": 32, "minimum": 1, "maximum": 64},
                     },
                     "requests_per_second": {
                         "label": "Rate limit (requests per second)",
-                        "description": "Optional client-side cap; default: Segment's guidance, 1,000.",
-                        "schema": {"type": ["number", "null"]},
+                        "description": (
+                            "Optional client-side cap, at least 0.1 (one request every 10 s); empty: "
+                            "Segment's guidance, 1,000."
+                        ),
+                        "schema": {"type": ["number", "null"], "minimum": 0.1},
                     },
                     "events_per_second": {
                         "label": "Pace (events per second)",
                         "description": (
-                            "Optional ceiling on each task's events per second: Segment takes 1,000 per "
-                            "workspace (Engage too), shared by the tasks sending at once; empty: none."
+                            "Optional ceiling on each task's events per second, at least 1: Segment "
+                            "takes 1,000 per workspace (Engage too), shared by the tasks sending at once; "
+                            "empty: none."
                         ),
-                        "schema": {"type": ["number", "null"]},
+                        "schema": {"type": ["number", "null"], "minimum": 1},
                     },
                 },
                 "ui-field-behaviour": {

@@ -233,3 +233,8 @@ def parse_ran_at(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def shown_count(value: int | None) -> str:
+    """A count as the task log shows it: thousands separators (``2,000,000``); ``None`` as is."""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)

@@ -37,8 +37,8 @@ from airflow_provider_looker_segment.exceptions import (
     SyncStateLockLostError,
     SyncStateSaveError,
 )
-from airflow_provider_looker_segment.look_filters import shorten
 from airflow_provider_looker_segment.models import LookResultMeta, Row
+from airflow_provider_looker_segment.progress import SyncProgress
 from airflow_provider_looker_segment.settings import MAX_LIMIT, SyncSettings
 from airflow_provider_looker_segment.sync_run import SyncRun
 from airflow_provider_looker_segment.transform import (
@@ -158,6 +158,7 @@ def sync_look(
     state: SyncRun | None = None,
     log: logging.Logger | Any = None,
     progress_interval: float = 10.0,
+    progress: SyncProgress | None = None,
     stop: Callable[[], Any] | None = None,
 ) -> SyncSummary:
     """
@@ -173,11 +174,27 @@ def sync_look(
     :param message_id_namespace: what makes this task run unique (``build_message_id_namespace``).
     :param state: the changed-only sync's run (``CohortStateStore.begin``), with ``sync_mode="changed"``.
     :param log: where the plan, warnings, examples and progress go.
-    :param progress_interval: seconds between progress lines.
+    :param progress_interval: seconds between progress lines (while reading and while delivering).
+    :param progress: the progress lines, when the caller started them before opening the stream (the
+        operator does, to report the wait for Looker's answer); by default they start here.
     :param stop: stops a running ``send`` (the Segment hook's ``stop``): called when the run loses its lock.
     :raises DestinationError: a listed destination cannot be fed; nothing was sent.
     """
     log = log or logging.getLogger(__name__)
+    if progress is None:
+        with SyncProgress(settings.look_id, log, progress_interval, dry_run=settings.dry_run) as progress:
+            return sync_look(
+                settings,
+                stream,
+                send=send,
+                destinations=destinations,
+                message_id_namespace=message_id_namespace,
+                state=state,
+                log=log,
+                progress_interval=progress_interval,
+                progress=progress,
+                stop=stop,
+            )
     started = time.monotonic()
     plan = plan_transform(stream.meta, settings.transform_options())
     _log_plan(log, settings.look_id, plan)
@@ -192,6 +209,7 @@ def sync_look(
         defer_message_id=state is not None,
     )
     counts = _RowCounts()
+    progress.reading(lambda: counts.rows, sending=state is None)
     duplicates = DuplicateCounts()
     by_type: Counter[str] = Counter()
     cohort: CohortCounts | None = None
@@ -202,6 +220,7 @@ def sync_look(
         )
     else:
         cohort, events = _decide(settings, stream, state, transform, counts, duplicates, log)
+        progress.sending()
         if cohort.guard_tripped:
             messages = ()  # nothing is sent, nothing is saved: the task fails with the counts
         else:
@@ -214,8 +233,7 @@ def sync_look(
     if settings.dry_run or send is None:
         delivery = _dry_run(messages, log)
     else:
-        progress = _ProgressLogger(settings.look_id, counts, started, log)
-        options: dict[str, Any] = {"progress": progress, "progress_interval": progress_interval}
+        options: dict[str, Any] = {"progress": progress.delivered, "progress_interval": progress_interval}
         if state is not None:
             options["on_undelivered"] = undelivered = state.record_undelivered
             if stop is not None:
@@ -267,34 +285,30 @@ def sync_look(
 
 
 def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
-    """The summary's one line (and the truncation warning)."""
-    if summary.filters:
-        shown = {name: shorten(expression) for name, expression in summary.filters.items()}
-        log.info("Look %s: ran with the filters %s", summary.look_id, shown)
+    """The summary's one line (and the truncation warning); the filters that ran were logged at the start."""
+    per_type = ", ".join(f"{kind} {count:,}" for kind, count in sorted(summary.events_by_type.items()))
+    verb = "would be sent" if summary.dry_run else "handed to Segment"
     log.info(
-        "Look %s: %d rows read, %d sent, %d invalid, %d rejected, %d failed, %d batches in %.1f s%s%s",
+        "Look %s: %s rows read, %s sent, %s invalid, %s rejected, %s failed, %s batches in %.1f s%s%s%s",
         summary.look_id,
-        summary.rows,
-        summary.sent,
-        summary.invalid,
-        summary.rejected,
-        summary.failed,
-        summary.batches,
+        f"{summary.rows:,}",
+        f"{summary.sent:,}",
+        f"{summary.invalid:,}",
+        f"{summary.rejected:,}",
+        f"{summary.failed:,}",
+        f"{summary.batches:,}",
         summary.seconds,
-        f" ({summary.duplicates} duplicate rows not sent)" if summary.duplicates else "",
+        f" ({summary.duplicates:,} duplicate rows not sent)" if summary.duplicates else "",
         " (dry run: nothing sent)" if summary.dry_run else "",
+        f"; events {verb} per call type: {per_type}" if per_type else "",
     )
-    if summary.events_by_type:
-        per_type = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.events_by_type.items()))
-        verb = "would be sent" if summary.dry_run else "handed to Segment"
-        log.info("Look %s: events %s per call type: %s", summary.look_id, verb, per_type)
     if summary.groups_without_user:
         log.warning(
-            "Look %s: %d group calls %s no user identifier but the anonymousId derived from the group id: "
+            "Look %s: %s group calls %s no user identifier but the anonymousId derived from the group id: "
             "Segment counts each anonymousId not tied to a userId as a monthly tracked user. Set "
             "group_without_user='skip' to send only rows with a user.",
             summary.look_id,
-            summary.groups_without_user,
+            f"{summary.groups_without_user:,}",
             "would carry" if summary.dry_run else "carried",
         )
     if summary.possibly_truncated:
@@ -302,7 +316,7 @@ def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
             "Look %s returned exactly as many rows as the limit (%s): the cohort may be truncated; "
             "raise `limit` or use -1 for all rows.",
             summary.look_id,
-            summary.limit,
+            f"{summary.limit:,}",
         )
 
 
@@ -310,6 +324,12 @@ def failure(settings: SyncSettings, summary: SyncSummary) -> LookerSegmentError 
     """
     The error that fails the task after a sync, or ``None``: a tripped exit guard, rejected or failed
     events, or more invalid rows than ``max_invalid_rows``; its message carries the whole summary.
+
+    Its class says whether Airflow retries the task
+    (:func:`~airflow_provider_looker_segment.exceptions.is_retryable`): an :class:`ExitGuardError` fails at
+    once; a lost lock (:class:`SyncStateLockLostError`) and a state that could not be saved
+    (:class:`SyncStateError`) are retried; a :class:`SegmentDeliveryError` is retried or not as the operator
+    decides from the delivery report (events Segment rejected fail at once).
     """
     problems = []
     guard = summary.cohort.exit_guard if summary.cohort else None
@@ -415,9 +435,9 @@ def _decide(
     if state.unsaved is not None:
         log.warning(
             "Sync %s: run %s delivered its calls but could not save the state; this run compares the Look "
-            "with the state it left (generation %s) and sends those changes again. Entry and exit events carry "
-            "the messageIds of that run (derived from the transition), so Segment drops the repeats within its "
-            "deduplication window (about 24 hours).",
+            "with the state it left (generation %s) and sends those changes again. Entry and exit events "
+            "carry the messageIds of that run (derived from the transition), so Segment drops the repeats "
+            "within its deduplication window (about 24 hours).",
             state.store.key,
             state.unsaved.get("run_id", "?"),
             state.previous_generation,
@@ -445,8 +465,9 @@ def _decide(
         possibly_truncated=stream.possibly_truncated,
     )
     log.info(
-        "Look %s: %s rows read and compared with the state (generation %s, %s identities): %s new, %s changed, "
-        "%s unchanged, %s switched to a userId, %s left the cohort (spool: %s bytes on local disk).",
+        "Look %s: %s rows read and compared with the state (generation %s, %s identities): %s new, "
+        "%s changed, %s unchanged, %s switched to a userId, %s left the cohort (spool: %s bytes on local "
+        "disk).",
         settings.look_id,
         f"{decision.rows:,}",
         state.previous_generation,
@@ -489,9 +510,9 @@ def _finish_cohort(
     )
     if cohort.exits_skipped and cohort.exits and not cohort.guard_tripped:
         log.warning(
-            "Look %s: %d identities left the cohort; no exit call sent: %s.",
+            "Look %s: %s identities left the cohort; no exit call sent: %s.",
             settings.look_id,
-            cohort.exits,
+            f"{cohort.exits:,}",
             cohort.exits_skipped,
         )
     if cohort.guard_tripped:
@@ -503,8 +524,9 @@ def _finish_cohort(
     if state.lock_lost:
         summary.state_error = (
             f"{_LOCK_LOST} while it ran ({state.lock_lost}): it stopped sending and did not save the state; "
-            "the events it delivered are sent again by a later run. A run frozen for longer than the lock's lease "
-            "(a long pause, a suspended machine) does this; make sure only one run of a sync is active at a time."
+            "the events it delivered are sent again by a later run. A run frozen for longer than the lock's "
+            "lease (a long pause, a suspended machine) does this; make sure only one run of a sync is active "
+            "at a time."
         )
         return summary
     try:
@@ -528,14 +550,22 @@ def _finish_cohort(
 
 
 def _log_plan(log: Any, look_id: str, plan: TransformPlan) -> None:
+    """The plan in one line (warnings, for the user to act on, in lines of their own)."""
     what = f"track calls, event {plan.event!r}" if plan.call == "track" else f"{plan.call} calls"
-    log.info("Look %s: each row becomes one of Segment's %s", look_id, what)
-    for identifier, found in plan.identifiers.items():
-        if found:
-            log.info("Look %s: %s from field %s (%s)", look_id, identifier, found["field"], found["how"])
-        else:
-            log.info("Look %s: no %s field", look_id, identifier)
-    log.info("Look %s: %s (field → key): %s", look_id, plan.values_key, plan.traits)
+    found = [
+        f"{identifier} from field {choice['field']} ({choice['how']})" if choice else f"no {identifier} field"
+        for identifier, choice in plan.identifiers.items()
+    ]
+    note = f"; {plan.overwrite_note}" if plan.overwrite_note else ""
+    log.info(
+        "Look %s: each row becomes one of Segment's %s; %s; %s (field → key): %s%s",
+        look_id,
+        what,
+        ", ".join(found),
+        plan.values_key,
+        plan.traits,
+        note,
+    )
     for warning in plan.warnings:
         log.warning("Look %s: %s", look_id, warning)
 
@@ -561,28 +591,6 @@ def _check_destinations(log: Any, destinations: list[Destination], plan: Transfo
     log.info("Destinations checked: %s", ", ".join(d.name for d in destinations))
 
 
-class _ProgressLogger:
-    """Writes a progress line (rows read, events delivered, rate) when the Segment hook reports."""
-
-    def __init__(self, look_id: str, counts: _RowCounts, started: float, log: Any) -> None:
-        self._look_id = look_id
-        self._counts = counts
-        self._started = started
-        self._log = log
-
-    def __call__(self, report: Any) -> None:
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        self._log.info(
-            "Look %s: %d rows read, %d events delivered, %d rejected, %d failed (%.0f rows/s)",
-            self._look_id,
-            self._counts.rows,
-            report.delivered,
-            report.rejected,
-            report.failed,
-            self._counts.rows / elapsed,
-        )
-
-
 def _dry_run(messages: Iterable[dict], log: Any) -> Mapping[str, Any]:
     """Encode and batch every message as a real run would, log a few examples, send nothing."""
     examples: list[bytes] = []
@@ -596,7 +604,11 @@ def _dry_run(messages: Iterable[dict], log: Any) -> Mapping[str, Any]:
     plan = plan_batches(with_examples())
     for number, data in enumerate(examples, start=1):
         log.info("Dry run: example payload %d: %s", number, data.decode())
-    log.info("Dry run: %d events would be sent in %d batches; nothing was sent", plan.events, plan.batches)
+    log.info(
+        "Dry run: %s events would be sent in %s batches; nothing was sent",
+        f"{plan.events:,}",
+        f"{plan.batches:,}",
+    )
     return {
         "delivered": 0,
         "would_send": plan.events,

@@ -168,7 +168,7 @@ class SyncSettings:
             max_exit_ratio=float(max_exit_ratio),
             call=call,
             group_id_field=group_id_field,
-            filters=_filters(arguments.get("filters")),
+            filters=parse_filters(arguments.get("filters")),
             event=event,
             group_without_user=without_user,
             **cohort_events,
@@ -196,7 +196,7 @@ class SyncSettings:
         )
 
 
-def _filters(value: Any) -> dict[str, str]:
+def parse_filters(value: Any) -> dict[str, str]:
     """
     ``filters``: Looker field → filter expression, checked by
     :func:`~airflow_provider_looker_segment.look_filters.normalise_filters` (the expressions are Looker's to

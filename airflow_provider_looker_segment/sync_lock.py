@@ -80,8 +80,8 @@ class LockOwner:
             if ago < -timedelta(seconds=1):
                 ahead = timedelta(seconds=int(-ago.total_seconds()))
                 since += (
-                    f", last renewed {ahead} in the future (its host's clock is ahead of this one: synchronise "
-                    "the clocks of the hosts that share the state)"
+                    f", last renewed {ahead} in the future (its host's clock is ahead of this one: "
+                    "synchronise the clocks of the hosts that share the state)"
                 )
             else:
                 ago = max(ago, timedelta(0))

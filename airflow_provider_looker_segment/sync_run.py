@@ -322,7 +322,7 @@ class SyncRun:
     # -- 2. decide --------------------------------------------------------------------------------------
 
     def decide(self) -> Decision:
-        """Compare the spooled Look with the previous state, a partition at a time; nothing is sent or saved."""
+        """Compare the spooled Look with the state a partition at a time (nothing is sent or saved)."""
         self._check_usable()
         spool, db = self._spool, self._db
         spool.close_writing()
@@ -449,7 +449,7 @@ class SyncRun:
             yield part, units, departed
 
     def iter_units(self) -> Iterator[Unit]:
-        """The identities to send (not :data:`UNCHANGED`), partition by partition, in the Look's order in one."""
+        """The identities to send (not :data:`UNCHANGED`) by partition, in the Look's order within one."""
         self._check_decided()
         ordinal, u64, switches = 0, 1 << 64, bool(self._switched_alts)
         for _part, units, _departed in self._plans():
@@ -578,7 +578,7 @@ class SyncRun:
             failed = dict(
                 db.execute("SELECT ihash, bits FROM run.failed WHERE ihash BETWEEN ? AND ?", (lo, hi))
             )
-            for seq, verdict, ihash, kind, identity, _pos, _length, digest, transition, gen, view in units:
+            for _seq, verdict, ihash, kind, identity, _pos, _length, digest, transition, gen, view in units:
                 tally["sent"] += 1
                 if unit_ordinal > units_done:
                     unit_ordinal += 1

@@ -192,8 +192,8 @@ def check_state_key(state_key: str) -> str:
     """Refuse a ``state_key`` that is not a short, filename-safe text (so it names the file as given)."""
     if not state_key or len(state_key) > 64 or _UNSAFE_KEY_CHARS.search(state_key) or state_key[0] in "._-":
         raise errors.InvalidParameterError(
-            f"state_key {state_key!r} cannot name a state file: use 1 to 64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (e.g. 'vip-cohort-2026')"
+            f"state_key {state_key!r} cannot name a state file: use 1 to 64 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit (e.g. 'vip-cohort-2026')"
         )
     return state_key
 
@@ -323,8 +323,9 @@ class StateFile:
                     raise
                 kept = self._keep_unreadable(source, local)
                 log.warning(
-                    "Sync %s: full refresh without the previous state, which is unreadable (%s); it was kept as "
-                    "%s. The identities that left the cohort cannot be computed, so no exit is sent for them.",
+                    "Sync %s: full refresh without the previous state, which is unreadable (%s); it was kept "
+                    "as %s. The identities that left the cohort cannot be computed, so no exit is sent for "
+                    "them.",
                     self.key,
                     error.reason,
                     kept,

@@ -60,6 +60,7 @@ from airflow_provider_looker_segment.field_roles import (
     TraitSpec,
     choose_identifiers,
     field_list,
+    overwrite_note,
     plan_traits,
     trait_keys,
 )
@@ -254,7 +255,8 @@ class TransformPlan:
     :param anonymous_id: field giving ``anonymousId``, or ``None``.
     :param specs: the trait sources in field order (internal, used by :func:`make_row_transformer`).
     :param membership_trait: trait set to ``True`` on every message, or ``None``.
-    :param warnings: things worth a log line (reserved traits reached by another column, overwritten traits).
+    :param warnings: things worth a warning (reserved traits reached by another column, keys differing only by
+        case, no trait at all).
     :param call: ``"identify"``, ``"group"`` or ``"track"``.
     :param group_id: field giving ``groupId`` (group calls), or ``None``.
     :param event: the event name of track calls, or ``None``.
@@ -317,6 +319,11 @@ class TransformPlan:
         if self.membership_trait:
             keys.append(self.membership_trait)
         return tuple(keys)
+
+    @property
+    def overwrite_note(self) -> str | None:
+        """What each identify or group call overwrites in downstream tools, for the plan's log line."""
+        return overwrite_note(self.trait_keys, self.call)
 
     @property
     def has_user_id(self) -> bool:

@@ -128,7 +128,9 @@ class RunRecord:
         return self.rows - self.received
 
 
-#: The SegmentHook's last log line about its delivery's flow (``Delivery.run``).
+#: The logger of the SegmentHook (Airflow's ``airflow.task.hooks.<module>.<class>``).
+SEGMENT_HOOK_LOGGER = "airflow.task.hooks.airflow_provider_looker_segment.hooks.segment.SegmentHook"
+#: The SegmentHook's last log line about its delivery's flow (``Delivery.run``), logged at DEBUG.
 _FLOW = re.compile(
     r"Segment delivery flow: up to (?P<peak>\d+) requests in flight \(cap (?P<cap>\d+); now \d+\), "
     r"round trip (?:(?P<round_trip>[\d,]+) ms|not measured), (?P<slowdowns>\d+) slow-downs; reading waited "
@@ -233,6 +235,8 @@ class Bench:
                 segment["extra"] = {"events_per_second": events_per_second}
             env["AIRFLOW_HOME"] = str(self.airflow_home)
             env["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+            # The delivery's flow line (parsed by delivery_flow) is a DEBUG line of the Segment hook.
+            env["AIRFLOW__LOGGING__NAMESPACE_LEVELS"] = f"{SEGMENT_HOOK_LOGGER}=DEBUG"
             env["AIRFLOW_CONN_LOOKER_DEFAULT"] = json.dumps(looker)
             env["AIRFLOW_CONN_SEGMENT_DEFAULT"] = json.dumps(segment)
         return env

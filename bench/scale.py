@@ -20,8 +20,8 @@ state's load and save times. Then the targets of issue 23: growth of the peak fr
 largest size (≤ 20 MB), the pipeline's own memory at the largest size (≤ 100 MB), changed 2's CPU per row
 against all mode's, changed 1's rows/s at 3 M against 1 M (≥ 80 %), and all against all (before).
 
-Usage: ``python bench/scale.py [--sizes ...] [--repeat 1] [--old-ref REF] [--json out.json]``; ``run.py`` calls
-:func:`measure` for its scale section.
+Usage: ``python bench/scale.py [--sizes ...] [--repeat 1] [--old-ref REF] [--json out.json]``; ``run.py``
+calls :func:`measure` for its scale section.
 """
 
 from __future__ import annotations
@@ -185,13 +185,15 @@ def render(records: list[dict[str, Any]]) -> str:
     for mode in ("all", "changed 1", "changed 2", "changed 3"):
         if (large, mode) in medians:
             targets.append(
-                f"- {mode}: the pipeline's own memory at {num(large)}: {medians[(large, mode)]['own_mb']:.0f} MB (≤ 100)"
+                f"- {mode}: the pipeline's own memory at {num(large)}: "
+                f"{medians[(large, mode)]['own_mb']:.0f} MB (≤ 100)"
             )
     for rows in sizes:
         if (rows, "changed 2") in medians and (rows, "all") in medians:
             a, b = medians[(rows, "changed 2")]["cpu_us_per_row"], medians[(rows, "all")]["cpu_us_per_row"]
             targets.append(
-                f"- {num(rows)}: changed 2 (nothing sent) {a:.1f} vs all {b:.1f} CPU µs/row: {ratio(a, b, 2)} (≤ 1)"
+                f"- {num(rows)}: changed 2 (nothing sent) {a:.1f} vs all {b:.1f} CPU µs/row: "
+                f"{ratio(a, b, 2)} (≤ 1)"
             )
     if (1_000_000, "changed 1") in medians and (3_000_000, "changed 1") in medians:
         keep = (
@@ -201,7 +203,8 @@ def render(records: list[dict[str, Any]]) -> str:
     if (small, "all (before)") in medians and (small, "all") in medians:
         now, before = medians[(small, "all")]["rows_per_s"], medians[(small, "all (before)")]["rows_per_s"]
         targets.append(
-            f"- all at {num(small)}: {num(now)} rows/s now vs {num(before)} before: {ratio(now, before, 2)} (≥ 1)"
+            f"- all at {num(small)}: {num(now)} rows/s now vs {num(before)} before: "
+            f"{ratio(now, before, 2)} (≥ 1)"
         )
     return "\n".join([*lines, "Targets:", "", *targets, ""])
 

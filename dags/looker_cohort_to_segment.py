@@ -25,8 +25,8 @@ STATE_PATH_TEMPLATE = "{{ params.state_path or var.value.get('looker_segment_sta
 #: The Airflow Variable naming the Look that the daily schedule syncs (Admin → Variables, e.g. ``42``).
 DAILY_LOOK_VARIABLE = "looker_segment_daily_look_id"
 
-#: Downstream DAGs can be scheduled on this asset: it is updated after every completed (non dry-run) sync,
-#: its event carrying the Look id and the figures.
+#: Downstream DAGs can be scheduled on this asset: it is updated after every completed sync, its event
+#: carrying the Look id and the figures; a dry run emits no event.
 COHORT_SYNCED = Asset(
     name="looker_cohort_synced_to_segment",
     uri="segment://segment_default/looker/looker_default/looks/daily",
@@ -94,23 +94,27 @@ with DAG(
         ),
         "dry_run": Param(
             False,
-            type="boolean",
+            type=["boolean", "null"],
             title="Dry run",
-            description="Read the Look and build every call, but send nothing.",
+            description="Read the Look and build every call, but send nothing (and tell no downstream DAG "
+            "that a sync happened). Default: off.",
         ),
         "call": Param(
             "identify",
-            type="string",
-            enum=["identify", "group", "track"],
+            type=["string", "null"],
+            enum=["identify", "group", "track", None],
+            values_display={None: "(empty: identify)"},
             title="Call type",
             description="identify: user traits; group: account traits with a groupId (Totango, "
-            "Gainsight...); track: an event per row, the columns as its properties (Braze, Customer.io...).",
+            "Gainsight...); track: an event per row, the columns as its properties (Braze, Customer.io...); "
+            "track needs an Event name. Default: identify.",
         ),
         "event": Param(
             None,
             type=["null", "string"],
             title="Event name",
-            description="With call type 'track' (required there): the event name, e.g. 'Joined VIP cohort'.",
+            description="Required when Call type is track: the event name, e.g. 'Joined VIP cohort' (a "
+            "track run without it fails at once, before Looker is read). Leave it empty otherwise.",
         ),
         "entered_event": Param(
             None,
@@ -128,25 +132,27 @@ with DAG(
         ),
         "trait_key_style": Param(
             "label",
-            type="string",
-            enum=["label", "snake", "field"],
+            type=["string", "null"],
+            enum=["label", "snake", "field", None],
+            values_display={None: "(empty: label)"},
             title="Trait key style",
             description="label: 'sessions count' (Segment's Looker source); snake: 'sessions_count'; "
-            "field: 'users.sessions_count' (Looker's own Segment action).",
+            "field: 'users.sessions_count' (Looker's own Segment action). Default: label.",
         ),
         "sync_mode": Param(
             "all",
-            type="string",
-            enum=["all", "changed"],
+            type=["string", "null"],
+            enum=["all", "changed", None],
+            values_display={None: "(empty: all)"},
             title="Sync mode",
             description="all: send every row; changed: send only users who are new or whose traits "
-            "changed since the last sync of this Look to this Segment source.",
+            "changed since the last sync of this Look to this Segment source. Default: all.",
         ),
         "full_refresh": Param(
             False,
-            type="boolean",
+            type=["boolean", "null"],
             title="Full refresh",
-            description="With sync mode 'changed': send every row and rebuild the sync state.",
+            description="With sync mode 'changed': send every row and rebuild the sync state. Default: off.",
         ),
         "state_path": Param(
             None,

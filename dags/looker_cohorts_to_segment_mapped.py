@@ -85,21 +85,25 @@ with DAG(
             description=f"Looks to sync; empty = the Airflow Variable {LOOK_IDS_VARIABLE} (a JSON list).",
         ),
         "dry_run": Param(
-            False, type="boolean", title="Dry run", description="Build every call, send nothing."
+            False,
+            type=["boolean", "null"],
+            title="Dry run",
+            description="Build every call, send nothing. Default: off.",
         ),
         "sync_mode": Param(
             "all",
-            type="string",
-            enum=["all", "changed"],
+            type=["string", "null"],
+            enum=["all", "changed", None],
+            values_display={None: "(empty: all)"},
             title="Sync mode",
             description="all: send every row; changed: send only users who are new or whose traits "
-            "changed since the last sync of the Look to this Segment source.",
+            "changed since the last sync of the Look to this Segment source. Default: all.",
         ),
         "full_refresh": Param(
             False,
-            type="boolean",
+            type=["boolean", "null"],
             title="Full refresh",
-            description="With sync mode 'changed': send every row and rebuild the sync state.",
+            description="With sync mode 'changed': send every row and rebuild the sync state. Default: off.",
         ),
         "state_path": Param(
             None,
@@ -145,5 +149,7 @@ with DAG(
         # The workspace's 1,000 events/s shared by the tasks that run at once (a ceiling per task).
         max_active_tis_per_dagrun=PARALLEL_LOOKS,
         events_per_second=WORKSPACE_EVENTS_PER_SECOND / PARALLEL_LOOKS,
+        # The grid names each mapped task after its Look ("Look 7"), not 0, 1, 2.
+        map_index_template="Look {{ task.look_id }}",
     ).expand(look_id=list_looks())
     add_up(synced.output)

@@ -22,6 +22,8 @@ from airflow_provider_looker_segment.operators.looker_to_segment import LookerTo
 
 #: The Airflow Variable naming the sign-ups Look (Admin → Variables, e.g. ``17``).
 SIGNUPS_LOOK_VARIABLE = "looker_segment_signups_look_id"
+#: The sign-up date field filtered on the run's data interval when the trigger form leaves it empty.
+DEFAULT_DATE_FIELD = "users.created_date"
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,10 @@ Every day, the users who signed up the day before: the Look set in the Airflow V
 (`2026-11-28 to 2026-11-29`: that day, in Looker's filter syntax), as a Looker query task that the
 triggerer waits for (the task shows **deferred** meanwhile, holding no worker slot); then each row becomes
 one call (**call**, default `identify`; `track` with **event** for a journey tool). The task's
-**Looker Look** button opens the Look. While the Variable is not set, runs are skipped with a message
-saying so. `catchup` is off: a paused DAG does not send past days when it is switched back on (trigger a
-run with a logical date to send a past day).
+**Looker Look** link (Details > Extra Links) opens the Look with the day's filter. While the Variable is
+not set, runs are skipped with a message saying so. `catchup` is off: a paused DAG does not send past days
+when it is switched back on (trigger a run with a logical date to send a past day); unpausing it once the
+Variable is set sends the latest day at once.
 """
 
 with DAG(
@@ -57,26 +60,35 @@ with DAG(
             description=f"The sign-ups Look; empty: the Airflow Variable {SIGNUPS_LOOK_VARIABLE}.",
         ),
         "date_field": Param(
-            "users.created_date",
-            type="string",
+            DEFAULT_DATE_FIELD,
+            type=["string", "null"],
             minLength=1,
             title="Sign-up date field",
-            description="The Looker field filtered on the run's data interval.",
+            description="The Looker field filtered on the run's data interval. Default: "
+            f"{DEFAULT_DATE_FIELD}.",
         ),
         "call": Param(
             "identify",
-            type="string",
-            enum=["identify", "track"],
+            type=["string", "null"],
+            enum=["identify", "track", None],
+            values_display={None: "(empty: identify)"},
             title="Call type",
-            description="identify: user traits; track: an event per new user (set the event name).",
+            description="identify: user traits; track: an event per new user (set the Event name). "
+            "Default: identify.",
         ),
         "event": Param(
             None,
             type=["null", "string"],
             title="Event name",
-            description="With call type 'track': the event name, e.g. 'Signed Up'.",
+            description="Required when Call type is track: the event name, e.g. 'Signed Up' (a track run "
+            "without it fails at once, before Looker is read). Leave it empty otherwise.",
         ),
-        "dry_run": Param(False, type="boolean", title="Dry run", description="Build every call, send none."),
+        "dry_run": Param(
+            False,
+            type=["boolean", "null"],
+            title="Dry run",
+            description="Build every call, send none. Default: off.",
+        ),
     },
 ) as dag:
 
@@ -105,8 +117,9 @@ with DAG(
             end = context["dag_run"].run_after.replace(hour=0, minute=0, second=0, microsecond=0)
             start = end - timedelta(days=1)
         interval = f"{start.date().isoformat()} to {end.date().isoformat()}"
-        log.info("Sign-ups of %s (Looker filter %s = %r)", start.date(), params["date_field"], interval)
-        return {"look_id": look_id, "filters": {params["date_field"]: interval}}
+        date_field = str(params.get("date_field") or "").strip() or DEFAULT_DATE_FIELD
+        log.info("Sign-ups of %s (Looker filter %s = %r)", start.date(), date_field, interval)
+        return {"look_id": look_id, "filters": {date_field: interval}}
 
     run = plan_run()
     LookerToSegmentOperator(

@@ -100,7 +100,8 @@ def test_group_warnings_name_group_traits():
     fields = (*SEED_FIELDS, fld("accounts.id", "Account ID", "segment_group_id"))
     plan = plan_transform(look(*fields), _group())
     text = " ".join(plan.warnings)
-    assert "group's (account's) email" in text and "overwrites these group traits" in text
+    assert "group's (account's) email" in text and "overwrites" not in text
+    assert "overwrites these group traits" in plan.overwrite_note
 
 
 def _group(**kwargs) -> TransformOptions:

@@ -322,7 +322,9 @@ def test_a_stopped_delivery_advances_only_what_was_handed_whole(store):
 
 
 def test_a_lead_that_gets_a_user_id_is_the_same_member(store):
-    """Known by email only (derived anonymousId), then with a userId: one call with both, no exit, no entry."""
+    """
+    Known by email only (derived anonymousId), then with a userId: one call with both, no exit, no entry.
+    """
     events = _events(entered_event="Entered", exited_event="Left")
     email = "lead@example.com"
     lead = {

@@ -73,13 +73,13 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     }
     schema = {name: params.get_param(name).schema for name in params}
     assert schema["look_id"]["type"] == ["null", "string"] and params.get_param("look_id").description
-    assert schema["call"]["enum"] == ["identify", "group", "track"] and params["call"] == "identify"
+    assert schema["call"]["enum"] == ["identify", "group", "track", None] and params["call"] == "identify"
     for optional in ("event", "entered_event", "exited_event"):  # optional: no red star in the form
         assert schema[optional]["type"] == ["null", "string"] and params[optional] is None
     assert schema["destinations"]["type"] == ["null", "array"] and params["destinations"] is None
-    assert schema["dry_run"]["type"] == "boolean" and params["dry_run"] is False
-    assert schema["trait_key_style"]["enum"] == ["label", "snake", "field"]
-    assert schema["sync_mode"]["enum"] == ["all", "changed"] and params["sync_mode"] == "all"
+    assert schema["dry_run"]["type"] == ["boolean", "null"] and params["dry_run"] is False
+    assert schema["trait_key_style"]["enum"] == ["label", "snake", "field", None]
+    assert schema["sync_mode"]["enum"] == ["all", "changed", None] and params["sync_mode"] == "all"
     assert params["full_refresh"] is False
     assert schema["state_path"]["type"] == ["null", "string"] and params["state_path"] is None
     assert dag.max_active_runs == 1 and dag.catchup is False
@@ -174,7 +174,7 @@ def test_mapped_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     assert set(params) == {"look_ids", "dry_run", "sync_mode", "full_refresh", "state_path"}
     schema = {name: params.get_param(name).schema for name in params}
     assert schema["look_ids"]["type"] == ["null", "array"] and params["look_ids"] is None
-    assert schema["sync_mode"]["enum"] == ["all", "changed"] and params["sync_mode"] == "all"
+    assert schema["sync_mode"]["enum"] == ["all", "changed", None] and params["sync_mode"] == "all"
     assert params["dry_run"] is False and params["full_refresh"] is False
     assert schema["state_path"]["type"] == ["null", "string"] and params["state_path"] is None
     partial = dag.get_task("sync_cohort").partial_kwargs
@@ -250,3 +250,41 @@ def test_signups_of_the_day_through_the_trigger(standins, monkeypatch):
     assert sorted(event["userId"] for event in segment.events()) == expected and len(expected) == 2
     assert looker.queries.received[-1]["filters"] == {"users.created_date": f"{day} to {next_day}"}
     assert any(r.path == "/api/4.0/query_tasks" for r in looker.requests)  # it deferred
+
+
+# ------------------------------------------------------------------------------------ trigger forms' truth
+
+
+def _starred(schema: dict) -> bool:
+    """Airflow 3.3's trigger form marks a field required (a red star) when its type is set without null."""
+    kind = schema.get("type")
+    return bool(kind) and (not isinstance(kind, list) or "null" not in kind)
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_trigger_forms_star_no_field_that_has_a_default(path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every field may be left empty (its default, or the Variable, applies); the form says so."""
+    import jsonschema
+
+    params = _load(path, monkeypatch).dag.params
+    for name in params:
+        param = params.get_param(name)
+        assert not _starred(param.schema), f"{name} is starred as required but has a default"
+        jsonschema.validate(None, param.schema)  # left empty: valid
+        jsonschema.validate(param.value, param.schema)  # the default: valid
+        if param.value not in (None, [], {}):
+            shown = {True: "on", False: "off"}.get(param.value, param.value)
+            assert f"Default: {shown}." in param.description, (name, param.description)
+        if "enum" in param.schema:
+            assert None in param.schema["enum"] and param.schema["values_display"][None].startswith(
+                "(empty: "
+            )
+
+
+@pytest.mark.parametrize("path", [p for p in DAG_FILES if "track" in p.read_text()], ids=lambda p: p.name)
+def test_the_event_field_says_when_it_is_required(path: Path, monkeypatch: pytest.MonkeyPatch):
+    params = _load(path, monkeypatch).dag.params
+    event = params.get_param("event")
+    assert event.value is None and not _starred(event.schema)
+    assert event.description.startswith("Required when Call type is track")
+    assert "fails at once, before Looker is read" in event.description

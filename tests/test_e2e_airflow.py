@@ -16,15 +16,16 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import requests
 from airflow_services import AirflowServices, quote
 from standins.connections import standin_connections
-from standins.looker_fixtures import NEW_SIGNUPS_LOOK_ID, TOASTMATES_LOOK_ID, fixture_looks
+from standins.looker_fixtures import DELETED_LOOK_ID, NEW_SIGNUPS_LOOK_ID, TOASTMATES_LOOK_ID, fixture_looks
 from standins.looker_standin import LookerStandIn
 from standins.segment_standin import DEFAULT_WRITE_KEY, SegmentStandIn
 
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.e2e
 
 DAG_ID = "looker_cohort_to_segment"
 SIGNUPS_DAG_ID = "looker_new_signups_to_segment"
+MAPPED_DAG_ID = "looker_cohorts_to_segment_mapped"
 TASK_ID = "sync_cohort"
 DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
 TOASTMATES = fixture_looks()[TOASTMATES_LOOK_ID]
@@ -172,6 +174,10 @@ def test_triggered_run_sends_the_look_to_segment(stack: Stack):
     summary_line = f"Look {TOASTMATES_LOOK_ID}: {rows} rows read, {rows} sent, 0 invalid"
     log = stack.wait_for_log(run_id, summary_line)
     assert summary_line in log, log
+    # No looker_sdk line per request (POST(.../login), GET(...), DELETE(.../logout)); the Look's URL once.
+    assert "POST(" not in log and "GET(" not in log and "DELETE(" not in log, log
+    assert log.count(f"{stack.looker.base_url}/looks/{TOASTMATES_LOOK_ID}") == 1, log
+    assert [line for line in log.splitlines() if line.startswith("warning") and "Look " in line] == [], log
     raw_log = stack.raw_log(run_id)
     assert DEFAULT_WRITE_KEY not in raw_log
     assert stack.looker.client_secret not in raw_log
@@ -227,17 +233,18 @@ def test_a_run_without_a_look_is_skipped_saying_what_to_set(stack: Stack):
     assert len(stack.segment.events()) == events_before
 
 
-def test_missing_look_fails_the_task_naming_the_look(stack: Stack):
+def test_missing_look_fails_the_task_at_once_naming_the_look(stack: Stack):
     events_before = len(stack.segment.events())
     run_id = stack.trigger_ok({"look_id": MISSING_LOOK_ID})
     try:
-        # The DAG retries twice, five minutes apart: the first try's failure leaves the task up for retry.
+        # The DAG retries twice, five minutes apart; a missing Look is not worth a retry: failed at once.
         ti = stack.airflow.wait_for_task(
             DAG_ID, run_id, TASK_ID, ("up_for_retry", "failed", "success"), timeout=RUN_TIMEOUT
         )
-        assert ti["state"] in ("up_for_retry", "failed"), ti
+        assert ti["state"] == "failed", ti
         assert ti["try_number"] == 1
         assert ti["max_tries"] == 2
+        assert stack.airflow.wait_for_run(DAG_ID, run_id, timeout=RUN_TIMEOUT)["state"] == "failed"
         needle = f"Look {MISSING_LOOK_ID} not found"
         log = stack.wait_for_log(run_id, needle, try_number=1)
         assert needle in log, log
@@ -327,11 +334,70 @@ def test_deferrable_signups_run_waits_in_the_triggerer(stack: Stack):
     assert stack.looker.client_secret not in json.dumps(
         stack.airflow.task_log_events(SIGNUPS_DAG_ID, run_id, task_id, 1)
     )
-    # The task's extra link, as the UI's button reads it.
+    # The task's extra link, as the UI's button (Details > Extra Links) reads it: the Look with the filter
+    # that ran, as Looker's URL filter parameter.
     links = stack.airflow.api(
         "GET", f"/api/v2/dags/{SIGNUPS_DAG_ID}/dagRuns/{quote(run_id)}/taskInstances/{task_id}/links"
     )
     assert links.status_code == 200, links.text
+    link = urlsplit(links.json()["extra_links"]["Looker Look"])
     assert (
-        links.json()["extra_links"]["Looker Look"] == f"{stack.looker.base_url}/looks/{NEW_SIGNUPS_LOOK_ID}"
+        f"{link.scheme}://{link.netloc}{link.path}" == f"{stack.looker.base_url}/looks/{NEW_SIGNUPS_LOOK_ID}"
     )
+    ran = stack.looker.queries.received[-1]["filters"]
+    interval = f"{day} to {(date.fromisoformat(day) + timedelta(days=1)).isoformat()}"
+    assert ran["users.created_date"] == interval
+    assert parse_qsl(link.query) == [("f[users.created_date]", interval)]
+
+
+# ------------------------------------------------------------------------------------------ mapped Looks
+
+
+def test_unpausing_a_dag_whose_variable_is_set_syncs_at_once(stack: Stack):
+    """As the README warns: no trigger needed, the latest day's run starts and sends to Segment."""
+    variable = {"key": "looker_segment_look_ids", "value": json.dumps([TOASTMATES_LOOK_ID])}
+    response = stack.airflow.api("POST", "/api/v2/variables", json=variable)
+    assert response.status_code in (200, 201), response.text
+    try:
+        stack.segment.reset()
+        assert stack.airflow.wait_for_dag(MAPPED_DAG_ID)["is_paused"]
+        response = stack.airflow.api("PATCH", f"/api/v2/dags/{MAPPED_DAG_ID}", json={"is_paused": False})
+        assert response.status_code == 200, response.text
+        deadline, runs = time.monotonic() + RUN_TIMEOUT, []
+        while not runs and time.monotonic() < deadline:
+            found = stack.airflow.api("GET", f"/api/v2/dags/{MAPPED_DAG_ID}/dagRuns").json()["dag_runs"]
+            runs = [run for run in found if run["run_type"] == "scheduled"]
+            time.sleep(1)
+        assert runs, "no scheduled run after unpausing"
+        run = stack.airflow.wait_for_run(MAPPED_DAG_ID, runs[0]["dag_run_id"], timeout=RUN_TIMEOUT)
+        assert run["state"] == "success", run
+        assert len(stack.segment.events()) == len(TOASTMATES.rows)  # a real sync, to the marketing tools
+    finally:
+        stack.airflow.api("DELETE", "/api/v2/variables/looker_segment_look_ids")
+
+
+def test_mapped_tasks_are_named_after_their_looks(stack: Stack):
+    """The grid names each mapped task after its Look, the one that failed included (at once: deleted)."""
+    response = stack.airflow.api("PATCH", f"/api/v2/dags/{MAPPED_DAG_ID}", json={"is_paused": False})
+    assert response.status_code == 200, response.text
+    response = stack.airflow.api(
+        "POST",
+        f"/api/v2/dags/{MAPPED_DAG_ID}/dagRuns",
+        json={
+            "logical_date": None,
+            "conf": {"look_ids": [TOASTMATES_LOOK_ID, DELETED_LOOK_ID], "dry_run": True},
+        },
+    )
+    assert response.status_code == 200, response.text
+    run_id = response.json()["dag_run_id"]
+    run = stack.airflow.wait_for_run(MAPPED_DAG_ID, run_id, timeout=RUN_TIMEOUT)
+    assert run["state"] == "failed", run  # Look 11 is deleted
+    mapped = stack.airflow.api(
+        "GET", f"/api/v2/dags/{MAPPED_DAG_ID}/dagRuns/{quote(run_id)}/taskInstances/{TASK_ID}/listMapped"
+    )
+    assert mapped.status_code == 200, mapped.text
+    tasks = {ti["rendered_map_index"]: ti for ti in mapped.json()["task_instances"]}
+    assert set(tasks) == {f"Look {TOASTMATES_LOOK_ID}", f"Look {DELETED_LOOK_ID}"}, tasks
+    assert tasks[f"Look {TOASTMATES_LOOK_ID}"]["state"] == "success"
+    failed = tasks[f"Look {DELETED_LOOK_ID}"]
+    assert (failed["state"], failed["try_number"], failed["max_tries"]) == ("failed", 1, 2)

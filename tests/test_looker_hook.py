@@ -1279,6 +1279,8 @@ def test_a_long_filter_value_is_shortened_in_the_log(hook, looker, caplog, capfd
     assert "Running Look 16 (Account owners) with filters: users.id = 'u0000000,u0000001," in logged
     assert f"... ({len(ids):,} characters)' (added)" in logged
     assert ids not in logged and len(logged) < 20_000
+    # The web URL with the filters would carry the megabyte too: the log shows the Look's own and says why.
+    assert f"in Looker: {looker.base_url}/looks/16 (with the filters, its URL has " in logged
 
 
 def test_a_filter_equal_to_the_looks_own_runs_the_same_rows(hook, looker):

@@ -104,7 +104,7 @@ def test_seed_example_call_reproduced_exactly(run, segment, capfd):
     text = log.out + log.err
     assert "userId from field users.id (tag user_id)" in text
     assert "10 rows read, 10 sent, 0 invalid, 0 rejected, 0 failed, 1 batches" in text
-    assert "overwrites these traits" in text  # the seed's warning about existing trait names
+    assert "each identify overwrites these traits" in text  # the seed's note about existing trait names
     assert DEFAULT_WRITE_KEY not in text and "looker-demo-secret" not in text
 
 
@@ -191,28 +191,36 @@ def test_dry_run_needs_no_segment_connection(run, segment, monkeypatch):
 # ---------------------------------------------------------------------------------------------- retries
 
 
+#: Segment rate-limits the first try's batch beyond the delivery's 8 attempts (429, ``Retry-After: 0``): its
+#: events fail for a reason that can pass, so Airflow retries the task, and the retry delivers them.
+SEGMENT_OUTAGE = {"script": ["429"] * 8, "retry_after": 0}
+
+
 def test_retried_task_sends_identical_message_ids(run, segment):
     from standins.segment_standin import Faults
 
-    segment.set_faults(Faults(script=["400"]))  # the first try's batch is refused: the task fails, retries
+    segment.set_faults(Faults(**SEGMENT_OUTAGE))
     dag_run, ti, summary = run()
     assert dag_run.state == "success" and ti.try_number == 2
-    first, second = _message_ids_of_requests(segment)
-    assert len(first) == 10 and first == second
+    requests = _message_ids_of_requests(segment)
+    first, second = requests[0], requests[-1]  # the first try's first request, the retry's
+    assert len(requests) == 9 and len(first) == 10 and first == second
     assert summary["sent"] == 10
     # The next run of the DAG sends new messageIds (Segment would drop repeats for about 24 hours).
     _dag_run, _ti, _summary = run()
-    assert not set(_message_ids_of_requests(segment)[2]) & set(first)
+    assert not set(_message_ids_of_requests(segment)[-1]) & set(first)
 
 
 def test_rejected_events_fail_the_task_with_the_summary(run, segment, capfd):
     from standins.segment_standin import Faults
 
-    segment.set_faults(Faults(script=["400", "400"]))
+    segment.set_faults(Faults(script=["400"]))
     dag_run, ti, _summary = run()
-    assert dag_run.state == "failed" and ti.state == "failed"
+    # Re-sending what Segment rejected would be rejected again: the task fails at once, retries unused.
+    assert dag_run.state == "failed" and ti.state == "failed" and ti.try_number == 1
     text = "".join(capfd.readouterr())
     assert "10 events rejected by Segment" in text and '"rows":10' in text
+    assert "UndeliverableEventsError" in text
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -399,11 +407,12 @@ def test_mass_exit_stops_the_run_before_any_exit(changed, looker, segment, capfd
     _cohort(looker, [("u0", "free"), ("u1", "free"), ("u2", "pro")])  # 7 of 10 gone
     dag_run, ti, _summary = changed(membership_trait="in_cohort")
     assert dag_run.state == "failed" and ti.state == "failed"
-    # The guard is decided before the first call: u2's change is not sent either, on both tries.
+    # The guard is decided before the first call: u2's change is not sent either; it fails the task at once.
+    assert ti.try_number == 1
     assert segment.events() == [] and segment.stats()["requests"] == 0
     text = "".join(capfd.readouterr())
     assert "ExitGuardError" in text and "7 of the 10 identities" in text and "max_exit_ratio=0.5" in text
-    assert text.count("Look 600: 3 rows read, 0 sent") == 2  # each try logs its summary, then fails
+    assert text.count("Look 600: 3 rows read, 0 sent") == 1  # the one try logs its summary, then fails
     segment.reset()
     _dag_run, _ti, summary = changed(membership_trait="in_cohort", max_exit_ratio=1.0)
     assert summary["exited"] == 7 and summary["sent"] == 8 and summary["changed"] == 1
@@ -433,7 +442,7 @@ def test_failed_batch_is_sent_again_by_the_next_run(changed, looker, segment):
     cohort[0], cohort[1] = ("u0", "pro"), ("u1", "pro")
     _cohort(looker, cohort)
     segment.reset()
-    segment.set_faults(Faults(script=["400", "400"]))  # run 2 (both tries): Segment refuses the batch
+    segment.set_faults(Faults(script=["400"]))  # run 2: Segment refuses the batch (no retry)
     dag_run, _ti, _summary = changed()
     assert dag_run.state == "failed"
     segment.reset()

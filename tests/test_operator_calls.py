@@ -10,6 +10,7 @@ from typing import Any
 from standins.looker_fixtures import ACCOUNT_USERS_LOOK_ID, ACCOUNTS_LOOK_ID, FixtureField, FixtureLook
 from standins.segment_standin import Faults
 from test_operator import (  # noqa: F401  (fixtures)
+    SEGMENT_OUTAGE,
     _cohort,
     _message_ids_of_requests,
     changed,
@@ -191,10 +192,11 @@ def test_entry_and_exit_events_across_three_runs(changed, looker, segment):
 
 def test_a_retried_task_resends_identical_entry_message_ids(changed, looker, segment):
     _cohort(looker, [(f"u{n}", "free") for n in range(4)])
-    segment.set_faults(Faults(script=["400"]))  # the first try's batch is refused: the task fails, retries
+    segment.set_faults(Faults(**SEGMENT_OUTAGE))  # the first try's batch fails: the task is retried
     dag_run, ti, summary = changed(entered_event="Entered", membership_trait="in_cohort")
     assert dag_run.state == "success" and ti.try_number == 2
-    first, second = _message_ids_of_requests(segment)
+    requests = _message_ids_of_requests(segment)
+    first, second = requests[0], requests[-1]
     assert len(first) == 8 and first == second  # 4 identify calls and 4 entry events, twice the same ids
     assert summary["entered_events"] == 4 and summary["sent"] == 8
 

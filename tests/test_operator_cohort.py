@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
-from standins.connections import standin_connections
+from standins.connections import segment_connection, standin_connections
 from standins.demo import read_return_value
 from standins.looker_fixtures import FixtureField, FixtureLook
 from standins.looker_standin import LookerStandIn
@@ -97,16 +97,19 @@ def _events(segment: SegmentStandIn, name: str) -> list[dict[str, Any]]:
 
 def test_a_replaced_cohort_sends_nothing_on_any_try(run, looker, segment, capfd):
     """A broken join: the 100 members gone, 100 others in their place. Before: 'Entered' to the 100
-    newcomers on the first try, 'Left' to the whole real cohort on the retry, and a green task."""
+    newcomers on the first try, 'Left' to the whole real cohort on the retry, and a green task. The guard
+    fails the task at once (no retry fixes a broken Look); a second DAG run on the same broken Look (or the
+    task cleared by hand) trips it alike, since the first left the state as it was."""
     _look(looker, [(f"u{n}", "vip") for n in range(100)])
     dag_run, _summary = run(**JOURNEY)
     assert dag_run.state == "success" and len(_events(segment, "Entered VIP")) == 100
     segment.reset()
     _look(looker, [(f"u{n}", "vip") for n in range(100, 200)])
-    dag_run, _summary = run(**JOURNEY)
-    ti = dag_run.get_task_instance("sync")
-    assert dag_run.state == "failed" and ti.try_number == 2  # both tries ran and failed
-    assert segment.stats()["requests"] == 0  # no identify, no entry, no exit: nothing at all
+    for _attempt in range(2):
+        dag_run, _summary = run(**JOURNEY)
+        ti = dag_run.get_task_instance("sync")
+        assert dag_run.state == "failed" and ti.try_number == 1  # failed at once, retries unused
+        assert segment.stats()["requests"] == 0  # no identify, no entry, no exit: nothing at all
     text = "".join(capfd.readouterr())
     assert text.count("100 of the 100 identities of the previous run (100%)") >= 2
     assert "nothing was sent and the state was not changed (100 new" in text
@@ -122,25 +125,37 @@ def _split_batches(segment: SegmentStandIn) -> list[list[str]]:
     return [list(record.message_ids or ()) for record in segment.records()]
 
 
-def test_an_entry_split_from_its_call_reaches_the_journey_once(run, looker, segment):
+def test_an_entry_split_from_its_call_reaches_the_journey_once(run, looker, segment, monkeypatch, capfd):
     """Rows of ~15.7 KB: a batch ends between the 16th identity's call and its entry event. Segment refuses
-    the first batch: the retry sends the first 15 identities' calls and entry events again under the same
-    messageIds, and only the call of the 16th, whose entry event was accepted."""
+    the first batch (HTTP 400: the task fails at once); the next DAG run sends the first 15 identities'
+    calls and entry events again, the entry events under the same messageIds, and only the call of the
+    16th, whose entry event was accepted."""
     _look(looker, [(f"u{n}", "vip") for n in range(40)], bio=15_500)
+    # One request in flight, so that the first request Segment receives is the first batch formed (with
+    # several in flight, a later batch may arrive first and be the one refused).
+    connection = json.loads(segment_connection(segment.base_url))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SEGMENT_DEFAULT", json.dumps({**connection, "extra": json.dumps({"max_in_flight": 1})})
+    )
     segment.set_faults(Faults(script=["400"]))  # the first request of the run
     dag_run, _summary = run(**JOURNEY)
+    assert "up to 1 requests in flight" in "".join(capfd.readouterr())
     first, second = _split_batches(segment)[:2]
     assert first[-1].split("-")[1] == "lsg" and second[0].split("-")[1] == "entered"  # the split is there
-    assert dag_run.state == "success" and dag_run.get_task_instance("sync").try_number == 2
+    assert dag_run.state == "failed" and dag_run.get_task_instance("sync").try_number == 1
+    refused = {mid for mid in first if mid.split("-")[1] == "entered"}
+    after_first = {event["messageId"] for event in _events(segment, "Entered VIP")}
+    assert len(refused) == 15 and len(after_first) == 40 - 15 and not refused & after_first
+    dag_run, _summary = run(**JOURNEY)  # the next DAG run
+    assert dag_run.state == "success" and dag_run.get_task_instance("sync").try_number == 1
     accepted = Counter(event["messageId"] for event in segment.events())
     entries = _events(segment, "Entered VIP")
     assert sorted(event["userId"] for event in entries) == sorted(f"u{n}" for n in range(40))
     assert all(accepted[event["messageId"]] == 1 for event in entries)  # never sent twice
     calls = Counter(event["userId"] for event in segment.events() if event["type"] == "identify")
     assert set(calls) == {f"u{n}" for n in range(40)} and set(calls.values()) == {1}
-    # The first try's refused entry events carried the messageIds the retry sent.
-    refused = {mid for mid in first if mid.split("-")[1] == "entered"}
-    assert refused and refused <= set(accepted)
+    # The first run's refused entry events carried the messageIds the next run sent.
+    assert refused <= set(accepted)
     segment.reset()
     dag_run, summary = run(**JOURNEY)
     assert summary["sent"] == 0 and summary["pending"] == 0
@@ -190,8 +205,9 @@ def test_a_state_that_cannot_be_saved_says_so_and_the_next_run_repeats_no_journe
     assert "The calls were delivered to Segment, but the state of sync" in text
     assert "(3 attempts; last error: OSError: [Errno 28] No space left on device)" in text
     assert "carry the same messageIds" in text and state_path.split("://")[1] in text
+    assert dag_run.get_task_instance("sync").try_number == 3  # retried: the storage may heal
     entries = {event["messageId"] for event in _events(segment, "Entered VIP")}
-    assert len(entries) == 5  # both tries sent them under the same messageIds
+    assert len(entries) == 5  # every try sent them under the same messageIds
     dag_run, summary = run(**JOURNEY, state_path=state_path)  # the store works again
     assert dag_run.state == "success" and summary["new"] == 5
     assert {event["messageId"] for event in _events(segment, "Entered VIP")} == entries
@@ -221,6 +237,7 @@ def test_a_templated_track_event_keeps_one_state(run, looker, segment, tmp_path)
 def test_the_state_of_an_earlier_version_keyed_by_the_event_is_adopted(run, looker, segment, tmp_path):
     _look(looker, [(f"u{n}", "vip") for n in range(3)])
     _dag_run, first = run(call="track", event="In VIP")
+    assert first["new"] == 3
     (state,) = [p for p in (tmp_path / "state").iterdir() if p.suffix == ".state"]
     legacy = sync_state.legacy_sync_keys(
         LOOK_ID, segment.base_url, DEFAULT_WRITE_KEY, call="track", event="In VIP"
@@ -374,6 +391,7 @@ def test_a_state_of_another_layout_is_refused_then_rebuilt(run, looker, segment,
     dag_run, _summary = run()
     text = "".join(capfd.readouterr())
     assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert dag_run.get_task_instance("sync").try_number == 1  # no retry: it needs full_refresh=True
     assert f"The sync state file {state}" in text.replace("file://", "") and problem in text
     assert "full_refresh=True" in text
     assert not list((tmp_path / "state").glob("*.lock"))  # never a lock left behind

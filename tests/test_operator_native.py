@@ -165,9 +165,10 @@ def test_a_failed_query_fails_the_deferred_task_with_the_database_error(deferred
 
 @pytest.mark.parametrize("outcome", ["killed", "expired"])
 def test_a_killed_or_expired_query_task_fails_the_task(deferred, looker, segment, capfd, outcome):
-    looker.end_next_query_tasks(outcome, count=2)  # both tries
-    dag_run, _ti, _summary = deferred()
+    looker.end_next_query_tasks(outcome, count=3)  # every try: a retry starts a new query task
+    dag_run, ti, _summary = deferred()
     assert dag_run.state == "failed" and segment.stats()["requests"] == 0
+    assert ti.try_number == 3  # retried: the next query task may complete
     assert f"ended with status {outcome}" in "".join(capfd.readouterr())
 
 
@@ -178,11 +179,11 @@ def test_a_query_that_outlives_the_timeout_is_killed(airflow_db, monkeypatch, lo
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     dag = module.timeout_dag
-    looker.end_next_query_tasks("never", count=2)
+    looker.end_next_query_tasks("never", count=3)
     kills_before = len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/"))
     dag_run = dag.test(run_conf={"look_id": TOASTMATES_LOOK_ID})
     assert dag_run.state == "failed" and segment.stats()["requests"] == 0
-    assert len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/")) - kills_before == 2  # each try
+    assert len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/")) - kills_before == 3  # each try
     text = "".join(capfd.readouterr())
     assert "did not complete within 0.5 seconds" in text and "Asked Looker to kill query task" in text
     assert looker.client_secret not in text
@@ -197,12 +198,13 @@ def test_a_status_poll_told_to_wait_past_the_timeout_fails_at_the_timeout(
     spec = importlib.util.spec_from_file_location("lsg_operator_test", DAG_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    looker.end_next_query_tasks("never", count=2)
-    looker.fail_next_task_polls(2, status=429, retry_after=10)  # the first poll of each try
+    looker.end_next_query_tasks("never", count=3)
+    looker.fail_next_task_polls(3, status=429, retry_after=10)  # the first poll of each try
     kills_before = len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/"))
     dag_run = module.timeout_dag.test(run_conf={"look_id": TOASTMATES_LOOK_ID})
     assert dag_run.state == "failed" and segment.stats()["requests"] == 0
-    assert len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/")) - kills_before == 2  # each try
+    assert dag_run.get_task_instance("sync").try_number == 3  # a timeout is retried (a new query task)
+    assert len(_task_paths(looker, "DELETE", "/api/4.0/running_queries/")) - kills_before == 3  # each try
     text = "".join(capfd.readouterr())
     assert "a retry in 10 s would come after the timeout" in text
     assert "did not complete within 0.5 seconds (timeout; Looker did not answer in time)" in text
@@ -212,12 +214,12 @@ def test_a_status_poll_told_to_wait_past_the_timeout_fails_at_the_timeout(
 # ---------------------------------------------------------------------------------------------- the link
 
 
-def test_the_task_links_to_the_look(run, looker):
+def _stored_link(dag_run: Any) -> str:
+    """The task's extra link, as Airflow stored it (XCom ``_link_LookerLookLink``) for the UI."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    dag_run, _ti, _summary = run(look_id=NEW_SIGNUPS_LOOK_ID)
     with create_session() as session:
         link = session.scalars(
             select(XComModel.value).where(
@@ -226,7 +228,29 @@ def test_the_task_links_to_the_look(run, looker):
                 XComModel.key == "_link_LookerLookLink",
             )
         ).first()
-    assert XComModel.deserialize_value(type("X", (), {"value": link})()) == f"{looker.base_url}/looks/17"
+    return XComModel.deserialize_value(type("X", (), {"value": link})())
+
+
+def test_the_task_links_to_the_look(run, looker):
+    dag_run, _ti, _summary = run(look_id=NEW_SIGNUPS_LOOK_ID)
+    assert _stored_link(dag_run) == f"{looker.base_url}/looks/17"
+
+
+@pytest.mark.parametrize("mode", ["run", "deferred"])
+def test_the_link_of_a_filtered_run_carries_its_filters(run, deferred, looker, mode):
+    """The link opens the Look with the filters that ran, as Looker's URL filters ``f[<field>]=``."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    day = looker.look(NEW_SIGNUPS_LOOK_ID).rows[0]["users.created_date"]
+    filters = {"users.created_date": f"{day} to {day}", "users.plan": "pro,enterprise"}
+    dag_run, _ti, summary = (run if mode == "run" else deferred)(look_id=NEW_SIGNUPS_LOOK_ID, filters=filters)
+    assert dag_run.state == "success" and summary["filters"] == filters
+    link = urlsplit(_stored_link(dag_run))
+    assert f"{link.scheme}://{link.netloc}{link.path}" == f"{looker.base_url}/looks/17"
+    assert parse_qsl(link.query) == [(f"f[{name}]", value) for name, value in filters.items()]
+    assert "[" not in link.query and " " not in link.query  # encoded, as Looker writes them
+    ran = looker.queries.received[-1]["filters"]
+    assert {name: ran[name] for name in filters} == filters  # the link shows what Looker ran
 
 
 # ------------------------------------------------------------------------------------------------ pacing

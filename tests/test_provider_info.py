@@ -47,7 +47,8 @@ def test_both_connection_types_declared_with_form_fields():
     assert set(looker["conn-fields"]) == {"verify_ssl", "timeout"}
     assert looker["conn-fields"]["verify_ssl"]["schema"]["default"] is True
     assert looker["conn-fields"]["timeout"]["schema"]["default"] == 120
-    assert looker["ui-field-behaviour"]["relabeling"]["password"] == "API client secret"
+    assert looker["ui-field-behaviour"]["relabeling"]["password"] == "Client secret (API key)"
+    assert "API3" not in json.dumps(looker)  # Looker calls them API keys (client ID, client secret)
     segment = types["segment_tracking"]
     assert segment["hook-name"] == "Segment Tracking API"
     assert segment["ui-field-behaviour"]["relabeling"]["password"] == "Write key"
@@ -83,3 +84,86 @@ def test_airflow_cli_lists_provider_and_hooks():
     by_type = {h["connection_type"]: h for h in hooks}
     assert by_type["looker"]["class"] == "airflow_provider_looker_segment.hooks.looker.LookerHook"
     assert by_type["segment_tracking"]["class"] == "airflow_provider_looker_segment.hooks.segment.SegmentHook"
+
+
+# ------------------------------------------------------------------ the forms' numeric bounds and the hooks
+
+#: Values typed into a numeric field of a connection form, around every bound the hooks have.
+_TYPED = [-1, 0, 0.05, 0.1, 0.5, 0.99, 1, 1.5, 2, 30, 32, 63.5, 64, 65, 120, 1000, 10**6]
+
+
+def _accepted(conn_type: str, name: str, value: float) -> bool:
+    """Whether the hook takes ``value`` for the extra ``name`` of a connection of ``conn_type``."""
+    from airflow.sdk import Connection
+
+    from airflow_provider_looker_segment.exceptions import InvalidParameterError
+    from airflow_provider_looker_segment.hooks.looker_connection import settings_from_connection
+    from airflow_provider_looker_segment.hooks.segment import SegmentHook
+
+    if conn_type == "looker":
+        conn = Connection(
+            conn_id="looker_form",
+            conn_type="looker",
+            host="https://looker.example.com",
+            login="id",
+            password="secret",
+            extra=json.dumps({name: value}),
+        )
+        try:
+            settings_from_connection(conn)
+        except InvalidParameterError:
+            return False
+        return True
+    conn = Connection(
+        conn_id="segment_form", conn_type="segment_tracking", password="key", extra=json.dumps({name: value})
+    )
+    hook = SegmentHook(segment_conn_id="segment_form")
+    hook.get_connection = lambda _conn_id: conn  # type: ignore[method-assign]
+    try:
+        hook.validate_config()
+    except InvalidParameterError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("conn_type", "name"),
+    [
+        ("looker", "timeout"),
+        ("segment_tracking", "timeout"),
+        ("segment_tracking", "max_in_flight"),
+        ("segment_tracking", "requests_per_second"),
+        ("segment_tracking", "events_per_second"),
+    ],
+)
+def test_numeric_form_fields_accept_only_what_the_hook_accepts(conn_type: str, name: str):
+    """
+    The form's number input keeps to the schema's ``minimum`` and ``maximum``: every value the schema
+    allows, the task takes; and the bounds are there (the hook refuses what lies beyond them).
+    """
+    import jsonschema
+
+    schema = _connection_types()[conn_type]["conn-fields"][name]["schema"]
+    assert "minimum" in schema, schema
+    allowed = []
+    for value in _TYPED:
+        if jsonschema.Draft7Validator(schema).is_valid(value):
+            allowed.append(value)
+            assert _accepted(conn_type, name, value), f"the form saves {name}={value!r}, the task refuses it"
+    assert allowed, schema
+    below = schema["minimum"] - (1 if "integer" in schema["type"] else 0.01)
+    assert not _accepted(conn_type, name, below)
+    if "maximum" in schema:
+        assert not _accepted(conn_type, name, schema["maximum"] + 1)
+    if "default" in schema:
+        assert _accepted(conn_type, name, schema["default"])
+
+
+def test_form_bounds_are_the_hooks_bounds():
+    from airflow_provider_looker_segment.hooks import segment
+
+    fields = _connection_types()["segment_tracking"]["conn-fields"]
+    assert fields["max_in_flight"]["schema"]["maximum"] == segment.MAX_IN_FLIGHT_LIMIT
+    assert fields["max_in_flight"]["schema"]["default"] == segment.DEFAULT_MAX_IN_FLIGHT
+    assert fields["requests_per_second"]["schema"]["minimum"] == segment.MIN_REQUESTS_PER_SECOND
+    assert fields["events_per_second"]["schema"]["minimum"] == segment.MIN_EVENTS_PER_SECOND

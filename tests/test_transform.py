@@ -105,10 +105,12 @@ def test_seed_plan_summary_is_json_serialisable():
     assert plan.trait_keys == ("name", "email", "sessions count")
     assert (plan.has_user_id, plan.has_email, plan.has_anonymous_id) == (True, True, True)
     orjson.dumps({"identifiers": plan.identifiers, "traits": plan.traits, "warnings": plan.warnings})
-    assert plan.warnings == [
-        "Each identify overwrites these traits in downstream tools that already have them: name, email, "
-        "sessions count (avoid trait names your marketing tools already use)."
-    ]
+    # Nothing to act on: no warning. What every identify overwrites is a note of the plan's log line.
+    assert plan.warnings == []
+    assert plan.overwrite_note == (
+        "each identify overwrites these traits in downstream tools that already have them: name, email, "
+        "sessions count"
+    )
 
 
 def test_library_can_be_given():
@@ -540,7 +542,8 @@ def test_reserved_trait_warnings():
     assert len(reserved) == 2, warnings
     assert "'id' comes from orders.id" in reserved[0]
     assert "'title' comes from companies.title" in reserved[1]
-    assert "overwrites these traits" in warnings[-1] and "first name" in warnings[-1]
+    assert not [w for w in warnings if "overwrites" in w]  # a note of the plan's log line, not a warning
+    assert "first name" in plan_transform(meta).overwrite_note
 
 
 def test_reserved_email_from_another_column_warns():

@@ -22,6 +22,7 @@ query in the body (HTTP 200 with ``errors``) rather than as an HTTP 400.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ from looker_sdk.sdk.api40 import models as models40
 from airflow_provider_looker_segment.exceptions import (
     LookDeletedError,
     LookerApiError,
+    LookerRequestError,
     LookerSegmentError,
     LookNotFoundError,
 )
@@ -66,8 +68,10 @@ from airflow_provider_looker_segment.hooks.looker_tasks import (
     LookerQueryTasks,
     normalise_id,
 )
+from airflow_provider_looker_segment.links import look_web_url, shown_look_url
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
+from airflow_provider_looker_segment.models import shown_count as _count
 from airflow_provider_looker_segment.net import PLAIN_HTTP, TIMEOUT, TLS, redact, transport_problem
 
 __all__ = [
@@ -87,6 +91,12 @@ T = TypeVar("T")
 
 API_VERSION = "4.0"
 
+#: Client errors that can pass (a request timeout, a rate limit): retried, unlike the other 4xx answers.
+PASSING_CLIENT_STATUSES = (408, 429)
+#: OpenSSL's reason when the server's certificate is not trusted (self-signed, private CA, expired).
+CERTIFICATE_NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
+#: looker_sdk's logger: it logs every request (``POST(https://.../login)``) at INFO.
+SDK_LOGGER = "looker_sdk"
 #: What looker_sdk raises on a body it cannot deserialize.
 _DESERIALIZE_ERRORS = (serialize.DeserializeError, CattrsError, KeyError, TypeError, ValueError)
 
@@ -146,8 +156,8 @@ class LookerHook(LookerQueryTasks, BaseHook):
     Talk to the Looker API 4.0 with the credentials of an Airflow connection.
 
     The connection (type ``looker``): Host = the API base URL (``https://company.cloud.looker.com``, a port
-    such as ``:19999`` in the URL or in Port), Login = API client ID, Password = API client secret; extras
-    ``verify_ssl`` (default true) and ``timeout`` (seconds, default 120).
+    such as ``:19999`` in the URL or in Port), Login = the client ID of a Looker API key, Password = its
+    client secret; extras ``verify_ssl`` (default true) and ``timeout`` (seconds, default 120).
 
     Use it as a context manager: on exit, failed or not, it logs out of Looker (:meth:`close`)::
 
@@ -196,7 +206,16 @@ class LookerHook(LookerQueryTasks, BaseHook):
 
     @cached_property
     def sdk(self) -> methods40.Looker40SDK:
-        """A looker_sdk 4.0 client configured from the connection alone."""
+        """
+        A looker_sdk 4.0 client configured from the connection alone.
+
+        looker_sdk logs each request at INFO (``GET(https://.../api/4.0/looks/42)``): three lines a run that
+        say nothing the task log does not, and that the UI turns into broken links. Its logger is raised to
+        WARNING, unless logging was configured for it (its level is set).
+        """
+        sdk_logger = logging.getLogger(SDK_LOGGER)
+        if sdk_logger.level == logging.NOTSET:
+            sdk_logger.setLevel(logging.WARNING)
         settings = ConnectionApiSettings(self.settings)
         transport = requests_transport.RequestsTransport(settings, self.session)
         auth = auth_session.AuthSession(settings, transport, serialize.deserialize40, API_VERSION)
@@ -308,17 +327,25 @@ class LookerHook(LookerQueryTasks, BaseHook):
             run_query = self._create_filtered_query(look_id, info, look, given)
             path = f"queries/{quote(str(run_query.query_id), safe='')}/run/json_detail"
             self.log.info(
-                "Running Look %s (%s) with filters: %s (Looker query %s): limit %s, cache %s",
+                "Running Look %s (%s) with filters: %s (Looker query %s): limit %s, cache %s; in Looker: %s",
                 look_id,
                 info.title,
                 run_query.describe(),
                 run_query.query_id,
-                effective,
+                _count(effective),
                 cache,
+                self.shown_look_url(look_id, given),
             )
         else:
             path = f"looks/{quote(look_id, safe='')}/run/json_detail"
-            self.log.info("Running Look %s (%s): limit %s, cache %s", look_id, info.title, effective, cache)
+            self.log.info(
+                "Running Look %s (%s): limit %s, cache %s; in Looker: %s",
+                look_id,
+                info.title,
+                _count(effective),
+                cache,
+                self.shown_look_url(look_id),
+            )
         try:
             response = self._open(path, params, f"Running Look {look_id}", look_id=look_id)
         except LookerApiError as exc:
@@ -327,6 +354,17 @@ class LookerHook(LookerQueryTasks, BaseHook):
             raise
         with self._closing(response):
             yield self._stream(look_id, response, info, effective, strict_limit, run_query)
+
+    def look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str:
+        """
+        The Look's web page on the connection's Looker instance (with ``filters`` in the URL), as the
+        operator's extra link gives it.
+        """
+        return look_web_url(self.settings.base_url, look_id, filters)
+
+    def shown_look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str:
+        """:meth:`look_url` as the task log shows it (a URL too long to log is replaced by the Look's own)."""
+        return shown_look_url(self.settings.base_url, look_id, filters)
 
     # --- internals ----------------------------------------------------------------------------------------
 
@@ -406,7 +444,7 @@ class LookerHook(LookerQueryTasks, BaseHook):
                     url, params=params, headers=headers, stream=True, timeout=self.settings.timeout
                 )
             except requests.RequestException as exc:
-                raise LookerApiError(self._transport_message(action, exc), look_id=look_id) from exc
+                raise self._transport_error(action, exc, look_id=look_id) from exc
             if response.status_code == 401 and attempt == 0:
                 response.close()
                 self.log.info("Looker refused the access token (expired?); logging in again")
@@ -434,9 +472,7 @@ class LookerHook(LookerQueryTasks, BaseHook):
                     self._forget_token()
                     continue
                 if transport_error is not None:
-                    raise LookerApiError(
-                        self._transport_message(action, transport_error), look_id=look_id
-                    ) from None
+                    raise self._transport_error(action, transport_error, look_id=look_id) from None
                 message = _sdk_message(exc)
                 raise self._http_error(action, status, message, look_id=look_id, login=login) from None
             except _DESERIALIZE_ERRORS as exc:
@@ -458,13 +494,24 @@ class LookerHook(LookerQueryTasks, BaseHook):
         look_id: str | None = None,
         login: bool = False,
     ) -> LookerApiError:
-        """Turn an HTTP error answer into the provider's exception, with a message a user can act on."""
+        """
+        Turn an HTTP error answer into the provider's exception, with a message a user can act on: a
+        :class:`LookerRequestError` (the task fails at once) when no retry would change the answer, i.e. a
+        4xx other than 408 and 429; a :class:`LookerApiError` (retried) otherwise.
+        """
         message = self._redact(message)
+        lasting = status is not None and 400 <= status < 500 and status not in PASSING_CLIENT_STATUSES
         if login and status in CREDENTIAL_STATUSES:
-            return LookerApiError(
+            return LookerRequestError(
                 f"Looker rejected the API credentials of connection '{self.looker_conn_id}' "
                 f"(client ID {self.settings.client_id}) at {self.settings.base_url}: "
                 f"HTTP {status} {message}. Check the client ID and secret.",
+                status=status,
+            )
+        if login and lasting:  # another 4xx (405, 422...): no retry changes it, nor is it the credentials
+            return LookerRequestError(
+                f"Logging in to Looker at {self.settings.base_url} failed (HTTP {status}): "
+                f"{message.rstrip('.')}. Is Host the Looker API URL?",
                 status=status,
             )
         if login:  # 429, 5xx...: Looker busy or unavailable (an upgrade), not refusing the credentials
@@ -480,17 +527,28 @@ class LookerHook(LookerQueryTasks, BaseHook):
                 f"Look {look_id} not found, or the API user cannot see it", status=404, look_id=look_id
             )
         if status == 401:
-            return LookerApiError(
+            return LookerRequestError(
                 f"{action}: Looker refused the API user even after logging in again (HTTP 401): {message}",
                 status=status,
                 look_id=look_id,
             )
         shown = f"HTTP {status}" if status else "error"
-        return LookerApiError(f"{action} failed ({shown}): {message}", status=status, look_id=look_id)
+        error = LookerRequestError if lasting else LookerApiError
+        return error(f"{action} failed ({shown}): {message}", status=status, look_id=look_id)
 
-    def _transport_message(self, action: str, exc: BaseException) -> str:
-        """Describe a connection-level failure (TLS, timeout, unreachable host, closed connection)."""
+    def _transport_error(self, action: str, exc: BaseException, *, look_id: str | None) -> LookerApiError:
+        """
+        Describe a connection-level failure (TLS, timeout, unreachable host, closed connection): a
+        :class:`LookerRequestError` (no retry) for a wrong scheme or port and an untrusted certificate, a
+        :class:`LookerApiError` (retried) for the rest.
+        """
         kind, reason = transport_problem(exc)
+        lasting = kind == PLAIN_HTTP or (kind == TLS and reason == CERTIFICATE_NOT_TRUSTED)
+        error = LookerRequestError if lasting else LookerApiError
+        return error(self._transport_message(kind, reason, action), look_id=look_id)
+
+    def _transport_message(self, kind: str, reason: str, action: str) -> str:
+        """The words for a connection-level failure of ``action``."""
         base = self.settings.base_url
         if kind == PLAIN_HTTP:
             text = (

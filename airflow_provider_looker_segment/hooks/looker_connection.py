@@ -77,7 +77,11 @@ def settings_from_connection(conn: Any) -> LookerConnectionSettings:
     client_id = (conn.login or "").strip()
     client_secret = conn.password or ""
     if not client_id or not client_secret:
-        missing = "Login (API client ID)" if not client_id else "Password (API client secret)"
+        missing = (
+            "Login (the client ID of a Looker API key)"
+            if not client_id
+            else "Password (the client secret of the Looker API key)"
+        )
         raise ConnectionConfigError(f"The Looker connection '{conn.conn_id}' has no {missing}")
     of = f"extra of connection '{conn.conn_id}'"
     timeout = to_number(extra.get("timeout"), name=f"timeout ({of})", default=DEFAULT_TIMEOUT, above=0)

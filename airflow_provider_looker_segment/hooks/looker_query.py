@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from looker_sdk.sdk.api40 import models as models40
 
-from airflow_provider_looker_segment.exceptions import LookerApiError, LookFilterError
+from airflow_provider_looker_segment.exceptions import LookerApiError, LookerRequestError, LookFilterError
 from airflow_provider_looker_segment.look_filters import normalise_filters, shorten
 from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
 
@@ -36,11 +36,11 @@ def filtered_write_query(
     :param look: the Look as Looker answers it (``LookWithQuery``).
     :param filters: checked filters (see :func:`normalise_filters`).
     :return: the query to create, and what it changes.
-    :raises LookerApiError: the Look has no query (or one without model or explore).
+    :raises LookerRequestError: the Look has no query (or one without model or explore).
     """
     query = look.query
     if query is None or not query.model or not query.view:
-        raise LookerApiError(
+        raise LookerRequestError(
             f"Look {look_id} has no query with a model and an explore: it cannot be run with filters",
             look_id=look_id,
         )

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import requests
 from looker_sdk.sdk.api40 import models as models40
 
-from airflow_provider_looker_segment.exceptions import LookerApiError, QueryTaskError
+from airflow_provider_looker_segment.exceptions import LookerApiError, LookerRequestError, QueryTaskError
 from airflow_provider_looker_segment.hooks.looker_query import (
     FILTER_REFUSAL_STATUSES,
     filter_error,
@@ -23,6 +23,7 @@ from airflow_provider_looker_segment.hooks.looker_query import (
 )
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
+from airflow_provider_looker_segment.models import shown_count as _count
 
 if TYPE_CHECKING:
     import logging
@@ -42,10 +43,10 @@ RESULTS_POLL_INTERVAL = 0.5
 
 
 def normalise_id(value: str | int, what: str = "A Look id") -> str:
-    """Return an id as text, stripped; raise :class:`LookerApiError` naming ``what`` when it is empty."""
+    """Return an id as text, stripped; raise :class:`LookerRequestError` naming ``what`` when it is empty."""
     text = str(value).strip()
     if not text:
-        raise LookerApiError(f"{what} is required (got an empty value)")
+        raise LookerRequestError(f"{what} is required (got an empty value)")
     return text
 
 
@@ -86,6 +87,8 @@ class LookerQueryTasks:
 
         def _closing(self, response: requests.Response) -> AbstractContextManager[None]: ...
 
+        def shown_look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str: ...
+
     def start_query_task(
         self,
         look_id: str | int,
@@ -123,7 +126,7 @@ class LookerQueryTasks:
         else:
             query_id = str(look.query_id or (look.query.id if look.query else None) or "")
             if not query_id:
-                raise LookerApiError(f"Look {look_id} has no query to run", look_id=look_id)
+                raise LookerRequestError(f"Look {look_id} has no query to run", look_id=look_id)
         # json_detail, as a run (see hooks/looker.py): its results carry a failed query's errors with HTTP 200
         body = models40.WriteCreateQueryTask(
             query_id=query_id, result_format=models40.ResultFormat.json_detail, look_id=look_id
@@ -150,14 +153,15 @@ class LookerQueryTasks:
         what = f"with filters: {run_query.describe()}" if given else "as saved"
         effective = info.limit if limit is None else limit
         self.log.info(
-            "Started Looker query task %s for Look %s (%s) %s (query %s): limit %s, cache %s",
+            "Started Looker query task %s for Look %s (%s) %s (query %s): limit %s, cache %s; in Looker: %s",
             task.id,
             look_id,
             info.title,
             what,
             query_id,
-            effective,
+            _count(effective),
             cache,
+            self.shown_look_url(look_id, given),
         )
         return str(task.id)
 

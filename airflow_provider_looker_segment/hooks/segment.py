@@ -10,6 +10,7 @@ The hook reads and checks the connection (write key, base URL, extras) and hands
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -191,6 +192,8 @@ class SegmentHook(BaseHook):
         self._settings: SegmentSettings | None = None
         self._stopped = False
         self._delivery: Delivery | None = None
+        #: The report of the last :meth:`send` (``None`` before one ended).
+        self.last_report: DeliveryReport | None = None
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -345,13 +348,17 @@ class SegmentHook(BaseHook):
             wall_clock=self._wall_clock,
         )
         self._delivery = delivery
+        self.last_report = None
         if self._stopped:  # stop() came first: read nothing, send nothing
             delivery.stop()
         try:
             report = delivery.run(messages, progress, progress_interval, on_undelivered)
         finally:
             self._delivery = None
-        self.log.info("Segment delivery done: %s", report.summary())
+        self.last_report = report
+        # A clean delivery is in the sync's summary line; one with rejected or failed events says why here.
+        level = logging.INFO if report.rejected or report.failed else logging.DEBUG
+        self.log.log(level, "Segment delivery done: %s", report.summary())
         return report
 
     def stop(self) -> None:

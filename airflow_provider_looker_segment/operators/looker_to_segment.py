@@ -11,17 +11,26 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.configuration import conf
-from airflow.sdk import BaseOperator, ObjectStoragePath
+from airflow.sdk import AssetAlias, BaseOperator, ObjectStoragePath
+from airflow.sdk.definitions.asset import BaseAsset
 
 from airflow_provider_looker_segment.cohort_sync import SYNC_ALL
 from airflow_provider_looker_segment.destinations import Destination, resolve_destinations
-from airflow_provider_looker_segment.exceptions import InvalidParameterError, LookerApiError, QueryTaskError
+from airflow_provider_looker_segment.exceptions import (
+    InvalidParameterError,
+    LookerApiError,
+    LookerSegmentError,
+    QueryTaskError,
+    SegmentDeliveryError,
+    UndeliverableEventsError,
+)
 from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.hooks.segment import SegmentHook
 from airflow_provider_looker_segment.links import LookerLookLink
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.params import to_number, to_optional_str
 from airflow_provider_looker_segment.pipeline import SyncSettings, failure, log_summary, sync_look
+from airflow_provider_looker_segment.progress import SyncProgress
 from airflow_provider_looker_segment.sync_state import (
     CohortStateStore,
     check_state_key,
@@ -52,6 +61,11 @@ class LookerToSegmentOperator(BaseOperator):
     batches through Segment's HTTP Tracking API. The task fails, after everything deliverable was sent, if
     Segment rejected any event or some could not be delivered. The summary is returned (XCom
     ``return_value``).
+
+    Errors that no retry can fix (a deleted Look, a bad parameter, a Look without identifiers, events
+    Segment rejects...) fail the task at once, whatever its ``retries``; those that can heal (Looker or
+    Segment unavailable, timeouts, a lock held by a live run) are retried by Airflow as usual: see
+    :mod:`airflow_provider_looker_segment.exceptions`. A dry run emits no asset event for the task's outlets.
 
     .. seealso::
         The README's "Use it in your Airflow" section and parameter reference.
@@ -103,7 +117,8 @@ class LookerToSegmentOperator(BaseOperator):
         ObjectStoragePath reads (``s3://bucket/looker-segment/``, ``gs://...``); use shared storage when tasks
         run on several workers. Default: ``$AIRFLOW_HOME/looker_segment_state``. (templated)
     :param state_key: with ``sync_mode="changed"``, name the sync's state yourself (1 to 64 letters, digits,
-        ``.``, ``_``, ``-``), e.g. ``"vip-{{ macros.ds_format(ds, '%Y-%m-%d', '%Y') }}"`` for a state per year.
+        ``.``, ``_``, ``-``), e.g. ``"vip-{{ macros.ds_format(ds, '%Y-%m-%d', '%Y') }}"`` for a state per
+        year.
         By default the state is keyed by the Look, the call type and the Segment source (write key hashed),
         never by other values rendered per run (a templated ``event`` or ``filters`` keep one state).
         (templated)
@@ -366,6 +381,10 @@ class LookerToSegmentOperator(BaseOperator):
         gc.freeze()
         try:
             with ExitStack() as resources:
+                # Progress lines from before Looker is asked to run the Look: its wait is reported too.
+                progress = resources.enter_context(
+                    SyncProgress(settings.look_id, self.log, self.progress_interval, dry_run=settings.dry_run)
+                )
                 state = None
                 if settings.changed_only:
                     store = self._state_store(settings, segment)
@@ -384,6 +403,7 @@ class LookerToSegmentOperator(BaseOperator):
                     state=state,
                     log=self.log,
                     progress_interval=self.progress_interval,
+                    progress=progress,
                     stop=segment.stop,
                 )
         finally:
@@ -393,8 +413,24 @@ class LookerToSegmentOperator(BaseOperator):
         self._publish_asset_events(context, result)
         error = failure(settings, summary)
         if error is not None:
-            raise error
+            raise self._final(error)
         return result
+
+    def _final(self, error: LookerSegmentError) -> LookerSegmentError:
+        """
+        The error to fail the task with after a sync: undelivered events are retried only when some failed
+        for a reason that can pass (Segment unavailable, rate limits, timeouts); events Segment rejected or
+        refused for good, and too many invalid rows, fail the task at once (same message). The cohort's
+        errors keep their class (:func:`~airflow_provider_looker_segment.pipeline.failure`): a tripped exit
+        guard fails at once (``ExitGuardError``); a lost lock (``SyncStateLockLostError``) and a state that
+        could not be saved (``SyncStateError``) are retried.
+        """
+        if type(error) is not SegmentDeliveryError:
+            return error
+        report = self._segment.last_report if self._segment is not None else None
+        if report is not None and report.failed and report.refused is None:
+            return error
+        return UndeliverableEventsError(str(error))
 
     def on_kill(self) -> None:
         """Stop sending at once when the task is killed (the events not sent are reported failed)."""
@@ -435,8 +471,21 @@ class LookerToSegmentOperator(BaseOperator):
         )
 
     def _publish_asset_events(self, context: Context, summary: dict[str, Any]) -> None:
-        """Attach the sync's figures to the events of the task's outlet assets."""
-        if not self.outlets or summary["dry_run"]:
+        """
+        Attach the sync's figures to the events of the task's outlet assets; after a dry run, emit none
+        (Airflow records an asset event for each asset outlet of a task that succeeds, and a dry run must
+        not start the DAGs scheduled on them).
+        """
+        if not self.outlets:
+            return
+        if summary["dry_run"]:
+            kept = [outlet for outlet in self.outlets if not isinstance(outlet, BaseAsset | AssetAlias)]
+            if len(kept) < len(self.outlets):
+                self.log.info(
+                    "Dry run: no asset event for %s (nothing was synced).",
+                    ", ".join(_asset_name(outlet) for outlet in self.outlets if outlet not in kept),
+                )
+                self.outlets = kept  # what Airflow reads when it records the task's success
             return
         extra = {key: summary[key] for key in ("look_id", "rows", "sent", "invalid", "ran_at")}
         outlet_events = context.get("outlet_events")
@@ -447,6 +496,11 @@ class LookerToSegmentOperator(BaseOperator):
                 outlet_events[outlet].extra = extra
             except (KeyError, TypeError):  # not an asset outlet
                 continue
+
+
+def _asset_name(outlet: Any) -> str:
+    """An outlet's name for the log (its ``name``, else its ``uri``)."""
+    return str(getattr(outlet, "name", None) or getattr(outlet, "uri", None) or outlet)
 
 
 def _configured_executors() -> list[str]:

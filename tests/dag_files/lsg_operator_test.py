@@ -2,7 +2,9 @@
 DAGs for the operator tests: every option comes from the run's conf (``dag.test(run_conf=...)``).
 
 ``lsg_operator_test`` runs the operator as it is by default; ``lsg_operator_deferrable_test`` runs it with
-``deferrable=True`` (``dag.test()`` runs the trigger in line), polling every 50 ms.
+``deferrable=True`` (``dag.test()`` runs the trigger in line), polling every 50 ms. Every task has two
+retries, as the example DAGs, without delay: an error that can heal is tried three times, one that cannot
+fails after the first.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _dag(dag_id: str, **operator_options: object) -> DAG:
             task_id="sync",
             **{name: f"{{{{ params.{name} }}}}" for name in PARAMS},
             progress_interval=0.5,
-            retries=1,
+            retries=2,
             retry_delay=datetime.timedelta(seconds=0),
             **operator_options,
         )

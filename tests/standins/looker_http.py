@@ -257,11 +257,16 @@ class HandlerBase(BaseHTTPRequestHandler):
             self._end_chunks()
             return
         rows_sent = body_bytes = 0
+        pause = self.standin._take_pause(look.id)
         try:
             for piece, rows in result_pieces(look, fmt, query, self.standin.chunk_rows, cut, cached):
                 self._write_chunk(piece)
                 rows_sent += rows
                 body_bytes += len(piece)
+                if pause is not None and rows_sent >= pause[0]:
+                    self.wfile.flush()
+                    self.standin._wait(pause[1])
+                    pause = None
         finally:
             self.standin._count("rows_sent", rows_sent)
             self.standin._count("result_bytes", body_bytes)

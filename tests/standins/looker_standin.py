@@ -96,6 +96,8 @@ class _Faults:
     drop_runs: int = 0
     delay: float = 0.0
     delay_prefix: str = API_PREFIX
+    # look id -> [rows, seconds]: the next run of the Look pauses its body after so many rows
+    pause_after: dict[str, list[Any]] = field(default_factory=dict)
     # answers of the next query task status polls: (HTTP status, Retry-After), or status 0 to close the link
     task_polls: list[tuple[int, float | None]] = field(default_factory=list)
     # answers of the next requests to a route: [method, path, status, Retry-After, times left]
@@ -259,6 +261,14 @@ class LookerStandIn(ThreadedStandIn):
         with self._lock:
             self._faults.cut_after[str(look_id)] = [rows, times, garbage]
 
+    def pause_after(self, look_id: str | int, rows: int, seconds: float) -> None:
+        """
+        In the next run of a Look, stop sending for ``seconds`` after ``rows`` rows (the rows sent so far
+        are flushed), then send the rest: a warehouse or a network that is slow mid-result.
+        """
+        with self._lock:
+            self._faults.pause_after[str(look_id)] = [rows, seconds]
+
     def answer_html_next_runs(self, count: int, *, echo_authorization: bool = False) -> None:
         """
         Answer the next ``count`` Look runs with HTTP 200 and a ``text/html`` page, as a proxy or single
@@ -392,6 +402,12 @@ class LookerStandIn(ThreadedStandIn):
                     del faults.cut_after[look_id]
                 return ("cut", (cut[0], cut[2]))
         return None
+
+    def _take_pause(self, look_id: str) -> tuple[int, float] | None:
+        """Consume the pause of the next run of ``look_id``: ``(rows, seconds)``, or ``None``."""
+        with self._lock:
+            pause = self._faults.pause_after.pop(look_id, None)
+        return (int(pause[0]), float(pause[1])) if pause else None
 
     def _take_task_poll_fault(self) -> tuple[int, float | None] | None:
         """
