@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from airflow_provider_looker_segment.batching import EncodedMessage
-from airflow_provider_looker_segment.sync_run import (
+from airflow_provider_looker_segment.cohort_units import (
     CALL,
     ENTER,
     EVENT,
@@ -37,9 +37,9 @@ from airflow_provider_looker_segment.sync_run import (
     Decision,
     Departure,
     Handed,
-    SyncRun,
     Unit,
 )
+from airflow_provider_looker_segment.sync_run import SyncRun
 from airflow_provider_looker_segment.sync_state import ANONYMOUS_ID, GROUP_ID, USER_ID, format_identity_hash
 from airflow_provider_looker_segment.values import anonymous_id_from_group
 

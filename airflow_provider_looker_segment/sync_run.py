@@ -23,52 +23,38 @@ from __future__ import annotations
 
 import logging
 import marshal
-import os
 import shutil
 import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final
 
 from airflow_provider_looker_segment import exceptions as errors
-from airflow_provider_looker_segment.cohort_spool import PARTITIONS, Spool, iter_chunks, partition_range
+from airflow_provider_looker_segment.cohort_spool import PARTITIONS, Spool, iter_chunks
+from airflow_provider_looker_segment.cohort_units import (
+    CHANGED,
+    FULL,
+    NEW,
+    REJOINED,
+    SWITCHED,
+    Decision,
+    Departure,
+    Handed,
+    Unit,
+)
 from airflow_provider_looker_segment.sync_lock import SyncLock
 from airflow_provider_looker_segment.sync_state import (
-    ANONYMOUS_ID,
-    GROUP_ID,
     IDENTITY_KINDS,
-    USER_ID,
-    identity_hash_from_message_id,
-    signed,
-    utcnow,
 )
 
 if TYPE_CHECKING:
+    from airflow_provider_looker_segment.sync_commit import CommitResult
     from airflow_provider_looker_segment.sync_state import CohortStateStore
 
 log = logging.getLogger(__name__)
-
-#: What :meth:`SyncRun.decide` concludes for an identity of the Look.
-NEW: Final = 0  # not in the previous state: sent, with its entry event
-CHANGED: Final = 1  # its traits changed (or a full refresh): sent
-UNCHANGED: Final = 2  # nothing to send
-SWITCHED: Final = 3  # a userId for a member the state knew by its anonymousId: one call with both, no entry
-REJOINED: Final = 4  # a member of ``pending``: its call is sent again, its entry event if the view lacks it
-#: Transitions of the ``pending`` table.
-ENTER: Final = 1
-EXIT: Final = 2
-#: The parts of a unit (bits of the failed parts, and of ``pending.view``): the call (the row's call, or the
-#: membership call of an exit) and the event (entry or exit event). A member in full has view 3, an identity
-#: out of the cohort in full view 0.
-CALL: Final = 1
-EVENT: Final = 2
-FULL: Final = CALL | EVENT
-#: The word after the identity hash in the messageIds of each part (see :func:`message_part`).
-PART_WORDS: Final = {"lsg": CALL, "entered": EVENT, "exit": CALL, "exited": EVENT}
 
 _FLUSH_ROWS = 10_000
 _PENDING_COLUMNS: Final = "ihash, transition, generation, view, kind, identity"
@@ -78,131 +64,6 @@ _SCRATCH: Final = """
     CREATE TABLE run.eligible (ihash INTEGER PRIMARY KEY);
     CREATE TABLE run.failed (ihash INTEGER PRIMARY KEY, bits INTEGER NOT NULL);
 """
-
-
-class Unit(NamedTuple):
-    """
-    An identity of the Look to send: its call (the row's, as encoded by the transform) and what it needs.
-
-    :param ordinal: its place among the units of the run, in the order they are given.
-    :param seq: its row's position in the Look.
-    :param verdict: :data:`NEW`, :data:`CHANGED`, :data:`SWITCHED` or :data:`REJOINED`.
-    :param ihash: its identity hash (unsigned).
-    :param kind: ``userId``, ``anonymousId`` or ``groupId``.
-    :param identity: the identity.
-    :param body: the call's encoding.
-    :param alt_identity: with :data:`SWITCHED`, the anonymousId the state knew the member by.
-    :param transition: the pending transition of the identity (:data:`ENTER`, :data:`EXIT`) or ``None``.
-    :param generation: the generation that pending transition departed from.
-    :param view: what Segment was told of it (bits :data:`CALL` and :data:`EVENT`).
-    """
-
-    ordinal: int
-    seq: int
-    verdict: int
-    ihash: int
-    kind: str
-    identity: str
-    body: bytes
-    alt_identity: str | None
-    transition: int | None
-    generation: int | None
-    view: int
-
-
-class Departure(NamedTuple):
-    """
-    An identity to send an exit: a departed member of the previous state, or an orphan of the ``pending``
-    table (an identity neither in the state nor in the Look that Segment was told something of).
-    """
-
-    ordinal: int
-    ihash: int
-    kind: str
-    identity: str
-    transition: int | None
-    generation: int | None
-    view: int
-    orphan: bool
-
-
-@dataclass
-class Decision:
-    """What :meth:`SyncRun.decide` found: counts of the Look's rows and identities against the state."""
-
-    rows: int = 0
-    identities: int = 0
-    duplicates: int = 0
-    duplicate_example: str | None = None
-    new: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    switched: int = 0
-    rejoined: int = 0
-    departed: int = 0
-    orphans: int = 0
-    previous: int = 0
-
-    @property
-    def exit_ratio(self) -> float:
-        """Departed identities / previous identities (0.0 without a previous state)."""
-        return self.departed / self.previous if self.previous else 0.0
-
-
-@dataclass
-class Handed:
-    """
-    How far the messages of a run were handed to Segment, in the order :meth:`SyncRun.iter_units` and
-    :meth:`SyncRun.iter_exits` give them: every unit up to a mark was handed whole; ``partial`` is the unit
-    whose first parts were handed when sending stopped, with the bits of its parts that were not.
-    """
-
-    units_done: int = -1  # ordinal of the last unit handed (in part, see ``partial``)
-    exits_started: bool = False
-    exits_done: int = -1  # ordinal of the last exit handed (in part, see ``partial``)
-    all_done: bool = False
-    partial: tuple[int, int] | None = None  # (unsigned ihash, bits not handed)
-
-
-class CommitResult(NamedTuple):
-    """
-    What a commit wrote: the state's ``generation``, identities (``entries``) and file ``size`` (``saved``
-    false when nothing changed, so nothing was written); units accepted for new identities (``added``),
-    changed ones (``updated``) and exits (``removed``); units not accepted (``not_advanced``: sent again
-    next run), and entries or exits left pending.
-    """
-
-    generation: int
-    entries: int
-    size: int
-    added: int
-    updated: int
-    removed: int
-    not_advanced: int
-    pending: int
-    saved: bool
-    seconds: float = 0.0
-
-
-def identity_of(message: Mapping[str, Any]) -> tuple[str, str]:
-    """
-    Return the identity a message is keyed by in the state: a group call's groupId, else its userId if any,
-    else its anonymousId.
-    """
-    if message.get("type") == "group":
-        return (GROUP_ID, message["groupId"])
-    user_id = message.get("userId")
-    return (USER_ID, user_id) if user_id else (ANONYMOUS_ID, message["anonymousId"])
-
-
-def message_part(message_id: Any) -> tuple[int, int] | None:
-    """The (unsigned identity hash, part bit) a messageId of a changed-only run stands for, or ``None``."""
-    ihash = identity_hash_from_message_id(message_id)
-    if ihash is None or message_id[16:17] != "-":
-        return None
-    word = message_id[17:].split("-", 1)[0]
-    bit = PART_WORDS.get(word)
-    return None if bit is None else (ihash, bit)
 
 
 class SyncRun:
@@ -541,218 +402,56 @@ class SyncRun:
     ) -> CommitResult:
         """
         Write the next state from what Segment accepted of each unit handed to it (the rejected and failed
-        messages were given to :meth:`record_undelivered`).
+        messages were given to :meth:`record_undelivered`); see
+        :func:`~airflow_provider_looker_segment.sync_commit.commit_run`.
 
-        A call accepted records the identity's traits digest; the view of an identity records what its entry
-        or exit told Segment; an identity whose view is complete (a member in full, or out in full) leaves
-        ``pending``, one out in full leaves the state. Parts the run does not send (no membership trait, no
-        entry or exit event) count as told.
-
-        :param handed: how far the run's messages were handed to Segment.
-        :param keep_departed: the departed identities stay as they are (a possibly truncated Look).
-        :param membership_trait: the run's calls carry a membership trait (exit calls are sent).
-        :param entered_event: the run sends entry events.
-        :param exited_event: the run sends exit events.
         :raises SyncStateConflictError: the stored state changed since this run loaded it.
         :raises SyncStateSaveError: the state could not be saved (after the store's retries).
         """
+        from airflow_provider_looker_segment.sync_commit import commit_run
+
         self._check_decided()
         self._undelivered.close()
         self._committed = True  # whatever happens next, the local copy has moved on: no second try
-        db, generation = self._db, self.previous_generation
-        if not self._load_undelivered(handed):  # a failed message of unknown identity: nothing advances
-            handed = Handed()
-        units_done, exits_done = handed.units_done, handed.exits_done if handed.exits_started else -1
-        if handed.all_done:
-            units_done = exits_done = 1 << 62
-        exits_sent = membership_trait or exited_event
-        drop_departed = not keep_departed and not exits_sent  # nothing to tell them: they just leave
-        tally = {"added": 0, "accepted": 0, "complete": 0, "removed": 0, "changes": 0, "sent": 0}
-        upserts: list[tuple] = []
-        deletes: list[tuple] = []
-        pending_upserts: list[tuple] = []
-        pending_deletes: list[tuple] = []
-        unit_ordinal = exit_ordinal = 0
-        for part, units, departed in self._plans():
-            lo, hi = partition_range(part)
-            failed = dict(
-                db.execute("SELECT ihash, bits FROM run.failed WHERE ihash BETWEEN ? AND ?", (lo, hi))
-            )
-            for _seq, verdict, ihash, kind, identity, _pos, _length, digest, transition, gen, view in units:
-                tally["sent"] += 1
-                if unit_ordinal > units_done:
-                    unit_ordinal += 1
-                    continue
-                unit_ordinal += 1
-                bits = failed.get(ihash, 0)
-                alt = None
-                if verdict == NEW and self._switched_alts:
-                    found = db.execute("SELECT alt FROM run.switches WHERE ihash = ?", (ihash,)).fetchone()
-                    if found:
-                        alt, view = found[0], FULL
-                # After its call was sent, Segment may hold the identity as a member (a call that failed may
-                # have reached it): the call bit is set whatever the outcome, but only an accepted call
-                # completes the unit (and records the digest).
-                accepted_call = not bits & CALL
-                if entered_event:
-                    new_event = EVENT if not bits & EVENT else view & EVENT
-                else:
-                    new_event = EVENT
-                new_view = CALL | new_event
-                if accepted_call:
-                    upserts.append((ihash, digest, kind, identity))
-                    tally["accepted"] += 1
-                    tally["added"] += verdict == NEW and alt is None
-                    if alt is not None:
-                        deletes.append((alt,))
-                        pending_deletes.append((alt,))
-                if accepted_call and new_view == FULL:
-                    tally["complete"] += 1
-                    if transition is not None:
-                        pending_deletes.append((ihash,))
-                elif verdict == CHANGED and transition is None and new_view == FULL:
-                    pass  # a member in full still: its old digest makes the next run send it again
-                else:
-                    since = gen if transition == ENTER else generation
-                    pending_upserts.append((ihash, ENTER, since, new_view, kind, identity))
-            for ihash, kind, identity, transition, gen, view, orphan in departed:
-                if ihash in self._switched_alts:
-                    continue
-                if drop_departed:
-                    deletes.append((ihash,))
-                    if transition is not None:
-                        pending_deletes.append((ihash,))
-                    tally["removed"] += not orphan
-                    continue
-                if keep_departed or not exits_sent:
-                    continue
-                if exit_ordinal > exits_done:
-                    exit_ordinal += 1
-                    continue
-                exit_ordinal += 1
-                bits = failed.get(ihash, 0)
-                new_call = 0 if not membership_trait or not bits & CALL else view & CALL
-                new_event = 0 if not exited_event or not bits & EVENT else view & EVENT
-                if new_call | new_event:
-                    since = gen if transition == EXIT else generation
-                    pending_upserts.append((ihash, EXIT, since, new_call | new_event, kind, identity))
-                else:
-                    deletes.append((ihash,))
-                    if transition is not None:
-                        pending_deletes.append((ihash,))
-                    tally["removed"] += not orphan
-            self._apply(upserts, deletes, pending_upserts, pending_deletes, tally)
-        pending = db.execute("SELECT count(*) FROM main.pending").fetchone()[0]
-        stayed = 0 if keep_departed else max(self.decision.departed - tally["removed"], 0)
-        not_advanced = tally["sent"] - tally["complete"] + stayed
-        entries = db.execute("SELECT count(*) FROM main.identities").fetchone()[0]
-        if not tally["changes"]:
-            db.rollback()
-            log.info(
-                "Sync %s: nothing changed; the state (generation %s) is kept as it is.",
-                self.store.key,
-                generation,
-            )
-            return CommitResult(generation, entries, 0, 0, 0, 0, not_advanced, pending, False)
-        accepted, added = tally["accepted"], tally["added"]
-        result = self._save(entries, added, accepted, tally["removed"], not_advanced, pending)
-        log.info("Sync %s: state generation %s saved: %s", self.store.key, result.generation, result)
-        return result
-
-    def _apply(
-        self,
-        upserts: list[tuple],
-        deletes: list[tuple],
-        pending_upserts: list[tuple],
-        pending_deletes: list[tuple],
-        tally: dict[str, int],
-    ) -> None:
-        """Write a partition's changes to the local copy of the state."""
-        db = self._db
-        if upserts:
-            tally["changes"] += db.executemany(
-                "INSERT OR REPLACE INTO main.identities (ihash, digest, kind, identity) VALUES (?, ?, ?, ?)",
-                upserts,
-            ).rowcount
-        if deletes:
-            tally["changes"] += db.executemany(
-                "DELETE FROM main.identities WHERE ihash = ?", deletes
-            ).rowcount
-        if pending_deletes:
-            tally["changes"] += db.executemany(
-                "DELETE FROM main.pending WHERE ihash = ?", pending_deletes
-            ).rowcount
-        if pending_upserts:
-            tally["changes"] += db.executemany(
-                "INSERT OR REPLACE INTO main.pending VALUES (?, ?, ?, ?, ?, ?)", pending_upserts
-            ).rowcount
-        for batch in (upserts, deletes, pending_upserts, pending_deletes):
-            batch.clear()
-
-    def _save(
-        self, entries: int, added: int, accepted: int, removed: int, not_advanced: int, pending: int
-    ) -> CommitResult:
-        db, started = self._db, time.monotonic()
-        state_id = int.from_bytes(os.urandom(4), "big") & 0x7FFF_FFFF
-        generation = self.previous_generation + 1
-        meta = {"sync_key": self.store.key, "generation": generation, "run_id": self.run_id}
-        meta |= {"state_id": f"{state_id:08x}", "written_at": utcnow().isoformat(timespec="seconds")}
-        db.executemany("INSERT OR REPLACE INTO main.meta VALUES (?, ?)", meta.items())
-        db.execute(f"PRAGMA main.user_version = {state_id}")
-        db.commit()
-        next_state = self._workdir / "next.state"
-        db.execute("VACUUM main INTO ?", (str(next_state),))  # compact, in hash order
-        size = next_state.stat().st_size
-        try:
-            self.store.file.publish(next_state, self._token)
-        except errors.SyncStateConflictError:
-            raise
-        except Exception as error:
-            marked = self.store.file.write_unsaved_marker(
-                {
-                    "run_id": self.run_id,
-                    "generation": self.previous_generation,
-                    "written_at": meta["written_at"],
-                }
-            )
-            raise errors.SyncStateSaveError(
-                self.store.key,
-                str(self.store.state_path),
-                error,
-                attempts=len(self.store.file.save_retry_delays) + 1,
-                generation=self.previous_generation,
-                marked=marked,
-            ) from error
-        if self.unsaved is not None:
-            self.store.file.remove_unsaved_marker()
-        seconds = round(time.monotonic() - started, 3)
-        return CommitResult(
-            generation, entries, size, added, accepted - added, removed, not_advanced, pending, True, seconds
+        return commit_run(
+            self,
+            handed,
+            keep_departed=keep_departed,
+            membership_trait=membership_trait,
+            entered_event=entered_event,
+            exited_event=exited_event,
         )
 
-    def _load_undelivered(self, handed: Handed) -> bool:
-        """
-        Fill ``run.failed`` with the (identity, part bits) of the rejected and failed messages and of the
-        parts of the unit handed in part; ``False`` when one of them names no identity.
-        """
-        db = self._db
-        upsert = """INSERT INTO run.failed VALUES (?, ?)
-                    ON CONFLICT (ihash) DO UPDATE SET bits = bits | excluded.bits"""
-        known, batch = True, []
-        with open(self._undelivered_path, encoding="utf-8") as lines:
-            for line in lines:
-                part = message_part(line.rstrip("\n"))
-                if part is None:
-                    known = False
-                    continue
-                batch.append((signed(part[0]), part[1]))
-                if len(batch) >= _FLUSH_ROWS:
-                    db.executemany(upsert, batch)
-                    batch.clear()
-        if handed.partial is not None:
-            batch.append((signed(handed.partial[0]), handed.partial[1]))
-        db.executemany(upsert, batch)
-        return known
+    # -- what the commit reads ----------------------------------------------------------------------------
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The local copy of the state (``main``) with the run's scratch tables (``run``)."""
+        return self._db
+
+    @property
+    def workdir(self) -> Path:
+        """The run's local folder."""
+        return self._workdir
+
+    @property
+    def token(self) -> str:
+        """The stored state's version when this run loaded it."""
+        return self._token
+
+    @property
+    def undelivered_path(self) -> Path:
+        """The messageIds of the rejected and failed messages, one per line."""
+        return self._undelivered_path
+
+    @property
+    def switched_alts(self) -> set[int]:
+        """The anonymousId hashes of the members whose identity switched to a userId this run."""
+        return self._switched_alts
+
+    def plans(self) -> Iterator[tuple[int, list[tuple], list[tuple]]]:
+        """The partitions with something to send, in order: (partition, units, departed)."""
+        return self._plans()
 
     def close(self) -> None:
         """Release the lock and remove local files (idempotent; never leaves the lock behind)."""

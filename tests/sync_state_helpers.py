@@ -26,16 +26,16 @@ from airflow.sdk.io import attach
 from fsspec.implementations.memory import MemoryFileSystem
 
 from airflow_provider_looker_segment.cohort_sync import CohortCounts, CohortEvents, CohortMessages, plan_exits
-from airflow_provider_looker_segment.exceptions import SyncStateLockedError
-from airflow_provider_looker_segment.sync_run import (
+from airflow_provider_looker_segment.cohort_units import (
     CHANGED,
     NEW,
     REJOINED,
     SWITCHED,
-    CommitResult,
     Decision,
     Departure,
 )
+from airflow_provider_looker_segment.exceptions import SyncStateLockedError
+from airflow_provider_looker_segment.sync_commit import CommitResult
 from airflow_provider_looker_segment.sync_state import (
     ANONYMOUS_ID,
     USER_ID,

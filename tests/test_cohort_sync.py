@@ -12,7 +12,7 @@ import pytest
 from sync_state_helpers import run_sync
 
 from airflow_provider_looker_segment.cohort_sync import CohortEvents, exit_calls
-from airflow_provider_looker_segment.sync_run import CALL, EVENT, Departure, identity_of, message_part
+from airflow_provider_looker_segment.cohort_units import CALL, EVENT, Departure, identity_of, message_part
 from airflow_provider_looker_segment.sync_state import CohortStateStore, identity_hash
 from airflow_provider_looker_segment.values import anonymous_id_from_email, anonymous_id_from_group
 
