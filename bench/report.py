@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from drill_links import lines as drill_link_lines
+from scale import render as render_scale
 from environment import MAIN_PACKAGES, baseline_versions, machine_info, package_versions
 from report_delivery import delivery_targets, latency_lines, pacing_lines
 from report_format import num as _num
@@ -49,6 +50,7 @@ class Report:
     :param latencies: the round trips measured, in ms.
     :param pace: the events per second of the pacing check (0: none).
     :param drill_links: the bytes of results with and without drill links (``drill_links.measure``).
+    :param scale: the scale section's runs (``scale.measure``).
     :param date: when the report was made (UTC).
     :param machine: cores, memory, CPU model, OS, Python.
     :param versions: package versions, main venv and baseline venv.
@@ -70,6 +72,7 @@ class Report:
     latencies: list[float] = field(default_factory=list)
     pace: float = 0.0
     drill_links: list[dict[str, Any]] = field(default_factory=list)
+    scale: list[dict[str, Any]] = field(default_factory=list)
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     machine: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -192,6 +195,7 @@ def render_markdown(report: Report, closing_note: str = "") -> str:
         *latency_lines(report, summaries),
         *pacing_lines(report),
         *drill_link_lines(report.drill_links),
+        *([render_scale(report.scale), ""] if report.scale else []),
         *_startup_lines(report, summaries),
         *_ceiling_lines(report),
         *_target_lines(report, summaries),

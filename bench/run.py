@@ -26,6 +26,11 @@ of 100 events at a time, so 10,000 rows already take 20 s at 200 ms). Pacing: ou
 connection's extra ``events_per_second`` = ``--pace`` (default 20,000) on ``--pace-rows`` rows (default
 200,000, at most the largest size); the rate achieved is read from the stand-in's arrival times.
 
+Scale (``scale.py``): all mode and changed-only runs 1 (all new), 2 (nothing sent) and 3 (1 % changed, 1 %
+replaced) at ``--scale-sizes`` (default 1 M and 3 M; 10 M with ``--scale-sizes 1000000,3000000,10000000``,
+about half an hour more), each in a fresh process: memory against the cohort's size, and all mode against
+the package before issue 23 (``--scale-old-ref``).
+
 Drill links: the ``json_detail`` bytes of Look 1 and of a generated Look of ``--drill-rows`` rows (default
 10,000), with Looker's default drill links and with ``generate_drill_links=false`` (``drill_links.py``).
 
@@ -53,6 +58,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(1, str(BENCH_DIR.parent / "tests"))  # the stand-ins (tests/standins)
 
 import drill_links  # noqa: E402
+import scale  # noqa: E402
 from harness import CASES, STARTUP_CASES, Bench, BenchError, Case, RunRecord, baseline_problem  # noqa: E402
 from report import Report, render_markdown  # noqa: E402
 
@@ -140,6 +146,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help=f"rows of the pacing check (default {DEFAULT_PACE_ROWS:,}, at most the largest size)",
+    )
+    parser.add_argument(
+        "--scale-sizes",
+        default=",".join(str(n) for n in scale.DEFAULT_SIZES),
+        help="row counts of the scale section (default 1000000,3000000; '' for none)",
+    )
+    parser.add_argument(
+        "--scale-old-ref",
+        default=scale.DEFAULT_OLD_REF,
+        help="git revision of the package all mode is compared with in the scale section ('' for none)",
     )
     parser.add_argument(
         "--drill-rows",
@@ -289,6 +305,10 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> Report:
         for figure in drill:
             with_links, without = figure["with_links"], figure["without_links"]
             _log(f"drill links: Look {figure['look_id']}: {with_links:,} B, {without:,} B without")
+        scale_sizes = tuple(int(n) for n in args.scale_sizes.split(",") if n.strip())
+        scale_records = (
+            scale.measure(bench, scale_sizes, 1, args.scale_old_ref or None) if scale_sizes else []
+        )
     large = [n for n in args.sizes if n >= LARGE_SIZE]
     if large and any(case.baseline for case in cases) and args.large_repeat < args.repeat:
         notes.append(
@@ -312,6 +332,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> Report:
         baseline_python=args.baseline_python if any(case.baseline for case in cases) else None,
         profile=profile,
         drill_links=drill,
+        scale=scale_records,
     )
 
 

@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "run.py"
 ROWS = 10_000
+SCALE_ROWS = 20_000
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,10 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
         "-",
         "--timeout",
         "240",
+        "--scale-sizes",
+        str(SCALE_ROWS),
+        "--scale-old-ref",
+        "",
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -141,3 +146,18 @@ def test_report_has_the_tables(smoke):
     assert results["versions"]["main"]["airflow-provider-looker-segment"] != "-"
     assert {ceiling["case"] for ceiling in results["ceilings"]} == {"ceiling-looker", "ceiling-segment"}
     assert results["profile"]["rows"] == ROWS and results["profile"]["functions"]
+
+
+def test_the_scale_section_runs_every_kind_of_run(smoke):
+    """All mode and changed runs 1 (everyone new), 2 (nothing) and 3 (1 % changed, 1 % replaced: 1 % of exit
+    calls too); each with its own memory and CPU figures; the section is in the report."""
+    results, markdown = smoke
+    runs = {record["run"]: record for record in results["scale"]}
+    assert set(runs) == {"all", "changed 1", "changed 2", "changed 3"}
+    assert runs["all"]["sent"] == runs["changed 1"]["sent"] == SCALE_ROWS
+    assert runs["changed 2"]["sent"] == 0 and runs["changed 2"]["unchanged"] == SCALE_ROWS
+    changed3 = runs["changed 3"]
+    assert (changed3["changed"], changed3["new"], changed3["departed"]) == (200, 200, 200)
+    assert changed3["sent"] == 600
+    assert all(run["peak_rss_mb"] > 0 and run["cpu_us_per_row"] > 0 for run in runs.values())
+    assert "## Scale: memory flat in the cohort's size" in markdown

@@ -995,3 +995,24 @@ def test_one_million_identities_in_bounded_memory(tmp_path):
     assert report["growth_mb"] < 60
     # The traits digest is the same in another process (no per-process hash seed).
     assert report["reference_digest"] == traits_digest(REFERENCE_TRAITS)
+
+
+class TestLockEdges:
+    def test_a_lock_renewed_in_the_future_says_the_clocks_disagree(self, store):
+        ahead = datetime.now(timezone.utc) + timedelta(minutes=5)
+        owner = LockOwner("skewed-run", "t", "worker-2.example", 1, ahead, ahead)
+        store.base_path.mkdir(parents=True, exist_ok=True)
+        store.lock_path.write_bytes(owner.to_bytes())
+        with pytest.raises(SyncStateLockedError) as raised:
+            store.begin("next-run")
+        message = str(raised.value)
+        assert "last renewed 0:04:5" in message and "in the future" in message
+        assert "clock is ahead" in message and "ago" not in message.split("skewed-run")[1].split(":")[0]
+
+    def test_a_folder_where_the_lock_should_be_is_named(self, tmp_path):
+        store = CohortStateStore(f"file://{tmp_path}/state", KEY)
+        Path(store.lock_path.path).mkdir(parents=True)
+        with pytest.raises(SyncStateError, match="is a folder, where the lock file should be") as raised:
+            store.begin("run")
+        assert "Remove that folder" in str(raised.value)
+        assert not isinstance(raised.value, SyncStateLockedError)
