@@ -12,12 +12,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from drill_links import lines as drill_link_lines
-from scale import render as render_scale
 from environment import MAIN_PACKAGES, baseline_versions, machine_info, package_versions
 from report_delivery import delivery_targets, latency_lines, pacing_lines
 from report_format import num as _num
 from report_format import ratio as _ratio
 from report_format import table as _table
+from scale import render as render_scale
 
 #: Issue 14's targets for the row path (on a 2-core machine, 1 M rows on loopback); the delivery part's
 #: targets are in ``report_delivery.py``.
