@@ -30,6 +30,10 @@ from airflow_provider_looker_segment.transform import complete_encoding
 PARTITIONS: Final = 256
 #: Records kept in memory per partition before they are written (so at most 256 x this many in memory).
 CHUNK_RECORDS = 128
+#: A partition with more records than this is compared in slices of at most about as many (a slice is a
+#: contiguous range of identity hashes: 2, 4, ... 256 of them per partition), so that the working set of a
+#: comparison does not grow with the cohort.
+SLICE_RECORDS = 8_192
 #: 32 hex digits of the messageId and ``"}`` end every message the transform encodes.
 MESSAGE_ID_TAIL: Final = 34
 _U64: Final = 1 << 64
@@ -72,6 +76,7 @@ class Spool:
         self._buffers: list[list[tuple]] = [[] for _ in range(PARTITIONS)]
         self._reader: int | None = None
         self._written: set[int] = set()
+        self._counts = [0] * PARTITIONS
         self.rows = 0
         self.bytes = 0
         self.tail = b""
@@ -174,6 +179,7 @@ class Spool:
         self._reader = os.open(self.folder / "bodies", os.O_RDONLY)
 
     def _flush(self, part: int) -> None:
+        self._counts[part] += len(self._buffers[part])
         data = marshal.dumps(self._buffers[part])
         if self._files[part] is None:
             self._files[part] = open(self.folder / f"part-{part}", "ab", buffering=0)
@@ -181,26 +187,76 @@ class Spool:
         self._files[part].write(len(data).to_bytes(4, "little") + data)
         self._buffers[part].clear()
 
-    def has(self, part: int) -> bool:
-        """Whether a partition has records."""
-        return part in self._written
+    def slices(
+        self, part: int, expected_state: int = 0
+    ) -> Iterator[tuple[int, int, list[tuple], list[tuple]]]:
+        """
+        A partition in slices, in hash order: ``(lo, hi, rows, claims)``, the slice's identity hashes from
+        ``lo`` to ``hi``, its rows ``(ihash, seq, digest, kind, identity, alt, pos, length)`` in the Look's
+        order and its claims ``(alt, seq, claimer ihash)``.
 
-    def records(self, part: int) -> tuple[list[tuple], list[tuple]]:
-        """A partition's rows ``(ihash, seq, digest, kind, identity, alt, pos, length)`` in the Look's order,
-        and its claims ``(alt, seq, claimer ihash)``."""
+        :param expected_state: how many identities of the state fall in the partition (so that a slice holds
+            about :data:`SLICE_RECORDS` of the Look's records or of the state's, whichever is more).
+        """
+        lo, hi = partition_range(part)
+        bits = max(0, (max(self._counts[part], expected_state) - 1) // SLICE_RECORDS).bit_length()
+        bits = min(bits, 8)
+        if not bits:
+            rows, claims = self._read(self.folder / f"part-{part}") if part in self._written else ([], [])
+            yield lo, hi, rows, claims
+            return
+        width, shift = 1 << (56 - bits), 56 - bits
+        paths = self._split(part, bits, shift)
+        for index in range(1 << bits):
+            path = paths.get(index)
+            rows, claims = self._read(path) if path is not None else ([], [])
+            if path is not None:
+                path.unlink()
+            yield lo + index * width, lo + (index + 1) * width - 1, rows, claims
+
+    def _split(self, part: int, bits: int, shift: int) -> dict[int, Path]:
+        """Write a partition's records to ``1 << bits`` slice files; return the paths of those written."""
+        if part not in self._written:
+            return {}
+        mask, paths = (1 << bits) - 1, {}
+        buffers: list[list[tuple]] = [[] for _ in range(1 << bits)]
+        files: dict[int, Any] = {}
+
+        def flush(index: int) -> None:
+            if index not in files:
+                paths[index] = self.folder / f"part-{part}-{index}"
+                files[index] = open(paths[index], "ab", buffering=0)
+            data = marshal.dumps(buffers[index])
+            files[index].write(len(data).to_bytes(4, "little") + data)
+            buffers[index].clear()
+
+        try:
+            for chunk in self._chunks(self.folder / f"part-{part}"):
+                for record in chunk:
+                    index = (record[1] >> shift) & mask  # the row's hash, or the claimed anonymousId's
+                    buffers[index].append(record)
+                    if len(buffers[index]) >= CHUNK_RECORDS:
+                        flush(index)
+            for index, buffer in enumerate(buffers):
+                if buffer:
+                    flush(index)
+        finally:
+            for file in files.values():
+                file.close()
+        return paths
+
+    @staticmethod
+    def _chunks(path: Path) -> Iterator[list[tuple]]:
+        with open(path, "rb") as file:
+            while header := file.read(4):
+                yield marshal.loads(file.read(int.from_bytes(header, "little")))
+
+    def _read(self, path: Path) -> tuple[list[tuple], list[tuple]]:
         rows: list[tuple] = []
         claims: list[tuple] = []
-        if part not in self._written:
-            return rows, claims
-        path = self.folder / f"part-{part}"
-        with open(path, "rb") as file:
-            data = file.read()
-        offset = 0
-        while offset < len(data):
-            size = int.from_bytes(data[offset : offset + 4], "little")
-            for record in marshal.loads(data[offset + 4 : offset + 4 + size]):
+        for chunk in self._chunks(path):
+            for record in chunk:
                 (rows if record[0] == _ROW else claims).append(record[1:])
-            offset += 4 + size
         return rows, claims
 
     def body(self, pos: int, length: int) -> bytes:

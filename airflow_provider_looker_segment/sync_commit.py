@@ -19,7 +19,6 @@ import time
 from typing import TYPE_CHECKING, NamedTuple
 
 from airflow_provider_looker_segment import exceptions as errors
-from airflow_provider_looker_segment.cohort_spool import partition_range
 from airflow_provider_looker_segment.cohort_units import (
     CALL,
     CHANGED,
@@ -100,8 +99,7 @@ def commit_run(
     pending_upserts: list[tuple] = []
     pending_deletes: list[tuple] = []
     unit_ordinal = exit_ordinal = 0
-    for part, units, departed in run.plans():
-        lo, hi = partition_range(part)
+    for (lo, hi), units, departed in run.plans():
         failed = dict(db.execute("SELECT ihash, bits FROM run.failed WHERE ihash BETWEEN ? AND ?", (lo, hi)))
         for _seq, verdict, ihash, kind, identity, _pos, _length, digest, transition, gen, view in units:
             tally["sent"] += 1

@@ -79,7 +79,7 @@ class SyncRun:
         self._closed = self._committed = False
         self._db: sqlite3.Connection | None = None
         self._spool: Spool | None = None
-        self._planned: list[int] = []  # partitions with a plan, in order
+        self._planned: list[tuple[int, int]] = []  # the hash ranges of the plans, in order
         self._switched_alts: set[int] = set()
         if store.base_path.protocol in ("", "file", "local"):
             store.base_path.mkdir(parents=True, exist_ok=True)
@@ -191,13 +191,14 @@ class SyncRun:
         first_duplicate: tuple[int, int, bytes] | None = None
         candidates: list[tuple[int, int, int, bytes]] = []  # (seq, claimer, alt, alt identity)
         full = self.full_refresh
-        state_parts = _by_partition(db.execute("SELECT ihash, digest, kind FROM identities ORDER BY ihash"))
-        pending_parts = _by_partition(db.execute(f"SELECT {_PENDING_COLUMNS} FROM pending ORDER BY ihash"))
-        for part in range(PARTITIONS):
-            state_rows, pending_rows = next(state_parts), next(pending_parts)
-            if not (state_rows or pending_rows or spool.has(part)):
+        state_scan = _Scan(db.execute("SELECT ihash, digest, kind FROM identities ORDER BY ihash"))
+        pending_scan = _Scan(db.execute(f"SELECT {_PENDING_COLUMNS} FROM pending ORDER BY ihash"))
+        expected = self.previous_count // PARTITIONS + 1
+        slices = (piece for part in range(PARTITIONS) for piece in spool.slices(part, expected))
+        for lo, hi, rows, claims in slices:
+            state_rows, pending_rows = state_scan.take(hi), pending_scan.take(hi)
+            if not (state_rows or pending_rows or rows or claims):
                 continue
-            rows, claims = spool.records(part)
             state = {h: (d, k) for h, d, k in state_rows}
             pending = {row[0]: row[1:] for row in pending_rows}
             firsts: dict[int, tuple] = {}
@@ -248,9 +249,9 @@ class SyncRun:
             if units or departed:
                 units.sort()
                 departed.sort()
-                with open(self._workdir / f"plan-{part}", "wb") as plan:
+                with open(self._workdir / f"plan-{len(self._planned)}", "wb") as plan:
                     plan.write(marshal.dumps((units, departed)))
-                self._planned.append(part)
+                self._planned.append((lo, hi))
             for unit in units:
                 if unit[1] == NEW:
                     decision.new += 1
@@ -302,12 +303,12 @@ class SyncRun:
 
     # -- 3. send ----------------------------------------------------------------------------------------
 
-    def _plans(self) -> Iterator[tuple[int, list[tuple], list[tuple]]]:
-        """The partitions with something to send, in order: (partition, units, departed)."""
-        for part in self._planned:
-            with open(self._workdir / f"plan-{part}", "rb") as plan:
+    def _plans(self) -> Iterator[tuple[tuple[int, int], list[tuple], list[tuple]]]:
+        """The slices with something to send, in hash order: ((lo, hi), units, departed)."""
+        for index, bounds in enumerate(self._planned):
+            with open(self._workdir / f"plan-{index}", "rb") as plan:
                 units, departed = marshal.loads(plan.read())
-            yield part, units, departed
+            yield bounds, units, departed
 
     def iter_units(self) -> Iterator[Unit]:
         """The identities to send (not :data:`UNCHANGED`) by partition, in the Look's order within one."""
@@ -449,8 +450,8 @@ class SyncRun:
         """The anonymousId hashes of the members whose identity switched to a userId this run."""
         return self._switched_alts
 
-    def plans(self) -> Iterator[tuple[int, list[tuple], list[tuple]]]:
-        """The partitions with something to send, in order: (partition, units, departed)."""
+    def plans(self) -> Iterator[tuple[tuple[int, int], list[tuple], list[tuple]]]:
+        """The slices with something to send, in hash order: ((lo, hi), units, departed)."""
         return self._plans()
 
     def close(self) -> None:
@@ -485,16 +486,20 @@ class SyncRun:
             raise errors.SyncStateError(f"run {self.run_id} of sync {self.store.key}: call decide() first")
 
 
-def _by_partition(rows: Iterable[tuple]) -> Iterator[list[tuple]]:
-    """Rows in identity-hash order (the hash first), as one list per partition, all 256 in turn."""
-    rows = iter(rows)
-    pending = next(rows, None)
-    for part in range(PARTITIONS):
-        group: list[tuple] = []
-        while pending is not None and (pending[0] >> 56) + 128 == part:
-            group.append(pending)
-            pending = next(rows, None)
-        yield group
+class _Scan:
+    """Rows in identity-hash order (the hash first), taken a range at a time."""
+
+    def __init__(self, rows: Iterable[tuple]) -> None:
+        self._rows = iter(rows)
+        self._next = next(self._rows, None)
+
+    def take(self, hi: int) -> list[tuple]:
+        """The rows up to the hash ``hi`` (after those already taken)."""
+        taken: list[tuple] = []
+        while self._next is not None and self._next[0] <= hi:
+            taken.append(self._next)
+            self._next = next(self._rows, None)
+        return taken
 
 
 def _text(identity: bytes) -> str:
