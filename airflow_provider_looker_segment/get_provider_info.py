@@ -57,7 +57,10 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_looker_segment.triggers.looker"],
             }
         ],
-        "extra-links": ["airflow_provider_looker_segment.links.LookerLookLink"],
+        "extra-links": [
+            "airflow_provider_looker_segment.links.LookerLookLink",
+            "airflow_provider_looker_segment.links.LookerExploreLink",
+        ],
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_looker_segment.hooks.looker.LookerHook",

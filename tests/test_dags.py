@@ -60,6 +60,8 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     params = dag.params
     assert set(params) == {
         "look_id",
+        "query_id",
+        "query_slug",
         "destinations",
         "dry_run",
         "trait_key_style",
@@ -73,6 +75,8 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     }
     schema = {name: params.get_param(name).schema for name in params}
     assert schema["look_id"]["type"] == ["null", "string"] and params.get_param("look_id").description
+    for query in ("query_id", "query_slug"):  # any Looker query instead of a Look: optional, empty
+        assert schema[query]["type"] == ["null", "string"] and params[query] is None
     assert schema["call"]["enum"] == ["identify", "group", "track", None] and params["call"] == "identify"
     for optional in ("event", "entered_event", "exited_event"):  # optional: no red star in the form
         assert schema[optional]["type"] == ["null", "string"] and params[optional] is None
@@ -132,6 +136,18 @@ def test_a_scheduled_run_syncs_the_look_of_the_variable(standins, monkeypatch):
     dag_run = dag.test(logical_date=pendulum.datetime(2026, 11, 28, tz="UTC"))
     assert _states(dag_run) == {"resolve_look": "success", "sync_cohort": "success"}
     assert len(segment.events()) == 10 and segment.events()[0]["userId"] == "00MWWFOLRcETcTCf"
+
+
+def test_a_run_triggered_with_a_query_syncs_it(standins, monkeypatch):
+    from standins.looker_fixtures import look_query_id
+    from standins.looker_sql import query_slug
+
+    _looker, segment = standins
+    monkeypatch.delenv("AIRFLOW_VAR_LOOKER_SEGMENT_DAILY_LOOK_ID", raising=False)
+    dag = _load(DAGS / "looker_cohort_to_segment.py", monkeypatch).dag
+    dag_run = dag.test(run_conf={"query_slug": query_slug(look_query_id("1"))})
+    assert _states(dag_run) == {"resolve_look": "success", "sync_cohort": "success"}
+    assert len(segment.events()) == 10
 
 
 def test_an_unconfigured_mapped_run_is_skipped(standins, monkeypatch, capfd):
