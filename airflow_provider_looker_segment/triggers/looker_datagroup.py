@@ -248,15 +248,17 @@ class LookerDatagroupTrigger(BaseEventTrigger):
                 _shown(last),
             )
             previous, last = last, current
-            yield TriggerEvent(
-                {
-                    "model_name": self.model_name,
-                    "datagroup_name": self.datagroup_name,
-                    "triggered_at": current,
-                    "previous_triggered_at": previous,
-                }
-            )
-            await store.save(current)  # after the event is handed over: a crash in between fires it again
+            try:
+                yield TriggerEvent(
+                    {
+                        "model_name": self.model_name,
+                        "datagroup_name": self.datagroup_name,
+                        "triggered_at": current,
+                        "previous_triggered_at": previous,
+                    }
+                )
+            finally:  # once handed over (resumed, or closed right after): a crash before it fires it again
+                await store.save(current)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Watch on its own (no sibling to share the poll with): poll and filter, as the triggerer would."""
