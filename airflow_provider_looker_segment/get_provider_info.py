@@ -83,6 +83,15 @@ def get_provider_info() -> dict[str, Any]:
                         ),
                         "schema": {"type": ["integer", "null"], "default": 120, "minimum": 1},
                     },
+                    "warehouse_namespace": {
+                        "label": "Warehouse namespace (lineage)",
+                        "description": (
+                            "OpenLineage namespace of the database Looker's models query, for the tables "
+                            "read by a synced query (e.g. postgres://warehouse.internal:5432, bigquery, "
+                            "snowflake://org-account); empty: looker-sql://<Looker host>."
+                        ),
+                        "schema": {"type": ["string", "null"]},
+                    },
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "extra"],
@@ -138,6 +147,14 @@ def get_provider_info() -> dict[str, Any]:
                             "empty: none."
                         ),
                         "schema": {"type": ["number", "null"], "minimum": 1},
+                    },
+                    "source_name": {
+                        "label": "Source name (lineage)",
+                        "description": (
+                            "The Segment source's name in OpenLineage events (e.g. looker-cohorts); empty: "
+                            "source- and a short one-way hash of the write key (never the key)."
+                        ),
+                        "schema": {"type": ["string", "null"]},
                     },
                 },
                 "ui-field-behaviour": {

@@ -148,6 +148,8 @@ def _look_info(look_id: str, look: models40.LookWithQuery) -> LookInfo:
         hidden_fields=tuple(vis.get("hidden_fields") or ()),
         deleted=bool(look.deleted),
         query_timezone=(query.query_timezone if query else None) or None,
+        query_id=str(look.query_id or (query.id if query else None) or "") or None,
+        slug=(query.slug if query else None) or None,
     )
 
 

@@ -465,8 +465,10 @@ class LookerToSegmentOperator(BaseOperator):
                         store.begin(namespace, full_refresh=settings.full_refresh)
                     )
                 stream = resources.enter_context(open_stream(looker, settings))
-                if self.looker_source is None:
+                if self.looker_source is None:  # a Look: what it runs is its query, or the filtered copy
                     self.looker_source = stream.info
+                    run = stream.query.query_id if stream.query is not None else None
+                    self.looker_run_query_id = run or stream.info.query_id
                 self.looker_sql = stream.meta.sql
                 summary = sync_look(
                     settings,
@@ -508,6 +510,18 @@ class LookerToSegmentOperator(BaseOperator):
         if report is not None and report.failed and report.refused is None:
             return error
         return UndeliverableEventsError(str(error))
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """
+        The lineage of the completed sync, for the OpenLineage provider (extra ``openlineage``): the Look or
+        query read (and the warehouse tables its SQL reads) as inputs, the Segment source as output, no secret
+        in any of it. See :mod:`airflow_provider_looker_segment.lineage`.
+
+        :param task_instance: the task instance that completed (unused: the operator recorded its run).
+        """
+        from airflow_provider_looker_segment.lineage import sync_lineage  # OpenLineage only when it asks
+
+        return sync_lineage(self)
 
     def on_kill(self) -> None:
         """Stop sending at once when the task is killed (the events not sent are reported failed)."""
