@@ -153,11 +153,11 @@ def test_start_and_complete_events_name_the_look_the_tables_and_the_segment_sour
 
 
 def test_the_operator_works_without_the_extra(tmp_path):
-    """With OpenLineage not importable, the operator still imports and builds: it imports OpenLineage only
+    """With OpenLineage's client not importable, the operator still imports and builds: it imports it only
     when the provider asks for the facets."""
     code = (
         "import sys\n"
-        "for name in ('openlineage', 'airflow.providers.openlineage'):\n"
+        "for name in ('openlineage', 'openlineage.client'):\n"
         "    sys.modules[name] = None  # as if the extra were not installed\n"
         "from airflow_provider_looker_segment.operators.looker_to_segment import LookerToSegmentOperator\n"
         "task = LookerToSegmentOperator(task_id='t', query_slug='aBc')\n"
