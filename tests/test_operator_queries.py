@@ -176,3 +176,41 @@ def test_a_dry_run_of_a_query_sends_nothing(run, segment):
     dag_run, _ti, summary = run(look_id=None, query_id=QUERY_ID, dry_run=True)
     assert dag_run.state == "success"
     assert (summary["would_send"], summary["sent"], segment.stats()["requests"]) == (10, 0, 0)
+
+
+# --- the README's API budget table, as the syncs count it ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "counts"),
+    [
+        ({}, (1, 1, 2)),  # a Look as saved
+        ({"look_id": NEW_SIGNUPS_LOOK_ID, "filters": {"users.plan": "pro"}}, (2, 1, 2)),  # with filters
+        ({"look_id": None, "query_id": QUERY_ID}, (2, 0, 2)),  # a query
+        (
+            {
+                "look_id": None,
+                "query_id": look_query_id(NEW_SIGNUPS_LOOK_ID),
+                "filters": {"users.plan": "pro"},
+            },
+            (3, 0, 2),
+        ),  # a query with filters
+    ],
+)
+def test_the_budget_table_of_a_run(run, source, counts):
+    _dag_run, _ti, summary = run(**source)
+    calls = summary["looker_api_calls"]
+    assert (calls["query_based"], calls["administrative"], calls["login_logout"]) == counts
+    assert calls["total"] == sum(counts)
+
+
+def test_the_budget_table_of_a_deferred_look(deferred, looker):
+    _dag_run, _ti, summary = deferred()
+    polls = len(looker.query_tasks.all()[-1].history) - 1
+    # POST /query_tasks, the polls, the results; the Look read before deferring and after; three sessions.
+    assert summary["looker_api_calls"] == {
+        "query_based": 2 + polls,
+        "administrative": 2,
+        "login_logout": 6,
+        "total": 10 + polls,
+    }
