@@ -268,7 +268,8 @@ class LookerQueryTasks:
                 break
             response.close()
             if time.monotonic() >= deadline:
-                raise self._results_not_ready(action, task_id, look_id, response.status_code, wait, asks)
+                look = look_id if info.kind == "look" else None
+                raise self._results_not_ready(action, task_id, look, response.status_code, wait, asks)
             time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
         self.log.info(
             "Reading the results of Looker query task %s (%s, %s)",
@@ -280,7 +281,7 @@ class LookerQueryTasks:
             yield self._stream(look_id, response, info, effective, strict_limit, None)
 
     def _results_not_ready(
-        self, action: str, task_id: str, look_id: str, status: int, wait: float, asks: int
+        self, action: str, task_id: str, look_id: str | None, status: int, wait: float, asks: int
     ) -> QueryTaskError:
         """What happened when the results were still not ready: the answers, and the task's status then."""
         try:
