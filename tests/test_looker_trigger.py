@@ -326,7 +326,13 @@ def test_the_connections_verify_ssl_extra_applies(tmp_path, monkeypatch):
 
 def test_serialize_round_trips():
     original = LookerQueryTaskTrigger(
-        CONN_ID, "abc123", poll_interval=2, timeout=timedelta(minutes=5), end_from_trigger=True, retries=5
+        CONN_ID,
+        "abc123",
+        poll_interval=2,
+        timeout=timedelta(minutes=5),
+        end_from_trigger=True,
+        retries=5,
+        resume_with={"looker_api_calls": {"query_based": 1}},
     )
     classpath, kwargs = original.serialize()
     assert classpath == CLASSPATH
@@ -343,6 +349,7 @@ def test_serialize_round_trips():
         "deadline": original.deadline,
         "retries": 5,
         "retry_backoff": 2.0,
+        "resume_with": {"looker_api_calls": {"query_based": 1}},  # handed back in the event's payload
     }
     assert rebuilt.deadline == original.deadline  # a rebuilt trigger does not restart its timeout
     assert LookerQueryTaskTrigger(CONN_ID, "abc").serialize()[1]["deadline"] is None
