@@ -191,12 +191,12 @@ class DuplicateCounts:
     duplicates: int = 0
     example: str | None = None
 
-    def warning(self, look_id: str) -> str | None:
+    def warning(self, label: str) -> str | None:
         """The one warning line of a run with duplicates, or ``None``."""
         if not self.duplicates:
             return None
         return (
-            f"Look {look_id}: {self.duplicates:,} rows repeat an identity of an earlier row (e.g. "
+            f"{label}: {self.duplicates:,} rows repeat an identity of an earlier row (e.g. "
             f"{self.example}) and were not sent: only the first row of each identity, in the Look's order, "
             "is sent. A join that multiplies rows does this; fix the Look, or sort it so that the row you "
             "want comes first."

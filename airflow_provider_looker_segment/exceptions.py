@@ -63,6 +63,10 @@ class LookDeletedError(LookerRequestError):
     """The Look is in the trash."""
 
 
+class QueryNotFoundError(LookerRequestError):
+    """The query (by id or slug) does not exist, or the API user cannot see it."""
+
+
 class LookQueryError(LookerApiError):
     """
     Looker ran the Look's SQL and it failed (HTTP 200 with a ``looker_error`` row). Retried: the database's

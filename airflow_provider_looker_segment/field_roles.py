@@ -153,14 +153,14 @@ def _hint(kind: str, f: LookField) -> str | None:
     return "label" if labels & _LABEL_HINTS[kind] else None
 
 
-def _single(kind: str, candidates: list[LookField], how: str, look_id: str) -> IdentifierChoice | None:
+def _single(kind: str, candidates: list[LookField], how: str, label: str) -> IdentifierChoice | None:
     """Return the only candidate, or raise an error naming every candidate."""
     if not candidates:
         return None
     if len(candidates) > 1:
         names = " and ".join(f.name for f in candidates)
         raise TransformConfigError(
-            f"Look {look_id}: {names} all qualify as the {_MESSAGE_NAMES[kind]} field ({how}). "
+            f"{label}: {names} all qualify as the {_MESSAGE_NAMES[kind]} field ({how}). "
             f"Keep one (remove the tag, rename or remove the others) or set {_OPTION_NAMES[kind]}."
         )
     return IdentifierChoice(candidates[0].name, how)
@@ -171,7 +171,7 @@ def _by_tag(kind: str, meta: LookResultMeta, taken: set[str]) -> IdentifierChoic
     candidates = [
         f for f in meta.fields if any(t.strip().lower() == tag for t in f.tags) and f.name not in taken
     ]
-    return _single(kind, candidates, f"tag {tag}", meta.look_id)
+    return _single(kind, candidates, f"tag {tag}", meta.source_label)
 
 
 def _by_hint(kind: str, meta: LookResultMeta, taken: set[str]) -> IdentifierChoice | None:
@@ -180,7 +180,7 @@ def _by_hint(kind: str, meta: LookResultMeta, taken: set[str]) -> IdentifierChoi
     hints = [(f, how) for f, how in hints if how]
     chosen = [(f, how) for f, how in hints if not f.hidden] or hints
     if len(chosen) > 1:
-        _single(kind, [f for f, _how in chosen], "field name or label", meta.look_id)
+        _single(kind, [f for f, _how in chosen], "field name or label", meta.source_label)
     return IdentifierChoice(chosen[0][0].name, chosen[0][1]) if chosen else None
 
 
@@ -218,14 +218,14 @@ def choose_identifiers(meta: LookResultMeta, options: TransformOptions) -> dict[
             choices[kind] = _by_hint(kind, meta, taken)
     if group and choices[GROUP_ID] is None:
         raise TransformConfigError(
-            f"Look {meta.look_id} has no group id field, which group calls need: no field is tagged "
+            f"{meta.source_label} has no group id field, which group calls need: no field is tagged "
             "segment_group_id in LookML, and none is named or labelled like a group or account id. Tag a "
             f"field or set group_id_field. The Look's fields: {field_list(meta)}"
         )
     choices.setdefault(GROUP_ID, None)
     if not group and not any(choices.values()):
         raise TransformConfigError(
-            f"Look {meta.look_id} has no identifier field: no field is tagged user_id, email or "
+            f"{meta.source_label} has no identifier field: no field is tagged user_id, email or "
             "segment_anonymous_id in LookML, and none is named or labelled like a user id, an email or an "
             "anonymous id. Tag a field or set user_id_field, email_field or anonymous_id_field. "
             f"The Look's fields: {field_list(meta)}"
@@ -241,7 +241,7 @@ def choose_identifiers(meta: LookResultMeta, options: TransformOptions) -> dict[
                 for k in kinds_of_field  # type: ignore[union-attr]
             )
             raise TransformConfigError(
-                f"Look {meta.look_id}: {name} is chosen as the {roles}; one field cannot give two "
+                f"{meta.source_label}: {name} is chosen as the {roles}; one field cannot give two "
                 "identifiers"
                 + (" (an anonymous id must not become the userId)" if ANONYMOUS_ID in kinds_of_field else "")
                 + f". Choose different fields (set {_OPTION_NAMES[kinds_of_field[0]]})."
@@ -250,7 +250,7 @@ def choose_identifiers(meta: LookResultMeta, options: TransformOptions) -> dict[
         look_field = meta.field_by_name(choice.field) if choice else None
         if choice and look_field is not None and look_field.pivoted:
             raise TransformConfigError(
-                f"Look {meta.look_id}: {look_field.name} is a pivoted measure and cannot be the "
+                f"{meta.source_label}: {look_field.name} is a pivoted measure and cannot be the "
                 f"{_MESSAGE_NAMES[kind]} field ({choice.how})."
             )
     return choices

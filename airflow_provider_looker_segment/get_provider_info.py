@@ -57,7 +57,10 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_looker_segment.triggers.looker"],
             }
         ],
-        "extra-links": ["airflow_provider_looker_segment.links.LookerLookLink"],
+        "extra-links": [
+            "airflow_provider_looker_segment.links.LookerLookLink",
+            "airflow_provider_looker_segment.links.LookerExploreLink",
+        ],
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_looker_segment.hooks.looker.LookerHook",
@@ -79,6 +82,15 @@ def get_provider_info() -> dict[str, Any]:
                             "second; empty: 120."
                         ),
                         "schema": {"type": ["integer", "null"], "default": 120, "minimum": 1},
+                    },
+                    "warehouse_namespace": {
+                        "label": "Warehouse namespace (lineage)",
+                        "description": (
+                            "OpenLineage namespace of the database Looker's models query, for the tables "
+                            "read by a synced query (e.g. postgres://warehouse.internal:5432, bigquery, "
+                            "snowflake://org-account); empty: looker-sql://<Looker host>."
+                        ),
+                        "schema": {"type": ["string", "null"]},
                     },
                 },
                 "ui-field-behaviour": {
@@ -135,6 +147,14 @@ def get_provider_info() -> dict[str, Any]:
                             "empty: none."
                         ),
                         "schema": {"type": ["number", "null"], "minimum": 1},
+                    },
+                    "source_name": {
+                        "label": "Source name (lineage)",
+                        "description": (
+                            "The Segment source's name in OpenLineage events (e.g. looker-cohorts); empty: "
+                            "source- and a short one-way hash of the write key (never the key)."
+                        ),
+                        "schema": {"type": ["string", "null"]},
                     },
                 },
                 "ui-field-behaviour": {

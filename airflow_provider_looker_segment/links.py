@@ -1,9 +1,12 @@
 """
-The operator's extra link: what the task ran on the Looker instance, shown as a button on the task in the UI
-(Details → Extra Links): the Look, with the run's filters in its URL when it ran with ``filters``.
+The operator's extra links: what the task ran on the Looker instance, shown as buttons on the task in the UI
+(Details → Extra Links): the Look, with the run's filters in its URL when it ran with ``filters``
+(:class:`LookerLookLink`), or the Explore of the query it ran (:class:`LookerExploreLink`: a filtered run's
+is the copy of the query with the filters).
 
-Airflow 3 calls :meth:`LookerLookLink.get_link` on the worker once the task has run and keeps the URL as an
-XCom (``_link_LookerLookLink``), so the API server needs neither the connection nor this package's code.
+Airflow 3 calls ``get_link`` on the worker once the task has run and keeps the URL as an XCom
+(``_link_LookerLookLink``, ``_link_LookerExploreLink``), so the API server needs neither the connection nor
+this package's code.
 """
 
 from __future__ import annotations
@@ -48,6 +51,21 @@ def look_web_url(api_base_url: str, look_id: str, filters: Mapping[str, str] | N
     netloc = host if parts.port in (None, LEGACY_API_PORT) else f"{host}:{parts.port}"
     query = urlencode([(f"f[{name}]", value) for name, value in (filters or {}).items()])
     return urlunsplit((parts.scheme, netloc, f"/looks/{quote(look_id, safe='')}", query, ""))
+
+
+def explore_web_url(api_base_url: str, model: str, view: str, slug: str) -> str:
+    """
+    Return the web URL of a query's Explore from the Looker API's base URL, as Looker's own query URLs
+    (``Query.url``) give it: ``/explore/<model>/<explore>?qid=<slug>`` on the web host (no ``:19999``).
+
+    :param api_base_url: ``scheme://host[:port]`` as the Looker connection gives it.
+    :param model: the query's LookML model.
+    :param view: its explore.
+    :param slug: its slug (a filtered run's: the copy Looker created with the filters).
+    """
+    parts = urlsplit(look_web_url(api_base_url, "0"))
+    path = f"/explore/{quote(model, safe='')}/{quote(view, safe='')}"
+    return urlunsplit((parts.scheme, parts.netloc, path, urlencode({"qid": slug}), ""))
 
 
 def shown_look_url(api_base_url: str, look_id: str, filters: Mapping[str, str] | None = None) -> str:
@@ -100,3 +118,36 @@ def _run_filters(value: Any) -> dict[str, str]:
         return parse_filters(value)
     except InvalidParameterError:
         return {}
+
+
+class LookerExploreLink(BaseOperatorLink):
+    """
+    "Looker Explore": the Explore of the query the task ran (``/explore/<model>/<explore>?qid=<slug>``), on
+    the Looker instance of its connection; a filtered run's is the copy of the query Looker made with the
+    filters. Empty for a Look, and for a run that failed before Looker named the query.
+    """
+
+    name = "Looker Explore"
+
+    def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
+        """
+        The Explore's web URL, from what the run recorded on the task (``looker_explore``: model, view and
+        slug of the query that ran), or ``""``.
+
+        :param operator: the task that ran.
+        :param ti_key: the task instance (unused).
+        """
+        explore = getattr(operator, "looker_explore", None)
+        conn_id = getattr(operator, "looker_conn_id", None)
+        if not isinstance(explore, dict) or not conn_id:
+            return ""
+        model, view, slug = (to_optional_str(explore.get(key)) for key in ("model", "view", "slug"))
+        if not (model and view and slug):
+            return ""
+        try:
+            conn = BaseHook.get_connection(conn_id)
+            base_url = normalise_base_url(conn.host, conn.schema, conn.port, what="The Looker connection")
+        except Exception as exc:  # a link must never fail the task (no connection, no Host...)
+            log.warning("No link to the Explore of query %s: %s", slug, type(exc).__name__)
+            return ""
+        return explore_web_url(base_url, model, view, slug)

@@ -117,10 +117,11 @@ class _HeadCapture:
     :attr:`ended`, and first hands over what :meth:`replay` was given.
     """
 
-    def __init__(self, raw: Any, look_id: str) -> None:
+    def __init__(self, raw: Any, look_id: str, label: str | None = None) -> None:
         # read1 hands over whatever has arrived, so rows received before a connection breaks are not lost
         self._read = getattr(raw, "read1", raw.read)
         self._look_id = look_id
+        self._label = label or f"Look {look_id}"
         self.head: bytearray | None = bytearray()
         self._held = b""  # the start of an escape, for the next read
         self.finished = self.ended = False
@@ -173,7 +174,7 @@ class _HeadCapture:
             self.head += data
             if len(self.head) > MAX_HEAD_BYTES:
                 raise LookStreamError(
-                    f"Look {self._look_id}: no rows or field metadata in the first {MAX_HEAD_BYTES:,} bytes "
+                    f"{self._label}: no rows or field metadata in the first {MAX_HEAD_BYTES:,} bytes "
                     "of the result",
                     look_id=self._look_id,
                 )
@@ -250,6 +251,8 @@ class LookStream:
     :ivar possibly_truncated: set once exhausted: the row count reached the limit in effect.
     :ivar exhausted: every row has been read.
     :ivar query: the filtered query that ran (its filters), or ``None`` when the Look ran as saved.
+    :ivar label: how messages name the source: ``Look 42`` (the default), ``Query 123``.
+    :ivar info: the definition of what runs (the Look's, or the query's).
     """
 
     def __init__(
@@ -264,8 +267,11 @@ class LookStream:
         logger: logging.Logger | None = None,
         redact: Callable[[str], str] = str,
         query: LookRunQuery | None = None,
+        label: str | None = None,
     ) -> None:
         self.look_id = look_id
+        self.label = label or f"Look {look_id}"
+        self.info = info
         self.query = query
         self.row_count = 0
         self.possibly_truncated = False
@@ -276,7 +282,7 @@ class LookStream:
         self._log = logger or logging.getLogger(__name__)
         self._redact = redact
         self._content_type = getattr(body, "headers", {}).get("Content-Type")
-        self._body = capture = _HeadCapture(body, look_id)
+        self._body = capture = _HeadCapture(body, look_id, self.label)
         self._pending = b""  # the rows' bytes not parsed yet, from the start of a row
         self._reads: list[bytes] = []  # the reads _pending came in (from the body's start before a row)
         self._after_row = False  # _pending follows a row (and its comma)
@@ -337,6 +343,7 @@ class LookStream:
             first_row=first,
             limit=self._limit,
             query_timezone=info.query_timezone,
+            label=self.label,
         )
 
     def _parse_head(self, head: bytes, *, rows: bool) -> dict[str, Any]:
@@ -359,7 +366,7 @@ class LookStream:
         self._check_errors(doc.get("errors"), rows=rows)
         if not isinstance(doc.get("fields"), dict):
             raise LookStreamError(
-                f"Look {self.look_id}: the result has no field metadata before its rows (not json_detail?)",
+                f"{self.label}: the result has no field metadata before its rows (not json_detail?)",
                 look_id=self.look_id,
             )
         return doc
@@ -380,7 +387,7 @@ class LookStream:
         failures = [text for text in texts if text and not text.startswith("Note:")]
         for text in texts:
             if text and (rows or text not in failures):
-                self._log.warning("%s", self._redact(f"Look {self.look_id}: Looker notes: {text}"))
+                self._log.warning("%s", self._redact(f"{self.label}: Looker notes: {text}"))
         if failures and not rows:
             raise self._query_error(self._redact(" | ".join(failures)))
 
@@ -392,11 +399,11 @@ class LookStream:
             first = None
         if isinstance(first, dict) and "looker_error" in first:
             return self._query_error(first["looker_error"])
-        return LookStreamError(f"Look {self.look_id}: Looker answered a JSON array, not a json_detail result")
+        return LookStreamError(f"{self.label}: Looker answered a JSON array, not a json_detail result")
 
     def _query_error(self, message: Any) -> LookQueryError:
         return LookQueryError(
-            f"Look {self.look_id}: Looker could not run the query: {message}", look_id=self.look_id
+            f"{self.label}: Looker could not run the query: {message}", look_id=self.look_id
         )
 
     # --- rows ---------------------------------------------------------------------------------------------
@@ -559,7 +566,7 @@ class LookStream:
         if isinstance(raw, dict) and "looker_error" in raw:
             return self._query_error(raw["looker_error"])
         return LookStreamError(
-            f'Look {self.look_id}: row {number:,} is not a json_detail row (cells must be {{"value": ...}})',
+            f'{self.label}: row {number:,} is not a json_detail row (cells must be {{"value": ...}})',
             look_id=self.look_id,
         )
 
@@ -582,7 +589,7 @@ class LookStream:
         else:
             reason = "connection closed"
         return LookStreamError(
-            self._redact(f"Look {self.look_id}: result ended after {count:,} rows: {reason}"),
+            self._redact(f"{self.label}: result ended after {count:,} rows: {reason}"),
             look_id=self.look_id,
         )
 
@@ -595,7 +602,7 @@ class LookStream:
             return
         self.possibly_truncated = True
         message = (
-            f"Look {self.look_id}: the result has {count:,} rows, as many as the row limit of {limit:,}, "
+            f"{self.label}: the result has {count:,} rows, as many as the row limit of {limit:,}, "
             "so it may be truncated; use limit=-1 for all rows, or a larger limit"
         )
         if self._strict:

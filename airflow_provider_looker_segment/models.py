@@ -88,10 +88,15 @@ class PivotValue:
 @dataclass(frozen=True)
 class LookInfo:
     """
-    A Look's saved definition, from ``GET /looks/{id}``.
+    What a sync reads, as Looker defines it: a Look's saved definition (``GET /looks/{id}``), or a query's
+    (``GET /queries/{id}``, ``GET /queries/slug/{slug}``; then ``kind`` is ``"query"`` and ``id`` the query
+    id).
 
     :ivar query_timezone: the time zone its query runs in (``America/New_York``), ``None`` when not set
         (Looker then uses its default).
+    :ivar kind: ``"look"`` or ``"query"``.
+    :ivar query_id: the id of the query it runs (a Look's saved query; a query's own id).
+    :ivar slug: the query's slug (the ``qid`` of its Explore URL), when Looker gave it.
     """
 
     id: str
@@ -104,6 +109,23 @@ class LookInfo:
     hidden_fields: tuple[str, ...]
     deleted: bool
     query_timezone: str | None = None
+    kind: str = "look"
+    query_id: str | None = None
+    slug: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``Look 42`` or ``Query 123``: how logs and messages name it."""
+        return f"Look {self.id}" if self.kind == "look" else f"Query {self.id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The definition as JSON-serialisable values (to hand it to the run after a deferral)."""
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LookInfo:
+        """The definition :meth:`to_dict` gave."""
+        return cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
 
 
 @dataclass(frozen=True)
@@ -116,6 +138,7 @@ class LookRunQuery:
     :param filters: the filters given for the run (field → Looker filter expression).
     :param query_filters: every filter of the query run: the Look's own, with the given ones.
     :param replaced: the Look's own filters that a given filter replaced (field → the Look's expression).
+    :param slug: the slug Looker gave the query (the ``qid`` of its Explore URL), once created.
     """
 
     look_id: str
@@ -123,6 +146,7 @@ class LookRunQuery:
     filters: Mapping[str, str]
     query_filters: Mapping[str, str]
     replaced: Mapping[str, str] = field(default_factory=dict)
+    slug: str | None = None
 
     def describe(self) -> str:
         """
@@ -153,6 +177,8 @@ class LookResultMeta:
     :param limit: the row limit in effect (``-1`` or ``None`` for no limit).
     :param timezone: the time zone the query ran in, whose local times its date-time values are (the
         result's ``timezone``, else the query's ``query_timezone``); ``None`` when Looker did not say.
+    :param label: how messages name the source (``Look 42``, ``Query 123``); default ``Look <look_id>``.
+    :param sql: the SQL Looker generated for the query, when the result carries it (``sql`` before ``data``).
     """
 
     look_id: str
@@ -161,6 +187,13 @@ class LookResultMeta:
     ran_at: datetime | None = None
     limit: int | None = None
     timezone: str | None = None
+    label: str | None = None
+    sql: str | None = None
+
+    @property
+    def source_label(self) -> str:
+        """How messages name the source: ``label``, else ``Look <look_id>``."""
+        return self.label or f"Look {self.look_id}"
 
     @classmethod
     def from_detail(
@@ -172,6 +205,7 @@ class LookResultMeta:
         first_row: Mapping[str, Any] | None = None,
         limit: int | None = None,
         query_timezone: str | None = None,
+        label: str | None = None,
     ) -> LookResultMeta:
         """
         Build the metadata of a ``json_detail`` result from its top-level keys (``fields``, ``pivots``,
@@ -184,6 +218,7 @@ class LookResultMeta:
             without rows, the measures and table calculations of a result with pivots are.
         :param limit: the row limit in effect.
         :param query_timezone: the query's ``query_timezone``, for a result that does not name its zone.
+        :param label: how messages name the source (``Query 123``); default ``Look <look_id>``.
         """
         pivots = tuple(PivotValue.from_detail(p) for p in head.get("pivots") or () if isinstance(p, dict))
         block, hidden = head.get("fields") or {}, set(hidden_fields)
@@ -204,8 +239,16 @@ class LookResultMeta:
         ran_at = parse_ran_at(head.get("ran_at"))
         zones = (head.get("timezone"), query_timezone)
         zone = next((z.strip() for z in zones if isinstance(z, str) and z.strip()), None)
+        sql = head.get("sql")
         return cls(
-            look_id=look_id, fields=tuple(fields), pivots=pivots, ran_at=ran_at, limit=limit, timezone=zone
+            look_id=look_id,
+            fields=tuple(fields),
+            pivots=pivots,
+            ran_at=ran_at,
+            limit=limit,
+            timezone=zone,
+            label=label,
+            sql=sql if isinstance(sql, str) and sql.strip() else None,
         )
 
     def field_by_name(self, name: str) -> LookField | None:

@@ -89,7 +89,7 @@ class CohortSummary:
 class SyncSummary:
     """The result of a sync, returned by the task (XCom) as :meth:`to_dict`; keys as in the README."""
 
-    look_id: str
+    look_id: str | None
     dry_run: bool
     call: str
     event: str | None
@@ -121,10 +121,22 @@ class SyncSummary:
     groups_without_user: int = 0
     cohort: CohortSummary | None = None
     seconds: float = 0.0
+    source: str = "look"
+    query_id: str | None = None
+    query_slug: str | None = None
+    looker_api_calls: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How logs name the source: ``Look 42``, ``Query 123``."""
+        if self.source == "look":
+            return f"Look {self.look_id}"
+        return f"Query {self.query_id or self.query_slug}"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-serialisable summary: the cohort's keys are flattened in, unset optional ones left out."""
         summary = asdict(self)
+        head = {key: summary.pop(key) for key in ("source", "look_id", "query_id", "query_slug")}
         cohort = summary.pop("cohort")
         seconds = summary.pop("seconds")
         if cohort is not None:
@@ -133,7 +145,7 @@ class SyncSummary:
                     del cohort[optional]
             summary.update(cohort)
         summary["seconds"] = seconds
-        return summary
+        return {**head, **summary}
 
 
 class LookStreamLike(Protocol):
@@ -182,7 +194,9 @@ def sync_look(
     """
     log = log or logging.getLogger(__name__)
     if progress is None:
-        with SyncProgress(settings.look_id, log, progress_interval, dry_run=settings.dry_run) as progress:
+        with SyncProgress(
+            settings.source.key, log, progress_interval, dry_run=settings.dry_run, label=settings.label
+        ) as progress:
             return sync_look(
                 settings,
                 stream,
@@ -197,7 +211,7 @@ def sync_look(
             )
     started = time.monotonic()
     plan = plan_transform(stream.meta, settings.transform_options())
-    _log_plan(log, settings.look_id, plan)
+    _log_plan(log, settings.label, plan)
     _check_destinations(log, destinations, plan)
     ran_at = stream.meta.ran_at
     transform = make_row_transformer(
@@ -242,11 +256,14 @@ def sync_look(
         delivery = report.to_dict()
     if state is None:  # only the run's own calls, one per row read that was neither invalid nor a duplicate
         by_type[plan.call] += counts.rows - sum(counts.invalid.values()) - duplicates.duplicates
-    warning = duplicates.warning(settings.look_id)
+    warning = duplicates.warning(settings.label)
     if warning:
         log.warning("%s", warning)
     summary = SyncSummary(
         look_id=settings.look_id,
+        source=settings.source.kind,
+        query_id=settings.query_id,
+        query_slug=settings.query_slug,
         dry_run=settings.dry_run,
         call=settings.call,
         event=settings.event,
@@ -289,8 +306,8 @@ def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
     per_type = ", ".join(f"{kind} {count:,}" for kind, count in sorted(summary.events_by_type.items()))
     verb = "would be sent" if summary.dry_run else "handed to Segment"
     log.info(
-        "Look %s: %s rows read, %s sent, %s invalid, %s rejected, %s failed, %s batches in %.1f s%s%s%s",
-        summary.look_id,
+        "%s: %s rows read, %s sent, %s invalid, %s rejected, %s failed, %s batches in %.1f s%s%s%s",
+        summary.label,
         f"{summary.rows:,}",
         f"{summary.sent:,}",
         f"{summary.invalid:,}",
@@ -304,18 +321,18 @@ def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
     )
     if summary.groups_without_user:
         log.warning(
-            "Look %s: %s group calls %s no user identifier but the anonymousId derived from the group id: "
+            "%s: %s group calls %s no user identifier but the anonymousId derived from the group id: "
             "Segment counts each anonymousId not tied to a userId as a monthly tracked user. Set "
             "group_without_user='skip' to send only rows with a user.",
-            summary.look_id,
+            summary.label,
             f"{summary.groups_without_user:,}",
             "would carry" if summary.dry_run else "carried",
         )
     if summary.possibly_truncated:
         log.warning(
-            "Look %s returned exactly as many rows as the limit (%s): the cohort may be truncated; "
+            "%s returned exactly as many rows as the limit (%s): the cohort may be truncated; "
             "raise `limit` or use -1 for all rows.",
-            summary.look_id,
+            summary.label,
             f"{summary.limit:,}",
         )
 
@@ -359,7 +376,7 @@ def failure(settings: SyncSettings, summary: SyncSummary) -> LookerSegmentError 
         error = SyncStateError
     details = orjson.dumps(summary.to_dict()).decode()
     text = "; ".join(problem.rstrip(".") for problem in problems)
-    return error(f"Look {settings.look_id}: {text}. Summary: {details}")
+    return error(f"{settings.label}: {text}. Summary: {details}")
 
 
 # ------------------------------------------------------------------------------------------- internals
@@ -465,10 +482,10 @@ def _decide(
         possibly_truncated=stream.possibly_truncated,
     )
     log.info(
-        "Look %s: %s rows read and compared with the state (generation %s, %s identities): %s new, "
+        "%s: %s rows read and compared with the state (generation %s, %s identities): %s new, "
         "%s changed, %s unchanged, %s switched to a userId, %s left the cohort (spool: %s bytes on local "
         "disk).",
-        settings.look_id,
+        settings.label,
         f"{decision.rows:,}",
         state.previous_generation,
         f"{decision.previous:,}",
@@ -510,8 +527,8 @@ def _finish_cohort(
     )
     if cohort.exits_skipped and cohort.exits and not cohort.guard_tripped:
         log.warning(
-            "Look %s: %s identities left the cohort; no exit call sent: %s.",
-            settings.look_id,
+            "%s: %s identities left the cohort; no exit call sent: %s.",
+            settings.label,
             f"{cohort.exits:,}",
             cohort.exits_skipped,
         )
@@ -549,7 +566,7 @@ def _finish_cohort(
     return summary
 
 
-def _log_plan(log: Any, look_id: str, plan: TransformPlan) -> None:
+def _log_plan(log: Any, label: str, plan: TransformPlan) -> None:
     """The plan in one line (warnings, for the user to act on, in lines of their own)."""
     what = f"track calls, event {plan.event!r}" if plan.call == "track" else f"{plan.call} calls"
     found = [
@@ -558,8 +575,8 @@ def _log_plan(log: Any, look_id: str, plan: TransformPlan) -> None:
     ]
     note = f"; {plan.overwrite_note}" if plan.overwrite_note else ""
     log.info(
-        "Look %s: each row becomes one of Segment's %s; %s; %s (field → key): %s%s",
-        look_id,
+        "%s: each row becomes one of Segment's %s; %s; %s (field → key): %s%s",
+        label,
         what,
         ", ".join(found),
         plan.values_key,
@@ -567,7 +584,7 @@ def _log_plan(log: Any, look_id: str, plan: TransformPlan) -> None:
         note,
     )
     for warning in plan.warnings:
-        log.warning("Look %s: %s", look_id, warning)
+        log.warning("%s: %s", label, warning)
 
 
 def _check_destinations(log: Any, destinations: list[Destination], plan: TransformPlan) -> None:

@@ -31,6 +31,7 @@ class SyncProgress:
     :param log: where the lines go.
     :param interval: seconds between two lines; 0 or less logs none.
     :param dry_run: whether nothing is sent (the lines then say so and carry no delivery counts).
+    :param label: how the lines name the source (``Query 123``); default ``Look <look_id>``.
     """
 
     def __init__(
@@ -40,8 +41,10 @@ class SyncProgress:
         interval: float,
         *,
         dry_run: bool,
+        label: str | None = None,
     ) -> None:
         self._look_id = look_id
+        self._label = label or f"Look {look_id}"
         self._rows_read: Callable[[], int] | None = None
         self._log = log
         self._interval = interval
@@ -80,17 +83,17 @@ class SyncProgress:
         now = time.monotonic()
         rows = self._rows_read() if self._rows_read is not None else 0
         if rows == 0:
-            return f"Look {self._look_id}: waiting for Looker's answer ({now - self._started:,.0f} s)"
+            return f"{self._label}: waiting for Looker's answer ({now - self._started:,.0f} s)"
         rate = f"{rows / max(now - self._reading_since, 1e-9):,.0f} rows/s"
         if self._dry_run:
-            return f"Look {self._look_id}: {rows:,} rows read ({rate}); dry run, nothing sent"
+            return f"{self._label}: {rows:,} rows read ({rate}); dry run, nothing sent"
         if not self._sending:
-            return f"Look {self._look_id}: {rows:,} rows read ({rate}), to compare with the sync state"
+            return f"{self._label}: {rows:,} rows read ({rate}), to compare with the sync state"
         report = self._report
         if report is None:
-            return f"Look {self._look_id}: {rows:,} rows read, sending to Segment ({rate})"
+            return f"{self._label}: {rows:,} rows read, sending to Segment ({rate})"
         return (
-            f"Look {self._look_id}: {rows:,} rows read, {report.delivered:,} events delivered, "
+            f"{self._label}: {rows:,} rows read, {report.delivered:,} events delivered, "
             f"{report.rejected:,} rejected, {report.failed:,} failed ({rate})"
         )
 

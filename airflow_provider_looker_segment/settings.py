@@ -24,6 +24,7 @@ from airflow_provider_looker_segment.params import (
     to_str_dict,
     to_str_list,
 )
+from airflow_provider_looker_segment.sources import LOOK, QUERY, LookerSource
 from airflow_provider_looker_segment.transform import (
     CALLS,
     GROUP_WITHOUT_USER,
@@ -43,10 +44,12 @@ class SyncSettings:
     """
     What one sync does, read from the operator's (rendered) arguments by :meth:`from_arguments`.
 
-    The fields mean what the operator's parameters of the same names mean.
+    The fields mean what the operator's parameters of the same names mean; exactly one of ``look_id``,
+    ``query_id`` and ``query_slug`` is set by :meth:`from_arguments` (a query given by slug gets its
+    ``query_id`` too once Looker resolved it).
     """
 
-    look_id: str
+    look_id: str | None = None
     user_id_field: str | None = None
     email_field: str | None = None
     anonymous_id_field: str | None = None
@@ -68,6 +71,8 @@ class SyncSettings:
     exited_event: str | None = None
     filters: dict[str, str] = field(default_factory=dict)
     group_without_user: str = "anonymous_id"
+    query_id: str | None = None
+    query_slug: str | None = None
 
     @classmethod
     def from_arguments(cls, **arguments: Any) -> SyncSettings:
@@ -76,11 +81,9 @@ class SyncSettings:
 
         :raises InvalidParameterError: a value cannot be used; the message names the parameter.
         """
-        look_id = to_optional_str(arguments.get("look_id"))
-        if look_id is None:
-            raise InvalidParameterError(
-                "look_id is empty: pass the id of the Look to sync (as in /looks/42)."
-            )
+        source = LookerSource.from_arguments(
+            arguments.get("look_id"), arguments.get("query_id"), arguments.get("query_slug")
+        )
         style = to_optional_str(arguments.get("trait_key_style")) or "label"
         if style not in TRAIT_KEY_STYLES:
             raise InvalidParameterError(
@@ -149,7 +152,9 @@ class SyncSettings:
                 f"max_exit_ratio must be a number from 0 to 1, got {ratio!r}"
             ) from None
         return cls(
-            look_id=look_id,
+            look_id=source.id if source.is_look else None,
+            query_id=None if source.is_look else source.id,
+            query_slug=source.slug,
             user_id_field=to_optional_str(arguments.get("user_id_field")),
             email_field=to_optional_str(arguments.get("email_field")),
             anonymous_id_field=to_optional_str(arguments.get("anonymous_id_field")),
@@ -173,6 +178,18 @@ class SyncSettings:
             group_without_user=without_user,
             **cohort_events,
         )
+
+    @property
+    def source(self) -> LookerSource:
+        """The Look or query this sync reads."""
+        if self.look_id is not None:
+            return LookerSource(LOOK, self.look_id)
+        return LookerSource(QUERY, self.query_id, self.query_slug)
+
+    @property
+    def label(self) -> str:
+        """How logs and messages name the source: ``Look 42``, ``Query 123``."""
+        return self.source.label
 
     @property
     def changed_only(self) -> bool:

@@ -138,13 +138,14 @@ def _safe(value: str, length: int) -> str:
 
 
 def sync_key(
-    look_id: str,
+    look_id: str | None,
     segment_host: str,
     write_key: str,
     *,
     call: str = "identify",
     state_key: str | None = None,
     event: str | None = None,
+    query_id: str | None = None,
 ) -> str:
     """
     Return the filename-safe key of the state of a sync, e.g. ``look-42-api.segment.io-1f0c9a3e5b7d2c4a``.
@@ -159,12 +160,17 @@ def sync_key(
         ``vip-2026`` gives ``vip-2026-api.segment.io-<hash>``; it must be a filename-safe text.
     :param event: only for the key versions up to 0.x, which hashed the track event name in
         (:func:`legacy_sync_keys`).
+    :param query_id: a query's sync instead of a Look's: ``query-123-api.segment.io-<hash>`` (a query
+        given by slug is keyed by the id Looker resolved it to), never the key of a Look of the same id.
     """
     host = segment_host.strip()
     host = (urlsplit(host).netloc or host if "://" in host else host).strip("/").lower()
     if state_key is not None:
         parts = ["state_key", state_key, host, write_key]
         label = _safe(state_key, 64)
+    elif query_id is not None:
+        parts = ["query", str(query_id), host, write_key, call]
+        label = f"query-{_safe(str(query_id), 32)}" + ("" if call == "identify" else f"-{_safe(call, 16)}")
     else:
         parts = [str(look_id), host, write_key]
         if call != "identify":

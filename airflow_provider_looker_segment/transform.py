@@ -397,7 +397,7 @@ def _check_fields_exist(meta: LookResultMeta, options: TransformOptions) -> None
     ]
     if unknown:
         raise TransformConfigError(
-            f"Look {meta.look_id} has no field {'; '.join(unknown)}. The Look's fields: {field_list(meta)}"
+            f"{meta.source_label} has no field {'; '.join(unknown)}. The Look's fields: {field_list(meta)}"
         )
 
 

@@ -1,8 +1,9 @@
 """
 Daily sync of one Looker cohort (a Look) into Segment as identify, group or track calls.
 
-Trigger it from the Airflow UI ("Trigger DAG") to sync another Look, to choose the call type, to name the
-destinations to check, or to make a dry run.
+Trigger it from the Airflow UI ("Trigger DAG") to sync another Look or any Looker query (by id, or the
+``qid`` of an Explore URL), to choose the call type, to name the destinations to check, or to make a dry
+run.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ Segment call per row through the Tracking API (connection `segment_default`):
   anything if the Look lacks an identifier one of them needs;
 * **look_id**: the Look to sync; empty = the Airflow Variable `looker_segment_daily_look_id`, which is
   what the `@daily` schedule syncs. While neither is set, a run is skipped with a message saying so;
+* **query_id** / **query_slug** (instead of a Look): any Looker query, by its id or by the `qid` of an
+  Explore URL (`/explore/model/explore?qid=aogBgL6o3cKK1jN3RoZl5s`); give one source only;
 * **dry_run**: build and validate every call and log examples, send nothing;
 * **sync_mode**: `all` sends every row on every run; `changed` sends only the users who are new or whose
   traits changed since the last sync of this Look; **full_refresh** resends everything and rebuilds that
@@ -81,7 +84,22 @@ with DAG(
             type=["null", "string"],
             title="Look id",
             description="Id of the Look to sync, as in https://company.cloud.looker.com/looks/42. "
-            f"Empty: the Airflow Variable {DAILY_LOOK_VARIABLE} (the Look of the daily schedule).",
+            f"Empty: the Airflow Variable {DAILY_LOOK_VARIABLE} (the Look of the daily schedule), unless a "
+            "query is given below.",
+        ),
+        "query_id": Param(
+            None,
+            type=["null", "string"],
+            title="Query id (instead of a Look)",
+            description="Any Looker query, by its id (an Explore's query, as the API names it). Leave Look "
+            "id empty when you give it.",
+        ),
+        "query_slug": Param(
+            None,
+            type=["null", "string"],
+            title="Explore URL's qid (instead of a Look)",
+            description="Any Looker query, by the qid of its Explore URL (/explore/model/explore?qid="
+            "aogBgL6o3cKK1jN3RoZl5s) or the last part of a share URL (/x/vwGSbfc). Leave Look id empty.",
         ),
         "destinations": Param(
             None,
@@ -166,9 +184,15 @@ with DAG(
 ) as dag:
 
     @task
-    def resolve_look(params: dict[str, Any] | None = None) -> str:
-        """The Look to sync: the trigger form's, else the Variable's; skip the run when neither is set."""
-        look_id = str((params or {}).get("look_id") or "").strip()
+    def resolve_look(params: dict[str, Any] | None = None) -> str | None:
+        """
+        The Look to sync: the trigger form's, else the Variable's (none when the form names a query); skip
+        the run when there is nothing to sync.
+        """
+        params = params or {}
+        look_id = str(params.get("look_id") or "").strip()
+        if not look_id and (params.get("query_id") or params.get("query_slug")):
+            return None  # the operator syncs the query (and refuses a Look given with it)
         if not look_id:
             look_id = str(Variable.get(DAILY_LOOK_VARIABLE, default="") or "").strip()
         if not look_id:
@@ -183,6 +207,8 @@ with DAG(
     LookerToSegmentOperator(
         task_id="sync_cohort",
         look_id=resolve_look(),
+        query_id="{{ params.query_id }}",
+        query_slug="{{ params.query_slug }}",
         destinations="{{ params.destinations }}",
         dry_run="{{ params.dry_run }}",
         call="{{ params.call }}",

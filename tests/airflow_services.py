@@ -53,6 +53,7 @@ class AirflowServices:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = self._environment(dags_folder, extra_env or {})
         self.processes: dict[str, subprocess.Popen] = {}
+        self.argv: dict[str, list[str]] = {}
         self.stopped_groups: set[int] = set()
         self._token: str | None = None
         # Requests to the API go straight to loopback, whatever proxy the environment names.
@@ -123,11 +124,31 @@ class AirflowServices:
                 f"airflow db migrate exited with {result.returncode}:\n{self.log_tail('db-migrate')}"
             )
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        with open(self.home / f"{name}.log", "wb") as log:  # the child keeps its own copy of the descriptor
+    def _spawn(self, name: str, argv: list[str], mode: str = "wb") -> None:
+        self.argv[name] = argv
+        with open(self.home / f"{name}.log", mode) as log:  # the child keeps its own copy of the descriptor
             self.processes[name] = subprocess.Popen(
                 argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+
+    def restart(self, name: str) -> None:
+        """
+        Stop one service (its process group, by PID: SIGTERM, then SIGKILL after 20 s) and start it again,
+        appending to its log: a triggerer restarted by an upgrade or a crash.
+        """
+        proc = self.processes.pop(name)
+        groups = {proc.pid, *(_process_group(pid) for pid in _descendants([proc.pid]))} - {os.getpgrp(), 0}
+        for pgid in _live_members(groups):
+            _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while _live_members(groups) and time.monotonic() < deadline:
+            proc.poll()
+            time.sleep(0.1)
+        for pgid in _live_members(groups):
+            _signal_group(pgid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        self.stopped_groups |= groups
+        self._spawn(name, self.argv[name], mode="ab")
 
     def _wait_for_api(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

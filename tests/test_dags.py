@@ -31,6 +31,7 @@ def test_dags_folder_has_the_examples():
         "looker_cohort_to_segment.py",
         "looker_cohorts_to_segment_mapped.py",
         "looker_new_signups_to_segment.py",
+        "looker_datagroup_to_segment.py",
     }
 
 
@@ -52,6 +53,7 @@ def test_dagbag_has_no_import_errors():
         "looker_cohort_to_segment",
         "looker_cohorts_to_segment_mapped",
         "looker_new_signups_to_segment",
+        "looker_datagroup_to_segment",
     }
 
 
@@ -60,6 +62,8 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     params = dag.params
     assert set(params) == {
         "look_id",
+        "query_id",
+        "query_slug",
         "destinations",
         "dry_run",
         "trait_key_style",
@@ -73,6 +77,8 @@ def test_cohort_dag_trigger_form(monkeypatch: pytest.MonkeyPatch):
     }
     schema = {name: params.get_param(name).schema for name in params}
     assert schema["look_id"]["type"] == ["null", "string"] and params.get_param("look_id").description
+    for query in ("query_id", "query_slug"):  # any Looker query instead of a Look: optional, empty
+        assert schema[query]["type"] == ["null", "string"] and params[query] is None
     assert schema["call"]["enum"] == ["identify", "group", "track", None] and params["call"] == "identify"
     for optional in ("event", "entered_event", "exited_event"):  # optional: no red star in the form
         assert schema[optional]["type"] == ["null", "string"] and params[optional] is None
@@ -132,6 +138,18 @@ def test_a_scheduled_run_syncs_the_look_of_the_variable(standins, monkeypatch):
     dag_run = dag.test(logical_date=pendulum.datetime(2026, 11, 28, tz="UTC"))
     assert _states(dag_run) == {"resolve_look": "success", "sync_cohort": "success"}
     assert len(segment.events()) == 10 and segment.events()[0]["userId"] == "00MWWFOLRcETcTCf"
+
+
+def test_a_run_triggered_with_a_query_syncs_it(standins, monkeypatch):
+    from standins.looker_fixtures import look_query_id
+    from standins.looker_sql import query_slug
+
+    _looker, segment = standins
+    monkeypatch.delenv("AIRFLOW_VAR_LOOKER_SEGMENT_DAILY_LOOK_ID", raising=False)
+    dag = _load(DAGS / "looker_cohort_to_segment.py", monkeypatch).dag
+    dag_run = dag.test(run_conf={"query_slug": query_slug(look_query_id("1"))})
+    assert _states(dag_run) == {"resolve_look": "success", "sync_cohort": "success"}
+    assert len(segment.events()) == 10
 
 
 def test_an_unconfigured_mapped_run_is_skipped(standins, monkeypatch, capfd):
@@ -288,3 +306,50 @@ def test_the_event_field_says_when_it_is_required(path: Path, monkeypatch: pytes
     assert event.value is None and not _starred(event.schema)
     assert event.description.startswith("Required when Call type is track")
     assert "fails at once, before Looker is read" in event.description
+
+
+def test_datagroup_dag_is_scheduled_on_an_asset_its_trigger_watches(monkeypatch: pytest.MonkeyPatch):
+    from airflow_provider_looker_segment.triggers.looker import (
+        DEFAULT_DATAGROUP_POLL_INTERVAL,
+        LookerDatagroupTrigger,
+    )
+
+    module = _load(DAGS / "looker_datagroup_to_segment.py", monkeypatch)
+    assert list(module.dag.timetable.asset_condition.objects) == [module.LOOKER_DATA_REFRESHED]
+    (watcher,) = module.LOOKER_DATA_REFRESHED.watchers
+    assert isinstance(watcher.trigger, LookerDatagroupTrigger)
+    assert watcher.trigger.serialize()[1] == {
+        "looker_conn_id": "looker_default",
+        "model_name": "toastmates",
+        "datagroup_name": "nightly_etl",
+        "poll_interval": DEFAULT_DATAGROUP_POLL_INTERVAL,
+        "retries": 3,
+        "retry_backoff": 2.0,
+    }
+    configured = _load(
+        DAGS / "looker_datagroup_to_segment.py",
+        monkeypatch,
+        LOOKER_SEGMENT_DATAGROUP_MODEL="b2b",
+        LOOKER_SEGMENT_DATAGROUP_NAME="accounts_refresh",
+        LOOKER_SEGMENT_DATAGROUP_POLL_INTERVAL="900",
+    )
+    trigger = configured.LOOKER_DATA_REFRESHED.watchers[0].trigger
+    assert (trigger.model_name, trigger.datagroup_name, trigger.poll_interval) == (
+        "b2b",
+        "accounts_refresh",
+        900,
+    )
+    assert configured.LOOKER_DATA_REFRESHED.uri == "looker://looker_default/datagroups/b2b/accounts_refresh"
+
+
+def test_a_datagroup_run_syncs_the_look_of_its_variable(standins, monkeypatch, capfd):
+    _looker, segment = standins
+    monkeypatch.delenv("AIRFLOW_VAR_LOOKER_SEGMENT_DATAGROUP_LOOK_ID", raising=False)
+    dag = _load(DAGS / "looker_datagroup_to_segment.py", monkeypatch).dag
+    skipped = dag.test()
+    assert _states(skipped) == {"resolve_look": "skipped", "sync_cohort": "skipped"}
+    assert "set the Airflow Variable looker_segment_datagroup_look_id" in "".join(capfd.readouterr())
+    monkeypatch.setenv("AIRFLOW_VAR_LOOKER_SEGMENT_DATAGROUP_LOOK_ID", "1")
+    dag_run = dag.test()
+    assert _states(dag_run) == {"resolve_look": "success", "sync_cohort": "success"}
+    assert len(segment.events()) == 10

@@ -45,14 +45,14 @@ def test_first_row_of_each_identity_wins():
     kept = list(drop_duplicates(rows, counts))
     assert kept == rows[:3]
     assert (counts.duplicates, counts.example) == (2, "userId u1")
-    warning = counts.warning("42")
+    warning = counts.warning("Look 42")
     assert warning.startswith("Look 42: 2 rows repeat an identity of an earlier row (e.g. userId u1)")
 
 
 def test_no_duplicates_no_warning():
     counts = DuplicateCounts()
     assert len(list(drop_duplicates(({"userId": str(n)} for n in range(1000)), counts))) == 1000
-    assert counts.duplicates == 0 and counts.warning("1") is None
+    assert counts.duplicates == 0 and counts.warning("Look 1") is None
 
 
 @settings(max_examples=200, deadline=None)

@@ -3,9 +3,10 @@ End to end through real Airflow services: the example DAG ``looker_cohort_to_seg
 REST API like the UI's "Trigger DAG" button, run by the scheduler (LocalExecutor) against the Looker and
 Segment stand-ins.
 
-One api-server, scheduler and dag-processor (loopback only, a throw-away AIRFLOW_HOME with SQLite) serve the
-whole module; they are stopped by PID when the module ends, also when a test fails. Nothing leaves the
-machine: the stand-ins listen on 127.0.0.1 in this process and the task reaches them over HTTP.
+One api-server, scheduler, dag-processor and triggerer (loopback only, a throw-away AIRFLOW_HOME with
+SQLite) serve the whole module; they are stopped by PID when the module ends, also when a test fails.
+Nothing leaves the machine: the stand-ins listen on 127.0.0.1 in this process and the task reaches them
+over HTTP.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ SEED_CALL = {
 #: Every key of an identify call the operator sends for Look 1.
 EVENT_KEYS = {"type", "userId", "traits", "timestamp", "context", "messageId"}
 RUN_TIMEOUT = 240
+DATAGROUP_DAG_ID = "looker_datagroup_to_segment"
+DATAGROUP_POLL_INTERVAL = 2
 
 
 @dataclass
@@ -97,8 +100,14 @@ class Stack:
 
 
 def _connections(looker: LookerStandIn, segment: SegmentStandIn) -> dict[str, str]:
-    """``looker_default`` and ``segment_default`` in JSON form, for every Airflow process."""
-    return standin_connections(looker.base_url, segment.base_url)
+    """
+    ``looker_default`` and ``segment_default`` in JSON form for every Airflow process, and the datagroup
+    DAG's poll interval (seconds: the test waits for polls, not for an hour).
+    """
+    return {
+        **standin_connections(looker.base_url, segment.base_url),
+        "LOOKER_SEGMENT_DATAGROUP_POLL_INTERVAL": str(DATAGROUP_POLL_INTERVAL),
+    }
 
 
 def _listening(port: int) -> bool:
@@ -401,3 +410,82 @@ def test_mapped_tasks_are_named_after_their_looks(stack: Stack):
     assert tasks[f"Look {TOASTMATES_LOOK_ID}"]["state"] == "success"
     failed = tasks[f"Look {DELETED_LOOK_ID}"]
     assert (failed["state"], failed["try_number"], failed["max_tries"]) == ("failed", 1, 2)
+
+
+# ------------------------------------------------------------------------------ Looker's data refreshes
+
+
+def _datagroup_polls(looker: LookerStandIn) -> int:
+    return sum(1 for r in looker.requests if r.path == "/api/4.0/datagroups" and r.status == 200)
+
+
+def _wait_for_polls(stack: Stack, at_least: int, timeout: float = RUN_TIMEOUT) -> None:
+    """Wait until the triggerer's watcher has polled the stand-in's datagroups ``at_least`` times."""
+    deadline = time.monotonic() + timeout
+    while _datagroup_polls(stack.looker) < at_least:
+        stack.airflow.check_alive()
+        assert time.monotonic() < deadline, (
+            f"the watcher polled {_datagroup_polls(stack.looker)} times, not {at_least}:\n"
+            f"{stack.airflow.log_tail('triggerer')}"
+        )
+        time.sleep(0.5)
+
+
+def _datagroup_runs(stack: Stack) -> list[dict[str, Any]]:
+    response = stack.airflow.api("GET", f"/api/v2/dags/{DATAGROUP_DAG_ID}/dagRuns")
+    assert response.status_code == 200, response.text
+    return response.json()["dag_runs"]
+
+
+def _wait_for_runs(stack: Stack, count: int) -> list[dict[str, Any]]:
+    deadline, runs = time.monotonic() + RUN_TIMEOUT, _datagroup_runs(stack)
+    while len(runs) < count:
+        assert time.monotonic() < deadline, f"{len(runs)} runs, not {count}:\n{stack.airflow.log_tails()}"
+        time.sleep(1)
+        runs = _datagroup_runs(stack)
+    return runs
+
+
+def test_a_datagroup_refresh_starts_a_sync_once_even_across_a_triggerer_restart(stack: Stack):
+    """
+    The example DAG scheduled on an Asset watched by LookerDatagroupTrigger, in a real triggerer: no run
+    until the stand-in's datagroup advances, then one run that syncs the Look; a restarted triggerer
+    remembers what it saw (the asset state store): no second run until the datagroup advances again.
+    """
+    model, name = "toastmates", "nightly_etl"
+    variable = {"key": "looker_segment_datagroup_look_id", "value": TOASTMATES_LOOK_ID}
+    response = stack.airflow.api("POST", "/api/v2/variables", json=variable)
+    assert response.status_code in (200, 201), response.text
+    stack.airflow.wait_for_dag(DATAGROUP_DAG_ID)
+    response = stack.airflow.api("PATCH", f"/api/v2/dags/{DATAGROUP_DAG_ID}", json={"is_paused": False})
+    assert response.status_code == 200, response.text
+
+    _wait_for_polls(stack, _datagroup_polls(stack.looker) + 2)  # the watcher runs and has its baseline
+    assert _datagroup_runs(stack) == []  # the datagroup has not advanced: no run
+    stack.segment.reset()
+    triggered_at = stack.looker.datagroups.trigger(model, name)
+    (run,) = _wait_for_runs(stack, 1)
+    assert run["run_type"] == "asset_triggered", run
+    run = stack.airflow.wait_for_run(DATAGROUP_DAG_ID, run["dag_run_id"], timeout=RUN_TIMEOUT)
+    assert run["state"] == "success", run
+    assert len(stack.segment.events()) == len(TOASTMATES.rows)  # the Look was synced
+    events = stack.airflow.api(
+        "GET", f"/api/v2/dags/{DATAGROUP_DAG_ID}/dagRuns/{quote(run['dag_run_id'])}/upstreamAssetEvents"
+    ).json()["asset_events"]
+    payload = events[0]["extra"]["payload"]
+    assert (payload["model_name"], payload["datagroup_name"], payload["triggered_at"]) == (
+        model,
+        name,
+        triggered_at,
+    )
+
+    # A triggerer restart: the watcher starts again from the value it saved, not from a new baseline.
+    stack.airflow.restart("triggerer")
+    _wait_for_polls(stack, _datagroup_polls(stack.looker) + 3)
+    assert len(_datagroup_runs(stack)) == 1, "a restart fired again for a refresh already synced"
+    stack.looker.datagroups.trigger(model, name)
+    runs = _wait_for_runs(stack, 2)
+    assert len(runs) == 2
+    log = stack.airflow.log_tail("triggerer", 200_000)
+    assert "from the asset state store" in log, log[-3000:]
+    assert stack.looker.client_secret not in log

@@ -58,6 +58,11 @@ def trigger(task_id: str, **kwargs) -> LookerQueryTaskTrigger:
     return LookerQueryTaskTrigger(kwargs.pop("conn_id", CONN_ID), task_id, **kwargs)
 
 
+def without_calls(payload: dict) -> dict:
+    """An event's payload without its count of Looker API calls (checked where it is the point)."""
+    return {key: value for key, value in payload.items() if key != "looker_api_calls"}
+
+
 def logged(caplog, capfd) -> str:
     output = capfd.readouterr()
     return caplog.text + output.out + output.err
@@ -72,7 +77,13 @@ def test_success_after_added_running_complete(looker, start, caplog, capfd):
     logins = looker.counters["logins"]
     event = only_event(trigger(task_id))
     assert type(event) is TriggerEvent
-    assert event.payload == {"status": "success", "query_task_id": task_id, "looker_status": "complete"}
+    assert event.payload == {
+        "status": "success",
+        "query_task_id": task_id,
+        "looker_status": "complete",
+        # A login and a logout, and three status polls: query-based calls (Looker's activity type db_query).
+        "looker_api_calls": {"query_based": 3, "administrative": 0, "login_logout": 2, "total": 5},
+    }
     assert looker.query_tasks.get(task_id).history == ["added", "running", "complete"]
     polls = [r for r in looker.requests if r.path == f"/api/4.0/query_tasks/{task_id}"]
     assert [(r.method, r.query, r.auth_scheme, r.status) for r in polls] == [
@@ -101,7 +112,7 @@ def test_a_task_that_ends_error_killed_or_expired(looker, start, outcome, ending
     looker.end_next_query_tasks(outcome)
     task_id = start()
     event = only_event(trigger(task_id))
-    assert event.payload == {
+    assert without_calls(event.payload) == {
         "status": "error",
         "query_task_id": task_id,
         "looker_status": outcome,
@@ -125,7 +136,7 @@ def test_the_triggers_own_timeout(looker, start, timeout):
     looker.end_next_query_tasks("never")
     task_id = start()
     payload = only_event(trigger(task_id, timeout=timeout)).payload
-    assert payload == {
+    assert without_calls(payload) == {
         "status": "error",
         "query_task_id": task_id,
         "looker_status": "running",
@@ -143,7 +154,7 @@ def test_no_wait_goes_past_the_timeout(looker, start, caplog, capfd):
     task_id = start()
     looker.fail_next_task_polls(5, status=429, retry_after=10)
     payload = only_event(trigger(task_id, timeout=0.5, retries=3)).payload
-    assert payload == {
+    assert without_calls(payload) == {
         "status": "error",
         "query_task_id": task_id,
         "looker_status": None,  # never seen: the operator asks Looker to kill the query
@@ -204,7 +215,7 @@ def test_giving_up_after_the_retries(looker, start):
     task_id = start()
     looker.fail_next_task_polls(5, status=503)
     payload = only_event(trigger(task_id, retries=2)).payload
-    assert payload == {
+    assert without_calls(payload) == {
         "status": "error",
         "query_task_id": task_id,
         "looker_status": None,
@@ -315,7 +326,13 @@ def test_the_connections_verify_ssl_extra_applies(tmp_path, monkeypatch):
 
 def test_serialize_round_trips():
     original = LookerQueryTaskTrigger(
-        CONN_ID, "abc123", poll_interval=2, timeout=timedelta(minutes=5), end_from_trigger=True, retries=5
+        CONN_ID,
+        "abc123",
+        poll_interval=2,
+        timeout=timedelta(minutes=5),
+        end_from_trigger=True,
+        retries=5,
+        resume_with={"looker_api_calls": {"query_based": 1}},
     )
     classpath, kwargs = original.serialize()
     assert classpath == CLASSPATH
@@ -332,6 +349,7 @@ def test_serialize_round_trips():
         "deadline": original.deadline,
         "retries": 5,
         "retry_backoff": 2.0,
+        "resume_with": {"looker_api_calls": {"query_based": 1}},  # handed back in the event's payload
     }
     assert rebuilt.deadline == original.deadline  # a rebuilt trigger does not restart its timeout
     assert LookerQueryTaskTrigger(CONN_ID, "abc").serialize()[1]["deadline"] is None
@@ -357,7 +375,7 @@ def test_end_from_trigger(looker, start, caplog, capfd):
     task_id = start()
     event = only_event(trigger(task_id, end_from_trigger=True))
     assert isinstance(event, TaskSuccessEvent)
-    assert event.xcoms == {
+    assert {key: without_calls(value) for key, value in event.xcoms.items()} == {
         "return_value": {"status": "success", "query_task_id": task_id, "looker_status": "complete"}
     }
     looker.end_next_query_tasks("killed")

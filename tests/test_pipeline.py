@@ -94,7 +94,7 @@ def test_changed_only_state_through_the_pipeline(segment, tmp_path):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"look_id": " "}, "look_id is empty"),
+        ({"look_id": " "}, "Give exactly one of look_id"),
         ({"limit": "ten"}, "limit must be a whole number, got 'ten'"),
         ({"limit": -5}, "limit must be -1 (all rows) or a positive number, got -5"),
         ({"limit": 10**30}, "limit must be at most 9,223,372,036,854,775,807"),

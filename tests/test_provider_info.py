@@ -44,7 +44,7 @@ def test_both_connection_types_declared_with_form_fields():
     assert set(types) == {"looker", "segment_tracking"}
     looker = types["looker"]
     assert looker["hook-name"] == "Looker"
-    assert set(looker["conn-fields"]) == {"verify_ssl", "timeout"}
+    assert set(looker["conn-fields"]) == {"verify_ssl", "timeout", "warehouse_namespace"}
     assert looker["conn-fields"]["verify_ssl"]["schema"]["default"] is True
     assert looker["conn-fields"]["timeout"]["schema"]["default"] == 120
     assert looker["ui-field-behaviour"]["relabeling"]["password"] == "Client secret (API key)"
@@ -53,6 +53,25 @@ def test_both_connection_types_declared_with_form_fields():
     assert segment["hook-name"] == "Segment Tracking API"
     assert segment["ui-field-behaviour"]["relabeling"]["password"] == "Write key"
     assert "login" in segment["ui-field-behaviour"]["hidden-fields"]
+    assert "source_name" in segment["conn-fields"]  # lineage: the source's name, never the write key
+
+
+def test_both_extra_links_and_triggers_are_declared():
+    info = get_provider_info()
+    assert info["extra-links"] == [
+        "airflow_provider_looker_segment.links.LookerLookLink",
+        "airflow_provider_looker_segment.links.LookerExploreLink",
+    ]
+    for path in info["extra-links"]:
+        module_name, _, class_name = path.rpartition(".")
+        assert getattr(importlib.import_module(module_name), class_name)
+    from airflow_provider_looker_segment.triggers.looker import LookerDatagroupTrigger, LookerQueryTaskTrigger
+
+    assert {entry["python-modules"][0] for entry in info["triggers"]} == {
+        "airflow_provider_looker_segment.triggers.looker"
+    }
+    assert LookerDatagroupTrigger.__module__.startswith("airflow_provider_looker_segment.triggers")
+    assert LookerQueryTaskTrigger.__module__ == "airflow_provider_looker_segment.triggers.looker"
 
 
 @pytest.mark.parametrize("conn_type", ["looker", "segment_tracking"])

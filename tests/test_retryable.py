@@ -29,6 +29,7 @@ TABLE = {
     errors.LookerRequestError: False,
     errors.LookNotFoundError: False,
     errors.LookDeletedError: False,
+    errors.QueryNotFoundError: False,
     errors.LookFilterError: False,
     errors.LookTruncatedError: False,
     errors.InvalidParameterError: False,

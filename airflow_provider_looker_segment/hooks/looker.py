@@ -39,6 +39,7 @@ from looker_sdk.rtl import auth_session, auth_token, requests_transport, seriali
 from looker_sdk.sdk.api40 import methods as methods40
 from looker_sdk.sdk.api40 import models as models40
 
+from airflow_provider_looker_segment.api_calls import ApiCallCounts
 from airflow_provider_looker_segment.exceptions import (
     LookDeletedError,
     LookerApiError,
@@ -56,6 +57,7 @@ from airflow_provider_looker_segment.hooks.looker_connection import (
     make_session,
     settings_from_connection,
 )
+from airflow_provider_looker_segment.hooks.looker_queries import LookerQueries, LookerQuery
 from airflow_provider_looker_segment.hooks.looker_query import (
     FILTER_REFUSAL_STATUSES,
     filter_error,
@@ -83,6 +85,7 @@ __all__ = [
     "ConnectionApiSettings",
     "LookerConnectionSettings",
     "LookerHook",
+    "LookerQuery",
     "LookerSession",
     "settings_from_connection",
 ]
@@ -145,13 +148,15 @@ def _look_info(look_id: str, look: models40.LookWithQuery) -> LookInfo:
         hidden_fields=tuple(vis.get("hidden_fields") or ()),
         deleted=bool(look.deleted),
         query_timezone=(query.query_timezone if query else None) or None,
+        query_id=str(look.query_id or (query.id if query else None) or "") or None,
+        slug=(query.slug if query else None) or None,
     )
 
 
 # --- the hook ---------------------------------------------------------------------------------------------
 
 
-class LookerHook(LookerQueryTasks, BaseHook):
+class LookerHook(LookerQueries, LookerQueryTasks, BaseHook):
     """
     Talk to the Looker API 4.0 with the credentials of an Airflow connection.
 
@@ -222,6 +227,17 @@ class LookerHook(LookerQueryTasks, BaseHook):
         return methods40.Looker40SDK(
             auth, serialize.deserialize40, serialize.serialize40, transport, API_VERSION
         )
+
+    @property
+    def api_calls(self) -> dict[str, int]:
+        """
+        The Looker API calls this hook made so far, per kind as Looker meters them (``query_based``,
+        ``administrative``, ``login_logout``) and their ``total``: see
+        :mod:`airflow_provider_looker_segment.api_calls`.
+        """
+        if "session" not in self.__dict__:
+            return ApiCallCounts().to_dict()
+        return self.session.calls.to_dict()
 
     def get_conn(self) -> methods40.Looker40SDK:
         """Return the looker_sdk 4.0 client."""
@@ -414,6 +430,7 @@ class LookerHook(LookerQueryTasks, BaseHook):
             logger=self.log,
             redact=self._redact,
             query=query,
+            label=info.label,
         )
 
     @contextmanager

@@ -21,6 +21,7 @@ from looker_sdk.sdk import constants as sdk_constants
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from airflow_provider_looker_segment.api_calls import ApiCallCounts
 from airflow_provider_looker_segment.exceptions import ConnectionConfigError
 from airflow_provider_looker_segment.net import normalise_base_url
 from airflow_provider_looker_segment.params import to_bool, to_number
@@ -164,13 +165,15 @@ class LookerSession(requests.Session):
     The HTTP session shared by looker_sdk and the result streams.
 
     It always applies its own ``verify`` (plain ``requests`` lets ``REQUESTS_CA_BUNDLE`` override a
-    session's ``verify=False``) and remembers, per thread, the last request's URL, status and error, so
-    that errors looker_sdk reports without a status can be explained.
+    session's ``verify=False``), remembers, per thread, the last request's URL, status and error, so
+    that errors looker_sdk reports without a status can be explained, and counts the API calls sent per
+    kind (:attr:`calls`; a retried request once per attempt).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.last = threading.local()
+        self.calls = ApiCallCounts()
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         """Send a request (see :meth:`requests.Session.request`), recording its outcome."""
@@ -185,9 +188,12 @@ class LookerSession(requests.Session):
             response = super().request(method, url, *args, **kwargs)
         except requests.RequestException as exc:
             last.error = exc
+            self.calls.add(verb, path)
             raise
         finally:
             _retried_post.active = False
+        retries = getattr(getattr(response, "raw", None), "retries", None)
+        self.calls.add(verb, path, 1 + len(getattr(retries, "history", None) or ()))
         last.status = response.status_code
         return response
 

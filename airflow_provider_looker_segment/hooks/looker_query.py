@@ -22,27 +22,37 @@ FILTER_REFUSAL_STATUSES = (400, 422)
 
 
 def filtered_write_query(
-    look_id: str, look: models40.LookWithQuery, filters: Mapping[str, str]
+    look_id: str,
+    look: models40.LookWithQuery | None,
+    filters: Mapping[str, str],
+    *,
+    query: models40.Query | None = None,
+    label: str | None = None,
 ) -> tuple[models40.WriteQuery, LookRunQuery]:
     """
-    Build the query of a filtered run: the Look's query, with ``filters`` replacing or adding filters.
+    Build the query of a filtered run: the Look's query (or ``query``), with ``filters`` replacing or adding
+    filters.
 
     Everything ``WriteQuery`` allows is kept (model, view, fields, pivots, fill fields, sorts, limits,
     totals, subtotals, dynamic fields, custom filter expression, visualisation, time zone) but ``client_id``
     (it must be unique) and ``filter_config`` (Looker says to leave it empty when creating a query; it
     would override ``filters`` in the UI).
 
-    :param look_id: the Look.
-    :param look: the Look as Looker answers it (``LookWithQuery``).
+    :param look_id: the Look (or the query's id).
+    :param look: the Look as Looker answers it (``LookWithQuery``); ``None`` with ``query``.
     :param filters: checked filters (see :func:`normalise_filters`).
+    :param query: a query as Looker answers it (``Query``), instead of a Look's.
+    :param label: how the message names the source (default ``Look <look_id>``).
     :return: the query to create, and what it changes.
     :raises LookerRequestError: the Look has no query (or one without model or explore).
     """
-    query = look.query
+    if query is None:
+        query = look.query if look is not None else None
     if query is None or not query.model or not query.view:
         raise LookerRequestError(
-            f"Look {look_id} has no query with a model and an explore: it cannot be run with filters",
-            look_id=look_id,
+            f"{label or f'Look {look_id}'} has no query with a model and an explore: it cannot be run "
+            "with filters",
+            look_id=look_id if look is not None else None,
         )
     own = {str(name): str(value) for name, value in (query.filters or {}).items()}
     merged = {**own, **filters}
@@ -87,10 +97,11 @@ def filter_error(
     fields = tuple(name for name in filters if _named(error.message, name)) or tuple(filters)
     plural = "s" if len(fields) > 1 else ""
     explore = f"{info.model}::{info.view}" if info.model and info.view else "the Look's explore"
+    label = info.label if info.kind != "look" else f"Look {look_id}"
     return LookFilterError(
-        f"Look {look_id}: Looker refused the filter{plural} on {', '.join(fields)}: a filter must name a "
+        f"{label}: Looker refused the filter{plural} on {', '.join(fields)}: a filter must name a "
         f"field of the explore {explore} and give a Looker filter expression. {shorten(error.message, 1000)}",
         status=error.status,
-        look_id=look_id,
+        look_id=look_id if info.kind == "look" else None,
         fields=fields,
     )

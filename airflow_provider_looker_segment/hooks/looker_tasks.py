@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
     from looker_sdk.sdk.api40 import methods as methods40
 
+    from airflow_provider_looker_segment.hooks.looker_queries import LookerQuery
+
 T = TypeVar("T")
 
 #: Query task statuses after which it does not change any more.
@@ -89,16 +91,22 @@ class LookerQueryTasks:
 
         def shown_look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str: ...
 
+        def with_filters(self, query: LookerQuery, filters: Mapping[str, str] | None) -> LookerQuery: ...
+
+        def explore_url(self, query: LookerQuery) -> str: ...
+
     def start_query_task(
         self,
-        look_id: str | int,
+        look_id: str | int | None = None,
         *,
+        query: LookerQuery | None = None,
         limit: int | None = -1,
         filters: Mapping[str, str] | None = None,
         cache: bool = True,
     ) -> str:
         """
-        Start a Look's query as a Looker async query task (``json_detail`` result); return its id.
+        Start a Look's query, or a query (``query``), as a Looker async query task (``json_detail``
+        result); return its id.
 
         With ``filters`` the filtered query is created first (as :meth:`stream_look` does), else the Look's
         own query runs. Follow the task with :meth:`query_task_status` (or the trigger
@@ -106,6 +114,7 @@ class LookerQueryTasks:
         :meth:`stream_query_task`.
 
         :param look_id: the Look id.
+        :param query: a query (``LookerHook.get_query``, possibly ``with_filters``) instead of a Look.
         :param limit: row limit; ``-1`` for all rows, ``None`` for the Look's saved limit.
         :param filters: as for :meth:`stream_look`.
         :param cache: let Looker answer from its cache.
@@ -117,21 +126,30 @@ class LookerQueryTasks:
         :raises LookerApiError: any other failure of the Looker API. (A failing SQL query is reported by the
             task's status, ``error``, and by :meth:`stream_query_task`.)
         """
-        look_id = normalise_id(look_id)
         given = normalise_filters(filters)
-        info, look = self._read_look(look_id)
-        if given:
-            run_query = self._create_filtered_query(look_id, info, look, given)
-            query_id = str(run_query.query_id)
+        run_query: LookRunQuery | None = None
+        if query is not None:
+            query = self.with_filters(query, given) if given else query
+            info, query_id, task_look = query.info, query.run_id, None
+            run_query, given = query.run, dict(query.run.filters) if query.run else {}
+            shown = self.explore_url(query)
         else:
-            query_id = str(look.query_id or (look.query.id if look.query else None) or "")
-            if not query_id:
-                raise LookerRequestError(f"Look {look_id} has no query to run", look_id=look_id)
+            look_id = normalise_id(look_id or "")
+            info, look = self._read_look(look_id)
+            if given:
+                run_query = self._create_filtered_query(look_id, info, look, given)
+                query_id = str(run_query.query_id)
+            else:
+                query_id = str(look.query_id or (look.query.id if look.query else None) or "")
+                if not query_id:
+                    raise LookerRequestError(f"Look {look_id} has no query to run", look_id=look_id)
+            task_look, shown = look_id, self.shown_look_url(look_id, given)
         # json_detail, as a run (see hooks/looker.py): its results carry a failed query's errors with HTTP 200
         body = models40.WriteCreateQueryTask(
-            query_id=query_id, result_format=models40.ResultFormat.json_detail, look_id=look_id
+            query_id=query_id, result_format=models40.ResultFormat.json_detail, look_id=task_look
         )
-        action = f"Starting the query of Look {look_id} as a Looker query task"
+        label = info.label
+        action = f"Starting the query of {label} as a Looker query task"
         try:
             task = self._call(
                 action,
@@ -146,22 +164,22 @@ class LookerQueryTasks:
             )
         except LookerApiError as exc:
             if given and exc.status in FILTER_REFUSAL_STATUSES:
-                raise filter_error(look_id, info, given, exc) from None
+                raise filter_error(info.id, info, given, exc) from None
             raise
         if not task.id:
-            raise LookerApiError(f"{action}: Looker answered no query task id", look_id=look_id)
-        what = f"with filters: {run_query.describe()}" if given else "as saved"
+            raise LookerApiError(f"{action}: Looker answered no query task id", look_id=task_look)
+        what = f"with filters: {run_query.describe()}" if given and run_query else "as saved"
         effective = info.limit if limit is None else limit
         self.log.info(
-            "Started Looker query task %s for Look %s (%s) %s (query %s): limit %s, cache %s; in Looker: %s",
+            "Started Looker query task %s for %s (%s) %s (query %s): limit %s, cache %s; in Looker: %s",
             task.id,
-            look_id,
-            info.title,
+            label,
+            info.title or f"{info.model}::{info.view}",
             what,
             query_id,
             _count(effective),
             cache,
-            self.shown_look_url(look_id, given),
+            shown,
         )
         return str(task.id)
 
@@ -193,9 +211,10 @@ class LookerQueryTasks:
     def stream_query_task(
         self,
         task_id: str,
-        look_id: str | int,
+        look_id: str | int | None = None,
         limit: int | None = -1,
         *,
+        info: LookInfo | None = None,
         strict_limit: bool = False,
         wait: float = RESULTS_WAIT,
         poll_interval: float = RESULTS_POLL_INTERVAL,
@@ -205,6 +224,8 @@ class LookerQueryTasks:
 
         :param task_id: the query task (from :meth:`start_query_task`).
         :param look_id: its Look (its metadata rules apply: hidden fields...).
+        :param info: the definition of the query it runs, instead of ``look_id`` (a query source: no
+            request to read it).
         :param limit: the limit the task was started with (for the truncation check); ``None`` for the
             Look's saved limit.
         :param strict_limit: as for :meth:`stream_look`.
@@ -220,11 +241,13 @@ class LookerQueryTasks:
         :raises LookerApiError: any other failure of the Looker API.
         """
         task_id = normalise_id(task_id, "A query task id")
-        look_id = normalise_id(look_id)
-        info = self._read_look(look_id)[0]
+        if info is None:
+            look_id = normalise_id(look_id or "")
+            info = self._read_look(look_id)[0]
+        look_id, label = info.id, info.label
         effective = info.limit if limit is None else int(limit)
         path = f"query_tasks/{quote(task_id, safe='')}/results"
-        action = f"Reading the results of Looker query task {task_id} (Look {look_id})"
+        action = f"Reading the results of Looker query task {task_id} ({label})"
         deadline = time.monotonic() + max(0.0, wait)
         asks = 0
         while True:
@@ -238,23 +261,27 @@ class LookerQueryTasks:
                         "killed, or its results expired; start a new one",
                         task_id=task_id,
                         status=404,
-                        look_id=look_id,
+                        look_id=look_id if info.kind == "look" else None,
                     ) from None
                 raise
             if response.status_code == 200:
                 break
             response.close()
             if time.monotonic() >= deadline:
-                raise self._results_not_ready(action, task_id, look_id, response.status_code, wait, asks)
+                look = look_id if info.kind == "look" else None
+                raise self._results_not_ready(action, task_id, look, response.status_code, wait, asks)
             time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
         self.log.info(
-            "Reading the results of Looker query task %s (Look %s, %s)", task_id, look_id, info.title
+            "Reading the results of Looker query task %s (%s, %s)",
+            task_id,
+            label,
+            info.title or f"{info.model}::{info.view}",
         )
         with self._closing(response):
             yield self._stream(look_id, response, info, effective, strict_limit, None)
 
     def _results_not_ready(
-        self, action: str, task_id: str, look_id: str, status: int, wait: float, asks: int
+        self, action: str, task_id: str, look_id: str | None, status: int, wait: float, asks: int
     ) -> QueryTaskError:
         """What happened when the results were still not ready: the answers, and the task's status then."""
         try:

@@ -1,12 +1,12 @@
-"""LookerToSegmentOperator: stream a Look's rows into Segment as identify, group or track calls."""
+"""LookerToSegmentOperator: stream a Look's (or any Looker query's) rows into Segment as identify, group or
+track calls."""
 
 from __future__ import annotations
 
 import gc
-import os
-import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -14,23 +14,25 @@ from airflow.configuration import conf
 from airflow.sdk import AssetAlias, BaseOperator, ObjectStoragePath
 from airflow.sdk.definitions.asset import BaseAsset
 
+from airflow_provider_looker_segment.api_calls import ApiCallCounts
 from airflow_provider_looker_segment.cohort_sync import SYNC_ALL
 from airflow_provider_looker_segment.destinations import Destination, resolve_destinations
 from airflow_provider_looker_segment.exceptions import (
-    InvalidParameterError,
     LookerApiError,
     LookerSegmentError,
     QueryTaskError,
     SegmentDeliveryError,
     UndeliverableEventsError,
 )
-from airflow_provider_looker_segment.hooks.looker import LookerHook
+from airflow_provider_looker_segment.hooks.looker import LookerHook, LookerQuery
 from airflow_provider_looker_segment.hooks.segment import SegmentHook
-from airflow_provider_looker_segment.links import LookerLookLink
+from airflow_provider_looker_segment.links import LookerExploreLink, LookerLookLink
 from airflow_provider_looker_segment.look_stream import LookStream
+from airflow_provider_looker_segment.models import LookInfo
 from airflow_provider_looker_segment.params import to_number, to_optional_str
 from airflow_provider_looker_segment.pipeline import SyncSettings, failure, log_summary, sync_look
 from airflow_provider_looker_segment.progress import SyncProgress
+from airflow_provider_looker_segment.state_location import state_folder, warn_if_state_is_local
 from airflow_provider_looker_segment.sync_state import (
     CohortStateStore,
     check_state_key,
@@ -43,17 +45,14 @@ from airflow_provider_looker_segment.triggers.looker import LookerQueryTaskTrigg
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-#: Executors that run every task on the scheduler's machine: local state is shared by all of them.
-LOCAL_EXECUTORS = frozenset({"LocalExecutor", "SequentialExecutor", "DebugExecutor"})
-#: Folder of the state files under AIRFLOW_HOME when ``state_path`` is not given.
-DEFAULT_STATE_FOLDER = "looker_segment_state"
 #: The operator arguments that make up :class:`~airflow_provider_looker_segment.pipeline.SyncSettings`.
 _SETTINGS = tuple(SyncSettings.__dataclass_fields__)
 
 
 class LookerToSegmentOperator(BaseOperator):
     """
-    Send every row of a Looker Look to Segment as an ``identify`` (default), ``group`` or ``track`` call.
+    Send every row of a Looker Look, or of any Looker query, to Segment as an ``identify`` (default),
+    ``group`` or ``track`` call.
 
     The Look is streamed from the Looker API (memory stays flat whatever its size); each row becomes one
     call by the rules of Segment's Looker source: the user id column gives ``userId``, every other visible
@@ -70,7 +69,13 @@ class LookerToSegmentOperator(BaseOperator):
     .. seealso::
         The README's "Use it in your Airflow" section and parameter reference.
 
-    :param look_id: the Look to sync (its id, as in ``/looks/42``). (templated)
+    :param look_id: the Look to sync (its id, as in ``/looks/42``). Give exactly one of ``look_id``,
+        ``query_id`` and ``query_slug``. (templated)
+    :param query_id: a Looker query to sync instead of a Look (its id: ``GET /queries/{query_id}``); it
+        runs with ``GET /queries/{query_id}/run/json_detail``. (templated)
+    :param query_slug: a Looker query to sync, by the slug of an Explore URL (the ``qid`` of
+        ``/explore/<model>/<explore>?qid=<slug>``, or a share URL's last part), resolved with
+        ``GET /queries/slug/{slug}``. (templated)
     :param call: the Segment call each row becomes: ``"identify"`` (default; user traits), ``"group"``
         (account traits, with ``groupId``) or ``"track"`` (an event named ``event``, the columns as its
         ``properties``). (templated)
@@ -153,6 +158,8 @@ class LookerToSegmentOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "look_id",
+        "query_id",
+        "query_slug",
         "filters",
         "call",
         "group_id_field",
@@ -184,12 +191,14 @@ class LookerToSegmentOperator(BaseOperator):
         "filters": "json",
     }
     ui_color = "#52BD94"
-    operator_extra_links = (LookerLookLink(),)
+    operator_extra_links = (LookerLookLink(), LookerExploreLink())
 
     def __init__(
         self,
         *,
-        look_id: str | int,
+        look_id: str | int | None = None,
+        query_id: str | int | None = None,
+        query_slug: str | None = None,
         looker_conn_id: str = LookerHook.default_conn_name,
         segment_conn_id: str = SegmentHook.default_conn_name,
         user_id_field: str | None = None,
@@ -227,6 +236,8 @@ class LookerToSegmentOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.look_id = look_id
+        self.query_id = query_id
+        self.query_slug = query_slug
         self.looker_conn_id = looker_conn_id
         self.segment_conn_id = segment_conn_id
         self.user_id_field = user_id_field
@@ -263,20 +274,14 @@ class LookerToSegmentOperator(BaseOperator):
         self.events_per_second = events_per_second
         self.progress_interval = progress_interval
         self._segment: SegmentHook | None = None
-
-    def _warn_if_state_is_local(self, state_path: ObjectStoragePath) -> None:
-        """Warn when the changed-only state is on local disk but tasks may run on several machines."""
-        if state_path.protocol not in ("", "file", "local"):
-            return
-        remote = sorted(set(_configured_executors()) - LOCAL_EXECUTORS)
-        if remote:
-            self.log.warning(
-                "sync_mode='changed' keeps its state on this worker's local disk (%s) but the executor (%s) "
-                "may run the next run on another machine, which would not see it and would send everyone "
-                "again. Set state_path to shared storage, e.g. s3://aws_default@bucket/looker-segment/.",
-                state_path,
-                ", ".join(remote),
-            )
+        #: The Explore of the query a run read (model, view, slug), for the "Looker Explore" link; ``None``
+        #: for a Look, or before Looker named the query.
+        self.looker_explore: dict[str, Any] | None = None
+        #: What the last run read (its definition, the SQL Looker ran, the summary), for lineage.
+        self.looker_source: LookInfo | None = None
+        self.looker_sql: str | None = None
+        self.looker_run_query_id: str | None = None
+        self.sync_summary: dict[str, Any] | None = None
 
     def _segment_hook(self) -> SegmentHook:
         tuning: dict[str, Any] = {}
@@ -295,22 +300,24 @@ class LookerToSegmentOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         settings, destinations, segment = self._prepare()
         if not self.deferrable:
-            return self._sync(
-                context,
-                settings,
-                destinations,
-                segment,
-                lambda looker: looker.stream_look(
-                    settings.look_id, limit=settings.limit, filters=settings.filters or None
-                ),
-            )
+            return self._sync(context, settings, destinations, segment)
+        calls: dict[str, Any] = {}
         with LookerHook(looker_conn_id=self.looker_conn_id) as looker:  # logs out when leaving
-            task_id = looker.start_query_task(
-                settings.look_id, limit=settings.limit, filters=settings.filters or None
-            )
+            if settings.source.is_look:
+                task_id = looker.start_query_task(
+                    settings.look_id, limit=settings.limit, filters=settings.filters or None
+                )
+            else:
+                query = self._resolve_query(looker, settings)
+                query = looker.with_filters(query, settings.filters or None)
+                self._record_query(query)
+                task_id = looker.start_query_task(query=query, limit=settings.limit)
+                calls["source"] = query.info.to_dict()
+                calls["run_query"] = {"query_id": query.run_id, "slug": query.run_slug}
+        calls["looker_api_calls"] = looker.api_calls  # the logout included
         self.log.info(
-            "Look %s: waiting for Looker query task %s in the triggerer (a status check every %g s%s).",
-            settings.look_id,
+            "%s: waiting for Looker query task %s in the triggerer (a status check every %g s%s).",
+            settings.label,
             task_id,
             self.poll_interval,
             f", at most {self.query_timeout:g} s" if self.query_timeout else "",
@@ -321,6 +328,7 @@ class LookerToSegmentOperator(BaseOperator):
                 query_task_id=task_id,
                 poll_interval=self.poll_interval,
                 timeout=self.query_timeout,
+                resume_with=calls,
             ),
             method_name="execute_complete",
         )
@@ -329,7 +337,13 @@ class LookerToSegmentOperator(BaseOperator):
         """
         Resume once the trigger fired: stream the query task's result and sync it, or fail with the
         trigger's message (asking Looker to kill a query that may still be running).
+
+        The event hands back (``resume_with``) what :meth:`execute` read: a query source's definition (no
+        request to read it again), the id and slug of the query that ran (with filters: Looker's copy), and
+        the Looker API calls it made.
         """
+        resumed = event.get("resume_with") or {}
+        source, run_query = resumed.get("source"), resumed.get("run_query")
         task_id = str(event.get("query_task_id") or "")
         if event.get("status") != "success":
             if task_id and event.get("looker_status") in (None, "added", "running"):
@@ -340,13 +354,29 @@ class LookerToSegmentOperator(BaseOperator):
                 task_status=event.get("looker_status"),
             )
         settings, destinations, segment = self._prepare()
-        self.log.info("Look %s: Looker query task %s is complete.", settings.look_id, task_id)
+        info = LookInfo.from_dict(source) if source else None
+        if info is not None:
+            settings = replace(settings, query_id=info.id, query_slug=info.slug or settings.query_slug)
+            self.looker_source = info
+            self.looker_run_query_id = str((run_query or {}).get("query_id") or info.id)
+            self.looker_explore = {
+                "model": info.model,
+                "view": info.view,
+                "slug": (run_query or {}).get("slug") or info.slug,
+            }
+        self.log.info("%s: Looker query task %s is complete.", settings.label, task_id)
+        earlier = ApiCallCounts()
+        earlier.merge(resumed.get("looker_api_calls"))
+        earlier.merge(event.get("looker_api_calls"))
         return self._sync(
             context,
             settings,
             destinations,
             segment,
-            lambda looker: looker.stream_query_task(task_id, settings.look_id, limit=settings.limit),
+            lambda looker, _settings: looker.stream_query_task(
+                task_id, settings.look_id, limit=settings.limit, info=info
+            ),
+            earlier_calls=earlier,
         )
 
     def _prepare(self) -> tuple[SyncSettings, list[Destination], SegmentHook]:
@@ -358,6 +388,18 @@ class LookerToSegmentOperator(BaseOperator):
             segment.validate_config()  # a missing write key fails here, before Looker is even read
         return settings, destinations, segment
 
+    def _resolve_query(self, looker: LookerHook, settings: SyncSettings) -> LookerQuery:
+        """Read the query source from Looker (by id or slug)."""
+        if settings.query_id is not None:
+            return looker.get_query(settings.query_id)
+        return looker.get_query(slug=settings.query_slug)
+
+    def _record_query(self, query: LookerQuery) -> None:
+        """Keep what the run reads, for the Explore link and lineage."""
+        self.looker_source = query.info
+        self.looker_run_query_id = query.run_id
+        self.looker_explore = {"model": query.info.model, "view": query.info.view, "slug": query.run_slug}
+
     def _kill_query_task(self, task_id: str) -> None:
         try:
             with LookerHook(looker_conn_id=self.looker_conn_id) as looker:
@@ -366,34 +408,68 @@ class LookerToSegmentOperator(BaseOperator):
         except LookerApiError as error:
             self.log.warning("Could not ask Looker to kill query task %s: %s", task_id, error)
 
+    def _open_source(
+        self, looker: LookerHook, settings: SyncSettings
+    ) -> tuple[SyncSettings, Callable[[LookerHook, SyncSettings], AbstractContextManager[LookStream]]]:
+        """
+        What a run streams: a Look as saved or with its filters; a query, read by id or slug first (its
+        slug resolved to its id, which keys its state), then run (its copy with the filters).
+        """
+        if settings.source.is_look:
+            return settings, lambda hook, s: hook.stream_look(
+                s.look_id, limit=s.limit, filters=s.filters or None
+            )
+        query = self._resolve_query(looker, settings)
+        settings = replace(
+            settings, query_id=query.info.id, query_slug=query.info.slug or settings.query_slug
+        )
+        query = looker.with_filters(query, settings.filters or None)
+        self._record_query(query)
+        return settings, lambda hook, s: hook.stream_query(query, limit=s.limit)
+
     def _sync(
         self,
         context: Context,
         settings: SyncSettings,
         destinations: list[Destination],
         segment: SegmentHook,
-        open_stream: Callable[[LookerHook], AbstractContextManager[LookStream]],
+        open_stream: Callable[[LookerHook, SyncSettings], AbstractContextManager[LookStream]] | None = None,
+        *,
+        earlier_calls: ApiCallCounts | None = None,
     ) -> dict[str, Any]:
-        """Open the state, the Looker session and the stream, sync, report; fail after the summary."""
-        namespace = self._message_id_namespace(context, settings.look_id)
+        """Open the Looker session, the state and the stream, sync, report; fail after the summary."""
         # Airflow's imports leave ~190k objects tracked by the garbage collector, and every full collection
         # triggered by the row loop would walk them all: park them in the permanent generation meanwhile.
         gc.freeze()
+        looker = LookerHook(looker_conn_id=self.looker_conn_id)
         try:
             with ExitStack() as resources:
                 # Progress lines from before Looker is asked to run the Look: its wait is reported too.
                 progress = resources.enter_context(
-                    SyncProgress(settings.look_id, self.log, self.progress_interval, dry_run=settings.dry_run)
+                    SyncProgress(
+                        settings.source.key,
+                        self.log,
+                        self.progress_interval,
+                        dry_run=settings.dry_run,
+                        label=settings.label,
+                    )
                 )
+                resources.enter_context(looker)  # leaving it logs out of Looker, also after a failure
+                if open_stream is None:
+                    settings, open_stream = self._open_source(looker, settings)
+                namespace = self._message_id_namespace(context, settings.source.key)
                 state = None
                 if settings.changed_only:
                     store = self._state_store(settings, segment)
                     state = resources.enter_context(
                         store.begin(namespace, full_refresh=settings.full_refresh)
                     )
-                # Leaving the hook logs out of Looker, also after a failure.
-                looker = resources.enter_context(LookerHook(looker_conn_id=self.looker_conn_id))
-                stream = resources.enter_context(open_stream(looker))
+                stream = resources.enter_context(open_stream(looker, settings))
+                if self.looker_source is None:  # a Look: what it runs is its query, or the filtered copy
+                    self.looker_source = stream.info
+                    run = stream.query.query_id if stream.query is not None else None
+                    self.looker_run_query_id = run or stream.info.query_id
+                self.looker_sql = stream.meta.sql
                 summary = sync_look(
                     settings,
                     stream,
@@ -408,8 +484,11 @@ class LookerToSegmentOperator(BaseOperator):
                 )
         finally:
             gc.unfreeze()
+        calls = earlier_calls or ApiCallCounts()
+        calls.merge(looker.api_calls)
+        summary.looker_api_calls = calls.to_dict()
         log_summary(self.log, summary)
-        result = summary.to_dict()
+        result = self.sync_summary = summary.to_dict()
         self._publish_asset_events(context, result)
         error = failure(settings, summary)
         if error is not None:
@@ -432,26 +511,40 @@ class LookerToSegmentOperator(BaseOperator):
             return error
         return UndeliverableEventsError(str(error))
 
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """
+        The lineage of the completed sync, for the OpenLineage provider (extra ``openlineage``): the Look or
+        query read (and the warehouse tables its SQL reads) as inputs, the Segment source as output, no secret
+        in any of it. See :mod:`airflow_provider_looker_segment.lineage`.
+
+        :param task_instance: the task instance that completed (unused: the operator recorded its run).
+        """
+        from airflow_provider_looker_segment.lineage import sync_lineage  # OpenLineage only when it asks
+
+        return sync_lineage(self)
+
     def on_kill(self) -> None:
         """Stop sending at once when the task is killed (the events not sent are reported failed)."""
         if self._segment is not None:
             self._segment.stop()
 
     def _state_store(self, settings: SyncSettings, segment: SegmentHook) -> CohortStateStore:
-        state_path = _state_folder(self.state_path)
-        self._warn_if_state_is_local(state_path)
+        state_path = state_folder(self.state_path)
+        warn_if_state_is_local(state_path, self.log)
         base_url, write_key = segment.settings.base_url, segment.settings.write_key
         own_key = to_optional_str(self.state_key)
+        source = settings.source
         key = sync_key(
-            settings.look_id,
+            source.id if source.is_look else None,
             base_url,
             write_key,
             call=settings.call,
             state_key=None if own_key is None else check_state_key(own_key),
+            query_id=None if source.is_look else source.id,
         )
         legacy = (
             ()
-            if own_key
+            if own_key or not source.is_look
             else legacy_sync_keys(
                 settings.look_id, base_url, write_key, call=settings.call, event=settings.event
             )
@@ -463,7 +556,8 @@ class LookerToSegmentOperator(BaseOperator):
     def _message_id_namespace(context: Context, look_id: str) -> str:
         """
         Identify this task run: a retry of the same run re-sends the same messageIds (Segment drops the
-        duplicates), the next scheduled run sends new ones.
+        duplicates), the next scheduled run sends new ones. ``look_id`` is the source's key (a Look's id;
+        ``query-<id>`` for a query).
         """
         ti = context["ti"]
         return build_message_id_namespace(
@@ -487,7 +581,8 @@ class LookerToSegmentOperator(BaseOperator):
                 )
                 self.outlets = kept  # what Airflow reads when it records the task's success
             return
-        extra = {key: summary[key] for key in ("look_id", "rows", "sent", "invalid", "ran_at")}
+        keys = ("source", "look_id", "query_id", "rows", "sent", "invalid", "ran_at")
+        extra = {key: summary[key] for key in keys}
         outlet_events = context.get("outlet_events")
         if outlet_events is None:
             return
@@ -501,34 +596,3 @@ class LookerToSegmentOperator(BaseOperator):
 def _asset_name(outlet: Any) -> str:
     """An outlet's name for the log (its ``name``, else its ``uri``)."""
     return str(getattr(outlet, "name", None) or getattr(outlet, "uri", None) or outlet)
-
-
-def _configured_executors() -> list[str]:
-    """The executor class names of ``[core] executor`` (a comma-separated list, entries may be aliased)."""
-    from airflow.configuration import conf
-
-    names = conf.get("core", "executor", fallback="") or ""
-    return [entry.split(":")[-1].strip().rsplit(".", 1)[-1] for entry in names.split(",") if entry.strip()]
-
-
-def _state_folder(state_path: str | ObjectStoragePath | None) -> ObjectStoragePath:
-    """The folder of the sync state files: ``state_path``, else ``$AIRFLOW_HOME/looker_segment_state``."""
-    if isinstance(state_path, ObjectStoragePath):
-        return state_path
-    text = to_optional_str(state_path)
-    if text is None:
-        home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
-        text = os.path.join(home, DEFAULT_STATE_FOLDER)
-    if (
-        "://" not in text
-        and re.match(r"[A-Za-z][A-Za-z0-9+.-]*:(?![\\/])", text)
-        and not re.match(r"[A-Za-z]:[\\/]", text)
-    ):
-        raise InvalidParameterError(
-            f"state_path {text!r} looks like a URL without '//': write a local folder as a path "
-            "(/var/lib/looker-segment or file:///var/lib/looker-segment) or a URL as scheme://..., e.g. "
-            "s3://bucket/looker-segment/"
-        )
-    if "://" not in text:
-        text = "file://" + os.path.abspath(os.path.expanduser(text))
-    return ObjectStoragePath(text)

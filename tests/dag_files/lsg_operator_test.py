@@ -16,7 +16,9 @@ from airflow.sdk import DAG, Param
 from airflow_provider_looker_segment.operators.looker_to_segment import LookerToSegmentOperator
 
 PARAMS = {
-    "look_id": Param("1", type="string"),
+    "look_id": Param("1", type=["null", "string"]),
+    "query_id": Param(None, type=["null", "string"]),
+    "query_slug": Param(None, type=["null", "string"]),
     "user_id_field": Param(None, type=["null", "string"]),
     "email_field": Param(None, type=["null", "string"]),
     "anonymous_id_field": Param(None, type=["null", "string"]),

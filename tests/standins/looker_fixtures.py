@@ -51,6 +51,7 @@ from typing import Any
 from urllib.parse import quote
 
 from airflow_provider_looker_segment.models import DIMENSION, MEASURE, TABLE_CALCULATION
+from standins.looker_sql import query_slug
 
 #: Result formats the stand-in can produce.
 JSON_DETAIL = "json_detail"
@@ -218,6 +219,8 @@ class FixtureLook:
     :param filters: the query's saved filters; the rows already satisfy them.
     :param query_timezone: the query's time zone (its date-times are local times of it), also the result's
         ``timezone``; ``None``: not set (the result then names no zone either).
+    :param sql_in_results: its ``json_detail`` results carry the query's ``sql`` before their ``data`` (as
+        the stand-in's do by default); ``False`` leaves it out (it is then only had from ``run/sql``).
     """
 
     id: str
@@ -234,6 +237,7 @@ class FixtureLook:
     looker_error: str | None = None
     filters: dict[str, str] = field(default_factory=dict)
     query_timezone: str | None = "UTC"
+    sql_in_results: bool = True
 
     @property
     def row_count(self) -> int:
@@ -303,6 +307,7 @@ class FixtureLook:
                 "query_timezone": self.query_timezone,
                 "has_table_calculations": bool(calcs),
                 "client_id": f"fixture{self.id}",
+                "slug": query_slug(look_query_id(self.id)),
             },
         }
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from standins.looker_fixtures import CSV, JSON_DETAIL, RESULT_FORMATS, FixtureLook
+from standins.looker_sql import generated_sql
 
 if TYPE_CHECKING:
     from standins.looker_standin import LookerStandIn
@@ -25,6 +26,9 @@ DEFAULT_CLIENT_ID = "looker-demo-id"
 DEFAULT_CLIENT_SECRET = "looker-demo-secret"
 API_PREFIX = "/api/4.0"
 DOCS_BASE = "https://docs.cloud.google.com/looker/docs/r/err/4.0"
+#: The result format that answers the query's SQL (``run_query``, ``run_look``: "Returns the generated SQL
+#: rather than running the query").
+SQL = "sql"
 #: Rows per HTTP chunk of a streamed result.
 DEFAULT_CHUNK_ROWS = 2000
 
@@ -202,7 +206,14 @@ class HandlerBase(BaseHTTPRequestHandler):
     def _serve_run(
         self, record: RecordedRequest, params: dict[str, str], look: FixtureLook, fmt: str, template: str
     ) -> None:
-        """Run ``look`` (count it, apply the next run fault) and stream its result in ``fmt``."""
+        """
+        Run ``look`` (count it, apply the next run fault) and stream its result in ``fmt``; ``sql`` answers
+        the SQL Looker would run, without running it.
+        """
+        if fmt == SQL:
+            sql = generated_sql(look, params.get("limit"))
+            self._send_body(record, 200, "text/plain; charset=utf-8", sql.encode())
+            return
         if fmt not in RESULT_FORMATS:
             self._send_error(record, 400, f"Unsupported result format: {fmt}", template)
             return
@@ -297,7 +308,7 @@ def result_pieces(
     links = query.get("generate_drill_links", "true").lower() not in FALSE_WORDS  # Looker's default: true
     columns = look.columns(apply_vis)
     if fmt == JSON_DETAIL:
-        prefix, suffix = _detail_frame(look, apply_vis, cached)
+        prefix, suffix = _detail_frame(look, apply_vis, cached, query.get("limit"))
     elif fmt == CSV:
         prefix, suffix = look.csv_header(columns), b""
     else:
@@ -325,7 +336,7 @@ def _rows_to_send(look: FixtureLook, limit: str | None) -> int:
     return look.row_count if wanted < 0 else min(wanted, look.row_count)
 
 
-def _detail_frame(look: FixtureLook, apply_vis: bool, cached: bool) -> tuple[bytes, bytes]:
+def _detail_frame(look: FixtureLook, apply_vis: bool, cached: bool, limit: Any = None) -> tuple[bytes, bytes]:
     """Return the ``json_detail`` body around the rows: meta keys then ``"data":[``, and ``],...}``."""
     meta = {
         "id": f"q{look.id}",
@@ -338,8 +349,10 @@ def _detail_frame(look: FixtureLook, apply_vis: bool, cached: bool) -> tuple[byt
         "has_totals": False,
         "has_subtotals": False,
         "has_row_totals": False,
-        "sql": f"SELECT ... FROM {look.view} LIMIT {look.limit or 5000}",
+        "sql": generated_sql(look, limit),
     }
+    if not look.sql_in_results:
+        del meta["sql"]
     head = json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
     prefix = head[:-1].encode() + b',"data":['
     suffix = b'],"null_sort_treatment":"low","expired":false}'
@@ -374,3 +387,30 @@ def detail_error_body(look: FixtureLook, message: str, details: str | None) -> b
         "expired": False,
     }
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def api_user() -> dict[str, Any]:
+    """The API user answered by ``GET /user``."""
+    return {
+        "id": "7",
+        "first_name": "Demo",
+        "last_name": "API",
+        "display_name": "Demo API",
+        "email": "api-demo@toastmates.com",
+        "is_disabled": False,
+        "locale": "en",
+        "role_ids": ["2"],
+        "group_ids": ["1"],
+    }
+
+
+def versions(standin: LookerStandIn) -> dict[str, Any]:
+    """The answer of ``GET /api/versions``."""
+    version = {"version": "4.0", "full_version": "4.0.25.0", "status": "current", "swagger_url": ""}
+    return {
+        "looker_release_version": "25.0.0",
+        "current_version": version,
+        "supported_versions": [version],
+        "api_server_url": standin.base_url,
+        "web_server_url": standin.base_url,
+    }

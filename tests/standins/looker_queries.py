@@ -41,6 +41,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from standins.looker_fixtures import EXPLORE_FIELDS, FixtureField, FixtureLook
+from standins.looker_sql import query_slug
 
 #: The writable keys of a ``Query`` (``WriteQuery``) the stand-in keeps.
 QUERY_KEYS = (
@@ -392,6 +393,12 @@ class QueryStore:
             found = self._queries.get(query_id)
         return dict(found) if found is not None else None
 
+    def id_of_slug(self, slug: str) -> str | None:
+        """The id of the created query with this slug, or ``None``."""
+        with self._lock:
+            ids = list(self._queries)
+        return next((query_id for query_id in ids if query_slug(query_id) == slug), None)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._queries)
@@ -403,10 +410,10 @@ def query_json(query_id: str, query: dict[str, Any]) -> dict[str, Any]:
     body.update(
         id=query_id,
         can={"run": True, "see_results": True, "explore": True, "create": True, "show": True},
-        slug=f"s{query_id}",
+        slug=query_slug(query_id),
         share_url=None,
         expanded_share_url=None,
-        url=f"/explore/{query.get('model')}/{query.get('view')}?qid={query_id}",
+        url=f"/explore/{query.get('model')}/{query.get('view')}?qid={query_slug(query_id)}",
         client_id=f"standin{query_id:0>15}",
         has_table_calculations=bool(query.get("dynamic_fields")),
         filter_config=None,

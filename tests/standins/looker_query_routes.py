@@ -4,9 +4,12 @@ The query and query-task routes of the Looker API stand-in, as Looker API 4.0 do
 ==========================================================  ============================================
 ``POST /api/4.0/queries``                                   ``create_query``: 200 ``Query``; 422 when a
                                                             filter names a field not in the explore
-``GET /api/4.0/queries/{query_id}``                         ``query``
+``GET /api/4.0/queries/{query_id}``                         ``query``: 404 when unknown
+``GET /api/4.0/queries/slug/{slug}``                        ``query_for_slug`` (a created query's slug, or
+                                                            a fixture Look's query's): 404 when unknown
 ``GET /api/4.0/queries/{query_id}/run/{result_format}``     ``run_query`` (a Look's query id, or a created
-                                                            query), streamed like a Look's run
+                                                            query), streamed like a Look's run; ``sql``:
+                                                            the SQL, not run; 404 when unknown
 ``POST /api/4.0/queries/run/{result_format}``               ``run_inline_query``; 400 ``Invalid filter``
 ``POST /api/4.0/query_tasks``                               ``create_query_task``: 200 ``QueryTask``
 ``GET /api/4.0/query_tasks/{query_task_id}``                ``query_task``: ``added``, ``running``, then
@@ -22,7 +25,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from standins.looker_fixtures import JSON_DETAIL, FixtureLook, look_id_of_query
+from standins.looker_fixtures import JSON_DETAIL, FixtureLook, look_id_of_query, look_query_id
 from standins.looker_http import HandlerBase, RecordedRequest, detail_error_body
 from standins.looker_queries import (
     TASK_RESULT_FORMATS,
@@ -33,6 +36,7 @@ from standins.looker_queries import (
     refused_filters,
     resolve_query,
 )
+from standins.looker_sql import query_slug
 
 _CANNOT = "The Looker stand-in cannot interpret {what}; see standins/looker_queries.py for what it supports"
 
@@ -73,6 +77,25 @@ class QueryRoutes(HandlerBase):
             self._send_error(record, 404, "Not found", template)
             return
         self._send_json(record, 200, only_fields(query_json(query_id, stored), params.get("fields")))
+
+    def _get_query_for_slug(self, record: RecordedRequest, params: dict[str, str], slug: str) -> None:
+        template = "queries/slug/:slug"
+        if not self._authorized(record, template):
+            return
+        query_id = self.standin.queries.id_of_slug(slug)
+        if query_id is None:
+            query_id = next(
+                (
+                    look_query_id(look.id)
+                    for look in self.standin.all_looks()
+                    if not look.deleted and query_slug(look_query_id(look.id)) == slug
+                ),
+                None,
+            )
+        if query_id is None:
+            self._send_error(record, 404, "Not found", template)
+            return
+        self._get_query(record, params, query_id)
 
     def _run_query(self, record: RecordedRequest, params: dict[str, str], query_id: str, fmt: str) -> None:
         template = "queries/:query_id/run/:result_format"

@@ -15,11 +15,15 @@ It serves the Looks of :mod:`.looker_fixtures` over plain HTTP (or HTTPS with a 
         assert looker.counters["runs"] == 1
 
 Endpoints: ``POST /api/4.0/login``, ``DELETE /api/logout`` and ``/api/4.0/logout``, ``GET /api/versions``,
-``GET /api/4.0/user``, ``GET /api/4.0/looks/{id}`` and ``GET /api/4.0/looks/{id}/run/{json|json_detail|csv}``;
-queries (``POST /api/4.0/queries``, ``GET /api/4.0/queries/{id}[/run/{format}]``,
-``POST /api/4.0/queries/run/{format}``) with filters applied to the fixture rows, and async query tasks
-(``POST /api/4.0/query_tasks``, ``GET /api/4.0/query_tasks/{id}[/results]``,
-``DELETE /api/4.0/running_queries/{id}``): see :mod:`.looker_query_routes` and :mod:`.looker_queries`.
+``GET /api/4.0/user``, ``GET /api/4.0/looks/{id}`` and
+``GET /api/4.0/looks/{id}/run/{json|json_detail|csv|sql}``; ``GET /api/4.0/datagroups`` (their
+``triggered_at`` advanced by ``looker.datagroups.trigger(model, name)``, a schedule, or
+``POST /standin/datagroups/{model}/{name}/trigger``: :mod:`.looker_datagroups`); queries
+(``POST /api/4.0/queries``, ``GET /api/4.0/queries/{id}[/run/{format}]``,
+``GET /api/4.0/queries/slug/{slug}``, ``POST /api/4.0/queries/run/{format}``) with filters applied to the
+fixture rows, and async query tasks (``POST /api/4.0/query_tasks``,
+``GET /api/4.0/query_tasks/{id}[/results]``, ``DELETE /api/4.0/running_queries/{id}``): see
+:mod:`.looker_query_routes` and :mod:`.looker_queries`.
 Errors have Looker's shapes (``Error``: ``{"message", "documentation_url"}``; ``ValidationError`` adds
 ``errors``); the documentation URLs use the ``https://docs.cloud.google.com/looker/docs/r/err/`` form, which
 looker_sdk does not try to download. Runs and query tasks take ``generate_drill_links`` (default true, as in
@@ -47,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from standins.looker_datagroups import Datagroups
 from standins.looker_fixtures import FixtureLook, fixture_looks, resolve_generated
 from standins.looker_http import (
     API_PREFIX,
@@ -57,6 +62,8 @@ from standins.looker_http import (
     PROXY_PAGE,
     RecordedRequest,
     Server,
+    api_user,
+    versions,
 )
 from standins.looker_queries import QueryStore, QueryTasks
 from standins.looker_query_routes import QueryRoutes
@@ -75,6 +82,8 @@ __all__ = [
 _LOOK_PATH = re.compile(r"^/api/4\.0/looks/([^/]+)$")
 _RUN_PATH = re.compile(r"^/api/4\.0/looks/([^/]+)/run/([^/]+)$")
 _QUERY_PATH = re.compile(r"^/api/4\.0/queries/([^/]+)$")
+_QUERY_SLUG_PATH = re.compile(r"^/api/4\.0/queries/slug/([^/]+)$")
+_DATAGROUP_TRIGGER_PATH = re.compile(r"^/standin/datagroups/([^/]+)/([^/]+)/trigger$")
 _QUERY_RUN_PATH = re.compile(r"^/api/4\.0/queries/([^/]+)/run/([^/]+)$")
 _INLINE_RUN_PATH = re.compile(r"^/api/4\.0/queries/run/([^/]+)$")
 _TASK_PATH = re.compile(r"^/api/4\.0/query_tasks/([^/]+)$")
@@ -168,6 +177,7 @@ class LookerStandIn(ThreadedStandIn):
         self.validate_queries_on_create = validate_queries_on_create
         self.queries = QueryStore()
         self.query_tasks = QueryTasks()
+        self.datagroups = Datagroups()
 
     # --- life cycle -----------------------------------------------------------------------------------
 
@@ -478,6 +488,13 @@ class _Handler(QueryRoutes):
             self._run_inline_query(record, query, body, inline.group(1))
         elif path == f"{API_PREFIX}/query_tasks":
             self._create_query_task(record, query, body)
+        elif found := _DATAGROUP_TRIGGER_PATH.match(path):  # the stand-in's own control route (no auth)
+            try:
+                value = self.standin.datagroups.trigger(found.group(1), found.group(2))
+            except KeyError:
+                self._send_error(record, 404, "Not found", "standin/datagroups")
+                return
+            self._send_json(record, 200, {"triggered_at": value})
         else:
             self._send_error(record, 404, "Not found", path.removeprefix(f"{API_PREFIX}/"))
 
@@ -503,14 +520,19 @@ class _Handler(QueryRoutes):
         if self._injected_fault(record):
             return
         if path == "/api/versions":
-            self._send_json(record, 200, _versions(self.standin))
+            self._send_json(record, 200, versions(self.standin))
         elif path == f"{API_PREFIX}/user":
             if self._authorized(record, "user"):
-                self._send_json(record, 200, _api_user())
+                self._send_json(record, 200, api_user())
         elif found := _RUN_PATH.match(path):
             self._run_look(record, query, found.group(1), found.group(2))
         elif found := _LOOK_PATH.match(path):
             self._get_look(record, found.group(1))
+        elif path == f"{API_PREFIX}/datagroups":
+            if self._authorized(record, "datagroups"):
+                self._send_json(record, 200, self.standin.datagroups.json())
+        elif found := _QUERY_SLUG_PATH.match(path):
+            self._get_query_for_slug(record, query, found.group(1))
         elif found := _QUERY_RUN_PATH.match(path):
             self._run_query(record, query, found.group(1), found.group(2))
         elif found := _QUERY_PATH.match(path):
@@ -575,33 +597,6 @@ class _Handler(QueryRoutes):
             self._send_error(record, 404, "Not found", template)
             return
         self._serve_run(record, query, look, fmt, template)
-
-
-def _api_user() -> dict[str, Any]:
-    """The API user answered by ``GET /user``."""
-    return {
-        "id": "7",
-        "first_name": "Demo",
-        "last_name": "API",
-        "display_name": "Demo API",
-        "email": "api-demo@toastmates.com",
-        "is_disabled": False,
-        "locale": "en",
-        "role_ids": ["2"],
-        "group_ids": ["1"],
-    }
-
-
-def _versions(standin: LookerStandIn) -> dict[str, Any]:
-    """The answer of ``GET /api/versions``."""
-    version = {"version": "4.0", "full_version": "4.0.25.0", "status": "current", "swagger_url": ""}
-    return {
-        "looker_release_version": "25.0.0",
-        "current_version": version,
-        "supported_versions": [version],
-        "api_server_url": standin.base_url,
-        "web_server_url": standin.base_url,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,69 @@
+"""
+Where a changed-only sync keeps its state: the ``state_path`` folder (local or any ObjectStoragePath URL),
+and the warning when it is local but tasks may run on several machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from airflow.sdk import ObjectStoragePath
+
+from airflow_provider_looker_segment.exceptions import InvalidParameterError
+from airflow_provider_looker_segment.params import to_optional_str
+
+__all__ = ["DEFAULT_STATE_FOLDER", "LOCAL_EXECUTORS", "state_folder", "warn_if_state_is_local"]
+
+#: Executors that run every task on the scheduler's machine: local state is shared by all of them.
+LOCAL_EXECUTORS = frozenset({"LocalExecutor", "SequentialExecutor", "DebugExecutor"})
+#: Folder of the state files under AIRFLOW_HOME when ``state_path`` is not given.
+DEFAULT_STATE_FOLDER = "looker_segment_state"
+
+
+def warn_if_state_is_local(state_path: ObjectStoragePath, log: logging.Logger | Any) -> None:
+    """Warn when the changed-only state is on local disk but tasks may run on several machines."""
+    if state_path.protocol not in ("", "file", "local"):
+        return
+    remote = sorted(set(_configured_executors()) - LOCAL_EXECUTORS)
+    if remote:
+        log.warning(
+            "sync_mode='changed' keeps its state on this worker's local disk (%s) but the executor (%s) "
+            "may run the next run on another machine, which would not see it and would send everyone "
+            "again. Set state_path to shared storage, e.g. s3://aws_default@bucket/looker-segment/.",
+            state_path,
+            ", ".join(remote),
+        )
+
+
+def _configured_executors() -> list[str]:
+    """The executor class names of ``[core] executor`` (a comma-separated list, entries may be aliased)."""
+    from airflow.configuration import conf
+
+    names = conf.get("core", "executor", fallback="") or ""
+    return [entry.split(":")[-1].strip().rsplit(".", 1)[-1] for entry in names.split(",") if entry.strip()]
+
+
+def state_folder(state_path: str | ObjectStoragePath | None) -> ObjectStoragePath:
+    """The folder of the sync state files: ``state_path``, else ``$AIRFLOW_HOME/looker_segment_state``."""
+    if isinstance(state_path, ObjectStoragePath):
+        return state_path
+    text = to_optional_str(state_path)
+    if text is None:
+        home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
+        text = os.path.join(home, DEFAULT_STATE_FOLDER)
+    if (
+        "://" not in text
+        and re.match(r"[A-Za-z][A-Za-z0-9+.-]*:(?![\\/])", text)
+        and not re.match(r"[A-Za-z]:[\\/]", text)
+    ):
+        raise InvalidParameterError(
+            f"state_path {text!r} looks like a URL without '//': write a local folder as a path "
+            "(/var/lib/looker-segment or file:///var/lib/looker-segment) or a URL as scheme://..., e.g. "
+            "s3://bucket/looker-segment/"
+        )
+    if "://" not in text:
+        text = "file://" + os.path.abspath(os.path.expanduser(text))
+    return ObjectStoragePath(text)
