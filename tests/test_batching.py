@@ -202,7 +202,7 @@ def test_plan_batches_counts_like_a_delivery():
 
 
 def test_rejection_reasons_are_the_documented_texts():
-    """The README and the task's summary show these reasons as they are."""
+    """docs/troubleshooting.md and the task's summary show these reasons as they are."""
     assert Rejection.OVERSIZE.value == "event over Segment's 32 KB limit (32768 bytes encoded)"
     assert Rejection.NO_IDENTITY.value == "event has neither userId nor anonymousId"
 

@@ -231,11 +231,11 @@ def test_ran_at_is_the_timestamp_of_every_call_type():
     )
 
 
-# --------------------------------------------------------------------------------------------- README
+# ------------------------------------------------------------------------------ docs/rows-to-calls.md
 
 
-def test_readme_payloads_are_what_the_transform_makes():
-    """The README's three example payloads (section "Group and track calls") are computed, not written."""
+def test_documented_payloads_are_what_the_transform_makes():
+    """The three example payloads of docs/rows-to-calls.md ("Group and track calls"), computed."""
     import json
     import re
     from datetime import datetime, timezone
@@ -246,8 +246,8 @@ def test_readme_payloads_are_what_the_transform_makes():
     from airflow_provider_looker_segment.models import LookField, LookResultMeta
     from airflow_provider_looker_segment.transform import build_message_id_namespace, make_row_transformer
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Group and track calls", 1)[1].split("### Cohort entry and exit events", 1)[0]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "rows-to-calls.md").read_text()
+    section = doc.split("## Group and track calls", 1)[1].split("### Cohort entry and exit events", 1)[0]
     documented = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.S)]
     ran_at = datetime(2026, 11, 29, 6, tzinfo=timezone.utc)
     namespace = build_message_id_namespace(

@@ -363,7 +363,7 @@ def test_deferrable_signups_run_waits_in_the_triggerer(stack: Stack):
 
 
 def test_unpausing_a_dag_whose_variable_is_set_syncs_at_once(stack: Stack):
-    """As the README warns: no trigger needed, the latest day's run starts and sends to Segment."""
+    """As the README warns ("Unpausing syncs at once"): no trigger needed, the latest day's run sends."""
     variable = {"key": "looker_segment_look_ids", "value": json.dumps([TOASTMATES_LOOK_ID])}
     response = stack.airflow.api("POST", "/api/v2/variables", json=variable)
     assert response.status_code in (200, 201), response.text

@@ -1,9 +1,9 @@
 """
-What changed-only syncs guarantee (the README's section of that name), through real Airflow (``dag.test()``)
-against the Looker and Segment stand-ins: a tripped guard sends nothing on any try, an entry or exit reaches
-a journey tool once, a state that cannot be saved says so, templated values keep one state, a lead that gets
-a user id stays the same member, a run that lost its lease stops, a state file of another layout is refused
-and rebuilt.
+What changed-only syncs guarantee (docs/changed-only.md's section of that name), through real Airflow
+(``dag.test()``) against the Looker and Segment stand-ins: a tripped guard sends nothing on any try, an entry
+or exit reaches a journey tool once, a state that cannot be saved says so, templated values keep one state, a
+lead that gets a user id stays the same member, a run that lost its lease stops, a state file of another
+layout is refused and rebuilt.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def test_a_dry_run_of_a_query_sends_nothing(run, segment):
     assert (summary["would_send"], summary["sent"], segment.stats()["requests"]) == (10, 0, 0)
 
 
-# --- the README's API budget table, as the syncs count it ---------------------------------------------------
+# --- the API budget table of docs/sources.md, as the syncs count it -----------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """
-Which errors Airflow retries and which fail a task at once (the README's "Retried or failed at once"
-table), as the real Looker hook raises them against the stand-in, and per exception class.
+Which errors Airflow retries and which fail a task at once (the table "Retried or failed at once" of
+docs/troubleshooting.md), as the real Looker hook raises them against the stand-in, and per exception
+class.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from test_looker_hook import WRONG_SECRET, hook, looker, make_hook, stream_all  
 from airflow_provider_looker_segment import exceptions as errors
 from airflow_provider_looker_segment.exceptions import LookerApiError, LookerRequestError, is_retryable
 
-#: The README's table: retried (True) or failed at once (False).
+#: docs/troubleshooting.md's table: retried (True) or failed at once (False).
 TABLE = {
     errors.LookerApiError: True,
     errors.LookStreamError: True,
