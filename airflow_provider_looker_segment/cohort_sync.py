@@ -40,13 +40,8 @@ from airflow_provider_looker_segment.cohort_units import (
     Unit,
 )
 from airflow_provider_looker_segment.sync_run import SyncRun
-from airflow_provider_looker_segment.sync_state import ANONYMOUS_ID, GROUP_ID, USER_ID, format_identity_hash
+from airflow_provider_looker_segment.sync_state import GROUP_ID, format_identity_hash
 from airflow_provider_looker_segment.values import anonymous_id_from_group
-
-#: Values of the operator's ``sync_mode``.
-SYNC_ALL = "all"
-SYNC_CHANGED = "changed"
-SYNC_MODES = (SYNC_ALL, SYNC_CHANGED)
 
 
 @dataclass
@@ -328,19 +323,3 @@ def exit_calls(
 def _bits(messages: list[tuple[int, dict[str, Any]]], remaining: int) -> int:
     """The part bits of the messages whose index bit is set in ``remaining``."""
     return sum(bit for index, (bit, _message) in enumerate(messages) if remaining >> index & 1)
-
-
-__all__ = [
-    "ANONYMOUS_ID",
-    "GROUP_ID",
-    "SYNC_ALL",
-    "SYNC_CHANGED",
-    "SYNC_MODES",
-    "USER_ID",
-    "CohortCounts",
-    "CohortEvents",
-    "CohortMessages",
-    "entry_event",
-    "exit_calls",
-    "plan_exits",
-]

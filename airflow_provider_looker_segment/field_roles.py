@@ -23,14 +23,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import tzinfo
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 from airflow_provider_looker_segment.exceptions import TransformConfigError
 from airflow_provider_looker_segment.models import LookField, LookResultMeta, PivotValue
+from airflow_provider_looker_segment.settings import SyncOptions
 from airflow_provider_looker_segment.values import carries_time_of_day, time_zone, trait_converter
-
-if TYPE_CHECKING:
-    from airflow_provider_looker_segment.transform import TransformOptions
 
 #: Segment's reserved identify traits (https://segment.com/docs/connections/spec/identify/#traits).
 RESERVED_TRAITS = tuple(
@@ -96,9 +94,20 @@ _RESERVED_BY_NORM = {
     "track": {},
 }
 
-#: One trait source, precomputed for the row loop: (field name, trait key or None for a pivoted field,
-#: pivot (key, trait key) pairs or None, value classes kept as they are, converter for other values).
-TraitSpec = tuple[str, str | None, tuple[tuple[str, str], ...] | None, frozenset, Callable[[Any], Any]]
+
+class TraitSpec(NamedTuple):
+    """One trait source, precomputed for the row loop."""
+
+    #: The Looker field.
+    name: str
+    #: Its trait key; ``None`` for a pivoted field (see ``pivots``).
+    key: str | None
+    #: A pivoted field's (pivot key, trait key) pairs, or ``None``.
+    pivots: tuple[tuple[str, str], ...] | None
+    #: Value classes sent as they are.
+    plain: frozenset
+    #: The converter of other values.
+    convert: Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -184,7 +193,7 @@ def _by_hint(kind: str, meta: LookResultMeta, taken: set[str]) -> IdentifierChoi
     return IdentifierChoice(chosen[0][0].name, chosen[0][1]) if chosen else None
 
 
-def choose_identifiers(meta: LookResultMeta, options: TransformOptions) -> dict[str, IdentifierChoice | None]:
+def choose_identifiers(meta: LookResultMeta, options: SyncOptions) -> dict[str, IdentifierChoice | None]:
     """
     Choose the identifier fields: explicit options first, then tags, then names/labels.
 
@@ -263,12 +272,12 @@ def trait_keys(specs: tuple[TraitSpec, ...]) -> list[str]:
     """Every trait key the specs give, in order (a pivoted field's per-pivot keys in pivot order)."""
     keys: list[str] = []
     for _name, key, pivots, _plain, _convert in specs:
-        keys.extend([key] if pivots is None else [pair[1] for pair in pivots])
+        keys.extend([key] if pivots is None else [trait_key for _pivot_key, trait_key in pivots])
     return keys
 
 
 def plan_traits(
-    meta: LookResultMeta, options: TransformOptions, choices: dict[str, IdentifierChoice | None]
+    meta: LookResultMeta, options: SyncOptions, choices: dict[str, IdentifierChoice | None]
 ) -> tuple[tuple[TraitSpec, ...], list[str]]:
     """
     Decide which fields become which traits, and what about them is worth a warning.
@@ -316,7 +325,7 @@ def plan_traits(
 
 def _trait_pairs(
     meta: LookResultMeta,
-    options: TransformOptions,
+    options: SyncOptions,
     choices: dict[str, IdentifierChoice | None],
     email: str | None,
 ) -> list[tuple[LookField, str]]:
@@ -382,11 +391,11 @@ def _trait_spec(
     """Precompute the row-loop entry of one field (``zone``: the query's time zone, for date-times)."""
     plain, convert = trait_converter(f.type, zone)
     if not f.pivoted:
-        return (f.name, key, None, plain, convert)
+        return TraitSpec(f.name, key, None, plain, convert)
     if not pivots:
         warnings.append(f"{f.name} is pivoted but the Look has no pivot values: it gives no trait.")
     pairs = tuple((p.key, _pivot_key(key, p, style)) for p in pivots)
-    return (f.name, None, pairs, plain, convert)
+    return TraitSpec(f.name, None, pairs, plain, convert)
 
 
 def _check_duplicate_keys(specs: tuple[TraitSpec, ...], membership_trait: str | None) -> None:

@@ -1,14 +1,16 @@
 """
-The sync of one Look, free of Airflow: settings in, a typed summary out.
+The sync of one Look, free of Airflow: options in, a typed summary out.
 
 ``rows → messages (transform) → one call per identity (dedupe) → [changed-only and exits] → send or plan
 → [commit the state]``, streaming from end to end. The operator reads its arguments into
-:class:`SyncSettings`, opens the Looker stream, the Segment hook and (with ``sync_mode="changed"``) the
-sync state, and calls :func:`sync_look`; tests can call it with the same parts and no DAG.
+:class:`~.settings.SyncOptions`, opens the Looker stream, the Segment hook and (with
+``sync_mode="changed"``) the sync state, and calls :func:`sync_look`; tests can call it with the same parts
+and no DAG. The summary's keys: docs/summary.md.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import Counter
@@ -39,7 +41,7 @@ from airflow_provider_looker_segment.exceptions import (
 )
 from airflow_provider_looker_segment.models import LookResultMeta, Row
 from airflow_provider_looker_segment.progress import SyncProgress
-from airflow_provider_looker_segment.settings import MAX_LIMIT, SyncSettings
+from airflow_provider_looker_segment.settings import SyncOptions
 from airflow_provider_looker_segment.sync_run import SyncRun
 from airflow_provider_looker_segment.transform import (
     TransformPlan,
@@ -55,7 +57,7 @@ DRY_RUN_EXAMPLES = 3
 SUMMARY_MESSAGE_IDS = 100
 LIBRARY = {"name": PACKAGE_NAME, "version": __version__}
 
-__all__ = ["MAX_LIMIT", "CohortSummary", "SyncSettings", "SyncSummary", "failure", "log_summary", "sync_look"]
+__all__ = ["CohortSummary", "SyncSummary", "log_summary", "outcome_error", "sync_look"]
 
 
 @dataclass
@@ -161,7 +163,7 @@ Sender = Callable[..., Any]
 
 
 def sync_look(
-    settings: SyncSettings,
+    options: SyncOptions,
     stream: LookStreamLike,
     *,
     send: Sender | None,
@@ -179,7 +181,7 @@ def sync_look(
     With ``state`` (``sync_mode="changed"``) the whole Look is read into the run's local spool first, and
     compared with the previous state before anything is sent: a tripped exit guard sends nothing.
 
-    :param settings: what to do.
+    :param options: what to do.
     :param stream: the Look's result (e.g. from ``LookerHook.stream_look``).
     :param send: the Segment hook's ``send``; ``None`` in a dry run.
     :param destinations: resolved destinations to check before anything is sent.
@@ -195,10 +197,10 @@ def sync_look(
     log = log or logging.getLogger(__name__)
     if progress is None:
         with SyncProgress(
-            settings.source.key, log, progress_interval, dry_run=settings.dry_run, label=settings.label
+            options.source.key, log, progress_interval, dry_run=options.dry_run, label=options.label
         ) as progress:
             return sync_look(
-                settings,
+                options,
                 stream,
                 send=send,
                 destinations=destinations,
@@ -209,9 +211,42 @@ def sync_look(
                 progress=progress,
                 stop=stop,
             )
+    # Airflow's imports leave ~190k objects tracked by the garbage collector, and every full collection
+    # triggered by the row loop would walk them all: park them in the permanent generation meanwhile.
+    gc.freeze()
+    try:
+        return _sync(
+            options,
+            stream,
+            send,
+            destinations,
+            message_id_namespace,
+            state,
+            log,
+            progress_interval,
+            progress,
+            stop,
+        )
+    finally:
+        gc.unfreeze()
+
+
+def _sync(
+    options: SyncOptions,
+    stream: LookStreamLike,
+    send: Sender | None,
+    destinations: list[Destination],
+    message_id_namespace: str,
+    state: SyncRun | None,
+    log: Any,
+    progress_interval: float,
+    progress: SyncProgress,
+    stop: Callable[[], Any] | None,
+) -> SyncSummary:
+    """:func:`sync_look`'s work, its progress lines started."""
     started = time.monotonic()
-    plan = plan_transform(stream.meta, settings.transform_options())
-    _log_plan(log, settings.label, plan)
+    plan = plan_transform(stream.meta, options)
+    _log_plan(log, options.label, plan)
     _check_destinations(log, destinations, plan)
     ran_at = stream.meta.ran_at
     transform = make_row_transformer(
@@ -233,7 +268,7 @@ def sync_look(
             _messages(stream.rows, transform, counts), duplicates, by_group=by_group
         )
     else:
-        cohort, events = _decide(settings, stream, state, transform, counts, duplicates, log)
+        cohort, events = _decide(options, stream, state, transform, counts, duplicates, log)
         progress.sending()
         if cohort.guard_tripped:
             messages = ()  # nothing is sent, nothing is saved: the task fails with the counts
@@ -244,29 +279,32 @@ def sync_look(
     if plan.call == "group":  # group calls carrying the anonymousId derived from the group id (MTUs)
         messages = _groups_without_user(messages, without_user)
     undelivered = None
-    if settings.dry_run or send is None:
+    if options.dry_run or send is None:
         delivery = _dry_run(messages, log)
     else:
-        options: dict[str, Any] = {"progress": progress.delivered, "progress_interval": progress_interval}
+        delivery_options: dict[str, Any] = {
+            "progress": progress.delivered,
+            "progress_interval": progress_interval,
+        }
         if state is not None:
-            options["on_undelivered"] = undelivered = state.record_undelivered
+            delivery_options["on_undelivered"] = undelivered = state.record_undelivered
             if stop is not None:
                 state.on_lock_lost(lambda _reason: stop())
-        report = send(messages, **options)
+        report = send(messages, **delivery_options)
         delivery = report.to_dict()
     if state is None:  # only the run's own calls, one per row read that was neither invalid nor a duplicate
         by_type[plan.call] += counts.rows - sum(counts.invalid.values()) - duplicates.duplicates
-    warning = duplicates.warning(settings.label)
+    warning = duplicates.warning(options.label)
     if warning:
         log.warning("%s", warning)
     summary = SyncSummary(
-        look_id=settings.look_id,
-        source=settings.source.kind,
-        query_id=settings.query_id,
-        query_slug=settings.query_slug,
-        dry_run=settings.dry_run,
-        call=settings.call,
-        event=settings.event,
+        look_id=options.look_id,
+        source=options.source.kind,
+        query_id=options.query_id,
+        query_slug=options.query_slug,
+        dry_run=options.dry_run,
+        call=options.call,
+        event=options.event,
         rows=counts.rows,
         sent=delivery["delivered"],
         would_send=delivery.get("would_send"),
@@ -286,17 +324,17 @@ def sync_look(
         identifiers=plan.identifiers,
         traits=plan.traits,
         destinations=[d.name for d in destinations],
-        limit=settings.limit,
-        sync_mode=settings.sync_mode,
+        limit=options.limit,
+        sync_mode=options.sync_mode,
         possibly_truncated=stream.possibly_truncated,
         ran_at=ran_at.isoformat() if ran_at is not None else None,
-        filters=dict(settings.filters),
+        filters=dict(options.filters),
         events_by_type=dict(by_type),
         groups_without_user=without_user[0],
     )
     if state is not None and cohort is not None:
         handed = cohort_messages.handed if not cohort.guard_tripped else None
-        summary.cohort = _finish_cohort(settings, state, cohort, handed, undelivered is not None, log)
+        summary.cohort = _finish_cohort(options, state, cohort, handed, undelivered is not None, log)
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
 
@@ -337,7 +375,7 @@ def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
         )
 
 
-def failure(settings: SyncSettings, summary: SyncSummary) -> LookerSegmentError | None:
+def outcome_error(options: SyncOptions, summary: SyncSummary) -> LookerSegmentError | None:
     """
     The error that fails the task after a sync, or ``None``: a tripped exit guard, rejected or failed
     events, or more invalid rows than ``max_invalid_rows``; its message carries the whole summary.
@@ -356,14 +394,14 @@ def failure(settings: SyncSettings, summary: SyncSummary) -> LookerSegmentError 
     if state_error:
         problems.append(state_error)
     if summary.rejected:
-        verb = "would be rejected" if settings.dry_run else "rejected"
+        verb = "would be rejected" if options.dry_run else "rejected"
         problems.append(f"{summary.rejected} events {verb} by Segment ({summary.rejected_reasons})")
     if summary.failed:
         problems.append(f"{summary.failed} events not delivered ({summary.failed_reasons})")
-    if settings.max_invalid_rows is not None and summary.invalid > settings.max_invalid_rows:
+    if options.max_invalid_rows is not None and summary.invalid > options.max_invalid_rows:
         problems.append(
             f"{summary.invalid} rows produced no event, more than max_invalid_rows="
-            f"{settings.max_invalid_rows} ({summary.invalid_reasons})"
+            f"{options.max_invalid_rows} ({summary.invalid_reasons})"
         )
     if not problems:
         return None
@@ -376,7 +414,7 @@ def failure(settings: SyncSettings, summary: SyncSummary) -> LookerSegmentError 
         error = SyncStateError
     details = orjson.dumps(summary.to_dict()).decode()
     text = "; ".join(problem.rstrip(".") for problem in problems)
-    return error(f"{settings.label}: {text}. Summary: {details}")
+    return error(f"{options.label}: {text}. Summary: {details}")
 
 
 # ------------------------------------------------------------------------------------------- internals
@@ -429,7 +467,7 @@ _LOCK_LOST = "This run lost the lock of its sync"
 
 
 def _decide(
-    settings: SyncSettings,
+    options: SyncOptions,
     stream: LookStreamLike,
     state: SyncRun,
     transform: Any,
@@ -440,11 +478,11 @@ def _decide(
     """Read the whole Look into the run's spool, compare it with the state, decide the exits."""
     ran_at = stream.meta.ran_at
     events = CohortEvents(
-        call=settings.call,
-        event=settings.event,
-        membership_trait=settings.membership_trait,
-        entered_event=settings.entered_event,
-        exited_event=settings.exited_event,
+        call=options.call,
+        event=options.event,
+        membership_trait=options.membership_trait,
+        entered_event=options.entered_event,
+        exited_event=options.exited_event,
         sync_key=state.store.key,
         timestamp=format_timestamp(ran_at) if ran_at is not None else None,
         library=LIBRARY,
@@ -462,7 +500,7 @@ def _decide(
     state.spool(
         _messages(stream.rows, transform, counts),
         tail=getattr(transform, "tail", None),
-        by_group=settings.call == "group",
+        by_group=options.call == "group",
         hasher=getattr(transform, "hasher", None),
     )
     decision = state.decide()
@@ -478,14 +516,14 @@ def _decide(
         decision,
         cohort,
         events,
-        max_exit_ratio=settings.max_exit_ratio,
+        max_exit_ratio=options.max_exit_ratio,
         possibly_truncated=stream.possibly_truncated,
     )
     log.info(
         "%s: %s rows read and compared with the state (generation %s, %s identities): %s new, "
         "%s changed, %s unchanged, %s switched to a userId, %s left the cohort (spool: %s bytes on local "
         "disk).",
-        settings.label,
+        options.label,
         f"{decision.rows:,}",
         state.previous_generation,
         f"{decision.previous:,}",
@@ -500,7 +538,7 @@ def _decide(
 
 
 def _finish_cohort(
-    settings: SyncSettings,
+    options: SyncOptions,
     state: SyncRun,
     cohort: CohortCounts,
     handed: Any,
@@ -528,14 +566,14 @@ def _finish_cohort(
     if cohort.exits_skipped and cohort.exits and not cohort.guard_tripped:
         log.warning(
             "%s: %s identities left the cohort; no exit call sent: %s.",
-            settings.label,
+            options.label,
             f"{cohort.exits:,}",
             cohort.exits_skipped,
         )
     if cohort.guard_tripped:
         log.info("Exit guard: nothing was sent and the sync state was not changed.")
         return summary
-    if settings.dry_run or not sent:
+    if options.dry_run or not sent:
         log.info("Dry run: the sync state was read, not changed.")
         return summary
     if state.lock_lost:
@@ -550,9 +588,9 @@ def _finish_cohort(
         result = state.commit(
             handed,
             keep_departed=cohort.keep_departed,
-            membership_trait=bool(settings.membership_trait),
-            entered_event=bool(settings.entered_event),
-            exited_event=bool(settings.exited_event),
+            membership_trait=bool(options.membership_trait),
+            entered_event=bool(options.entered_event),
+            exited_event=bool(options.exited_event),
         )
     except SyncStateSaveError as error:
         summary.state_error = str(error)

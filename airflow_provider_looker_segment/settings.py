@@ -1,5 +1,7 @@
 """
-What one sync does: the operator's (rendered) arguments, coerced and checked into :class:`SyncSettings`.
+The one parameter model: the operator's (rendered) arguments, coerced and checked once into
+:class:`SyncOptions`, which every layer reads (the transform, the pipeline, the state). The reference of each
+parameter: docs/parameters.md.
 
 Every problem is an :class:`~airflow_provider_looker_segment.exceptions.InvalidParameterError` naming the
 parameter and the fix, raised before Looker is read or anything is sent.
@@ -13,7 +15,6 @@ from typing import Any
 import orjson
 
 from airflow_provider_looker_segment.batching import MAX_EVENT_BYTES
-from airflow_provider_looker_segment.cohort_sync import SYNC_ALL, SYNC_CHANGED, SYNC_MODES
 from airflow_provider_looker_segment.exceptions import InvalidParameterError
 from airflow_provider_looker_segment.look_filters import normalise_filters
 from airflow_provider_looker_segment.params import (
@@ -25,13 +26,18 @@ from airflow_provider_looker_segment.params import (
     to_str_list,
 )
 from airflow_provider_looker_segment.sources import LOOK, QUERY, LookerSource
-from airflow_provider_looker_segment.transform import (
-    CALLS,
-    GROUP_WITHOUT_USER,
-    TRAIT_KEY_STYLES,
-    TransformOptions,
-)
 
+#: Values of ``sync_mode``.
+SYNC_ALL = "all"
+SYNC_CHANGED = "changed"
+SYNC_MODES = (SYNC_ALL, SYNC_CHANGED)
+#: The Segment calls a Look's rows can become (``call``).
+CALLS = ("identify", "group", "track")
+#: Ways of turning a field into a trait key (``trait_key_style``): short label lower-cased, snake case or the
+#: Looker field name.
+TRAIT_KEY_STYLES = ("label", "snake", "field")
+#: What a group call of a row without a user identifier does (``group_without_user``).
+GROUP_WITHOUT_USER = ("anonymous_id", "skip")
 #: The largest row limit Looker's API takes (a 64-bit integer).
 MAX_LIMIT = 2**63 - 1
 #: Bytes of a track call besides its event name: type, identity, timestamp, context, a 53-character
@@ -40,13 +46,14 @@ TRACK_CALL_BYTES = 400
 
 
 @dataclass(frozen=True)
-class SyncSettings:
+class SyncOptions:
     """
-    What one sync does, read from the operator's (rendered) arguments by :meth:`from_arguments`.
+    What one sync does, read from the operator's (rendered) arguments by :meth:`from_arguments`: its fields
+    are the operator's templated parameters, of the same names and meanings (docs/parameters.md).
 
-    The fields mean what the operator's parameters of the same names mean; exactly one of ``look_id``,
-    ``query_id`` and ``query_slug`` is set by :meth:`from_arguments` (a query given by slug gets its
-    ``query_id`` too once Looker resolved it).
+    Exactly one of ``look_id``, ``query_id`` and ``query_slug`` is set by :meth:`from_arguments` (a query
+    given by slug gets its ``query_id`` too once Looker resolved it). Built directly (tests, the benchmark),
+    the values are trusted as they are.
     """
 
     look_id: str | None = None
@@ -73,9 +80,12 @@ class SyncSettings:
     group_without_user: str = "anonymous_id"
     query_id: str | None = None
     query_slug: str | None = None
+    #: Checked when the state is opened (:mod:`.state_location`): only changed-only syncs read them.
+    state_path: Any = None
+    state_key: str | None = None
 
     @classmethod
-    def from_arguments(cls, **arguments: Any) -> SyncSettings:
+    def from_arguments(cls, **arguments: Any) -> SyncOptions:
         """
         Coerce rendered arguments (strings or native values) and check them.
 
@@ -158,9 +168,11 @@ class SyncSettings:
             user_id_field=to_optional_str(arguments.get("user_id_field")),
             email_field=to_optional_str(arguments.get("email_field")),
             anonymous_id_field=to_optional_str(arguments.get("anonymous_id_field")),
-            trait_names=to_str_dict(arguments.get("trait_names"), name="trait_names"),
+            trait_names=_trait_names(arguments.get("trait_names")),
             trait_key_style=style,
-            exclude_fields=tuple(to_str_list(arguments.get("exclude_fields"), name="exclude_fields")),
+            exclude_fields=tuple(
+                dict.fromkeys(to_str_list(arguments.get("exclude_fields"), name="exclude_fields"))
+            ),
             destinations=tuple(to_str_list(arguments.get("destinations"), name="destinations")),
             dry_run=to_bool(arguments.get("dry_run"), name="dry_run"),
             limit=-1 if not limit else limit,
@@ -176,6 +188,8 @@ class SyncSettings:
             filters=parse_filters(arguments.get("filters")),
             event=event,
             group_without_user=without_user,
+            state_path=arguments.get("state_path"),
+            state_key=to_optional_str(arguments.get("state_key")),
             **cohort_events,
         )
 
@@ -196,22 +210,6 @@ class SyncSettings:
         """Whether this sync keeps state and sends only what changed."""
         return self.sync_mode == SYNC_CHANGED
 
-    def transform_options(self) -> TransformOptions:
-        """The transform's options."""
-        return TransformOptions(
-            user_id_field=self.user_id_field,
-            email_field=self.email_field,
-            anonymous_id_field=self.anonymous_id_field,
-            trait_names=self.trait_names,
-            trait_key_style=self.trait_key_style,
-            exclude_fields=self.exclude_fields,
-            membership_trait=self.membership_trait,
-            call=self.call,
-            group_id_field=self.group_id_field,
-            event=self.event,
-            group_without_user=self.group_without_user,
-        )
-
 
 def parse_filters(value: Any) -> dict[str, str]:
     """
@@ -227,6 +225,18 @@ def parse_filters(value: Any) -> dict[str, str]:
             '{"users.created_date": "2026-11-28"}'
         ) from None
     return normalise_filters(filters)
+
+
+def _trait_names(value: Any) -> dict[str, str]:
+    """``trait_names``: Looker field name → non-empty trait key, both stripped."""
+    names = {}
+    for name, key in to_str_dict(value, name="trait_names").items():
+        if not name.strip():
+            raise InvalidParameterError(f"trait_names keys must be Looker field names, got {name!r}")
+        if not key.strip():
+            raise InvalidParameterError(f"trait_names[{name!r}] must be a non-empty trait key, got {key!r}")
+        names[name.strip()] = key.strip()
+    return names
 
 
 def _event_name(name: str, value: Any) -> str | None:

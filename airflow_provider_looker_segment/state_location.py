@@ -1,6 +1,6 @@
 """
-Where a changed-only sync keeps its state: the ``state_path`` folder (local or any ObjectStoragePath URL),
-and the warning when it is local but tasks may run on several machines.
+Where a changed-only sync keeps its state: the ``state_path`` folder (local or any ObjectStoragePath URL), the
+warning when it is local but tasks may run on several machines, and the state's key (docs/changed-only.md).
 """
 
 from __future__ import annotations
@@ -14,8 +14,13 @@ from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_looker_segment.exceptions import InvalidParameterError
 from airflow_provider_looker_segment.params import to_optional_str
-
-__all__ = ["DEFAULT_STATE_FOLDER", "LOCAL_EXECUTORS", "state_folder", "warn_if_state_is_local"]
+from airflow_provider_looker_segment.settings import SyncOptions
+from airflow_provider_looker_segment.sync_state import (
+    CohortStateStore,
+    check_state_key,
+    legacy_sync_keys,
+    sync_key,
+)
 
 #: Executors that run every task on the scheduler's machine: local state is shared by all of them.
 LOCAL_EXECUTORS = frozenset({"LocalExecutor", "SequentialExecutor", "DebugExecutor"})
@@ -67,3 +72,35 @@ def state_folder(state_path: str | ObjectStoragePath | None) -> ObjectStoragePat
     if "://" not in text:
         text = "file://" + os.path.abspath(os.path.expanduser(text))
     return ObjectStoragePath(text)
+
+
+def open_state_store(
+    options: SyncOptions, base_url: str, write_key: str, log: logging.Logger | Any
+) -> CohortStateStore:
+    """
+    The state store of a changed-only sync: in ``state_path`` (warned about when local on a multi-machine
+    executor), keyed by ``state_key`` or else by the source, the call type and the Segment source.
+
+    :param options: the sync's options (``state_path``, ``state_key``, the source, ``call``, ``event``).
+    :param base_url: the Segment connection's API URL.
+    :param write_key: the Segment source's write key (hashed into the key, never stored).
+    :param log: where the warning and the state's location go.
+    """
+    state_path = state_folder(options.state_path)
+    warn_if_state_is_local(state_path, log)
+    own_key, source = options.state_key, options.source
+    key = sync_key(
+        source.id if source.is_look else None,
+        base_url,
+        write_key,
+        call=options.call,
+        state_key=None if own_key is None else check_state_key(own_key),
+        query_id=None if source.is_look else source.id,
+    )
+    legacy = (
+        ()
+        if own_key or not source.is_look
+        else legacy_sync_keys(options.look_id, base_url, write_key, call=options.call, event=options.event)
+    )
+    log.info("Sync state: %s/%s.state", state_path, key)
+    return CohortStateStore(state_path, key, legacy_keys=legacy)

@@ -40,7 +40,7 @@ Documented formats
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -65,6 +65,7 @@ from airflow_provider_looker_segment.field_roles import (
     trait_keys,
 )
 from airflow_provider_looker_segment.models import LookResultMeta, Row
+from airflow_provider_looker_segment.settings import SyncOptions
 from airflow_provider_looker_segment.values import (
     anonymous_id_from_email,
     anonymous_id_from_group,
@@ -75,16 +76,12 @@ from airflow_provider_looker_segment.values import (
 )
 
 __all__ = [
-    "CALLS",
-    "GROUP_WITHOUT_USER",
     "INVALID_NO_GROUP_ID",
     "INVALID_NO_IDENTIFIER",
     "INVALID_NO_USER_FOR_GROUP",
     "MESSAGE_ID_PREFIX",
-    "TRAIT_KEY_STYLES",
     "IdentifierChoice",
     "RowTransformer",
-    "TransformOptions",
     "TransformPlan",
     "anonymous_id_from_email",
     "build_message_id_namespace",
@@ -95,150 +92,18 @@ __all__ = [
     "to_trait_value",
 ]
 
-#: Ways of turning a field into a trait key: short label lower-cased (the seed's ``sessions count``),
-#: snake case (``sessions_count``) or the Looker field name (``users.sessions_count``, as Looker's action).
-TRAIT_KEY_STYLES = ("label", "snake", "field")
-
-#: The Segment calls a Look's rows can become (the operator's ``call``).
-CALLS = ("identify", "group", "track")
-
 #: Invalid-row reason: the row has no userId, no anonymousId and no usable email.
 INVALID_NO_IDENTIFIER = "no_identifier"
 #: Invalid-row reason (group calls): the row has no group id.
 INVALID_NO_GROUP_ID = "no_group_id"
 #: Invalid-row reason (group calls with ``group_without_user="skip"``): the row has no user identifier.
 INVALID_NO_USER_FOR_GROUP = "no_user_for_group"
-#: What a group call of a row without a user identifier does: send with the anonymousId derived from the
-#: group id (the default), or skip the row as invalid.
-GROUP_WITHOUT_USER = ("anonymous_id", "skip")
 
 #: Prefix of every messageId made here.
 MESSAGE_ID_PREFIX = "lsg-"
 
 #: A row transformer: row → ``(message, None)`` or ``(None, invalid reason)``.
 RowTransformer = Callable[[Row], tuple[dict[str, Any] | None, str | None]]
-
-
-# --------------------------------------------------------------------------------------------- options
-
-
-def _optional_name(option: str, value: object, what: str) -> str | None:
-    """Validate an optional name option; ``None``, ``""`` and blanks (an empty template) mean unset."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TransformConfigError(f"{option} must be {what} or None, got {type(value).__name__}")
-    return value.strip() or None
-
-
-def _field_names(option: str, value: object) -> tuple[str, ...]:
-    """Validate a list of field names (a bare string is refused: it would be read letter by letter)."""
-    if value is None:
-        return ()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TransformConfigError(
-            f"{option} must be a list of Looker field names such as ['users.phone'], got {value!r}"
-        )
-    names = []
-    for item in value:
-        if not isinstance(item, str) or not item.strip():
-            raise TransformConfigError(f"{option} must contain Looker field names (strings), got {item!r}")
-        names.append(item.strip())
-    return tuple(dict.fromkeys(names))
-
-
-def _trait_name_map(value: object) -> dict[str, str]:
-    """Validate ``trait_names``: a mapping of field name → non-empty trait key."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise TransformConfigError(
-            f"trait_names must be a mapping of Looker field name to trait key, got {type(value).__name__}"
-        )
-    result = {}
-    for name, key in value.items():
-        if not isinstance(name, str) or not name.strip():
-            raise TransformConfigError(f"trait_names keys must be Looker field names, got {name!r}")
-        if not isinstance(key, str) or not key.strip():
-            raise TransformConfigError(f"trait_names[{name!r}] must be a non-empty trait key, got {key!r}")
-        result[name.strip()] = key.strip()
-    return result
-
-
-@dataclass(frozen=True)
-class TransformOptions:
-    """
-    The user's choices for turning a Look into Segment calls; values are validated and normalised.
-
-    :param user_id_field: Looker field giving ``userId`` (overrides detection); ``None``/``""``: detect.
-    :param email_field: Looker field giving ``traits.email`` (overrides detection); ``None``/``""``: detect.
-    :param anonymous_id_field: Looker field giving ``anonymousId`` (overrides detection); ``None``/``""``:
-        detect.
-    :param trait_names: Looker field name → trait key, overriding ``trait_key_style`` for those fields. It
-        may name a hidden field (which then becomes a trait); it may not rename the email field (always
-        ``email``) nor name the userId/anonymousId fields (identifiers are not traits).
-    :param trait_key_style: ``"label"`` (default: short label lower-cased, ``sessions count``), ``"snake"``
-        (``sessions_count``) or ``"field"`` (``users.sessions_count``).
-    :param exclude_fields: fields never sent as traits. Excluding the email field keeps it as an identifier
-        (it still derives anonymousIds) but sends no ``traits.email``.
-    :param membership_trait: when set, every message also gets ``traits[membership_trait] = True``
-        (``properties`` for track calls).
-    :param call: ``"identify"`` (default), ``"group"`` or ``"track"``.
-    :param group_id_field: Looker field giving ``groupId`` (group calls only); ``None``/``""``: detect.
-    :param event: the event name of track calls (required with ``call="track"``, refused otherwise).
-    :param group_without_user: group calls of rows without a user identifier: ``"anonymous_id"`` (send with
-        the anonymousId derived from the group id) or ``"skip"`` (invalid, :data:`INVALID_NO_USER_FOR_GROUP`).
-    """
-
-    user_id_field: str | None = None
-    email_field: str | None = None
-    anonymous_id_field: str | None = None
-    trait_names: Mapping[str, str] = field(default_factory=dict)
-    trait_key_style: str = "label"
-    exclude_fields: tuple[str, ...] = ()
-    membership_trait: str | None = None
-    call: str = "identify"
-    group_id_field: str | None = None
-    event: str | None = None
-    group_without_user: str = "anonymous_id"
-
-    def __post_init__(self) -> None:
-        if self.group_without_user not in GROUP_WITHOUT_USER:
-            raise TransformConfigError(
-                f"group_without_user must be one of {', '.join(map(repr, GROUP_WITHOUT_USER))}, "
-                f"got {self.group_without_user!r}"
-            )
-        if self.call not in CALLS:
-            raise TransformConfigError(
-                f"call must be one of {', '.join(map(repr, CALLS))}, got {self.call!r}"
-            )
-        event = _optional_name("event", self.event, "an event name")
-        object.__setattr__(self, "event", event)
-        if self.call == "track" and event is None:
-            raise TransformConfigError(
-                "call='track' needs event, the name of the track event (e.g. 'Joined VIP cohort')"
-            )
-        if self.call != "track" and event is not None:
-            raise TransformConfigError(
-                f"event ({event!r}) names the event of track calls: set call='track', or leave event empty"
-            )
-        for option in ("user_id_field", "email_field", "anonymous_id_field", "group_id_field"):
-            name = _optional_name(option, getattr(self, option), "a Looker field name such as 'users.id'")
-            object.__setattr__(self, option, name)
-        if self.group_id_field is not None and self.call != "group":
-            raise TransformConfigError(
-                f"group_id_field ({self.group_id_field!r}) gives the groupId of group calls: set "
-                "call='group', or leave group_id_field empty"
-            )
-        membership = _optional_name("membership_trait", self.membership_trait, "a trait key")
-        object.__setattr__(self, "membership_trait", membership)
-        object.__setattr__(self, "trait_names", _trait_name_map(self.trait_names))
-        object.__setattr__(self, "exclude_fields", _field_names("exclude_fields", self.exclude_fields))
-        style = self.trait_key_style
-        if style not in TRAIT_KEY_STYLES:
-            raise TransformConfigError(
-                f"trait_key_style must be one of {', '.join(map(repr, TRAIT_KEY_STYLES))}, got {style!r}"
-            )
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -254,13 +119,10 @@ class TransformPlan:
     :param email: field giving the email (``traits.email`` and derived anonymousIds), or ``None``.
     :param anonymous_id: field giving ``anonymousId``, or ``None``.
     :param specs: the trait sources in field order (internal, used by :func:`make_row_transformer`).
-    :param membership_trait: trait set to ``True`` on every message, or ``None``.
     :param warnings: things worth a warning (reserved traits reached by another column, keys differing only by
         case, no trait at all).
-    :param call: ``"identify"``, ``"group"`` or ``"track"``.
     :param group_id: field giving ``groupId`` (group calls), or ``None``.
-    :param event: the event name of track calls, or ``None``.
-    :param group_without_user: ``"anonymous_id"`` or ``"skip"`` (see :class:`TransformOptions`).
+    :param options: the sync's options (``call``, ``event``, ``membership_trait``, ``group_without_user``...).
     """
 
     look_id: str
@@ -268,12 +130,29 @@ class TransformPlan:
     email: IdentifierChoice | None
     anonymous_id: IdentifierChoice | None
     specs: tuple[TraitSpec, ...]
-    membership_trait: str | None = None
     warnings: list[str] = field(default_factory=list)
-    call: str = "identify"
     group_id: IdentifierChoice | None = None
-    event: str | None = None
-    group_without_user: str = "anonymous_id"
+    options: SyncOptions = field(default_factory=SyncOptions)
+
+    @property
+    def call(self) -> str:
+        """``"identify"``, ``"group"`` or ``"track"``."""
+        return self.options.call
+
+    @property
+    def event(self) -> str | None:
+        """The event name of track calls, or ``None``."""
+        return self.options.event
+
+    @property
+    def membership_trait(self) -> str | None:
+        """The trait set to ``True`` on every message, or ``None``."""
+        return self.options.membership_trait
+
+    @property
+    def group_without_user(self) -> str:
+        """``"anonymous_id"`` or ``"skip"`` (group calls of rows without a user identifier)."""
+        return self.options.group_without_user
 
     @property
     def values_key(self) -> str:
@@ -308,7 +187,7 @@ class TransformPlan:
     def traits(self) -> dict[str, str | list[str]]:
         """Field → trait key, in field order; a pivoted field maps to the list of its per-pivot keys."""
         return {
-            name: key if pivots is None else [pair[1] for pair in pivots]
+            name: key if pivots is None else [trait_key for _pivot_key, trait_key in pivots]
             for name, key, pivots, _plain, _convert in self.specs
         }
 
@@ -347,7 +226,7 @@ class TransformPlan:
         return self.group_id is not None
 
 
-def plan_transform(meta: LookResultMeta, options: TransformOptions | None = None) -> TransformPlan:
+def plan_transform(meta: LookResultMeta, options: SyncOptions | None = None) -> TransformPlan:
     """
     Decide, from the Look's fields, how each row becomes a Segment message.
 
@@ -355,12 +234,12 @@ def plan_transform(meta: LookResultMeta, options: TransformOptions | None = None
     traits are every other visible field (the email field included, as ``email``): see :mod:`.field_roles`.
 
     :param meta: the Look's result metadata (fields and pivots).
-    :param options: the user's choices; defaults to :class:`TransformOptions` ``()``.
+    :param options: the user's choices; defaults to :class:`~.settings.SyncOptions` ``()``.
     :return: the plan; its ``warnings`` are meant for the task log.
     :raises TransformConfigError: unknown fields in the options, two fields for one identifier, no
         identifier at all, or two columns giving the same trait key.
     """
-    options = options or TransformOptions()
+    options = options or SyncOptions()
     _check_fields_exist(meta, options)
     choices = choose_identifiers(meta, options)
     specs, warnings = plan_traits(meta, options, choices)
@@ -370,16 +249,13 @@ def plan_transform(meta: LookResultMeta, options: TransformOptions | None = None
         email=choices[EMAIL],
         anonymous_id=choices[ANONYMOUS_ID],
         specs=specs,
-        membership_trait=options.membership_trait,
         warnings=warnings,
-        call=options.call,
         group_id=choices.get(GROUP_ID),
-        event=options.event,
-        group_without_user=options.group_without_user,
+        options=options,
     )
 
 
-def _check_fields_exist(meta: LookResultMeta, options: TransformOptions) -> None:
+def _check_fields_exist(meta: LookResultMeta, options: SyncOptions) -> None:
     """Every field named in the options must be a column of the Look (catches typos early)."""
     known = {f.name for f in meta.fields}
     unknown = [
@@ -510,7 +386,9 @@ def make_row_transformer(
     specs, membership = plan.specs, plan.membership_trait
     # Without pivots (the usual Look), each trait is one lookup: the loop skips the pivot test.
     flat = (
-        None if any(spec[2] is not None for spec in specs) else tuple((n, k, p, c) for n, k, _, p, c in specs)
+        None
+        if any(spec.pivots is not None for spec in specs)
+        else tuple((spec.name, spec.key, spec.plain, spec.convert) for spec in specs)
     )
     identifier, from_email, from_group = to_identifier, anonymous_id_from_email, anonymous_id_from_group
     fill_pivots, new_message, dumps, encode_error = (

@@ -29,7 +29,6 @@ from airflow_provider_looker_segment import PACKAGE_NAME, __version__  # noqa: E
 from airflow_provider_looker_segment.batching import Batch, Batcher, format_sent_at  # noqa: E402
 from airflow_provider_looker_segment.look_stream import IJSON, LookStream  # noqa: E402
 from airflow_provider_looker_segment.transform import (  # noqa: E402
-    TransformOptions,
     build_message_id_namespace,
     make_row_transformer,
     plan_transform,
@@ -55,7 +54,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, int]:
     events = batches = body_bytes = rejected = 0
     with open(config["body_path"], "rb") as body:
         stream = LookStream(look_id, body, look_info(look_id), -1)
-        plan = plan_transform(stream.meta, TransformOptions())
+        plan = plan_transform(stream.meta)
         namespace = build_message_id_namespace(
             dag_id=DAG_ID, task_id=TASK_ID, run_id=config["run_id"], map_index=-1, look_id=look_id
         )

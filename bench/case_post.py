@@ -27,7 +27,6 @@ from looks import look_info  # noqa: E402
 from airflow_provider_looker_segment.batching import Batch, Batcher, format_sent_at  # noqa: E402
 from airflow_provider_looker_segment.look_stream import LookStream  # noqa: E402
 from airflow_provider_looker_segment.transform import (  # noqa: E402
-    TransformOptions,
     make_row_transformer,
     plan_transform,
 )
@@ -43,7 +42,7 @@ def prepare(look_id: str, body_path: str) -> list[tuple[bytes, int]]:
     with open(body_path, "rb") as body:
         stream = LookStream(look_id, body, info, -1)
         transform = make_row_transformer(
-            plan_transform(stream.meta, TransformOptions()),
+            plan_transform(stream.meta),
             ran_at=stream.meta.ran_at,
             message_id_namespace="ceiling",
         )

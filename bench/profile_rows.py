@@ -82,7 +82,6 @@ def run_stage(stage: str, body_path: str, look_id: str) -> dict[str, Any]:
     from airflow_provider_looker_segment.dedupe import DuplicateCounts, drop_duplicates
     from airflow_provider_looker_segment.look_stream import LookStream
     from airflow_provider_looker_segment.transform import (
-        TransformOptions,
         build_message_id_namespace,
         make_row_transformer,
         plan_transform,
@@ -96,7 +95,7 @@ def run_stage(stage: str, body_path: str, look_id: str) -> dict[str, Any]:
             for _row in stream.rows:
                 pass
             return {"rows": stream.row_count, "events": 0, "batches": 0, "digest": ""}
-        plan = plan_transform(stream.meta, TransformOptions())
+        plan = plan_transform(stream.meta)
         namespace = build_message_id_namespace(
             dag_id=DAG_ID, task_id=TASK_ID, run_id=RUN_ID, map_index=-1, look_id=look_id
         )

@@ -75,7 +75,6 @@ from airflow_provider_looker_segment.models import (
     LookRunQuery,
 )
 from airflow_provider_looker_segment.transform import (
-    TransformOptions,
     anonymous_id_from_email,
     make_row_transformer,
     plan_transform,
@@ -790,7 +789,7 @@ def test_lone_surrogate_escapes_are_read_as_replacement_characters(hook):
 
 def test_edge_values_become_identify_calls(hook):
     stream, rows = stream_all(hook, EDGE_VALUES_LOOK_ID)
-    plan = plan_transform(stream.meta, TransformOptions())
+    plan = plan_transform(stream.meta)
     transform = make_row_transformer(plan, ran_at=stream.meta.ran_at, message_id_namespace="edge")
     messages = [transform(row)[0] for row in rows]
     assert [m.get("userId") for m in messages] == ["00MWWFOLRcETcTCf", "18446744073709551616", "42", None]
@@ -1196,7 +1195,7 @@ def test_the_looks_metadata_rules_still_apply_with_filters(hook):
     with hook.stream_look(TOASTMATES_LOOK_ID, filters={"users.name": "Ty Arthur"}) as stream:
         assert list(stream.rows) == [TOASTMATES_FIRST_ROW]
     assert stream.meta.field_by_name("users.email").tags == ("email",)
-    plan = plan_transform(stream.meta, TransformOptions())
+    plan = plan_transform(stream.meta)
     assert (plan.user_id.field, plan.email.field) == ("users.id", "users.email")
 
 

@@ -14,7 +14,8 @@ from airflow_provider_looker_segment.destinations import resolve_destinations
 from airflow_provider_looker_segment.exceptions import InvalidParameterError, SegmentDeliveryError
 from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.hooks.segment import SegmentHook
-from airflow_provider_looker_segment.pipeline import SyncSettings, failure, sync_look
+from airflow_provider_looker_segment.pipeline import outcome_error, sync_look
+from airflow_provider_looker_segment.settings import SyncOptions
 from airflow_provider_looker_segment.sync_state import CohortStateStore
 
 NAMESPACE = '["pipeline_test", "sync", "run-1", -1, "1"]'
@@ -34,7 +35,7 @@ def segment(looker, monkeypatch):
         yield standin
 
 
-def _sync(settings: SyncSettings, *, state=None, destinations=()):
+def _sync(settings: SyncOptions, *, state=None, destinations=()):
     hook = SegmentHook()
     looker = LookerHook()
     try:
@@ -53,33 +54,33 @@ def _sync(settings: SyncSettings, *, state=None, destinations=()):
 
 
 def test_a_look_is_sent_and_summarised(segment):
-    settings = SyncSettings(look_id=TOASTMATES_LOOK_ID)
+    settings = SyncOptions(look_id=TOASTMATES_LOOK_ID)
     summary = _sync(settings, destinations=["hubspot"])
     assert (summary.rows, summary.sent, summary.invalid, summary.duplicates) == (10, 10, 0, 0)
     assert summary.destinations == ["hubspot"] and summary.cohort is None
-    assert failure(settings, summary) is None
+    assert outcome_error(settings, summary) is None
     assert len(segment.events()) == 10
     data = summary.to_dict()
     assert data["sent"] == 10 and "new" not in data and list(data)[-1] == "seconds"
 
 
 def test_a_dry_run_sends_nothing(segment):
-    summary = _sync(SyncSettings(look_id=TOASTMATES_LOOK_ID, dry_run=True))
+    summary = _sync(SyncOptions(look_id=TOASTMATES_LOOK_ID, dry_run=True))
     assert (summary.would_send, summary.sent, summary.requests) == (10, 0, 0)
     assert segment.stats()["requests"] == 0
 
 
 def test_rejected_events_make_a_failure_with_the_summary(segment):
     segment.set_faults(Faults(script=["400"]))
-    settings = SyncSettings(look_id=TOASTMATES_LOOK_ID)
+    settings = SyncOptions(look_id=TOASTMATES_LOOK_ID)
     summary = _sync(settings)
-    error = failure(settings, summary)
+    error = outcome_error(settings, summary)
     assert isinstance(error, SegmentDeliveryError)
     assert str(error).startswith("Look 1: 10 events rejected by Segment") and '"sent":0' in str(error)
 
 
 def test_changed_only_state_through_the_pipeline(segment, tmp_path):
-    settings = SyncSettings(look_id=TOASTMATES_LOOK_ID, sync_mode="changed", membership_trait="in_cohort")
+    settings = SyncOptions(look_id=TOASTMATES_LOOK_ID, sync_mode="changed", membership_trait="in_cohort")
     store = CohortStateStore(f"file://{tmp_path}", "pipeline-test")
     with store.begin("run-1") as state:
         first = _sync(settings, state=state)
@@ -109,12 +110,12 @@ def test_changed_only_state_through_the_pipeline(segment, tmp_path):
 )
 def test_every_bad_argument_is_one_error_class_naming_it(arguments, message):
     with pytest.raises(InvalidParameterError) as raised:
-        SyncSettings.from_arguments(**{"look_id": "1", **arguments})
+        SyncOptions.from_arguments(**{"look_id": "1", **arguments})
     assert message in str(raised.value)
 
 
 def test_rendered_strings_are_read_back_into_their_types():
-    settings = SyncSettings.from_arguments(
+    settings = SyncOptions.from_arguments(
         look_id=" 42 ",
         limit="0",
         dry_run="True",
@@ -125,7 +126,7 @@ def test_rendered_strings_are_read_back_into_their_types():
         max_invalid_rows="None",
         membership_trait="",
     )
-    assert settings == SyncSettings(
+    assert settings == SyncOptions(
         look_id="42",
         limit=-1,
         dry_run=True,

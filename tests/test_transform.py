@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__
-from airflow_provider_looker_segment.exceptions import TransformConfigError
+from airflow_provider_looker_segment.exceptions import InvalidParameterError, TransformConfigError
 from airflow_provider_looker_segment.models import LookField, LookResultMeta, PivotValue
+from airflow_provider_looker_segment.settings import SyncOptions
 from airflow_provider_looker_segment.transform import (
     INVALID_NO_IDENTIFIER,
-    TransformOptions,
     build_message_id_namespace,
     make_row_transformer,
     plan_transform,
@@ -50,7 +50,7 @@ def look(*fields: LookField, pivots: tuple[PivotValue, ...] = ()) -> LookResultM
 def transformer(
     meta: LookResultMeta, namespace: str = NAMESPACE, ran_at: datetime | None = RAN_AT, **options
 ):
-    plan = plan_transform(meta, TransformOptions(**options))
+    plan = plan_transform(meta, sync_options(**options))
     return make_row_transformer(plan, ran_at=ran_at, message_id_namespace=namespace)
 
 
@@ -315,7 +315,7 @@ def test_pivot_trait_key_format(style, keys):
         fld("orders.count", "Orders Count", category="measure", pivoted=True, type="number"),
         pivots=pivots,
     )
-    plan = plan_transform(meta, TransformOptions(trait_key_style=style))
+    plan = plan_transform(meta, sync_options(trait_key_style=style))
     assert plan.traits == {"orders.count": keys}
 
 
@@ -349,7 +349,7 @@ def test_query_run_time_is_the_timestamp():
 
 def test_explicit_parameters_win_over_tags():
     meta = look(fld("users.id", "ID", "user_id"), fld("users.ext", "Ext"), fld("users.mail", "Mail"))
-    plan = plan_transform(meta, TransformOptions(user_id_field="users.ext", email_field="users.mail"))
+    plan = plan_transform(meta, sync_options(user_id_field="users.ext", email_field="users.mail"))
     assert plan.identifiers["userId"] == {"field": "users.ext", "how": "parameter"}
     assert plan.identifiers["email"] == {"field": "users.mail", "how": "parameter"}
     assert plan.traits == {"users.id": "id", "users.mail": "email"}
@@ -358,7 +358,7 @@ def test_explicit_parameters_win_over_tags():
 def test_explicit_field_not_in_look_lists_the_fields():
     meta = look(*SEED_FIELDS)
     with pytest.raises(TransformConfigError) as err:
-        plan_transform(meta, TransformOptions(user_id_field="users.idd", exclude_fields=["users.nope"]))
+        plan_transform(meta, sync_options(user_id_field="users.idd", exclude_fields=["users.nope"]))
     text = str(err.value)
     assert "users.idd (user_id_field)" in text and "users.nope (exclude_fields)" in text
     assert "users.id, users.name, users.email, users.sessions_count" in text
@@ -366,7 +366,7 @@ def test_explicit_field_not_in_look_lists_the_fields():
 
 def test_trait_names_field_not_in_look():
     with pytest.raises(TransformConfigError, match=r"users\.nam \(trait_names\)"):
-        plan_transform(look(*SEED_FIELDS), TransformOptions(trait_names={"users.nam": "n"}))
+        plan_transform(look(*SEED_FIELDS), sync_options(trait_names={"users.nam": "n"}))
 
 
 @pytest.mark.parametrize(
@@ -433,14 +433,14 @@ def test_field_tagged_user_id_and_anonymous_id_is_an_error():
 
 def test_explicit_same_field_for_user_and_anonymous_id_is_an_error():
     meta = look(fld("users.id", "ID"))
-    options = TransformOptions(user_id_field="users.id", anonymous_id_field="users.id")
+    options = sync_options(user_id_field="users.id", anonymous_id_field="users.id")
     with pytest.raises(TransformConfigError, match="must not become the userId"):
         plan_transform(meta, options)
 
 
 def test_explicit_user_id_overrides_anonymous_tag_on_the_same_field():
     meta = look(fld("users.key", "Key", "segment_anonymous_id"))
-    plan = plan_transform(meta, TransformOptions(user_id_field="users.key"))
+    plan = plan_transform(meta, sync_options(user_id_field="users.key"))
     assert plan.identifiers["userId"] == {"field": "users.key", "how": "parameter"}
     assert plan.identifiers["anonymousId"] is None
 
@@ -477,27 +477,25 @@ def test_pivoted_identifier_is_an_error():
     ],
 )
 def test_trait_key_styles(style, expected):
-    assert plan_transform(look(*SEED_FIELDS), TransformOptions(trait_key_style=style)).traits == expected
+    assert plan_transform(look(*SEED_FIELDS), sync_options(trait_key_style=style)).traits == expected
 
 
 def test_trait_key_falls_back_to_the_field_name_without_labels():
     meta = look(fld("users.id", "ID", "user_id"), LookField("users.lifetime_value"), LookField("calc_1"))
     assert plan_transform(meta).traits == {"users.lifetime_value": "lifetime value", "calc_1": "calc 1"}
-    snake = plan_transform(meta, TransformOptions(trait_key_style="snake")).traits
+    snake = plan_transform(meta, sync_options(trait_key_style="snake")).traits
     assert snake == {"users.lifetime_value": "lifetime_value", "calc_1": "calc_1"}
 
 
 def test_trait_names_override_and_exclude_fields():
-    options = TransformOptions(
-        trait_names={"users.name": "full_name"}, exclude_fields=["users.sessions_count"]
-    )
-    message = one(look(*SEED_FIELDS), SEED_ROW, **options.__dict__)
+    options = {"trait_names": {"users.name": "full_name"}, "exclude_fields": ["users.sessions_count"]}
+    message = one(look(*SEED_FIELDS), SEED_ROW, **options)
     assert message["traits"] == {"full_name": "Ty Arthur", "email": "ty.arthur@segment.com"}
 
 
 def test_excluding_the_email_keeps_it_as_identifier():
     meta = look(fld("users.email", "Email", "email"), fld("users.plan", "Plan"))
-    plan = plan_transform(meta, TransformOptions(exclude_fields=["users.email"]))
+    plan = plan_transform(meta, sync_options(exclude_fields=["users.email"]))
     assert not plan.has_email and plan.has_anonymous_id
     message = one(meta, {"users.email": "a@b.c", "users.plan": "x"}, exclude_fields=["users.email"])
     assert message["traits"] == {"plan": "x"}
@@ -506,26 +504,26 @@ def test_excluding_the_email_keeps_it_as_identifier():
 
 def test_trait_names_cannot_rename_the_email_or_name_an_identifier():
     with pytest.raises(TransformConfigError, match=r"always becomes traits\.email"):
-        plan_transform(look(*SEED_FIELDS), TransformOptions(trait_names={"users.email": "mail"}))
+        plan_transform(look(*SEED_FIELDS), sync_options(trait_names={"users.email": "mail"}))
     with pytest.raises(TransformConfigError, match="identifier fields are not traits"):
-        plan_transform(look(*SEED_FIELDS), TransformOptions(trait_names={"users.id": "uid"}))
+        plan_transform(look(*SEED_FIELDS), sync_options(trait_names={"users.id": "uid"}))
 
 
 def test_duplicate_trait_keys_name_the_fields():
     meta = look(fld("users.id", "ID", "user_id"), fld("users.name", "Name"), fld("companies.name", "Name"))
     with pytest.raises(TransformConfigError, match=r"'name' from users\.name and companies\.name"):
         plan_transform(meta)
-    plan = plan_transform(meta, TransformOptions(trait_names={"companies.name": "company"}))
+    plan = plan_transform(meta, sync_options(trait_names={"companies.name": "company"}))
     assert plan.traits == {"users.name": "name", "companies.name": "company"}
 
 
 def test_membership_trait():
-    plan = plan_transform(look(*SEED_FIELDS), TransformOptions(membership_trait="in_cohort"))
+    plan = plan_transform(look(*SEED_FIELDS), sync_options(membership_trait="in_cohort"))
     assert plan.trait_keys[-1] == "in_cohort"
     message, _ = make_row_transformer(plan, ran_at=RAN_AT, message_id_namespace="n")(SEED_ROW)
     assert list(message["traits"].items())[-1] == ("in_cohort", True)
     with pytest.raises(TransformConfigError, match="membership_trait"):
-        plan_transform(look(*SEED_FIELDS), TransformOptions(membership_trait="name"))
+        plan_transform(look(*SEED_FIELDS), sync_options(membership_trait="name"))
 
 
 def test_reserved_trait_warnings():
@@ -548,19 +546,19 @@ def test_reserved_trait_warnings():
 
 def test_reserved_email_from_another_column_warns():
     meta = look(fld("users.id", "ID", "user_id"), fld("users.backup", "Backup"))
-    warnings = plan_transform(meta, TransformOptions(trait_names={"users.backup": "email"})).warnings
+    warnings = plan_transform(meta, sync_options(trait_names={"users.backup": "email"})).warnings
     assert any("'email' comes from users.backup" in w for w in warnings)
 
 
 def test_explicit_trait_name_onto_reserved_trait_is_intended():
     meta = look(fld("users.id", "ID", "user_id"), fld("users.signup", "Signup"))
-    warnings = plan_transform(meta, TransformOptions(trait_names={"users.signup": "createdAt"})).warnings
+    warnings = plan_transform(meta, sync_options(trait_names={"users.signup": "createdAt"})).warnings
     assert not any("reserved" in w for w in warnings)
 
 
 def test_keys_differing_only_by_case_warn():
     meta = look(fld("users.id", "ID", "user_id"), fld("users.a", "Plan"), fld("users.b", "PLAN"))
-    warnings = plan_transform(meta, TransformOptions(trait_names={"users.a": "Plan"})).warnings
+    warnings = plan_transform(meta, sync_options(trait_names={"users.a": "Plan"})).warnings
     assert any("differ only by case" in w for w in warnings)
 
 
@@ -749,28 +747,32 @@ def test_message_id_namespace_must_be_given():
 # ------------------------------------------------------------------------------------------- options
 
 
+def sync_options(**arguments) -> SyncOptions:
+    """The options as the operator reads them (coerced and checked once)."""
+    return SyncOptions.from_arguments(look_id="1", **arguments)
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"trait_key_style": "camel"}, "'label', 'snake', 'field'"),
-        ({"exclude_fields": "users.name"}, "list of Looker field names"),
-        ({"exclude_fields": [1]}, "must contain Looker field names"),
+        ({"trait_key_style": "camel"}, "label, snake, field"),
+        ({"exclude_fields": 5}, "exclude_fields must be a list of strings"),
         ({"trait_names": ["users.name"]}, "mapping"),
         ({"trait_names": {"users.name": " "}}, "non-empty trait key"),
-        ({"user_id_field": 3}, "user_id_field must be"),
-        ({"membership_trait": True}, "membership_trait must be"),
+        ({"trait_names": {" ": "name"}}, "trait_names keys must be Looker field names"),
     ],
 )
 def test_option_validation(options, match):
-    with pytest.raises(TransformConfigError, match=match):
-        TransformOptions(**options)
+    with pytest.raises(InvalidParameterError, match=match):
+        sync_options(**options)
 
 
 def test_empty_options_mean_unset():
-    options = TransformOptions(user_id_field="", email_field="  ", exclude_fields=None, trait_names=None)
+    options = sync_options(user_id_field="", email_field="  ", exclude_fields=None, trait_names=None)
     assert options.user_id_field is None and options.email_field is None
     assert options.exclude_fields == () and options.trait_names == {}
-    assert TransformOptions(exclude_fields=(" a ", "a")).exclude_fields == ("a",)
+    assert sync_options(exclude_fields=(" a ", "a")).exclude_fields == ("a",)
+    assert sync_options(trait_names={" users.a ": " a "}).trait_names == {"users.a": "a"}
 
 
 # --------------------------------------------------------------------------------------- property test
