@@ -167,28 +167,6 @@ def to_mapping(value: Any, *, name: str) -> dict[Any, Any]:
     return dict(value)
 
 
-def to_optional_int(value: Any, *, name: str) -> int | None:
-    """
-    Return ``value`` as an int, or ``None`` when it is empty.
-
-    :param value: an int, a rendered number, or ``None`` / ``""``.
-    :param name: the parameter's name, for the error message.
-    """
-    if isinstance(value, bool):
-        raise InvalidParameterError(f"{name} must be a whole number, got {value!r}")
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    text = str(value).strip()
-    if not text or text.lower() in ("none", "null"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidParameterError(f"{name} must be a whole number, got {value!r}") from None
-
-
 def to_optional_str(value: Any) -> str | None:
     """Return ``value`` stripped, or ``None`` when it is empty or renders as ``None``."""
     if value is None:

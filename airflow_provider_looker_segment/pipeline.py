@@ -1,11 +1,11 @@
 """
-The sync of one Look, free of Airflow: options in, a typed summary out.
+The sync of one Look: options in, a typed summary out.
 
 ``rows → messages (transform) → one call per identity (dedupe) → [changed-only and exits] → send or plan
 → [commit the state]``, streaming from end to end. The operator reads its arguments into
-:class:`~.settings.SyncOptions`, opens the Looker stream, the Segment hook and (with
-``sync_mode="changed"``) the sync state, and calls :func:`sync_look`; tests can call it with the same parts
-and no DAG. The summary's keys: docs/summary.md.
+:class:`~.settings.SyncOptions` and hands its hooks to :func:`run_sync`, which opens the Looker stream and
+(with ``sync_mode="changed"``) the sync state, and calls :func:`sync_look`; tests call :func:`sync_look`
+with the same parts and no DAG. The summary it returns: :mod:`.summary`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Protocol
-
-import orjson
 
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__
 from airflow_provider_looker_segment.batching import encode_event, plan_batches
@@ -30,18 +28,12 @@ from airflow_provider_looker_segment.cohort_sync import (
 )
 from airflow_provider_looker_segment.dedupe import DuplicateCounts, drop_duplicates
 from airflow_provider_looker_segment.destinations import Destination, check_destinations
-from airflow_provider_looker_segment.exceptions import (
-    DestinationError,
-    ExitGuardError,
-    LookerSegmentError,
-    SegmentDeliveryError,
-    SyncStateError,
-    SyncStateLockLostError,
-    SyncStateSaveError,
-)
+from airflow_provider_looker_segment.exceptions import DestinationError, SyncStateSaveError
 from airflow_provider_looker_segment.models import LookResultMeta, Row
 from airflow_provider_looker_segment.progress import SyncProgress
 from airflow_provider_looker_segment.settings import SyncOptions
+from airflow_provider_looker_segment.state_location import open_state_store
+from airflow_provider_looker_segment.summary import LOCK_LOST, CohortSummary, SyncSummary
 from airflow_provider_looker_segment.sync_run import SyncRun
 from airflow_provider_looker_segment.transform import (
     TransformPlan,
@@ -57,98 +49,6 @@ DRY_RUN_EXAMPLES = 3
 SUMMARY_MESSAGE_IDS = 100
 LIBRARY = {"name": PACKAGE_NAME, "version": __version__}
 
-__all__ = ["CohortSummary", "SyncSummary", "log_summary", "outcome_error", "sync_look"]
-
-
-@dataclass
-class CohortSummary:
-    """What a ``sync_mode="changed"`` run did with the cohort (see the README's summary keys)."""
-
-    new: int
-    changed: int
-    unchanged: int
-    exited: int
-    departed: int
-    exits_skipped: str | None
-    entered_events: int
-    exited_events: int
-    previous_cohort: int
-    state_generation: int
-    full_refresh: bool
-    switched: int = 0
-    pending: int = 0
-    spool_bytes: int = 0
-    state_saved: bool = False
-    state_bytes: int | None = None
-    state_load_seconds: float = 0.0
-    state_save_seconds: float = 0.0
-    state_identities: int | None = None
-    exit_guard: str | None = None
-    state_error: str | None = None
-
-
-@dataclass
-class SyncSummary:
-    """The result of a sync, returned by the task (XCom) as :meth:`to_dict`; keys as in the README."""
-
-    look_id: str | None
-    dry_run: bool
-    call: str
-    event: str | None
-    rows: int
-    sent: int
-    would_send: int | None
-    invalid: int
-    invalid_reasons: dict[str, int]
-    duplicates: int
-    rejected: int
-    rejected_reasons: dict[str, int]
-    rejected_message_ids: list[Any]
-    failed: int
-    failed_reasons: dict[str, int]
-    failed_message_ids: list[Any]
-    batches: int
-    requests: int
-    retries: int
-    bytes: int
-    identifiers: dict[str, Any]
-    traits: dict[str, Any]
-    destinations: list[str]
-    limit: int
-    sync_mode: str
-    possibly_truncated: bool
-    ran_at: str | None
-    filters: dict[str, str] = field(default_factory=dict)
-    events_by_type: dict[str, int] = field(default_factory=dict)
-    groups_without_user: int = 0
-    cohort: CohortSummary | None = None
-    seconds: float = 0.0
-    source: str = "look"
-    query_id: str | None = None
-    query_slug: str | None = None
-    looker_api_calls: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        """How logs name the source: ``Look 42``, ``Query 123``."""
-        if self.source == "look":
-            return f"Look {self.look_id}"
-        return f"Query {self.query_id or self.query_slug}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-serialisable summary: the cohort's keys are flattened in, unset optional ones left out."""
-        summary = asdict(self)
-        head = {key: summary.pop(key) for key in ("source", "look_id", "query_id", "query_slug")}
-        cohort = summary.pop("cohort")
-        seconds = summary.pop("seconds")
-        if cohort is not None:
-            for optional in ("state_identities", "exit_guard", "state_error", "state_bytes"):
-                if cohort[optional] is None:
-                    del cohort[optional]
-            summary.update(cohort)
-        summary["seconds"] = seconds
-        return {**head, **summary}
-
 
 class LookStreamLike(Protocol):
     """What :func:`sync_look` reads from a Look: the field metadata, the rows and a truncation flag."""
@@ -160,6 +60,65 @@ class LookStreamLike(Protocol):
 
 #: Sends messages to Segment and returns its delivery report: ``send(messages, progress=...)``.
 Sender = Callable[..., Any]
+
+
+def run_sync(
+    options: SyncOptions,
+    *,
+    looker: AbstractContextManager[Any],
+    segment: Any,
+    open_source: Callable[[SyncOptions], tuple[SyncOptions, Callable[[], AbstractContextManager[Any]]]],
+    message_id_namespace: Callable[[str], str],
+    destinations: list[Destination],
+    log: logging.Logger | Any,
+    progress_interval: float,
+    on_stream: Callable[[Any], Any] = lambda stream: None,
+) -> tuple[SyncOptions, SyncSummary]:
+    """
+    Open what a sync needs, in order, and sync: the progress lines (from before Looker is asked to run the
+    Look: its wait is reported too), the Looker session (leaving it logs out, also after a failure), the
+    source, the state of a changed-only sync (:mod:`.state_location`), the stream; then :func:`sync_look`.
+
+    :param options: the sync's options.
+    :param looker: the Looker hook (a context manager: its session).
+    :param segment: the Segment hook (``send``, ``stop``, ``settings``).
+    :param open_source: options → (the options with the source resolved, what opens its stream).
+    :param message_id_namespace: the source's key → the namespace of the run's messageIds.
+    :param destinations: the destinations to check before anything is sent.
+    :param log: the task's log.
+    :param progress_interval: seconds between progress lines.
+    :param on_stream: called with the opened stream, before its rows are read.
+    :return: the options as resolved, and the summary.
+    """
+    with ExitStack() as resources:
+        progress = resources.enter_context(
+            SyncProgress(
+                options.source.key, log, progress_interval, dry_run=options.dry_run, label=options.label
+            )
+        )
+        resources.enter_context(looker)
+        options, opener = open_source(options)
+        namespace = message_id_namespace(options.source.key)
+        state = None
+        if options.changed_only:
+            settings = segment.settings
+            store = open_state_store(options, settings.base_url, settings.write_key, log)
+            state = resources.enter_context(store.begin(namespace, full_refresh=options.full_refresh))
+        stream = resources.enter_context(opener())
+        on_stream(stream)
+        summary = sync_look(
+            options,
+            stream,
+            send=None if options.dry_run else segment.send,
+            destinations=destinations,
+            message_id_namespace=namespace,
+            state=state,
+            log=log,
+            progress_interval=progress_interval,
+            progress=progress,
+            stop=segment.stop,
+        )
+    return options, summary
 
 
 def sync_look(
@@ -339,84 +298,6 @@ def _sync(
     return summary
 
 
-def log_summary(log: logging.Logger | Any, summary: SyncSummary) -> None:
-    """The summary's one line (and the truncation warning); the filters that ran were logged at the start."""
-    per_type = ", ".join(f"{kind} {count:,}" for kind, count in sorted(summary.events_by_type.items()))
-    verb = "would be sent" if summary.dry_run else "handed to Segment"
-    log.info(
-        "%s: %s rows read, %s sent, %s invalid, %s rejected, %s failed, %s batches in %.1f s%s%s%s",
-        summary.label,
-        f"{summary.rows:,}",
-        f"{summary.sent:,}",
-        f"{summary.invalid:,}",
-        f"{summary.rejected:,}",
-        f"{summary.failed:,}",
-        f"{summary.batches:,}",
-        summary.seconds,
-        f" ({summary.duplicates:,} duplicate rows not sent)" if summary.duplicates else "",
-        " (dry run: nothing sent)" if summary.dry_run else "",
-        f"; events {verb} per call type: {per_type}" if per_type else "",
-    )
-    if summary.groups_without_user:
-        log.warning(
-            "%s: %s group calls %s no user identifier but the anonymousId derived from the group id: "
-            "Segment counts each anonymousId not tied to a userId as a monthly tracked user. Set "
-            "group_without_user='skip' to send only rows with a user.",
-            summary.label,
-            f"{summary.groups_without_user:,}",
-            "would carry" if summary.dry_run else "carried",
-        )
-    if summary.possibly_truncated:
-        log.warning(
-            "%s returned exactly as many rows as the limit (%s): the cohort may be truncated; "
-            "raise `limit` or use -1 for all rows.",
-            summary.label,
-            f"{summary.limit:,}",
-        )
-
-
-def outcome_error(options: SyncOptions, summary: SyncSummary) -> LookerSegmentError | None:
-    """
-    The error that fails the task after a sync, or ``None``: a tripped exit guard, rejected or failed
-    events, or more invalid rows than ``max_invalid_rows``; its message carries the whole summary.
-
-    Its class says whether Airflow retries the task
-    (:func:`~airflow_provider_looker_segment.exceptions.is_retryable`): an :class:`ExitGuardError` fails at
-    once; a lost lock (:class:`SyncStateLockLostError`) and a state that could not be saved
-    (:class:`SyncStateError`) are retried; a :class:`SegmentDeliveryError` is retried or not as the operator
-    decides from the delivery report (events Segment rejected fail at once).
-    """
-    problems = []
-    guard = summary.cohort.exit_guard if summary.cohort else None
-    state_error = summary.cohort.state_error if summary.cohort else None
-    if guard:
-        problems.append(guard)
-    if state_error:
-        problems.append(state_error)
-    if summary.rejected:
-        verb = "would be rejected" if options.dry_run else "rejected"
-        problems.append(f"{summary.rejected} events {verb} by Segment ({summary.rejected_reasons})")
-    if summary.failed:
-        problems.append(f"{summary.failed} events not delivered ({summary.failed_reasons})")
-    if options.max_invalid_rows is not None and summary.invalid > options.max_invalid_rows:
-        problems.append(
-            f"{summary.invalid} rows produced no event, more than max_invalid_rows="
-            f"{options.max_invalid_rows} ({summary.invalid_reasons})"
-        )
-    if not problems:
-        return None
-    error: type[LookerSegmentError] = SegmentDeliveryError
-    if guard:
-        error = ExitGuardError
-    elif state_error and state_error.startswith(_LOCK_LOST):
-        error = SyncStateLockLostError
-    elif state_error:
-        error = SyncStateError
-    details = orjson.dumps(summary.to_dict()).decode()
-    text = "; ".join(problem.rstrip(".") for problem in problems)
-    return error(f"{options.label}: {text}. Summary: {details}")
-
-
 # ------------------------------------------------------------------------------------------- internals
 
 
@@ -461,9 +342,6 @@ def _groups_without_user(messages: Iterable[dict], count: list[int]) -> Iterator
         if "userId" not in message and is_group_without_user(message):
             count[0] += 1
         yield message
-
-
-_LOCK_LOST = "This run lost the lock of its sync"
 
 
 def _decide(
@@ -578,7 +456,7 @@ def _finish_cohort(
         return summary
     if state.lock_lost:
         summary.state_error = (
-            f"{_LOCK_LOST} while it ran ({state.lock_lost}): it stopped sending and did not save the state; "
+            f"{LOCK_LOST} while it ran ({state.lock_lost}): it stopped sending and did not save the state; "
             "the events it delivered are sent again by a later run. A run frozen for longer than the lock's "
             "lease (a long pause, a suspended machine) does this; make sure only one run of a sync is active "
             "at a time."

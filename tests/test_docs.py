@@ -115,7 +115,7 @@ def test_the_parameter_reference_is_the_operators_signature():
 
 
 def test_the_summary_reference_has_every_key():
-    from airflow_provider_looker_segment.pipeline import CohortSummary, SyncSummary
+    from airflow_provider_looker_segment.summary import CohortSummary, SyncSummary
 
     fields = [*dataclasses.fields(SyncSummary), *dataclasses.fields(CohortSummary)]
     keys = {field.name for field in fields} - {"cohort"}

@@ -14,8 +14,9 @@ from airflow_provider_looker_segment.destinations import resolve_destinations
 from airflow_provider_looker_segment.exceptions import InvalidParameterError, SegmentDeliveryError
 from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.hooks.segment import SegmentHook
-from airflow_provider_looker_segment.pipeline import outcome_error, sync_look
+from airflow_provider_looker_segment.pipeline import sync_look
 from airflow_provider_looker_segment.settings import SyncOptions
+from airflow_provider_looker_segment.summary import outcome_error
 from airflow_provider_looker_segment.sync_state import CohortStateStore
 
 NAMESPACE = '["pipeline_test", "sync", "run-1", -1, "1"]'

@@ -8,40 +8,36 @@ docs/parameters.md.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.configuration import conf
-from airflow.sdk import AssetAlias, BaseOperator, ObjectStoragePath
-from airflow.sdk.definitions.asset import BaseAsset
+from airflow.sdk import BaseOperator, ObjectStoragePath
 
 from airflow_provider_looker_segment.api_calls import ApiCallCounts
 from airflow_provider_looker_segment.destinations import Destination, resolve_destinations
-from airflow_provider_looker_segment.exceptions import (
-    LookerApiError,
-    LookerSegmentError,
-    QueryTaskError,
-    SegmentDeliveryError,
-    UndeliverableEventsError,
-)
+from airflow_provider_looker_segment.exceptions import LookerApiError, QueryTaskError
 from airflow_provider_looker_segment.hooks.looker import LookerHook, LookerQuery
 from airflow_provider_looker_segment.hooks.segment import SegmentHook
 from airflow_provider_looker_segment.links import LookerExploreLink, LookerLookLink
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.models import LookInfo
 from airflow_provider_looker_segment.params import to_number
-from airflow_provider_looker_segment.pipeline import log_summary, outcome_error, sync_look
-from airflow_provider_looker_segment.progress import SyncProgress
+from airflow_provider_looker_segment.pipeline import run_sync
 from airflow_provider_looker_segment.settings import SYNC_ALL, SyncOptions
-from airflow_provider_looker_segment.state_location import open_state_store
+from airflow_provider_looker_segment.summary import log_summary, outcome_error, publish_asset_events
 from airflow_provider_looker_segment.transform import build_message_id_namespace
 from airflow_provider_looker_segment.triggers.looker import LookerQueryTaskTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+#: The Segment hook's tuning arguments (``None``: the connection's).
+_TUNING = ("max_in_flight", "gzip", "requests_per_second", "events_per_second")
+#: The arguments kept as they are (neither templated nor checked here).
+_PLAIN_ARGUMENTS = ("looker_conn_id", "segment_conn_id", "deferrable", "progress_interval", *_TUNING)
 #: Opens the Looker stream a run reads, given the Looker hook and the options.
 _OpenStream = Callable[[LookerHook, SyncOptions], AbstractContextManager[LookStream]]
 
@@ -147,20 +143,12 @@ class LookerToSegmentOperator(BaseOperator):
     ) -> None:
         arguments = locals()
         super().__init__(**kwargs)
-        for name in self.template_fields:
+        for name in (*self.template_fields, *_PLAIN_ARGUMENTS):
             setattr(self, name, arguments[name])
-        self.looker_conn_id = looker_conn_id
-        self.segment_conn_id = segment_conn_id
-        self.deferrable = deferrable
         self.poll_interval = to_number(poll_interval, name="poll_interval", above=0)
         if isinstance(query_timeout, timedelta):
             query_timeout = query_timeout.total_seconds()
         self.query_timeout = to_number(query_timeout, name="query_timeout", above=0)
-        self.max_in_flight = max_in_flight
-        self.gzip = gzip
-        self.requests_per_second = requests_per_second
-        self.events_per_second = events_per_second
-        self.progress_interval = progress_interval
         self._segment: SegmentHook | None = None
         #: The Explore of the query a run read (model, view, slug), for the "Looker Explore" link; ``None``
         #: for a Look, or before Looker named the query.
@@ -172,8 +160,7 @@ class LookerToSegmentOperator(BaseOperator):
         self.sync_summary: dict[str, Any] | None = None
 
     def _segment_hook(self) -> SegmentHook:
-        names = ("max_in_flight", "gzip", "requests_per_second", "events_per_second")
-        tuning = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        tuning = {name: getattr(self, name) for name in _TUNING if getattr(self, name) is not None}
         return SegmentHook(segment_conn_id=self.segment_conn_id, **tuning)
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -187,8 +174,7 @@ class LookerToSegmentOperator(BaseOperator):
                     options.look_id, limit=options.limit, filters=options.filters or None
                 )
             else:
-                query = looker.with_filters(self._resolve_query(looker, options), options.filters or None)
-                self._record_query(query)
+                query = self._read_query(looker, options)[1]
                 task_id = looker.start_query_task(query=query, limit=options.limit)
                 calls["source"] = query.info.to_dict()
                 calls["run_query"] = {"query_id": query.run_id, "slug": query.run_slug}
@@ -232,13 +218,7 @@ class LookerToSegmentOperator(BaseOperator):
         info = LookInfo.from_dict(source) if source else None
         if info is not None:
             options = replace(options, query_id=info.id, query_slug=info.slug or options.query_slug)
-            self.looker_source = info
-            self.looker_run_query_id = str(run_query.get("query_id") or info.id)
-            self.looker_explore = {
-                "model": info.model,
-                "view": info.view,
-                "slug": run_query.get("slug") or info.slug,
-            }
+            self._record(info, str(run_query.get("query_id") or info.id), run_query.get("slug") or info.slug)
         self.log.info("%s: Looker query task %s is complete.", options.label, task_id)
         earlier = ApiCallCounts()
         earlier.merge(resumed.get("looker_api_calls"))
@@ -258,18 +238,24 @@ class LookerToSegmentOperator(BaseOperator):
             segment.validate_config()  # a missing write key fails here, before Looker is even read
         return options, destinations, segment
 
-    @staticmethod
-    def _resolve_query(looker: LookerHook, options: SyncOptions) -> LookerQuery:
-        """Read the query source from Looker (by id or slug)."""
+    def _read_query(self, looker: LookerHook, options: SyncOptions) -> tuple[SyncOptions, LookerQuery]:
+        """
+        Read the query source from Looker by id or slug (a slug resolved to its id, which keys the state),
+        and its copy with the run's filters, recorded for the Explore link and lineage.
+        """
         if options.query_id is not None:
-            return looker.get_query(options.query_id)
-        return looker.get_query(slug=options.query_slug)
+            query = looker.get_query(options.query_id)
+        else:
+            query = looker.get_query(slug=options.query_slug)
+        options = replace(options, query_id=query.info.id, query_slug=query.info.slug or options.query_slug)
+        query = looker.with_filters(query, options.filters or None)
+        self._record(query.info, query.run_id, query.run_slug)
+        return options, query
 
-    def _record_query(self, query: LookerQuery) -> None:
+    def _record(self, info: LookInfo, run_query_id: str | None, slug: str | None) -> None:
         """Keep what the run reads, for the Explore link and lineage."""
-        self.looker_source = query.info
-        self.looker_run_query_id = query.run_id
-        self.looker_explore = {"model": query.info.model, "view": query.info.view, "slug": query.run_slug}
+        self.looker_source, self.looker_run_query_id = info, run_query_id
+        self.looker_explore = {"model": info.model, "view": info.view, "slug": slug}
 
     def _kill_query_task(self, task_id: str) -> None:
         try:
@@ -279,20 +265,28 @@ class LookerToSegmentOperator(BaseOperator):
         except LookerApiError as error:
             self.log.warning("Could not ask Looker to kill query task %s: %s", task_id, error)
 
-    def _open_source(self, looker: LookerHook, options: SyncOptions) -> tuple[SyncOptions, _OpenStream]:
+    def _open_source(
+        self, looker: LookerHook, options: SyncOptions, open_stream: _OpenStream | None
+    ) -> tuple[SyncOptions, Callable[[], AbstractContextManager[LookStream]]]:
         """
-        What a run streams: a Look as saved or with its filters; a query, read by id or slug first (its
-        slug resolved to its id, which keys its state), then run (its copy with the filters).
+        What a run streams: a query task's result (deferred); a Look as saved or with its filters; a query,
+        read by id or slug first (its slug resolved to its id, which keys its state), then run with them.
         """
+        if open_stream is not None:
+            return options, lambda: open_stream(looker, options)
         if options.source.is_look:
-            return options, lambda hook, o: hook.stream_look(
-                o.look_id, limit=o.limit, filters=o.filters or None
-            )
-        query = self._resolve_query(looker, options)
-        options = replace(options, query_id=query.info.id, query_slug=query.info.slug or options.query_slug)
-        query = looker.with_filters(query, options.filters or None)
-        self._record_query(query)
-        return options, lambda hook, o: hook.stream_query(query, limit=o.limit)
+            filters = options.filters or None
+            return options, lambda: looker.stream_look(options.look_id, limit=options.limit, filters=filters)
+        options, query = self._read_query(looker, options)
+        return options, lambda: looker.stream_query(query, limit=options.limit)
+
+    def _record_stream(self, stream: LookStream) -> None:
+        """Keep what the run reads, for lineage: a Look runs its query, or the filtered copy."""
+        if self.looker_source is None:
+            self.looker_source = stream.info
+            run = stream.query.query_id if stream.query is not None else None
+            self.looker_run_query_id = run or stream.info.query_id
+        self.looker_sql = stream.meta.sql
 
     def _sync(
         self,
@@ -306,75 +300,32 @@ class LookerToSegmentOperator(BaseOperator):
     ) -> dict[str, Any]:
         """Open the Looker session, the state and the stream, sync, report; fail after the summary."""
         looker = LookerHook(looker_conn_id=self.looker_conn_id)
-        with ExitStack() as resources:
-            # Progress lines from before Looker is asked to run the Look: its wait is reported too.
-            progress = resources.enter_context(
-                SyncProgress(
-                    options.source.key,
-                    self.log,
-                    self.progress_interval,
-                    dry_run=options.dry_run,
-                    label=options.label,
-                )
-            )
-            resources.enter_context(looker)  # leaving it logs out of Looker, also after a failure
-            if open_stream is None:
-                options, open_stream = self._open_source(looker, options)
-            ti = context["ti"]
-            namespace = build_message_id_namespace(
-                dag_id=ti.dag_id,
-                task_id=ti.task_id,
-                run_id=ti.run_id,  # a retry re-sends the same messageIds, the next run new ones
-                map_index=ti.map_index,
-                look_id=options.source.key,
-            )
-            state = None
-            if options.changed_only:
-                store = open_state_store(
-                    options, segment.settings.base_url, segment.settings.write_key, self.log
-                )
-                state = resources.enter_context(store.begin(namespace, full_refresh=options.full_refresh))
-            stream = resources.enter_context(open_stream(looker, options))
-            if self.looker_source is None:  # a Look: what it runs is its query, or the filtered copy
-                self.looker_source = stream.info
-                run = stream.query.query_id if stream.query is not None else None
-                self.looker_run_query_id = run or stream.info.query_id
-            self.looker_sql = stream.meta.sql
-            summary = sync_look(
-                options,
-                stream,
-                send=None if options.dry_run else segment.send,
-                destinations=destinations,
-                message_id_namespace=namespace,
-                state=state,
-                log=self.log,
-                progress_interval=self.progress_interval,
-                progress=progress,
-                stop=segment.stop,
-            )
+        ti = context["ti"]
+        options, summary = run_sync(
+            options,
+            looker=looker,
+            segment=segment,
+            open_source=lambda options: self._open_source(looker, options, open_stream),
+            message_id_namespace=lambda key: build_message_id_namespace(
+                dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index, look_id=key
+            ),
+            destinations=destinations,
+            log=self.log,
+            progress_interval=self.progress_interval,
+            on_stream=self._record_stream,
+        )
         calls = earlier_calls or ApiCallCounts()
         calls.merge(looker.api_calls)
         summary.looker_api_calls = calls.to_dict()
         log_summary(self.log, summary)
         result = self.sync_summary = summary.to_dict()
-        self._publish_asset_events(context, result)
-        error = outcome_error(options, summary)
+        outlets = publish_asset_events(self.outlets, context.get("outlet_events"), result, self.log)
+        if outlets is not self.outlets:
+            self.outlets = outlets  # what Airflow reads when it records the task's success
+        error = outcome_error(options, summary, segment.last_report)
         if error is not None:
-            raise self._final(error)
+            raise error
         return result
-
-    def _final(self, error: LookerSegmentError) -> LookerSegmentError:
-        """
-        The error to fail the task with: undelivered events are retried only when some failed for a reason
-        that can pass (Segment unavailable, rate limits, timeouts); events Segment rejected or refused for
-        good fail at once (same message). Other errors keep their class (:func:`..pipeline.outcome_error`).
-        """
-        if type(error) is not SegmentDeliveryError:
-            return error
-        report = self._segment.last_report if self._segment is not None else None
-        if report is not None and report.failed and report.refused is None:
-            return error
-        return UndeliverableEventsError(str(error))
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """
@@ -391,36 +342,3 @@ class LookerToSegmentOperator(BaseOperator):
         """Stop sending at once when the task is killed (the events not sent are reported failed)."""
         if self._segment is not None:
             self._segment.stop()
-
-    def _publish_asset_events(self, context: Context, summary: dict[str, Any]) -> None:
-        """
-        Attach the sync's figures to the events of the task's outlet assets; after a dry run, emit none
-        (Airflow records an asset event for each asset outlet of a task that succeeds, and a dry run must
-        not start the DAGs scheduled on them).
-        """
-        if not self.outlets:
-            return
-        if summary["dry_run"]:
-            kept = [outlet for outlet in self.outlets if not isinstance(outlet, BaseAsset | AssetAlias)]
-            if len(kept) < len(self.outlets):
-                self.log.info(
-                    "Dry run: no asset event for %s (nothing was synced).",
-                    ", ".join(_asset_name(outlet) for outlet in self.outlets if outlet not in kept),
-                )
-                self.outlets = kept  # what Airflow reads when it records the task's success
-            return
-        keys = ("source", "look_id", "query_id", "rows", "sent", "invalid", "ran_at")
-        extra = {key: summary[key] for key in keys}
-        outlet_events = context.get("outlet_events")
-        if outlet_events is None:
-            return
-        for outlet in self.outlets:
-            try:
-                outlet_events[outlet].extra = extra
-            except (KeyError, TypeError):  # not an asset outlet
-                continue
-
-
-def _asset_name(outlet: Any) -> str:
-    """An outlet's name for the log (its ``name``, else its ``uri``)."""
-    return str(getattr(outlet, "name", None) or getattr(outlet, "uri", None) or outlet)
