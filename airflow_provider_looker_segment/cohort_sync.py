@@ -1,21 +1,8 @@
 """
 ``sync_mode="changed"``: the messages of a run, from what
-:class:`~airflow_provider_looker_segment.sync_run.SyncRun` decided, and the exit guard. Pure message logic;
-the run owns the spool and the state.
-
-* An identity is a userId, else an anonymousId; for group calls, a groupId.
-* **Calls**: the new, changed and switched identities' calls, as the transform encoded them, in the Look's
-  order; a switched member's call also carries the anonymousId the state knew it by (Segment links the two).
-* **Entry event** (``entered_event``): a track call right after a new identity's call, its traits as
-  properties (group calls: the same userId/anonymousId and ``context.groupId``).
-* **Exit call** (with a membership trait): the run's own call type with only the membership trait set to
-  ``false``; **exit event** (``exited_event``): a track call with no properties but the membership trait. A
-  group's exit calls carry the anonymousId derived from its group id.
-
-Every messageId starts with the identity's hash (16 hex digits), so the rejected and failed messageIds of a
-delivery tell which identities must not advance. The calls that come from a state transition (entry event,
-exit call, exit event) have messageIds derived from the transition (sync key, identity, transition, the
-state generation it departs from): a later attempt of the same transition carries the same messageIds.
+:class:`~airflow_provider_looker_segment.sync_run.SyncRun` decided (the calls, entry and exit events, exit
+calls, their messageIds), and the exit guard. Pure message logic; the run owns the spool and the state. The
+rules: docs/changed-only.md and docs/rows-to-calls.md (cohort entry and exit events).
 """
 
 from __future__ import annotations

@@ -1,31 +1,9 @@
 """
-Segment destinations that accept identify calls from Looker, and the identifiers each one needs (pure).
-
-The table is the chart of Segment's Looker source page, shipped as package data
-(``data/segment-destinations.tsv``: ``destination``, ``email``, ``user_id``, ``either``, ``note``). A mark
-``X`` means the identifier is required (``X`` under both ``email`` and ``user_id``: both are required);
-``X*`` means required except as the note says. The only I/O is reading that file once (cached).
-
-How the notes are applied by :func:`check_destinations`:
-
-* ``*or anonymousId`` (amazon-kinesis, calq, kissmetrics): a userId **or** an anonymousId is enough (an
-  anonymousId comes from an anonymous-id field or is derived from the email).
-* totango, ``*Also requires context.groupId``: an **error** for identify and track calls, which carry no
-  ``context.groupId``, so Totango would drop every one of them; group calls (``call="group"``) carry the
-  ``groupId`` Totango needs.
-
-The table lists what destinations need from identify calls. Track calls are checked against its identifier
-columns (a userId, an email, either), except that their columns are ``properties``, so they never carry the
-email *trait*; the trait notes (zendesk, salesmachine, marketo-v2) do not apply to them. Group calls are
-checked for a group id and for totango's note only (a warning says so).
-* zendesk, ``*Also requires a name trait``: an error unless the Look gives a ``name`` trait.
-* salesmachine, ``*account_uid``: an error unless the Look gives an ``account_uid`` trait.
-* woopra, ``*or cooke set in destination settings``: without a userId, a warning (not an error), since a
-  cookie may be configured in the destination's settings, which this provider cannot see.
-* pardot, ``*you need to put the pardot field ...``: always a warning about the Pardot settings; without an
-  email, a warning too (the settings may name another identifier).
-* marketo-v2, ``*You must create the custom traits in Marketo ...``: always a warning listing the traits.
-* iterable: the source row is misaligned; its only mark is read as *either*.
+Segment destinations that accept calls from Looker, and the identifiers each one needs (pure). The table is
+the chart of Segment's Looker source page, shipped as package data (``data/segment-destinations.tsv``:
+``destination``, ``email``, ``user_id``, ``either``, ``note``; ``X``: required, ``X*``: required except as
+the note says), read once. How the notes and the call types are applied by :func:`check_destinations`:
+docs/destinations.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,7 @@
 """
-What each of a Look's fields becomes in a Segment call (pure, used by :func:`.transform.plan_transform`).
-
-* **Identifiers**: which field gives the ``userId``, the email and the ``anonymousId`` (and, for group
-  calls, the ``groupId``): the explicit options; else the LookML tags ``user_id``, ``email``,
-  ``segment_anonymous_id`` (and ``segment_group_id``); else field names or labels meaning a user id
-  (``users.user_id``, ``users.id``, label ``User ID``), an email (``users.email``, label ``Email Address``),
-  an anonymous id or a group id (``accounts.group_id``, ``accounts.id``, label ``Account ID``), visible
-  fields first.
-* **Trait keys**: every other visible field is a trait (the email field included, as ``email``), keyed by
-  the chosen style. Pivoted measures give one trait per pivot value: the measure's key joined with the
-  pivot's label (its ``label``, else its dimension values joined with ``" | "``, else its key):
-  ``"orders count | complete"`` for the ``label`` style, ``"orders.count | complete"`` for ``field``, and
-  ``"orders_count__complete"`` (pivot label snake-cased, double underscore) for ``snake``.
-* **Warnings**: reserved Segment traits reached by an unlikely column, keys differing only by case, no
-  trait at all. The list of traits every identify or group call overwrites is a note
-  (:func:`overwrite_note`), logged with the plan.
+What each of a Look's fields becomes in a Segment call (pure, used by :func:`.transform.plan_transform`): the
+identifier fields (options, then LookML tags, then names and labels), the trait keys (pivoted measures
+included), and the warnings. The rules: docs/rows-to-calls.md.
 """
 
 from __future__ import annotations

@@ -37,11 +37,11 @@ from airflow_provider_looker_segment.summary import LOCK_LOST, CohortSummary, Sy
 from airflow_provider_looker_segment.sync_run import SyncRun
 from airflow_provider_looker_segment.transform import (
     TransformPlan,
-    format_timestamp,
     is_group_without_user,
     make_row_transformer,
     plan_transform,
 )
+from airflow_provider_looker_segment.values import format_timestamp
 
 #: How many example payloads a dry run writes to the log.
 DRY_RUN_EXAMPLES = 3

@@ -1,40 +1,9 @@
 """
 Pure transformation of Look rows into Segment ``identify``, ``group`` or ``track`` messages (no I/O, no
-Airflow, no logging).
-
-Two steps, so that the per-row work is as small as possible:
-
-1. :func:`plan_transform` looks at the Look's fields once (``LookResultMeta``) and decides which field gives
-   the ``userId``, the email and the ``anonymousId``, which fields become which traits and how each value is
-   converted (the rules: :mod:`.field_roles`). Configuration problems raise
-   :class:`~airflow_provider_looker_segment.exceptions.TransformConfigError` before any row is read;
-   doubtful choices become :attr:`TransformPlan.warnings` for the caller to log.
-2. :func:`make_row_transformer` turns the plan into a function called once per row, returning
-   ``(message, None)`` or ``(None, invalid_reason)``; values are written as :mod:`.values` documents them.
-
-Documented formats
-------------------
-* **Identifiers.** See :mod:`.values`. The email field gives ``traits.email`` (its raw value, whatever the
-  trait key style). A row without ``userId`` and ``anonymousId`` but with an email (a string containing
-  ``@``) gets the anonymousId derived from it (:func:`.values.anonymous_id_from_email`); a row with no
-  identifier at all is invalid (:data:`INVALID_NO_IDENTIFIER`).
-* **Group calls** (``call="group"``) carry ``groupId`` from the group id field (never a trait); a row
-  without a group id is invalid (:data:`INVALID_NO_GROUP_ID`). Segment requires a ``userId`` or an
-  ``anonymousId`` on a group call: a row with neither (and no email to derive one from) gets the stable
-  anonymousId derived from its group id (:func:`.values.anonymous_id_from_group`), never a random one, with
-  ``group_without_user="anonymous_id"`` (the default; Segment counts each such id as a monthly tracked user),
-  or is invalid (:data:`INVALID_NO_USER_FOR_GROUP`) with ``"skip"``, as Looker's own action refuses it.
-* **Track calls** (``call="track"``) carry ``event`` and put the columns in ``properties`` instead of
-  ``traits`` (as Looker's Segment Track action does).
-* **Traits** (values: :mod:`.values`; keys and pivoted measures: :mod:`.field_roles`) in field order; a
-  missing or null pivot cell gives a ``null`` trait.
-* **messageId** is ``"lsg-"`` + the 32-hex-digit BLAKE2b-128 digest of the namespace (see
-  :func:`build_message_id_namespace`) and the compact JSON of the message's head: type, event, groupId,
-  ``userId``/``anonymousId`` and traits (or properties): 36 characters, identical when a task instance is
-  retried, different for the next run and for two rows of one identity whose traits differ (two identical
-  rows share one id, and Segment keeps one).
-* **timestamp** is the time Looker ran the query, in UTC with milliseconds: ``"2024-01-05T10:00:00.000Z"``
-  (a naive ``ran_at`` is taken as UTC, :func:`format_timestamp`); omitted when unknown.
+Airflow, no logging), in two steps so that the per-row work is as small as possible:
+:func:`plan_transform` reads the Look's fields once (the rules: :mod:`.field_roles`), and
+:func:`make_row_transformer` turns the plan into the function called once per row (values: :mod:`.values`).
+What the messages hold (identifiers, traits, messageId, timestamp): docs/rows-to-calls.md.
 """
 
 from __future__ import annotations
@@ -72,25 +41,7 @@ from airflow_provider_looker_segment.values import (
     format_timestamp,
     json_safe,
     to_identifier,
-    to_trait_value,
 )
-
-__all__ = [
-    "INVALID_NO_GROUP_ID",
-    "INVALID_NO_IDENTIFIER",
-    "INVALID_NO_USER_FOR_GROUP",
-    "MESSAGE_ID_PREFIX",
-    "IdentifierChoice",
-    "RowTransformer",
-    "TransformPlan",
-    "anonymous_id_from_email",
-    "build_message_id_namespace",
-    "format_timestamp",
-    "is_group_without_user",
-    "make_row_transformer",
-    "plan_transform",
-    "to_trait_value",
-]
 
 #: Invalid-row reason: the row has no userId, no anonymousId and no usable email.
 INVALID_NO_IDENTIFIER = "no_identifier"

@@ -1,33 +1,8 @@
 """
-How Looker's raw values are written in Segment messages (pure functions, no I/O).
-
-* **Identifiers.** ``userId`` and ``anonymousId`` are strings, trimmed: ``" 42 "``, ``42`` and ``42.0`` →
-  ``"42"``, ``4.5`` → ``"4.5"``, ``2**64`` → ``"18446744073709551616"`` (integral numbers exactly), a
-  number beyond a float's range → its decimal text (``1e400`` → ``"1E+400"``); ``None``, ``0``, ``""``,
-  blank strings, booleans, NaN/±Infinity, arrays and objects are not identifiers.
-* **Anonymous id derived from the email.** ``str(uuid5(ANONYMOUS_ID_NAMESPACE, email.strip().lower()))``
-  for a string containing ``@``: the same email gives the same id on every run, in every DAG.
-* **Anonymous id derived from a group id** (group calls of rows without a user identifier):
-  ``str(uuid5(GROUP_ANONYMOUS_ID_NAMESPACE, group_id))``, the group id as sent (case kept).
-* **Trait values.** Strings, integers, floats and booleans are kept (``0``, ``false`` and ``""``
-  round-trip); ``null`` stays ``null``; NaN and ±Infinity become ``null``; ``Decimal`` (how JSON numbers
-  with a fraction or an exponent are read) becomes a float, or its decimal text beyond a float's range
-  (``1E+400``); integers outside the 64-bit range become strings; a lone UTF-16 surrogate in a string
-  (``"\\ud800"`` in JSON) becomes U+FFFD, the replacement character (in identifiers too);
-  ``date``/``datetime``/``time`` objects become ISO 8601 strings.
-* **Date-times.** In fields whose LookML type starts with ``date`` or is ``time``/``datetime``/``timestamp``,
-  Looker's unformatted ``"YYYY-MM-DD HH[:MM[:SS[.fff...]]]"`` strings are local times of the zone the query
-  ran in (the result's ``timezone``, else the query's ``query_timezone``). With that zone known they become
-  the instant in UTC, ISO 8601 as Segment's spec asks (Engage keeps no timestamp trait without a zone):
-  ``"2024-03-01 08:15:30"`` in ``America/New_York`` → ``"2024-03-01T13:15:30Z"``, ``"2024-01-05 10"`` (a
-  ``date_hour``) in UTC → ``"2024-01-05T10:00:00Z"``, fractions kept as given. With the zone unknown they
-  become ISO 8601 without an offset, ``"2024-01-05T10:11:12"`` (``"2024-01-05T10:00"`` for a ``date_hour``),
-  and the plan warns. A local time that a daylight-saving change skips or repeats is read with the offset
-  before the change. Dates without a time (``"2024-01-05"``, ``"2024-01"``) are left alone: they have no
-  instant.
-* **Arrays and objects** (Segment supports neither) become their compact JSON text, keys in their original
-  order, non-ASCII characters kept: ``["a", 1]`` → ``'["a",1]'``, ``{"k": null}`` → ``'{"k":null}'``.
-* **Timestamps** are ISO 8601 in UTC with milliseconds: ``"2024-01-05T10:00:00.000Z"`` (naive = UTC).
+How Looker's raw values are written in Segment messages (pure functions, no I/O): identifiers, the
+anonymousIds derived from an email or a group id, trait values, date-times (in UTC when the query's time zone
+is known), arrays and objects, timestamps. The rules, with examples: docs/rows-to-calls.md ("Identifiers",
+"Values").
 """
 
 from __future__ import annotations

@@ -817,14 +817,3 @@ def test_any_row_gives_scalar_traits(user_id, email, a, b, c):
     assert message.encoded == encoded  # the one encoding made by the transform is the message's JSON
     assert orjson.loads(encoded)["traits"] == message["traits"]
     assert len(message["messageId"]) < 100
-
-
-def test_the_public_names_are_importable_from_transform():
-    """The operator, the pipeline and cohort_sync import these from ``transform``, wherever they live."""
-    from airflow_provider_looker_segment import transform
-
-    for name in transform.__all__:
-        assert getattr(transform, name) is not None
-    assert {"format_timestamp", "anonymous_id_from_email", "to_trait_value", "MESSAGE_ID_PREFIX"} <= set(
-        transform.__all__
-    )
