@@ -38,18 +38,17 @@ if TYPE_CHECKING:
 _TUNING = ("max_in_flight", "gzip", "requests_per_second", "events_per_second")
 #: The arguments kept as they are (neither templated nor checked here).
 _PLAIN_ARGUMENTS = ("looker_conn_id", "segment_conn_id", "deferrable", "progress_interval", *_TUNING)
-#: Opens the Looker stream a run reads, given the Looker hook and the options.
-_OpenStream = Callable[[LookerHook, SyncOptions], AbstractContextManager[LookStream]]
+#: What a run streams: (Looker hook, options) → (the options, the source resolved; what opens the stream).
+_OpenSource = Callable[
+    [LookerHook, SyncOptions], tuple[SyncOptions, Callable[[], AbstractContextManager[Any]]]
+]
 
 
 class LookerToSegmentOperator(BaseOperator):
     """
     Send every row of a Looker Look, or of any Looker query, to Segment as an ``identify`` (default),
-    ``group`` or ``track`` call, streaming (memory stays flat), through Segment's HTTP Tracking API. The
-    summary is returned (XCom ``return_value``); the task fails after everything deliverable was sent when
-    Segment rejected events or some could not be delivered. Errors no retry can fix fail at once; see
-    :mod:`airflow_provider_looker_segment.exceptions`. The full reference of each parameter, its default and
-    whether it is templated: docs/parameters.md.
+    ``group`` or ``track`` call; return the summary (XCom). Every parameter, its default and whether it is
+    templated: docs/parameters.md; what fails at once or is retried: :mod:`..exceptions`.
 
     :param look_id: the Look to sync; exactly one of ``look_id``, ``query_id``, ``query_slug``.
     :param query_id: a Looker query to sync instead of a Look, by id.
@@ -91,12 +90,9 @@ class LookerToSegmentOperator(BaseOperator):
 
     #: The templated parameters: the fields of the parameter model.
     template_fields: Sequence[str] = tuple(SyncOptions.__dataclass_fields__)
-    template_fields_renderers = {
-        "trait_names": "json",
-        "destinations": "json",
-        "exclude_fields": "json",
-        "filters": "json",
-    }
+    template_fields_renderers = dict.fromkeys(
+        ("trait_names", "destinations", "exclude_fields", "filters"), "json"
+    )
     ui_color = "#52BD94"
     operator_extra_links = (LookerLookLink(), LookerExploreLink())
 
@@ -150,10 +146,9 @@ class LookerToSegmentOperator(BaseOperator):
             query_timeout = query_timeout.total_seconds()
         self.query_timeout = to_number(query_timeout, name="query_timeout", above=0)
         self._segment: SegmentHook | None = None
-        #: The Explore of the query a run read (model, view, slug), for the "Looker Explore" link; ``None``
-        #: for a Look, or before Looker named the query.
+        self._destinations: list[Destination] = []
+        #: What the last run read, for the links (the Explore of a query: model, view, slug) and lineage.
         self.looker_explore: dict[str, Any] | None = None
-        #: What the last run read (its definition, the SQL Looker ran, the summary), for lineage.
         self.looker_source: LookInfo | None = None
         self.looker_sql: str | None = None
         self.looker_run_query_id: str | None = None
@@ -164,9 +159,9 @@ class LookerToSegmentOperator(BaseOperator):
         return SegmentHook(segment_conn_id=self.segment_conn_id, **tuning)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        options, destinations, segment = self._prepare()
+        options = self._prepare()
         if not self.deferrable:
-            return self._sync(context, options, destinations, segment)
+            return self._sync(context, options, self._open_source)
         calls: dict[str, Any] = {}
         with LookerHook(looker_conn_id=self.looker_conn_id) as looker:  # logs out when leaving
             if options.source.is_look:
@@ -199,9 +194,8 @@ class LookerToSegmentOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """
-        Resume once the trigger fired: stream the query task's result and sync it, or fail with the
-        trigger's message (asking Looker to kill a query that may still be running). The event hands back
-        (``resume_with``) what :meth:`execute` read: a query's definition, the query that ran, the API calls.
+        Resume once the trigger fired: sync the query task's result (``resume_with``: what :meth:`execute`
+        read), or fail with the trigger's message, asking Looker to kill a query that may still run.
         """
         resumed = event.get("resume_with") or {}
         source, run_query = resumed.get("source"), resumed.get("run_query") or {}
@@ -214,7 +208,7 @@ class LookerToSegmentOperator(BaseOperator):
                 task_id=task_id or None,
                 task_status=event.get("looker_status"),
             )
-        options, destinations, segment = self._prepare()
+        options = self._prepare()
         info = LookInfo.from_dict(source) if source else None
         if info is not None:
             options = replace(options, query_id=info.id, query_slug=info.slug or options.query_slug)
@@ -224,19 +218,19 @@ class LookerToSegmentOperator(BaseOperator):
         earlier.merge(resumed.get("looker_api_calls"))
         earlier.merge(event.get("looker_api_calls"))
 
-        def open_stream(looker: LookerHook, options: SyncOptions) -> AbstractContextManager[LookStream]:
-            return looker.stream_query_task(task_id, options.look_id, limit=options.limit, info=info)
+        def open_source(looker: LookerHook, o: SyncOptions) -> tuple[SyncOptions, Callable[[], Any]]:
+            return o, lambda: looker.stream_query_task(task_id, o.look_id, limit=o.limit, info=info)
 
-        return self._sync(context, options, destinations, segment, open_stream, earlier_calls=earlier)
+        return self._sync(context, options, open_source, earlier)
 
-    def _prepare(self) -> tuple[SyncOptions, list[Destination], SegmentHook]:
+    def _prepare(self) -> SyncOptions:
         """Read the arguments and check what can be checked before Looker is asked anything."""
         options = SyncOptions.from_arguments(**{name: getattr(self, name) for name in self.template_fields})
-        destinations = resolve_destinations(list(options.destinations))
-        segment = self._segment = self._segment_hook()
+        self._destinations = resolve_destinations(list(options.destinations))
+        self._segment = self._segment_hook()
         if not options.dry_run or options.changed_only:
-            segment.validate_config()  # a missing write key fails here, before Looker is even read
-        return options, destinations, segment
+            self._segment.validate_config()  # a missing write key fails here, before Looker is even read
+        return options
 
     def _read_query(self, looker: LookerHook, options: SyncOptions) -> tuple[SyncOptions, LookerQuery]:
         """
@@ -253,7 +247,6 @@ class LookerToSegmentOperator(BaseOperator):
         return options, query
 
     def _record(self, info: LookInfo, run_query_id: str | None, slug: str | None) -> None:
-        """Keep what the run reads, for the Explore link and lineage."""
         self.looker_source, self.looker_run_query_id = info, run_query_id
         self.looker_explore = {"model": info.model, "view": info.view, "slug": slug}
 
@@ -266,14 +259,9 @@ class LookerToSegmentOperator(BaseOperator):
             self.log.warning("Could not ask Looker to kill query task %s: %s", task_id, error)
 
     def _open_source(
-        self, looker: LookerHook, options: SyncOptions, open_stream: _OpenStream | None
+        self, looker: LookerHook, options: SyncOptions
     ) -> tuple[SyncOptions, Callable[[], AbstractContextManager[LookStream]]]:
-        """
-        What a run streams: a query task's result (deferred); a Look as saved or with its filters; a query,
-        read by id or slug first (its slug resolved to its id, which keys its state), then run with them.
-        """
-        if open_stream is not None:
-            return options, lambda: open_stream(looker, options)
+        """What a run streams: a Look as saved or with its filters; a query (:meth:`_read_query`)."""
         if options.source.is_look:
             filters = options.filters or None
             return options, lambda: looker.stream_look(options.look_id, limit=options.limit, filters=filters)
@@ -281,8 +269,7 @@ class LookerToSegmentOperator(BaseOperator):
         return options, lambda: looker.stream_query(query, limit=options.limit)
 
     def _record_stream(self, stream: LookStream) -> None:
-        """Keep what the run reads, for lineage: a Look runs its query, or the filtered copy."""
-        if self.looker_source is None:
+        if self.looker_source is None:  # a Look: what it runs is its query, or the filtered copy
             self.looker_source = stream.info
             run = stream.query.query_id if stream.query is not None else None
             self.looker_run_query_id = run or stream.info.query_id
@@ -292,29 +279,26 @@ class LookerToSegmentOperator(BaseOperator):
         self,
         context: Context,
         options: SyncOptions,
-        destinations: list[Destination],
-        segment: SegmentHook,
-        open_stream: _OpenStream | None = None,
-        *,
-        earlier_calls: ApiCallCounts | None = None,
+        open_source: _OpenSource,
+        calls: ApiCallCounts | None = None,
     ) -> dict[str, Any]:
         """Open the Looker session, the state and the stream, sync, report; fail after the summary."""
-        looker = LookerHook(looker_conn_id=self.looker_conn_id)
+        looker, segment = LookerHook(looker_conn_id=self.looker_conn_id), self._segment
         ti = context["ti"]
         options, summary = run_sync(
             options,
             looker=looker,
             segment=segment,
-            open_source=lambda options: self._open_source(looker, options, open_stream),
+            open_source=lambda options: open_source(looker, options),
             message_id_namespace=lambda key: build_message_id_namespace(
                 dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index, look_id=key
             ),
-            destinations=destinations,
+            destinations=self._destinations,
             log=self.log,
             progress_interval=self.progress_interval,
             on_stream=self._record_stream,
         )
-        calls = earlier_calls or ApiCallCounts()
+        calls = calls or ApiCallCounts()
         calls.merge(looker.api_calls)
         summary.looker_api_calls = calls.to_dict()
         log_summary(self.log, summary)
@@ -328,12 +312,7 @@ class LookerToSegmentOperator(BaseOperator):
         return result
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """
-        The lineage of the completed sync, for the OpenLineage provider (extra ``openlineage``): see
-        :mod:`airflow_provider_looker_segment.lineage`.
-
-        :param task_instance: the task instance that completed (unused: the operator recorded its run).
-        """
+        """The lineage of the completed sync, for the OpenLineage provider: see :mod:`..lineage`."""
         from airflow_provider_looker_segment.lineage import sync_lineage  # OpenLineage only when it asks
 
         return sync_lineage(self)
