@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack
+from dataclasses import replace
 from typing import Any, Protocol
 
 from airflow_provider_looker_segment import PACKAGE_NAME, __version__
@@ -60,6 +61,34 @@ class LookStreamLike(Protocol):
 
 #: Sends messages to Segment and returns its delivery report: ``send(messages, progress=...)``.
 Sender = Callable[..., Any]
+
+
+def read_query(looker: Any, options: SyncOptions) -> tuple[SyncOptions, Any]:
+    """
+    Read a query source from Looker by id or slug (a slug resolved to its id, which keys the state): the
+    options with its id, and the query's copy with the run's filters.
+    """
+    if options.query_id is not None:
+        query = looker.get_query(options.query_id)
+    else:
+        query = looker.get_query(slug=options.query_slug)
+    options = replace(options, query_id=query.info.id, query_slug=query.info.slug or options.query_slug)
+    return options, looker.with_filters(query, options.filters or None)
+
+
+def open_source(
+    looker: Any, options: SyncOptions, on_query: Callable[[Any], Any]
+) -> tuple[SyncOptions, Callable[[], AbstractContextManager[Any]]]:
+    """
+    What a run streams: a Look as saved or with its filters, or a query (:func:`read_query`, handed to
+    ``on_query`` before it runs).
+    """
+    if options.source.is_look:
+        filters = options.filters or None
+        return options, lambda: looker.stream_look(options.look_id, limit=options.limit, filters=filters)
+    options, query = read_query(looker, options)
+    on_query(query)
+    return options, lambda: looker.stream_query(query, limit=options.limit)
 
 
 def run_sync(

@@ -25,7 +25,7 @@ from airflow_provider_looker_segment.links import LookerExploreLink, LookerLookL
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.models import LookInfo
 from airflow_provider_looker_segment.params import to_number
-from airflow_provider_looker_segment.pipeline import run_sync
+from airflow_provider_looker_segment.pipeline import open_source, read_query, run_sync
 from airflow_provider_looker_segment.settings import SYNC_ALL, SyncOptions
 from airflow_provider_looker_segment.summary import log_summary, outcome_error, publish_asset_events
 from airflow_provider_looker_segment.transform import build_message_id_namespace
@@ -161,7 +161,7 @@ class LookerToSegmentOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         options = self._prepare()
         if not self.deferrable:
-            return self._sync(context, options, self._open_source)
+            return self._sync(context, options, lambda looker, o: open_source(looker, o, self._record_query))
         calls: dict[str, Any] = {}
         with LookerHook(looker_conn_id=self.looker_conn_id) as looker:  # logs out when leaving
             if options.source.is_look:
@@ -169,7 +169,8 @@ class LookerToSegmentOperator(BaseOperator):
                     options.look_id, limit=options.limit, filters=options.filters or None
                 )
             else:
-                query = self._read_query(looker, options)[1]
+                query = read_query(looker, options)[1]
+                self._record_query(query)
                 task_id = looker.start_query_task(query=query, limit=options.limit)
                 calls["source"] = query.info.to_dict()
                 calls["run_query"] = {"query_id": query.run_id, "slug": query.run_slug}
@@ -202,7 +203,12 @@ class LookerToSegmentOperator(BaseOperator):
         task_id = str(event.get("query_task_id") or "")
         if event.get("status") != "success":
             if task_id and event.get("looker_status") in (None, "added", "running"):
-                self._kill_query_task(task_id)
+                try:
+                    with LookerHook(looker_conn_id=self.looker_conn_id) as looker:
+                        if looker.kill_query_task(task_id):
+                            self.log.warning("Asked Looker to kill query task %s.", task_id)
+                except LookerApiError as error:
+                    self.log.warning("Could not ask Looker to kill query task %s: %s", task_id, error)
             raise QueryTaskError(
                 str(event.get("message") or f"Looker query task {task_id} did not complete"),
                 task_id=task_id or None,
@@ -218,10 +224,10 @@ class LookerToSegmentOperator(BaseOperator):
         earlier.merge(resumed.get("looker_api_calls"))
         earlier.merge(event.get("looker_api_calls"))
 
-        def open_source(looker: LookerHook, o: SyncOptions) -> tuple[SyncOptions, Callable[[], Any]]:
+        def task_result(looker: LookerHook, o: SyncOptions) -> tuple[SyncOptions, Callable[[], Any]]:
             return o, lambda: looker.stream_query_task(task_id, o.look_id, limit=o.limit, info=info)
 
-        return self._sync(context, options, open_source, earlier)
+        return self._sync(context, options, task_result, earlier)
 
     def _prepare(self) -> SyncOptions:
         """Read the arguments and check what can be checked before Looker is asked anything."""
@@ -232,41 +238,12 @@ class LookerToSegmentOperator(BaseOperator):
             self._segment.validate_config()  # a missing write key fails here, before Looker is even read
         return options
 
-    def _read_query(self, looker: LookerHook, options: SyncOptions) -> tuple[SyncOptions, LookerQuery]:
-        """
-        Read the query source from Looker by id or slug (a slug resolved to its id, which keys the state),
-        and its copy with the run's filters, recorded for the Explore link and lineage.
-        """
-        if options.query_id is not None:
-            query = looker.get_query(options.query_id)
-        else:
-            query = looker.get_query(slug=options.query_slug)
-        options = replace(options, query_id=query.info.id, query_slug=query.info.slug or options.query_slug)
-        query = looker.with_filters(query, options.filters or None)
+    def _record_query(self, query: LookerQuery) -> None:
         self._record(query.info, query.run_id, query.run_slug)
-        return options, query
 
     def _record(self, info: LookInfo, run_query_id: str | None, slug: str | None) -> None:
         self.looker_source, self.looker_run_query_id = info, run_query_id
         self.looker_explore = {"model": info.model, "view": info.view, "slug": slug}
-
-    def _kill_query_task(self, task_id: str) -> None:
-        try:
-            with LookerHook(looker_conn_id=self.looker_conn_id) as looker:
-                if looker.kill_query_task(task_id):
-                    self.log.warning("Asked Looker to kill query task %s.", task_id)
-        except LookerApiError as error:
-            self.log.warning("Could not ask Looker to kill query task %s: %s", task_id, error)
-
-    def _open_source(
-        self, looker: LookerHook, options: SyncOptions
-    ) -> tuple[SyncOptions, Callable[[], AbstractContextManager[LookStream]]]:
-        """What a run streams: a Look as saved or with its filters; a query (:meth:`_read_query`)."""
-        if options.source.is_look:
-            filters = options.filters or None
-            return options, lambda: looker.stream_look(options.look_id, limit=options.limit, filters=filters)
-        options, query = self._read_query(looker, options)
-        return options, lambda: looker.stream_query(query, limit=options.limit)
 
     def _record_stream(self, stream: LookStream) -> None:
         if self.looker_source is None:  # a Look: what it runs is its query, or the filtered copy
@@ -279,7 +256,7 @@ class LookerToSegmentOperator(BaseOperator):
         self,
         context: Context,
         options: SyncOptions,
-        open_source: _OpenSource,
+        source: _OpenSource,
         calls: ApiCallCounts | None = None,
     ) -> dict[str, Any]:
         """Open the Looker session, the state and the stream, sync, report; fail after the summary."""
@@ -289,7 +266,7 @@ class LookerToSegmentOperator(BaseOperator):
             options,
             looker=looker,
             segment=segment,
-            open_source=lambda options: open_source(looker, options),
+            open_source=lambda options: source(looker, options),
             message_id_namespace=lambda key: build_message_id_namespace(
                 dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index, look_id=key
             ),
