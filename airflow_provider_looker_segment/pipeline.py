@@ -183,26 +183,15 @@ def sync_look(
     :raises DestinationError: a listed destination cannot be fed; nothing was sent.
     """
     log = log or logging.getLogger(__name__)
-    if progress is None:
-        with SyncProgress(
-            options.source.key, log, progress_interval, dry_run=options.dry_run, label=options.label
-        ) as progress:
-            return sync_look(
-                options,
-                stream,
-                send=send,
-                destinations=destinations,
-                message_id_namespace=message_id_namespace,
-                state=state,
-                log=log,
-                progress_interval=progress_interval,
-                progress=progress,
-                stop=stop,
-            )
-    # Airflow's imports leave ~190k objects tracked by the garbage collector, and every full collection
-    # triggered by the row loop would walk them all: park them in the permanent generation meanwhile.
-    gc.freeze()
-    try:
+    with ExitStack() as resources:
+        if progress is None:
+            label, dry_run = options.label, options.dry_run
+            progress = SyncProgress(options.source.key, log, progress_interval, dry_run=dry_run, label=label)
+            resources.enter_context(progress)
+        # Airflow's imports leave ~190k objects tracked by the garbage collector, and every full collection
+        # triggered by the row loop would walk them all: park them in the permanent generation meanwhile.
+        gc.freeze()
+        resources.callback(gc.unfreeze)
         return _sync(
             options,
             stream,
@@ -215,8 +204,6 @@ def sync_look(
             progress,
             stop,
         )
-    finally:
-        gc.unfreeze()
 
 
 def _sync(
