@@ -40,6 +40,7 @@ from airflow_provider_looker_segment.exceptions import (
 from airflow_provider_looker_segment.models import LookResultMeta, Row
 from airflow_provider_looker_segment.progress import SyncProgress
 from airflow_provider_looker_segment.settings import MAX_LIMIT, SyncSettings
+from airflow_provider_looker_segment.sync_commit import commit_run
 from airflow_provider_looker_segment.sync_run import SyncRun
 from airflow_provider_looker_segment.transform import (
     TransformPlan,
@@ -547,7 +548,8 @@ def _finish_cohort(
         )
         return summary
     try:
-        result = state.commit(
+        result = commit_run(
+            state,
             handed,
             keep_departed=cohort.keep_departed,
             membership_trait=bool(settings.membership_trait),

@@ -15,7 +15,7 @@ from airflow_provider_looker_segment.exceptions import InvalidParameterError, Se
 from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.hooks.segment import SegmentHook
 from airflow_provider_looker_segment.pipeline import SyncSettings, failure, sync_look
-from airflow_provider_looker_segment.sync_state import CohortStateStore
+from airflow_provider_looker_segment.sync_run import CohortStateStore
 
 NAMESPACE = '["pipeline_test", "sync", "run-1", -1, "1"]'
 

@@ -33,8 +33,8 @@ from airflow_provider_looker_segment.params import to_number, to_optional_str
 from airflow_provider_looker_segment.pipeline import SyncSettings, failure, log_summary, sync_look
 from airflow_provider_looker_segment.progress import SyncProgress
 from airflow_provider_looker_segment.state_location import state_folder, warn_if_state_is_local
+from airflow_provider_looker_segment.sync_run import CohortStateStore
 from airflow_provider_looker_segment.sync_state import (
-    CohortStateStore,
     check_state_key,
     legacy_sync_keys,
     sync_key,
@@ -531,7 +531,7 @@ class LookerToSegmentOperator(BaseOperator):
     def _state_store(self, settings: SyncSettings, segment: SegmentHook) -> CohortStateStore:
         state_path = state_folder(self.state_path)
         warn_if_state_is_local(state_path, self.log)
-        base_url, write_key = segment.settings.base_url, segment.settings.write_key
+        base_url, write_key = segment.config.base_url, segment.config.write_key
         own_key = to_optional_str(self.state_key)
         source = settings.source
         key = sync_key(
