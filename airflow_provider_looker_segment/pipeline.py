@@ -560,11 +560,11 @@ def _finish_cohort(
         summary.state_error = str(error)
         return summary
     summary.state_generation = result.generation
-    summary.state_identities = result.entries
+    summary.state_identities = result.identities
     summary.pending = result.pending
     summary.state_saved = result.saved
-    summary.state_bytes = result.size if result.saved else None
-    summary.state_save_seconds = result.seconds
+    summary.state_bytes = result.bytes if result.saved else None
+    summary.state_save_seconds = result.save_seconds
     return summary
 
 

@@ -32,22 +32,22 @@ _FLUSH_ROWS = 10_000
 
 class CommitResult(NamedTuple):
     """
-    What a commit wrote: the state's ``generation``, identities (``entries``) and file ``size`` (``saved``
+    What a commit wrote: the state's ``generation``, ``identities`` and file size (``bytes``; ``saved``
     false when nothing changed, so nothing was written); units accepted for new identities (``added``),
     changed ones (``updated``) and exits (``removed``); units not accepted (``not_advanced``: sent again
     next run), and entries or exits left pending.
     """
 
     generation: int
-    entries: int
-    size: int
+    identities: int
+    bytes: int
     added: int
     updated: int
     removed: int
     not_advanced: int
     pending: int
     saved: bool
-    seconds: float = 0.0
+    save_seconds: float = 0.0
 
 
 def commit_run(

@@ -60,8 +60,8 @@ class CohortStateStore:
 
     :param base_path: the folder of the state files: an :class:`~airflow.sdk.ObjectStoragePath` or a URL
         (``file:///...``, ``s3://...``, any fsspec URL Airflow knows); a local folder is created if missing.
-    :param key: the sync's key, from :func:`sync_key`.
-    :param legacy_keys: keys that earlier versions gave this sync (:func:`legacy_sync_keys`).
+    :param key: the sync's key, from :func:`~airflow_provider_looker_segment.sync_state.sync_key`.
+    :param legacy_keys: keys that earlier versions gave this sync (``sync_state.legacy_sync_keys``).
     :param lock_stale_after: a lock not renewed for this long (timedelta or seconds) is taken over (default
         :data:`DEFAULT_LOCK_STALE_AFTER`). Hosts sharing the state must have synchronised clocks (well within
         this).
@@ -69,7 +69,7 @@ class CohortStateStore:
     :param tmp_dir: local folder for the run's copies of the state and its spool (default: the system's
         temporary folder).
     :param save_retry_delays: seconds waited before each new attempt of a failed save (default
-        :data:`DEFAULT_SAVE_RETRY_DELAYS`).
+        ``sync_state.DEFAULT_SAVE_RETRY_DELAYS``).
     :param sleep: how to wait between save attempts.
     """
 

@@ -161,7 +161,7 @@ def _bench_run(store: CohortStateStore, run_id: str, messages: Iterator[dict[str
         "unchanged": decision.unchanged,
         "exits": decision.departed,
         "sent": sent,
-        "size": result.size,
+        "size": result.bytes,
         "spool_bytes": run.spool_bytes,
     }
 

@@ -325,8 +325,8 @@ class TestRuns:
         commit = result.commit
         assert (commit.added, commit.updated, commit.removed, commit.not_advanced) == (1, 1, 1, 2)
         assert commit.generation == 2 and commit.saved
-        assert commit.entries == len(COHORT) - 1 + 1
-        assert commit.size == store.state_path.stat().st_size
+        assert commit.identities == len(COHORT) - 1 + 1
+        assert commit.bytes == store.state_path.stat().st_size
 
     def test_full_refresh_sends_everyone_and_lists_exits(self, store):
         sync(store, COHORT)

@@ -59,32 +59,22 @@ _CONNECTION_TYPES = ("segment_tracking", "segment")
 
 class SegmentHook(BaseHook):
     """
-    Send messages (``identify`` now; ``track``, ``group``, ... fit too) to Segment's HTTP Tracking API.
+    Send messages (``identify``, ``group``, ``track``) to Segment's HTTP Tracking API.
 
-    Connection (type ``segment_tracking``): Password = the source's write key; Host = API base URL (default
-    ``https://api.segment.io``; EU workspaces ``https://events.eu1.segmentapis.com``); extras ``timeout``,
-    ``gzip``, ``max_in_flight``, ``requests_per_second``, ``events_per_second``. Connections of the official
-    Segment provider (type ``segment``, write key in extra ``write_key``) work unchanged. Constructor
+    Connection type ``segment_tracking`` (Password = write key, Host = API base URL); connections of the
+    official Segment provider (type ``segment``, extra ``write_key``) work unchanged. Every field and extra:
+    docs/parameters.md#connections; delivery, pacing and Segment's limits: docs/delivery.md. Constructor
     arguments override extras.
-
-    The number of requests in flight adapts: enough to hide Segment's round trip at the rate batches are
-    formed, halved when Segment answers 429, 408 or 5xx or times out, never above ``max_in_flight`` (see
-    :class:`~airflow_provider_looker_segment.flow_control.FlowWindow`).
 
     :param segment_conn_id: the Airflow connection to use.
     :param timeout: seconds to wait for Segment's answer to one request (extra ``timeout``, default 30).
     :param gzip: gzip request bodies (extra ``gzip``, default off).
     :param max_in_flight: cap on the batch requests in flight; the adaptive window works below it (extra
         ``max_in_flight``, default 32, 1 to 64).
-    :param requests_per_second: client-side cap on requests per second, for workspaces with low limits
-        (extra ``requests_per_second``, default none: Segment's guidance of 1,000 requests per second per
-        workspace applies; at least 0.1, or 0 for none).
-    :param events_per_second: a ceiling on the events sent per second (extra ``events_per_second``,
-        default none; at least 1, or 0 for none): batches of at most a tenth of the rate (at least one event)
-        from a token bucket holding one batch, so no one-second window carries more than the rate plus one
-        batch. Segment takes 1,000 events per second per workspace (all its sources together) without prior
-        arrangement and queues the excess (delivered later, not dropped); Engage takes 1,000 too. With N
-        tasks sending to one workspace at once, give each 1,000 / N.
+    :param requests_per_second: client-side cap on requests per second (extra ``requests_per_second``,
+        default none: Segment's guidance of 1,000 applies; at least 0.1, or 0 for none).
+    :param events_per_second: a ceiling on the events sent per second (extra ``events_per_second``, default
+        none; at least 1, or 0 for none).
     :param max_attempts: requests per batch at most, the first included (default 8).
     :param max_retry_time: seconds from a batch's first request after which it is not retried (default 300).
     :param backoff_factor: first backoff in seconds, doubled on each retry (default 0.5).
