@@ -40,11 +40,6 @@ _U64: Final = 1 << 64
 _ROW, _CLAIM = 0, 1
 
 
-def partition_of(ihash: int) -> int:
-    """The partition of a signed identity hash."""
-    return (ihash >> 56) + 128
-
-
 def partition_range(partition: int) -> tuple[int, int]:
     """The signed identity hashes of a partition: ``lo <= ihash <= hi``."""
     lo = (partition - 128) << 56

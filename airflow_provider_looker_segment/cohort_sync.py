@@ -27,7 +27,7 @@ from airflow_provider_looker_segment.cohort_units import (
     Unit,
 )
 from airflow_provider_looker_segment.sync_run import SyncRun
-from airflow_provider_looker_segment.sync_state import GROUP_ID, format_identity_hash
+from airflow_provider_looker_segment.sync_state import GROUP_ID_KEY, format_identity_hash
 from airflow_provider_looker_segment.values import anonymous_id_from_group
 
 
@@ -225,7 +225,7 @@ class CohortMessages:
             message = EncodedMessage(parsed)
             message.encoded = orjson.dumps(parsed)
             return message
-        if unit.kind == GROUP_ID:
+        if unit.kind == GROUP_ID_KEY:
             message = EncodedMessage(orjson.loads(unit.body))
         else:  # what the batcher reads of a message; the encoding is sent as it is
             message = EncodedMessage(type=self.events.call, **{unit.kind: unit.identity})
@@ -278,7 +278,7 @@ def exit_calls(
     """
     calls: list[tuple[int, dict[str, Any]]] = []
     trait = events.membership_trait
-    if departed.kind == GROUP_ID:
+    if departed.kind == GROUP_ID_KEY:
         who: dict[str, Any] = {"anonymousId": anonymous_id_from_group(departed.identity)}
         context: dict[str, Any] | None = {"groupId": departed.identity}
     else:

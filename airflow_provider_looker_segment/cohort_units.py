@@ -5,16 +5,10 @@ their messageIds name them, units to send, departures, and how far they were han
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from airflow_provider_looker_segment.sync_state import (
-    ANONYMOUS_ID,
-    GROUP_ID,
-    USER_ID,
-    identity_hash_from_message_id,
-)
+from airflow_provider_looker_segment.sync_state import identity_hash_from_message_id
 
 #: What a run decides for an identity of the Look (see ``SyncRun.decide``).
 NEW: Final = 0  # not in the previous state: sent, with its entry event
@@ -117,17 +111,6 @@ class Handed:
     exits_done: int = -1  # ordinal of the last exit handed (in part, see ``partial``)
     all_done: bool = False
     partial: tuple[int, int] | None = None  # (unsigned ihash, bits not handed)
-
-
-def identity_of(message: Mapping[str, Any]) -> tuple[str, str]:
-    """
-    Return the identity a message is keyed by in the state: a group call's groupId, else its userId if any,
-    else its anonymousId.
-    """
-    if message.get("type") == "group":
-        return (GROUP_ID, message["groupId"])
-    user_id = message.get("userId")
-    return (USER_ID, user_id) if user_id else (ANONYMOUS_ID, message["anonymousId"])
 
 
 def message_part(message_id: Any) -> tuple[int, int] | None:

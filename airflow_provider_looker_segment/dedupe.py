@@ -1,24 +1,8 @@
 """
-One call per identity and run: a Look that lists the same user twice (a join gone wrong) sends only the
-first of its rows.
-
-Which row is kept: the **first one in the Look's order**. The rule is deterministic for a Look with a sort
-(Looker returns rows in the Look's sort order), and the sort is how a user chooses the row that wins (for
-example ``updated_at`` descending keeps the newest). The other rows of that identity are dropped before any
-call is made, counted, and reported once with an example id.
-
-The identity of a call is its ``userId`` or, without one, its ``anonymousId``; a group call's identity is
-its ``groupId`` (one group call per account and run). It is the key of the changed-only state (see
-:func:`~airflow_provider_looker_segment.cohort_sync.identity_of`), so a run never sends two calls for one
-identity and a changed-only sync never flips a trait between two rows from one run to the next.
-
-Memory is bounded whatever the Look's size: 64-bit hashes in an open-addressing table backed by one
-``array('q')`` (16 bytes per identity; a Python ``set`` of ints needs about 60) until it holds
-:data:`MAX_MEMORY_IDENTITIES`; then the table is written to local disk as a sorted run and emptied, and a
-fixed-size Bloom filter (:data:`BLOOM_BYTES`) tells which new identities may be in a run, checked exactly on
-disk (a block read per run). Nothing is approximate: a duplicate is never missed, a new identity never
-dropped. Two distinct identities share a hash with a probability of about 3e-8 in a Look of a million rows;
-the second would then be counted as a duplicate, never silently dropped.
+One call per identity and run: only the first row of an identity, in the Look's order, is sent (the rule:
+docs/rows-to-calls.md). Memory stays bounded: 64-bit hashes in an ``array('q')`` table (16 bytes per
+identity) up to :data:`MAX_MEMORY_IDENTITIES`, then sorted runs on local disk behind a fixed Bloom filter,
+checked exactly (docs/changed-only.md, "Memory and disk"). Nothing is approximate but a 64-bit hash collision.
 """
 
 from __future__ import annotations
@@ -46,9 +30,9 @@ _MASK64 = (1 << 64) - 1
 
 class IdentitySet:
     """
-    A set of signed 64-bit integers (Python's ``hash()`` values) in an ``array('q')``, open addressing with
-    linear probing, at most half full (so 16 bytes per member at worst). 0 marks a free slot and is stored
-    as -1, a value ``hash()`` never returns.
+    The table of :func:`drop_duplicates`, which adds to it inline: signed 64-bit integers (Python's
+    ``hash()`` values) in an ``array('q')``, open addressing with linear probing, at most half full (so 16
+    bytes per member at worst). 0 marks a free slot and is stored as -1, a value ``hash()`` never returns.
     """
 
     __slots__ = ("_count", "_limit", "_mask", "_table")
@@ -60,31 +44,6 @@ class IdentitySet:
         self._mask = slots - 1
         self._limit = slots // 2
         self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    def add(self, value: int) -> bool:
-        """
-        Add ``value``, a signed 64-bit integer such as a ``hash()``.
-
-        :return: ``True`` if it was not in the set yet.
-        """
-        value = value or -1
-        table, mask = self._table, self._mask
-        index = value & mask
-        while True:
-            slot = table[index]
-            if slot == value:
-                return False
-            if not slot:
-                break
-            index = (index + 1) & mask
-        table[index] = value
-        self._count += 1
-        if self._count > self._limit:
-            self._grow()
-        return True
 
     def _grow(self) -> None:
         old = self._table
@@ -222,7 +181,7 @@ def drop_duplicates(
     """
     seen = IdentitySet()
     spilled: SpilledIdentities | None = None
-    # IdentitySet.add, inlined (the row loop's hottest step after the transform)
+    # adding to the table is inlined (the row loop's hottest step after the transform)
     table, mask, count, limit = seen._table, seen._mask, 0, seen._limit
     threshold = min(limit, max_memory_identities)
     try:

@@ -1,16 +1,6 @@
 """
-Delivery of Segment batches: sender threads and one retry loop.
-
-A :class:`Delivery` runs one :meth:`~airflow_provider_looker_segment.hooks.segment.SegmentHook.send`. The
-calling thread reads the input and forms batches (:class:`~airflow_provider_looker_segment.batching.Batcher`);
-sender threads, started as needed up to the adaptive window of
-:class:`~airflow_provider_looker_segment.flow_control.FlowWindow` (at most ``max_in_flight``), POST them to
-``/v1/batch``, each on its own ``requests`` session (connections reused, urllib3's own retries off), when the
-:class:`~airflow_provider_looker_segment.flow_control.Throttle` lets them. :meth:`Delivery._post` is the only
-retry mechanism: a plain loop that re-sends the batch's events byte for byte (so Segment deduplicates them
-by ``messageId``), each attempt with its own ``sentAt``, as the README's "Delivery" section describes. Every
-event ends in exactly one of delivered, rejected or failed of the
-:class:`~airflow_provider_looker_segment.delivery_report.DeliveryReport`.
+Delivery of Segment batches: the calling thread forms batches, sender threads POST them to ``/v1/batch``
+within the adaptive window, and :meth:`Delivery._post` is the one retry loop. See docs/delivery.md.
 """
 
 from __future__ import annotations
@@ -25,22 +15,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 import requests
 
 from airflow_provider_looker_segment import net
 from airflow_provider_looker_segment.batching import Batch, Batcher, RejectedEvent, format_sent_at, stamp_body
-from airflow_provider_looker_segment.delivery_report import (
-    DEFAULT_MAX_LISTED_EVENTS,
-    DELIVERED,
-    FAILED,
-    REJECTED,
-    DeliveryReport,
-)
+from airflow_provider_looker_segment.delivery_report import DELIVERED, FAILED, REJECTED, DeliveryReport
 from airflow_provider_looker_segment.flow_control import (
     SEGMENT_REQUESTS_PER_SECOND,
     FlowWindow,
@@ -48,23 +32,6 @@ from airflow_provider_looker_segment.flow_control import (
     Throttle,
     paced_batch_events,
 )
-
-__all__ = [
-    "DEFAULT_MAX_LISTED_EVENTS",
-    "DELIVERED",
-    "FAILED",
-    "REJECTED",
-    "STOPPED",
-    "Delivery",
-    "DeliveryReport",
-    "RetryPolicy",
-    "asked_wait",
-    "describe_transport_error",
-    "response_message",
-]
-
-if TYPE_CHECKING:
-    from airflow_provider_looker_segment.hooks.segment import SegmentSettings
 
 #: The reason of the events a :meth:`Delivery.stop` left unsent or in flight.
 STOPPED = "stopped"
@@ -84,6 +51,35 @@ _MAX_REASON_TEXT = 200
 DEFAULT_MAX_QUEUED_BYTES = 4_000_000
 #: How often the calling thread, waiting for the senders, looks for a stop (a signal handler cannot wake it).
 _POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class SegmentConnectionConfig:
+    """
+    Where and how a :class:`Delivery` sends: a Segment connection resolved with its hook's arguments.
+
+    :param base_url: Tracking API base URL without a trailing ``/v1``.
+    :param write_key: the source's write key (never shown in ``repr``).
+    :param timeout: seconds to wait for Segment's answer to one request.
+    :param gzip: compress request bodies.
+    :param max_in_flight: cap on the batch requests in flight (the adaptive window stays below it).
+    :param requests_per_second: client-side cap on requests per second, ``None`` for none (then Segment's
+        guidance, 1,000 requests per second, applies).
+    :param events_per_second: pacing of the events sent, ``None`` for none.
+    """
+
+    base_url: str
+    write_key: str = field(repr=False)
+    timeout: float
+    gzip: bool
+    max_in_flight: int
+    requests_per_second: float | None
+    events_per_second: float | None
+
+    @property
+    def batch_url(self) -> str:
+        """URL of ``POST /v1/batch``."""
+        return f"{self.base_url}/v1/batch"
 
 
 @dataclass(frozen=True)
@@ -186,7 +182,7 @@ class Delivery:
     request bodies, one batch always allowed) wait to be sent, at most ``window`` (at most ``max_in_flight``)
     are in flight, plus the one being filled.
 
-    :param settings: the hook's resolved settings.
+    :param config: the hook's resolved connection.
     :param new_session: makes an authenticated ``requests`` session (one per sender thread).
     :param batcher: splits the input into batches.
     :param policy: how a batch is retried.
@@ -197,11 +193,15 @@ class Delivery:
         measurements (round trips, the time taken to form a batch).
     :param sleep: waits a number of seconds; by default a wait that :meth:`stop` cuts short.
     :param wall_clock: Unix time, for the ``sentAt`` of each attempt.
+    :param progress: called from the calling thread with a copy of the report every ``progress_interval``
+        seconds; when omitted, progress is logged instead.
+    :param progress_interval: seconds between progress reports.
+    :param on_undelivered: given the messageIds of every rejected or failed event (under the lock).
     """
 
     def __init__(
         self,
-        settings: SegmentSettings,
+        config: SegmentConnectionConfig,
         *,
         new_session: Callable[[], requests.Session],
         batcher: Batcher,
@@ -212,10 +212,13 @@ class Delivery:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Any] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        progress: Callable[[DeliveryReport], None] | None = None,
+        progress_interval: float = 10.0,
+        on_undelivered: Callable[[Sequence[Any]], None] | None = None,
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.new_session = new_session
-        pace = settings.events_per_second
+        pace = config.events_per_second
         if pace:  # a ceiling: batches of a tenth of a second's worth, a bucket of one batch (flow_control)
             most = paced_batch_events(pace, batcher.max_batch_events)
             batcher = Batcher(
@@ -232,23 +235,24 @@ class Delivery:
         self.wall_clock = wall_clock
         self.stopping = threading.Event()
         self.sleep = sleep or self.stopping.wait
-        request_rate = settings.requests_per_second or SEGMENT_REQUESTS_PER_SECOND
+        request_rate = config.requests_per_second or SEGMENT_REQUESTS_PER_SECOND
         self.throttle = Throttle(request_rate, pace, clock, burst=batcher.max_batch_events if pace else None)
         self.meter = PaceMeter()
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if settings.gzip:
+        if config.gzip:
             self.headers["Content-Encoding"] = "gzip"
-        self.timeouts = (min(settings.timeout, 10.0), settings.timeout)
+        self.timeouts = (min(config.timeout, 10.0), config.timeout)
         # ``lock`` guards the report, the window and the state below; senders wait for ``work``, the caller
         # for ``room``.
         self.lock = threading.Lock()
         self.work, self.room = threading.Condition(self.lock), threading.Condition(self.lock)
         self.flow = FlowWindow(
-            settings.max_in_flight,
+            config.max_in_flight,
             requests_per_second=request_rate,
-            events_per_second=settings.events_per_second,
+            events_per_second=pace,
         )
-        self.report = DeliveryReport()
+        self.report = DeliveryReport(listener=on_undelivered)
+        self.progress, self.progress_interval = progress, max(progress_interval, 0.01)
         self.queue: deque[Batch] = deque()
         self.queued_bytes = 0
         self.pending: dict[Batch, None] = {}  # queued or sending, not yet accounted for (in order)
@@ -270,21 +274,11 @@ class Delivery:
         self.stopping.set()
 
     # -- calling thread ------------------------------------------------------------------------------------
-    def run(
-        self,
-        messages: Iterable[Mapping[str, Any]],
-        progress: Callable[[DeliveryReport], None] | None = None,
-        progress_interval: float = 10.0,
-        on_undelivered: Callable[[Sequence[Any]], None] | None = None,
-    ) -> DeliveryReport:
+    def run(self, messages: Iterable[Mapping[str, Any]]) -> DeliveryReport:
         """
         Send everything and return the report; an exception of the input (or any other) propagates once the
         requests on the wire have ended (no new request, no retry meanwhile).
-
-        :param on_undelivered: given the messageIds of every rejected or failed event (under the lock).
         """
-        self.report.listener = on_undelivered
-        self.progress, self.progress_interval = progress, max(progress_interval, 0.01)
         self.next_report = time.monotonic() + self.progress_interval
         try:
             working_since = self.clock()
@@ -323,7 +317,7 @@ class Delivery:
         self.log.debug(
             "Segment delivery flow: %s; reading waited %.2f s for room.", self.flow.describe(), self.waited
         )
-        pace = self.settings.events_per_second
+        pace = self.config.events_per_second
         level = logging.WARNING if self.meter.over_limit(pace) else logging.INFO
         self.log.log(level, "Segment delivery pace: %s.", self.meter.describe(pace))
         return self.report
@@ -380,10 +374,10 @@ class Delivery:
                 self.pending[batch] = None
                 self.queue.append(batch)
                 self.queued_bytes += batch.size
-                self._staff()
+                self._start_senders()
                 self.work.notify()
 
-    def _staff(self) -> None:
+    def _start_senders(self) -> None:
         """Start senders while queued batches outnumber free senders, up to the window (under the lock)."""
         while len(self.queue) > len(self.senders) - self.sending and len(self.senders) < self.flow.window:
             sender = threading.Thread(
@@ -463,7 +457,7 @@ class Delivery:
         """
         head = batch.head()
         batch.events = []  # the head holds them now (memory of a batch in flight)
-        policy, secrets = self.policy, (self.settings.write_key,)
+        policy, secrets = self.policy, (self.config.write_key,)
         deadline = math.inf
         attempt = 0
         while True:
@@ -474,7 +468,7 @@ class Delivery:
             if attempt == 1:
                 deadline = self.clock() + policy.max_retry_time
             body = stamp_body(head, format_sent_at(datetime.fromtimestamp(self.wall_clock(), timezone.utc)))
-            if self.settings.gzip:
+            if self.config.gzip:
                 body = gzip_module.compress(body, compresslevel=_GZIP_LEVEL, mtime=0)
             epoch = self._count_request(len(body), retry=attempt > 1)
             if epoch is None:
@@ -482,7 +476,7 @@ class Delivery:
             started = self.clock()
             try:
                 response = session.post(
-                    self.settings.batch_url,
+                    self.config.batch_url,
                     data=body,
                     headers=self.headers,
                     timeout=self.timeouts,
@@ -567,7 +561,7 @@ class Delivery:
         """After a measurement (under the lock): start and wake only the senders a larger window lets go."""
         grown = self.flow.window - before
         if grown > 0:
-            self._staff()
+            self._start_senders()
             self.work.notify(grown)
             self.room.notify()
 

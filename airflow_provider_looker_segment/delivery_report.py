@@ -1,7 +1,4 @@
-"""
-What became of the events given to a Segment delivery: :class:`DeliveryReport`, where each event is counted
-exactly once as delivered, rejected or failed, with the reasons and (a bounded list of) the messageIds.
-"""
+"""What became of the events given to a Segment delivery (see docs/delivery.md and docs/summary.md)."""
 
 from __future__ import annotations
 
@@ -32,8 +29,8 @@ class DeliveryReport:
     :param retries: requests that re-sent a batch.
     :param rejected_reasons: number of rejected events per reason.
     :param failed_reasons: number of failed events per reason.
-    :param rejected_ids: messageIds of rejected events, the first ``max_listed_events``.
-    :param failed_ids: messageIds of failed events, the first ``max_listed_events``.
+    :param rejected_message_ids: messageIds of rejected events, the first ``max_listed_events``.
+    :param failed_message_ids: messageIds of failed events, the first ``max_listed_events``.
     :param rejected_events_omitted: rejected events beyond the listed ones.
     :param failed_events_omitted: failed events beyond the listed ones.
     :param aborted: why sending stopped early, if it did.
@@ -53,8 +50,8 @@ class DeliveryReport:
     retries: int = 0
     rejected_reasons: dict[str, int] = field(default_factory=dict)
     failed_reasons: dict[str, int] = field(default_factory=dict)
-    rejected_ids: list[Any] = field(default_factory=list)
-    failed_ids: list[Any] = field(default_factory=list)
+    rejected_message_ids: list[Any] = field(default_factory=list)
+    failed_message_ids: list[Any] = field(default_factory=list)
     rejected_events_omitted: int = 0
     failed_events_omitted: int = 0
     aborted: str | None = None
@@ -69,11 +66,6 @@ class DeliveryReport:
         }
         return DeliveryReport(**values)
 
-    @property
-    def total(self) -> int:
-        """All events accounted for: delivered + rejected + failed."""
-        return self.delivered + self.rejected + self.failed
-
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (e.g. for XCom or a task log)."""
         return {
@@ -86,8 +78,8 @@ class DeliveryReport:
             "bytes": self.bytes,
             "rejected_reasons": dict(self.rejected_reasons),
             "failed_reasons": dict(self.failed_reasons),
-            "rejected_message_ids": list(self.rejected_ids),
-            "failed_message_ids": list(self.failed_ids),
+            "rejected_message_ids": list(self.rejected_message_ids),
+            "failed_message_ids": list(self.failed_message_ids),
         }
 
     def summary(self) -> str:
@@ -121,7 +113,9 @@ class DeliveryReport:
             self.listener(message_ids)
         rejected = category == REJECTED
         reasons, listed = (
-            (self.rejected_reasons, self.rejected_ids) if rejected else (self.failed_reasons, self.failed_ids)
+            (self.rejected_reasons, self.rejected_message_ids)
+            if rejected
+            else (self.failed_reasons, self.failed_message_ids)
         )
         key = reason if reason in reasons or len(reasons) < _MAX_REASONS else "other reasons"
         reasons[key] = reasons.get(key, 0) + count

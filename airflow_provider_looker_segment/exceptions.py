@@ -1,15 +1,10 @@
 """
-Exceptions raised by the provider. Every message names the cause and what to do about it.
+Exceptions raised by the provider; every message names the cause and what to do about it.
 
-Two kinds: an error that can heal on its own (Looker or Segment unavailable, HTTP 5xx or 429, a timeout, a
-proxy's error page, a result that broke off, a lock held by a live run or lost to another, a state the
-storage refused to save) is a plain :class:`LookerSegmentError`, so Airflow retries the task as its
-``retries`` say. An error that no retry can fix (a deleted Look, a wrong parameter, a Look without
-identifiers, a destination that cannot be fed, credentials Looker refuses, events Segment rejects, a damaged
-state file, a tripped exit guard...) also derives from the Task SDK's
-:class:`~airflow.sdk.exceptions.AirflowFailException`, so the task fails at once, with the same message,
-instead of waiting for retries that would fail the same way. :func:`is_retryable` tells them apart; the
-README's troubleshooting reference lists both.
+An error that can heal on its own (Looker or Segment unavailable, a timeout, a lock held by a live run...) is
+a plain :class:`LookerSegmentError`, so Airflow retries the task; one that no retry can fix also derives from
+:class:`~airflow.sdk.exceptions.AirflowFailException` and fails the task at once. :func:`is_retryable` tells
+them apart; docs/troubleshooting.md lists both.
 """
 
 from __future__ import annotations

@@ -1,35 +1,7 @@
 """
-Flow control of a Segment delivery: how many batch requests are in flight, when the next one may start, and
-the pace reached.
-
-* :class:`FlowWindow` decides how many requests may be in flight. Enough to hide Segment's round trip,
-  whatever it is (Little's law: in flight = batches per second x round-trip seconds, with headroom), under an
-  AIMD ceiling that halves when Segment pushes back (429, 408, 5xx, timeouts) and grows by one per window's
-  worth of accepted batches, under the user's cap ``max_in_flight``. It measures; it never waits.
-* :class:`Throttle` decides when the next request may start: the request rate (``requests_per_second``,
-  else Segment's guidance below), a token bucket of events (``events_per_second``, :class:`TokenBucket`),
-  and pauses Segment asked for (``Retry-After``).
-* :class:`PaceMeter` measures what Segment accepted: the sustained rate and the busiest second, for the
-  task log (Segment queues what a workspace sends beyond its limit).
-
-Segment's published limits, which the defaults respect:
-
-* HTTP Tracking API, "Rate limits" (https://segment.com/docs/connections/sources/catalog/libraries/server/
-  http-api/#rate-limits): "For each workspace, Segment recommends you to not exceed 1,000 requests per
-  second with the HTTP API"; beyond, events may be queued, or requests answered 429 with ``Retry-After`` and
-  ``X-RateLimit-Reset`` (both in seconds). Without ``requests_per_second``, one delivery never starts more
-  than :data:`SEGMENT_REQUESTS_PER_SECOND` requests per second.
-* "Product Limits" (https://segment.com/docs/connections/rate-limits/, updated 2024-01-25): when a
-  workspace's sources together send more than 1,000 events per second without prior arrangement
-  (:data:`SEGMENT_EVENTS_PER_SECOND`; it was 60 million per ten minutes, about 100,000 per second, in early
-  2023), Segment may queue the excess and process it no faster than that: nothing is dropped, destinations
-  get the events later. Engage takes 1,000 events per second inbound (:data:`ENGAGE_EVENTS_PER_SECOND`).
-  These are in events, not requests: ``events_per_second`` paces a delivery to a share of them.
-
-``events_per_second`` is a ceiling: a paced delivery sends batches of at most a tenth of the rate
-(:func:`paced_batch_events`, at least one event) from a bucket that holds one such batch, so no one-second
-window carries more than the rate plus one batch (the burst a late request can cause), however long a
-batch waited.
+Flow control of a Segment delivery: :class:`FlowWindow` (how many batch requests in flight), :class:`Throttle`
+(when the next one may start: the request rate, the ``events_per_second`` token bucket, Segment's
+``Retry-After``) and :class:`PaceMeter` (the pace reached). Segment's limits and the knobs: docs/delivery.md.
 """
 
 from __future__ import annotations
@@ -43,8 +15,6 @@ from collections.abc import Callable
 SEGMENT_REQUESTS_PER_SECOND = 1000.0
 #: Segment's inbound limit per workspace (its sources together) since 2024-01-25; beyond it Segment queues.
 SEGMENT_EVENTS_PER_SECOND = 1000.0
-#: Engage's (Personas') inbound ceiling.
-ENGAGE_EVENTS_PER_SECOND = 1000.0
 #: With ``events_per_second``, a batch holds at most ``rate / PACED_BATCHES_PER_SECOND`` events (at least 1).
 PACED_BATCHES_PER_SECOND = 10
 #: Requests in flight before the first round trip has been measured (under the cap): a small Look's few

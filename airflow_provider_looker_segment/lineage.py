@@ -161,7 +161,7 @@ def _synced_fields(info: Any, summary: dict[str, Any]) -> list[str]:
 def _segment_dataset(operator: Any, summary: dict[str, Any]) -> Dataset:
     """The Segment source the calls went to, named without the write key."""
     hook = operator._segment_hook()
-    settings = hook.settings
+    settings = hook.config
     extra = hook.get_connection(operator.segment_conn_id).extra_dejson or {}
     name = segment_source_name(settings.write_key, extra.get("source_name"))
     facet = SegmentSourceDatasetFacet(

@@ -35,6 +35,7 @@ from airflow_provider_looker_segment.progress import SyncProgress
 from airflow_provider_looker_segment.settings import SyncOptions
 from airflow_provider_looker_segment.state_location import open_state_store
 from airflow_provider_looker_segment.summary import LOCK_LOST, CohortSummary, SyncSummary
+from airflow_provider_looker_segment.sync_commit import commit_run
 from airflow_provider_looker_segment.sync_run import SyncRun
 from airflow_provider_looker_segment.transform import (
     TransformPlan,
@@ -130,8 +131,8 @@ def run_sync(
         namespace = message_id_namespace(options.source.key)
         state = None
         if options.changed_only:
-            settings = segment.settings
-            store = open_state_store(options, settings.base_url, settings.write_key, log)
+            config = segment.config
+            store = open_state_store(options, config.base_url, config.write_key, log)
             state = resources.enter_context(store.begin(namespace, full_refresh=options.full_refresh))
         stream = resources.enter_context(opener())
         on_stream(stream)
@@ -479,7 +480,8 @@ def _finish_cohort(
         )
         return summary
     try:
-        result = state.commit(
+        result = commit_run(
+            state,
             handed,
             keep_departed=cohort.keep_departed,
             membership_trait=bool(options.membership_trait),
@@ -490,11 +492,11 @@ def _finish_cohort(
         summary.state_error = str(error)
         return summary
     summary.state_generation = result.generation
-    summary.state_identities = result.entries
+    summary.state_identities = result.identities
     summary.pending = result.pending
     summary.state_saved = result.saved
-    summary.state_bytes = result.size if result.saved else None
-    summary.state_save_seconds = result.seconds
+    summary.state_bytes = result.bytes if result.saved else None
+    summary.state_save_seconds = result.save_seconds
     return summary
 
 

@@ -15,12 +15,8 @@ from airflow.sdk import ObjectStoragePath
 from airflow_provider_looker_segment.exceptions import InvalidParameterError
 from airflow_provider_looker_segment.params import to_optional_str
 from airflow_provider_looker_segment.settings import SyncOptions
-from airflow_provider_looker_segment.sync_state import (
-    CohortStateStore,
-    check_state_key,
-    legacy_sync_keys,
-    sync_key,
-)
+from airflow_provider_looker_segment.sync_run import CohortStateStore
+from airflow_provider_looker_segment.sync_state import check_state_key, legacy_sync_keys, sync_key
 
 #: Executors that run every task on the scheduler's machine: local state is shared by all of them.
 LOCAL_EXECUTORS = frozenset({"LocalExecutor", "SequentialExecutor", "DebugExecutor"})

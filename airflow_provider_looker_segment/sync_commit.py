@@ -1,13 +1,6 @@
 """
-The commit of a changed-only run: from what Segment accepted of each unit handed to it, the next state.
-
-A call accepted records the identity's traits digest. The *view* of an identity (``pending.view``) records
-what Segment may hold of it: bit :data:`~airflow_provider_looker_segment.sync_run.CALL`, its membership
-(a call sent, even one that failed, may have reached Segment; only an accepted exit call clears it); bit
-:data:`~airflow_provider_looker_segment.sync_run.EVENT`, the journey (an entry event accepted; an exit
-event accepted clears it). A member in full (view 3, its call accepted) and an identity out in full (view 0)
-leave ``pending``; one out in full leaves the state. Parts a run does not send (no membership trait, no
-entry or exit event) count as told. A failed message of unknown identity advances nothing.
+The commit of a changed-only run: the next state from what Segment accepted of each unit handed to it (what
+the *view* of an identity records, and when it leaves ``pending``: docs/changed-only.md).
 """
 
 from __future__ import annotations
@@ -16,7 +9,7 @@ import logging
 import os
 import sqlite3
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from airflow_provider_looker_segment import exceptions as errors
 from airflow_provider_looker_segment.cohort_units import (
@@ -30,10 +23,8 @@ from airflow_provider_looker_segment.cohort_units import (
     Handed,
     message_part,
 )
+from airflow_provider_looker_segment.sync_run import SyncRun
 from airflow_provider_looker_segment.sync_state import signed, utcnow
-
-if TYPE_CHECKING:
-    from airflow_provider_looker_segment.sync_run import SyncRun
 
 log = logging.getLogger(__name__)
 _FLUSH_ROWS = 10_000
@@ -41,22 +32,22 @@ _FLUSH_ROWS = 10_000
 
 class CommitResult(NamedTuple):
     """
-    What a commit wrote: the state's ``generation``, identities (``entries``) and file ``size`` (``saved``
+    What a commit wrote: the state's ``generation``, ``identities`` and file size (``bytes``; ``saved``
     false when nothing changed, so nothing was written); units accepted for new identities (``added``),
     changed ones (``updated``) and exits (``removed``); units not accepted (``not_advanced``: sent again
     next run), and entries or exits left pending.
     """
 
     generation: int
-    entries: int
-    size: int
+    identities: int
+    bytes: int
     added: int
     updated: int
     removed: int
     not_advanced: int
     pending: int
     saved: bool
-    seconds: float = 0.0
+    save_seconds: float = 0.0
 
 
 def commit_run(
@@ -70,7 +61,7 @@ def commit_run(
 ) -> CommitResult:
     """
     Write the next state from what Segment accepted of each unit handed to it (the rejected and failed
-    messages were given to :meth:`record_undelivered`).
+    messages were given to :meth:`SyncRun.record_undelivered`); the run is then spent.
 
     A call accepted records the identity's traits digest; the view of an identity records what its entry
     or exit told Segment; an identity whose view is complete (a member in full, or out in full) leaves
@@ -85,6 +76,7 @@ def commit_run(
     :raises SyncStateConflictError: the stored state changed since this run loaded it.
     :raises SyncStateSaveError: the state could not be saved (after the store's retries).
     """
+    run.end_sending()
     db, generation = run.db, run.previous_generation
     if not _load_undelivered(run, handed):  # a failed message of unknown identity: nothing advances
         handed = Handed()

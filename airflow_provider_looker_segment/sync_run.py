@@ -1,22 +1,7 @@
 """
-One run of a changed-only sync: spool the whole Look, decide, hand the calls to Segment, commit.
-
-1. **Spool** (:meth:`SyncRun.spool`): every message goes to a local spool
-   (:mod:`~airflow_provider_looker_segment.cohort_spool`), so memory stays flat whatever the cohort's size.
-2. **Decide** (:meth:`SyncRun.decide`): a 256th of the Look at a time (a partition of identity hashes) is
-   grouped by identity (the first row of an identity in the Look's order wins, the others are duplicates)
-   and compared with the same range of the previous state; the identities that are new, changed, unchanged,
-   switched (a userId for a member known by its anonymousId) and departed are counted before anything is
-   sent: the exit guard is decided on these counts. What to send is written to a plan per partition.
-3. **Send**: :meth:`SyncRun.iter_units` then :meth:`SyncRun.iter_exits` give what to send (partition by
-   partition, in the Look's order within one); :mod:`~airflow_provider_looker_segment.cohort_sync` makes the
-   messages and marks how far it handed them to Segment (:class:`Handed`).
-4. **Commit** (:meth:`SyncRun.commit`): an identity's calls of a run are one unit, judged by what Segment
-   accepted of it. The state keeps what Segment was told: ``identities`` the members whose call (traits
-   digest) Segment has and, in ``pending``, the identities whose entry or exit reached Segment only in part,
-   as a *view* (bit :data:`CALL`: its call with the membership trait; bit :data:`EVENT`: its entry event)
-   and the generation the transition departed from. The next run sends only what the view lacks (never an
-   entry or exit event Segment accepted), under the same messageIds (derived from that generation).
+A changed-only sync's store (:class:`CohortStateStore`) and one run of it (:class:`SyncRun`): spool the whole
+Look, decide a partition at a time against the state, give what to send; the commit is
+:func:`~airflow_provider_looker_segment.sync_commit.commit_run`. How and why: docs/changed-only.md.
 """
 
 from __future__ import annotations
@@ -28,9 +13,12 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
+
+from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_looker_segment import exceptions as errors
 from airflow_provider_looker_segment.cohort_spool import PARTITIONS, Spool, iter_chunks
@@ -42,21 +30,21 @@ from airflow_provider_looker_segment.cohort_units import (
     SWITCHED,
     Decision,
     Departure,
-    Handed,
     Unit,
 )
 from airflow_provider_looker_segment.sync_lock import SyncLock
 from airflow_provider_looker_segment.sync_state import (
     IDENTITY_KINDS,
+    UNSAFE_KEY_CHARS,
+    StateFile,
+    state_entry,
 )
-
-if TYPE_CHECKING:
-    from airflow_provider_looker_segment.sync_commit import CommitResult
-    from airflow_provider_looker_segment.sync_state import CohortStateStore
 
 log = logging.getLogger(__name__)
 
-_FLUSH_ROWS = 10_000
+#: A lock not renewed for this long is considered left behind by a crashed run and is taken over.
+DEFAULT_LOCK_STALE_AFTER = timedelta(seconds=60)
+
 _PENDING_COLUMNS: Final = "ihash, transition, generation, view, kind, identity"
 _SCRATCH: Final = """
     CREATE TABLE run.switches (ihash INTEGER PRIMARY KEY, alt INTEGER NOT NULL UNIQUE,
@@ -66,40 +54,104 @@ _SCRATCH: Final = """
 """
 
 
+class CohortStateStore:
+    """
+    The state of one sync, stored as ``<base_path>/<key>.state`` next to its lock ``<key>.lock``.
+
+    :param base_path: the folder of the state files: an :class:`~airflow.sdk.ObjectStoragePath` or a URL
+        (``file:///...``, ``s3://...``, any fsspec URL Airflow knows); a local folder is created if missing.
+    :param key: the sync's key, from :func:`~airflow_provider_looker_segment.sync_state.sync_key`.
+    :param legacy_keys: keys that earlier versions gave this sync (``sync_state.legacy_sync_keys``).
+    :param lock_stale_after: a lock not renewed for this long (timedelta or seconds) is taken over (default
+        :data:`DEFAULT_LOCK_STALE_AFTER`). Hosts sharing the state must have synchronised clocks (well within
+        this).
+    :param lock_renew_interval: how often a run renews its lock (default: a third of ``lock_stale_after``).
+    :param tmp_dir: local folder for the run's copies of the state and its spool (default: the system's
+        temporary folder).
+    :param save_retry_delays: seconds waited before each new attempt of a failed save (default
+        ``sync_state.DEFAULT_SAVE_RETRY_DELAYS``).
+    :param sleep: how to wait between save attempts.
+    """
+
+    def __init__(
+        self,
+        base_path: ObjectStoragePath | str,
+        key: str,
+        *,
+        legacy_keys: Sequence[str] = (),
+        lock_stale_after: timedelta | float | None = None,
+        lock_renew_interval: timedelta | float | None = None,
+        tmp_dir: str | None = None,
+        save_retry_delays: Sequence[float] | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+    ) -> None:
+        if not key or UNSAFE_KEY_CHARS.search(key):
+            raise ValueError(f"a sync key must be non-empty and filename-safe, not {key!r}")
+        self.base_path = ObjectStoragePath(base_path) if isinstance(base_path, str) else base_path
+        self.key, self.tmp_dir = key, tmp_dir
+        delta = lambda value: value if isinstance(value, timedelta) else timedelta(seconds=value)  # noqa: E731
+        self.lock_stale_after = delta(
+            DEFAULT_LOCK_STALE_AFTER if lock_stale_after is None else lock_stale_after
+        )
+        renew = self.lock_stale_after / 3 if lock_renew_interval is None else lock_renew_interval
+        self.lock_renew_interval = delta(renew)
+        if not timedelta(0) < self.lock_renew_interval < self.lock_stale_after:
+            raise ValueError("lock_renew_interval must be positive and shorter than lock_stale_after")
+        self.file = StateFile(
+            self.base_path, key, legacy_keys=legacy_keys, save_retry_delays=save_retry_delays, sleep=sleep
+        )
+        self.state_path = self.file.path
+        self.lock_path = self.base_path / f"{key}.lock"
+
+    def begin(self, run_id: str, *, full_refresh: bool = False) -> SyncRun:
+        """
+        Lock the sync and load its previous state; use the returned run as a context manager.
+
+        :param run_id: identifies the task instance (not the try): a lock left by the same ``run_id`` (an
+            earlier, crashed try) is taken over.
+        :param full_refresh: send every identity of the Look whatever the state says; exits are still found
+            against the previous state. An unreadable previous state is then kept beside it and ignored
+            with a warning (that is how a damaged file is recovered): the run is a first run.
+        :raises SyncStateLockedError: another run of this sync holds the lock.
+        :raises SyncStateCorruptError: the previous state is unreadable (and ``full_refresh`` is false).
+        """
+        return SyncRun(self, run_id, full_refresh)
+
+
 class SyncRun:
     """
     One run of a sync, from :meth:`CohortStateStore.begin`: spool, decide, send, commit.
 
-    Use it as a context manager: leaving it releases the lock and removes local files; without a
-    :meth:`commit` the stored state is left as it was.
+    Use it as a context manager: leaving it releases the lock and removes local files; without a commit
+    (:func:`~airflow_provider_looker_segment.sync_commit.commit_run`) the stored state is left as it was.
     """
 
     def __init__(self, store: CohortStateStore, run_id: str, full_refresh: bool) -> None:
         self.store, self.run_id, self.full_refresh = store, run_id, full_refresh
         self._closed = self._committed = False
-        self._db: sqlite3.Connection | None = None
+        self.db: sqlite3.Connection | None = None
         self._spool: Spool | None = None
         self._planned: list[tuple[int, int]] = []  # the hash ranges of the plans, in order
-        self._switched_alts: set[int] = set()
+        self.switched_alts: set[int] = set()
         if store.base_path.protocol in ("", "file", "local"):
             store.base_path.mkdir(parents=True, exist_ok=True)
         self._lock = SyncLock(store.lock_path, store.key, store.lock_stale_after, store.lock_renew_interval)
-        self._workdir = Path(tempfile.mkdtemp(prefix="lsg-sync-run-", dir=store.tmp_dir))
+        self.workdir = Path(tempfile.mkdtemp(prefix="lsg-sync-run-", dir=store.tmp_dir))
         started = time.monotonic()
         try:
             self._lock.acquire(run_id)
             store.file.remove_leftovers()  # safe: we hold the lock
             self.unsaved = store.file.read_unsaved_marker()
-            self._db, self._token = store.file.open(self._workdir, full_refresh=full_refresh)
-            self._db.execute("PRAGMA cache_size = -2000")  # 2 MB a database: a larger cache was no faster
-            self._meta = dict(self._db.execute("SELECT key, value FROM meta"))
-            self.previous_count = self._db.execute("SELECT count(*) FROM identities").fetchone()[0]
-            self._db.execute("ATTACH DATABASE ? AS run", (str(self._workdir / "run.db"),))
-            self._db.execute("PRAGMA run.journal_mode = OFF")
-            self._db.executescript(_SCRATCH)
-            self._spool = Spool(self._workdir)
-            self._undelivered_path = self._workdir / "undelivered.txt"
-            self._undelivered = open(self._undelivered_path, "w", encoding="utf-8")
+            self.db, self.token = store.file.open(self.workdir, full_refresh=full_refresh)
+            self.db.execute("PRAGMA cache_size = -2000")  # 2 MB a database: a larger cache was no faster
+            self._meta = dict(self.db.execute("SELECT key, value FROM meta"))
+            self.previous_count = self.db.execute("SELECT count(*) FROM identities").fetchone()[0]
+            self.db.execute("ATTACH DATABASE ? AS run", (str(self.workdir / "run.db"),))
+            self.db.execute("PRAGMA run.journal_mode = OFF")
+            self.db.executescript(_SCRATCH)
+            self._spool = Spool(self.workdir)
+            self.undelivered_path = self.workdir / "undelivered.txt"
+            self._undelivered = open(self.undelivered_path, "w", encoding="utf-8")
         except BaseException:
             self.close()
             raise
@@ -141,7 +193,7 @@ class SyncRun:
     @property
     def knows_anonymous_members(self) -> bool:
         """Whether the previous state has members known by an anonymousId (who may now have a userId)."""
-        return bool(self._db.execute("SELECT EXISTS (SELECT 1 FROM identities WHERE kind = 1)").fetchone()[0])
+        return bool(self.db.execute("SELECT EXISTS (SELECT 1 FROM identities WHERE kind = 1)").fetchone()[0])
 
     @property
     def rows(self) -> int:
@@ -152,8 +204,6 @@ class SyncRun:
     def spool_bytes(self) -> int:
         """Bytes of encodings spooled."""
         return self._spool.bytes if self._spool is not None else 0
-
-    # -- 1. spool ---------------------------------------------------------------------------------------
 
     def spool(
         self,
@@ -185,7 +235,7 @@ class SyncRun:
     def decide(self) -> Decision:
         """Compare the spooled Look with the state a partition at a time (nothing is sent or saved)."""
         self._check_usable()
-        spool, db = self._spool, self._db
+        spool, db = self._spool, self.db
         spool.close_writing()
         decision = Decision(rows=spool.rows, previous=self.previous_count)
         first_duplicate: tuple[int, int, bytes] | None = None
@@ -249,7 +299,7 @@ class SyncRun:
             if units or departed:
                 units.sort()
                 departed.sort()
-                with open(self._workdir / f"plan-{len(self._planned)}", "wb") as plan:
+                with open(self.workdir / f"plan-{len(self._planned)}", "wb") as plan:
                     plan.write(marshal.dumps((units, departed)))
                 self._planned.append((lo, hi))
             for unit in units:
@@ -274,7 +324,7 @@ class SyncRun:
         identities: dict[int, bytes] = {}
         for chunk in iter_chunks([(ihash,) for ihash in wanted], 500):
             query = f"SELECT ihash, identity FROM identities WHERE ihash IN ({','.join('?' * len(chunk))})"
-            identities.update(self._db.execute(query, [ihash for (ihash,) in chunk]))
+            identities.update(self.db.execute(query, [ihash for (ihash,) in chunk]))
         for index, entry in enumerate(departed):
             if entry[2] is None:
                 departed[index] = (entry[0], entry[1], identities[entry[0]], *entry[3:])
@@ -289,32 +339,32 @@ class SyncRun:
         for _seq, claimer, alt, alt_identity in sorted(candidates):
             if alt in taken_alts:
                 continue
-            if not self._db.execute("SELECT 1 FROM run.eligible WHERE ihash = ?", (claimer,)).fetchone():
+            if not self.db.execute("SELECT 1 FROM run.eligible WHERE ihash = ?", (claimer,)).fetchone():
                 continue
             if any(claimer == switch[0] for switch in switches):
                 continue
             taken_alts.add(alt)
             switches.append((claimer, alt, alt_identity))
-        self._db.executemany("INSERT INTO run.switches VALUES (?, ?, ?)", switches)
+        self.db.executemany("INSERT INTO run.switches VALUES (?, ?, ?)", switches)
         decision.switched = len(switches)
         decision.new -= len(switches)
         decision.departed -= len(switches)
-        self._switched_alts = taken_alts
+        self.switched_alts = taken_alts
 
     # -- 3. send ----------------------------------------------------------------------------------------
 
-    def _plans(self) -> Iterator[tuple[tuple[int, int], list[tuple], list[tuple]]]:
+    def plans(self) -> Iterator[tuple[tuple[int, int], list[tuple], list[tuple]]]:
         """The slices with something to send, in hash order: ((lo, hi), units, departed)."""
         for index, bounds in enumerate(self._planned):
-            with open(self._workdir / f"plan-{index}", "rb") as plan:
+            with open(self.workdir / f"plan-{index}", "rb") as plan:
                 units, departed = marshal.loads(plan.read())
             yield bounds, units, departed
 
     def iter_units(self) -> Iterator[Unit]:
         """The identities to send (not :data:`UNCHANGED`) by partition, in the Look's order within one."""
         self._check_decided()
-        ordinal, u64, switches = 0, 1 << 64, bool(self._switched_alts)
-        for _part, units, _departed in self._plans():
+        ordinal, u64, switches = 0, 1 << 64, bool(self.switched_alts)
+        for _part, units, _departed in self.plans():
             for (
                 seq,
                 verdict,
@@ -330,7 +380,7 @@ class SyncRun:
             ) in units:
                 alt_identity = None
                 if switches and verdict == NEW:
-                    found = self._db.execute(
+                    found = self.db.execute(
                         "SELECT alt_identity FROM run.switches WHERE ihash = ?", (ihash,)
                     ).fetchone()
                     if found:
@@ -360,12 +410,12 @@ class SyncRun:
         """
         self._check_decided()
         ordinal = 0
-        for _part, _units, departed in self._plans():
+        for _part, _units, departed in self.plans():
             for ihash, kind, identity, transition, generation, view, orphan in departed:
-                if ihash in self._switched_alts:
+                if ihash in self.switched_alts:
                     continue
                 try:
-                    entry = self.store.entry((ihash, 0, kind, identity))
+                    entry = state_entry((ihash, 0, kind, identity), str(self.store.state_path))
                 except errors.SyncStateCorruptError as error:
                     if not self.full_refresh:
                         raise
@@ -392,67 +442,11 @@ class SyncRun:
 
     # -- 4. commit --------------------------------------------------------------------------------------
 
-    def commit(
-        self,
-        handed: Handed,
-        *,
-        keep_departed: bool,
-        membership_trait: bool,
-        entered_event: bool,
-        exited_event: bool,
-    ) -> CommitResult:
-        """
-        Write the next state from what Segment accepted of each unit handed to it (the rejected and failed
-        messages were given to :meth:`record_undelivered`); see
-        :func:`~airflow_provider_looker_segment.sync_commit.commit_run`.
-
-        :raises SyncStateConflictError: the stored state changed since this run loaded it.
-        :raises SyncStateSaveError: the state could not be saved (after the store's retries).
-        """
-        from airflow_provider_looker_segment.sync_commit import commit_run
-
+    def end_sending(self) -> None:
+        """Before the commit: no second commit (the local copy moved on)."""
         self._check_decided()
         self._undelivered.close()
-        self._committed = True  # whatever happens next, the local copy has moved on: no second try
-        return commit_run(
-            self,
-            handed,
-            keep_departed=keep_departed,
-            membership_trait=membership_trait,
-            entered_event=entered_event,
-            exited_event=exited_event,
-        )
-
-    # -- what the commit reads ----------------------------------------------------------------------------
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        """The local copy of the state (``main``) with the run's scratch tables (``run``)."""
-        return self._db
-
-    @property
-    def workdir(self) -> Path:
-        """The run's local folder."""
-        return self._workdir
-
-    @property
-    def token(self) -> str:
-        """The stored state's version when this run loaded it."""
-        return self._token
-
-    @property
-    def undelivered_path(self) -> Path:
-        """The messageIds of the rejected and failed messages, one per line."""
-        return self._undelivered_path
-
-    @property
-    def switched_alts(self) -> set[int]:
-        """The anonymousId hashes of the members whose identity switched to a userId this run."""
-        return self._switched_alts
-
-    def plans(self) -> Iterator[tuple[tuple[int, int], list[tuple], list[tuple]]]:
-        """The slices with something to send, in hash order: ((lo, hi), units, departed)."""
-        return self._plans()
+        self._committed = True
 
     def close(self) -> None:
         """Release the lock and remove local files (idempotent; never leaves the lock behind)."""
@@ -460,13 +454,13 @@ class SyncRun:
             return
         self._closed = True
         try:
-            for resource in (self._spool, self._db, getattr(self, "_undelivered", None)):
+            for resource in (self._spool, self.db, getattr(self, "_undelivered", None)):
                 if resource is not None:
                     try:
                         resource.close()
                     except Exception:
                         log.debug("Could not close %r", resource, exc_info=True)
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            shutil.rmtree(self.workdir, ignore_errors=True)
         finally:
             self._lock.release()
         if not self._committed:

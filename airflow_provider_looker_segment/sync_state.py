@@ -1,24 +1,6 @@
 """
-Where a changed-only sync (``sync_mode="changed"``) keeps its state, and how the state file is read and saved.
-
-A sync (:func:`sync_key`) keeps one SQLite file, ``<base>/<sync key>.state``, whose header holds the
-application id ``LSG\\x01`` (format version 1) and, as user version, the state id:
-
-* ``identities(ihash INTEGER PRIMARY KEY, digest INTEGER, kind INTEGER, identity BLOB)``: a row per identity
-  in the cohort as Segment last accepted it: its :func:`identity_hash`, the :func:`traits_digest` of its last
-  call (unsigned 64-bit values stored as the signed integers of the same bits), its kind (0 userId,
-  1 anonymousId, 2 groupId) and the identity in UTF-8 (to send a last call when it leaves); never traits.
-* ``pending(ihash INTEGER PRIMARY KEY, transition INTEGER, generation INTEGER, view INTEGER, kind INTEGER,
-  identity BLOB)``: the identities whose entry (transition 1) or exit (2) reached Segment only in part: what
-  Segment was told (``view``: bit 1, its call; bit 2, its entry event) and the generation the transition
-  departed from (see :mod:`~airflow_provider_looker_segment.sync_run`); created by this version, absent from
-  older files.
-* ``meta(key, value)``: sync_key, generation, state_id, run_id, written_at.
-
-A run locks the sync (:mod:`~airflow_provider_looker_segment.sync_lock`), downloads the file, checks its
-layout, works on the local copy and, at the end, uploads a compact copy to ``<key>.state.tmp-<uuid>`` and
-moves it onto ``<key>.state`` unless the stored state id changed meanwhile; a failed upload is tried again
-a few times before the run fails saying that Segment has the calls but the state was not saved.
+The state file of a changed-only sync (``sync_mode="changed"``): identity hashes and keys, the SQLite layout
+and its check, download and publish with retries. The layout and its guarantees: docs/changed-only.md.
 """
 
 from __future__ import annotations
@@ -28,14 +10,13 @@ import logging
 import re
 import shutil
 import sqlite3
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import closing, suppress
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final, NamedTuple
+from typing import IO, Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
@@ -43,18 +24,13 @@ from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_looker_segment import exceptions as errors
 
-if TYPE_CHECKING:
-    from airflow_provider_looker_segment.sync_run import SyncRun
-
 log = logging.getLogger(__name__)
 
-#: Identity kinds, named like the Segment message fields they fill (stored as their index).
-USER_ID: Final = "userId"
-ANONYMOUS_ID: Final = "anonymousId"
-GROUP_ID: Final = "groupId"
-IDENTITY_KINDS: Final = (USER_ID, ANONYMOUS_ID, GROUP_ID)
-#: A lock not renewed for this long is considered left behind by a crashed run and is taken over.
-DEFAULT_LOCK_STALE_AFTER = timedelta(seconds=60)
+#: Identity kinds: the keys of the Segment message fields they fill (stored as their index).
+USER_ID_KEY: Final = "userId"
+ANONYMOUS_ID_KEY: Final = "anonymousId"
+GROUP_ID_KEY: Final = "groupId"
+IDENTITY_KINDS: Final = (USER_ID_KEY, ANONYMOUS_ID_KEY, GROUP_ID_KEY)
 #: Seconds waited before each new attempt to save the state (so 4 attempts in about 15 s).
 DEFAULT_SAVE_RETRY_DELAYS = (1.0, 4.0, 10.0)
 
@@ -79,7 +55,7 @@ _LAYOUT: Final = {
 }  # fmt: skip
 _U64: Final = 1 << 64
 _HEX16: Final = re.compile(r"[0-9a-fA-F]{16}")
-_UNSAFE_KEY_CHARS: Final = re.compile(r"[^A-Za-z0-9._-]+")
+UNSAFE_KEY_CHARS: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _KIND_PREFIXES: Final = {kind: kind.encode("ascii") + b":" for kind in IDENTITY_KINDS}
 
 
@@ -119,22 +95,13 @@ def identity_hash_from_message_id(message_id: str) -> int | None:
     return int(message_id[:16], 16)
 
 
-def traits_digest(traits: Mapping[str, Any]) -> int:
-    """
-    Return a 64-bit digest of the traits (any JSON-serialisable mapping of what is sent): blake2b (8 bytes) of
-    ``orjson.dumps(traits, option=OPT_SORT_KEYS)``, independent of key order, stable across processes; values
-    of different JSON types differ (``1`` is not ``1.0``).
-    """
-    return _blake2b_64(orjson.dumps(traits, option=orjson.OPT_SORT_KEYS))
-
-
 def signed(value: int) -> int:
     """The signed 64-bit integer with the bits of an unsigned one (SQLite integers are signed)."""
     return value - _U64 if value >> 63 else value
 
 
 def _safe(value: str, length: int) -> str:
-    return _UNSAFE_KEY_CHARS.sub("_", value).strip("._-")[:length] or "_"
+    return UNSAFE_KEY_CHARS.sub("_", value).strip("._-")[:length] or "_"
 
 
 def sync_key(
@@ -196,7 +163,7 @@ def legacy_sync_keys(
 
 def check_state_key(state_key: str) -> str:
     """Refuse a ``state_key`` that is not a short, filename-safe text (so it names the file as given)."""
-    if not state_key or len(state_key) > 64 or _UNSAFE_KEY_CHARS.search(state_key) or state_key[0] in "._-":
+    if not state_key or len(state_key) > 64 or UNSAFE_KEY_CHARS.search(state_key) or state_key[0] in "._-":
         raise errors.InvalidParameterError(
             f"state_key {state_key!r} cannot name a state file: use 1 to 64 letters, digits, '.', '_' or "
             "'-', starting with a letter or digit (e.g. 'vip-cohort-2026')"
@@ -218,15 +185,19 @@ class StateEntry(NamedTuple):
     identity: str
 
 
-class StateHeader(NamedTuple):
-    """What a stored state says about itself: its ``meta`` table and its number of identities."""
+def state_entry(row: tuple[int, int, int, bytes], path: str) -> StateEntry:
+    """
+    Return a stored row as an entry, checking that its identity matches its hash.
 
-    sync_key: str
-    generation: int
-    state_id: str
-    run_id: str
-    written_at: str
-    count: int
+    :param path: the state file's path, for the error.
+    :raises SyncStateCorruptError: the row's identity does not match its hash.
+    """
+    ihash, digest, kind, identity = row[0] % _U64, row[1] % _U64, row[2], row[3]
+    with suppress(IndexError, TypeError, AttributeError, ValueError):
+        entry = StateEntry(ihash, digest, IDENTITY_KINDS[kind], identity.decode("utf-8", "surrogatepass"))
+        if identity_hash(entry.kind, entry.identity) == ihash:
+            return entry
+    raise errors.SyncStateCorruptError(path, f"its identity {ihash:016x} is damaged")
 
 
 def state_token(head: bytes | None) -> str:
@@ -477,95 +448,3 @@ class StateFile:
         """Remove the marker once a state was saved (best effort)."""
         with suppress(Exception):
             self.unsaved_marker.unlink(missing_ok=True)
-
-
-class CohortStateStore:
-    """
-    The state of one sync, stored as ``<base_path>/<key>.state`` next to its lock ``<key>.lock``.
-
-    :param base_path: the folder of the state files: an :class:`~airflow.sdk.ObjectStoragePath` or a URL
-        (``file:///...``, ``s3://...``, any fsspec URL Airflow knows); a local folder is created if missing.
-    :param key: the sync's key, from :func:`sync_key`.
-    :param legacy_keys: keys that earlier versions gave this sync (:func:`legacy_sync_keys`).
-    :param lock_stale_after: a lock not renewed for this long (timedelta or seconds) is taken over (default
-        :data:`DEFAULT_LOCK_STALE_AFTER`). Hosts sharing the state must have synchronised clocks (well within
-        this).
-    :param lock_renew_interval: how often a run renews its lock (default: a third of ``lock_stale_after``).
-    :param tmp_dir: local folder for the run's copies of the state and its spool (default: the system's
-        temporary folder).
-    :param save_retry_delays: seconds waited before each new attempt of a failed save (default
-        :data:`DEFAULT_SAVE_RETRY_DELAYS`).
-    :param sleep: how to wait between save attempts.
-    """
-
-    def __init__(
-        self,
-        base_path: ObjectStoragePath | str,
-        key: str,
-        *,
-        legacy_keys: Sequence[str] = (),
-        lock_stale_after: timedelta | float | None = None,
-        lock_renew_interval: timedelta | float | None = None,
-        tmp_dir: str | None = None,
-        save_retry_delays: Sequence[float] | None = None,
-        sleep: Callable[[float], Any] = time.sleep,
-    ) -> None:
-        if not key or _UNSAFE_KEY_CHARS.search(key):
-            raise ValueError(f"a sync key must be non-empty and filename-safe, not {key!r}")
-        self.base_path = ObjectStoragePath(base_path) if isinstance(base_path, str) else base_path
-        self.key, self.tmp_dir = key, tmp_dir
-        delta = lambda value: value if isinstance(value, timedelta) else timedelta(seconds=value)  # noqa: E731
-        self.lock_stale_after = delta(
-            DEFAULT_LOCK_STALE_AFTER if lock_stale_after is None else lock_stale_after
-        )
-        renew = self.lock_stale_after / 3 if lock_renew_interval is None else lock_renew_interval
-        self.lock_renew_interval = delta(renew)
-        if not timedelta(0) < self.lock_renew_interval < self.lock_stale_after:
-            raise ValueError("lock_renew_interval must be positive and shorter than lock_stale_after")
-        self.file = StateFile(
-            self.base_path, key, legacy_keys=legacy_keys, save_retry_delays=save_retry_delays, sleep=sleep
-        )
-        self.state_path = self.file.path
-        self.lock_path = self.base_path / f"{key}.lock"
-
-    def begin(self, run_id: str, *, full_refresh: bool = False) -> SyncRun:
-        """
-        Lock the sync and load its previous state; use the returned run as a context manager.
-
-        :param run_id: identifies the task instance (not the try): a lock left by the same ``run_id`` (an
-            earlier, crashed try) is taken over.
-        :param full_refresh: send every identity of the Look whatever the state says; exits are still found
-            against the previous state. An unreadable previous state is then kept beside it and ignored
-            with a warning (that is how a damaged file is recovered): the run is a first run.
-        :raises SyncStateLockedError: another run of this sync holds the lock.
-        :raises SyncStateCorruptError: the previous state is unreadable (and ``full_refresh`` is false).
-        """
-        from airflow_provider_looker_segment.sync_run import SyncRun
-
-        return SyncRun(self, run_id, full_refresh)
-
-    def read_header(self) -> StateHeader | None:
-        """Return what the stored state says about itself, or ``None`` if there is none (without locking)."""
-        with tempfile.TemporaryDirectory(prefix="lsg-sync-state-", dir=self.tmp_dir) as workdir:
-            db, token = self.file.open(Path(workdir), full_refresh=False)
-            with closing(db):
-                meta = dict(db.execute("SELECT key, value FROM meta"))
-                count = db.execute("SELECT count(*) FROM identities").fetchone()[0]
-        return None if token == "absent" else StateHeader(**meta, count=count)
-
-    def iter_entries(self) -> Iterator[StateEntry]:
-        """Stream the stored state's entries (without locking; for inspection)."""
-        with tempfile.TemporaryDirectory(prefix="lsg-sync-state-", dir=self.tmp_dir) as workdir:
-            db, _token = self.file.open(Path(workdir), full_refresh=False)
-            with closing(db):
-                for row in db.execute("SELECT ihash, digest, kind, identity FROM identities"):
-                    yield self.entry(row)
-
-    def entry(self, row: tuple[int, int, int, bytes]) -> StateEntry:
-        """Return a stored row as an entry, checking that its identity matches its hash."""
-        ihash, digest, kind, identity = row[0] % _U64, row[1] % _U64, row[2], row[3]
-        with suppress(IndexError, TypeError, AttributeError, ValueError):
-            entry = StateEntry(ihash, digest, IDENTITY_KINDS[kind], identity.decode("utf-8", "surrogatepass"))
-            if identity_hash(entry.kind, entry.identity) == ihash:
-                return entry
-        raise errors.SyncStateCorruptError(str(self.state_path), f"its identity {ihash:016x} is damaged")

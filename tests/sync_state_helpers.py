@@ -16,12 +16,17 @@ import json
 import logging
 import resource
 import socket
+import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import fsspec
+import orjson
 from airflow.sdk.io import attach
 from fsspec.implementations.memory import MemoryFileSystem
 
@@ -35,12 +40,12 @@ from airflow_provider_looker_segment.cohort_units import (
     Departure,
 )
 from airflow_provider_looker_segment.exceptions import SyncStateLockedError
-from airflow_provider_looker_segment.sync_commit import CommitResult
+from airflow_provider_looker_segment.sync_commit import CommitResult, commit_run
+from airflow_provider_looker_segment.sync_run import CohortStateStore
 from airflow_provider_looker_segment.sync_state import (
-    ANONYMOUS_ID,
-    USER_ID,
-    CohortStateStore,
-    traits_digest,
+    ANONYMOUS_ID_KEY,
+    IDENTITY_KINDS,
+    USER_ID_KEY,
 )
 
 #: The traits digest of this mapping, computed in the test process and in the benchmark's subprocess.
@@ -48,6 +53,16 @@ from airflow_provider_looker_segment.sync_state import (
 NUMERIC_IDS = False
 
 REFERENCE_TRAITS = {"name": "Ty Arthur", "email": "ty.arthur@segment.com", "sessions count": 2, "vip": True}
+
+
+def traits_digest(traits: dict[str, Any]) -> int:
+    """
+    The traits digest a state stores, as the spool computes it: blake2b (8 bytes, big-endian, unsigned) of
+    ``orjson.dumps(traits, option=OPT_SORT_KEYS)``.
+    """
+    return int.from_bytes(
+        hashlib.blake2b(orjson.dumps(traits, option=orjson.OPT_SORT_KEYS), digest_size=8).digest(), "big"
+    )
 
 
 def attach_memory_fs() -> None:
@@ -107,7 +122,7 @@ def try_lock(base_url: str, key: str, run_id: str, options: dict[str, Any]) -> s
 
 def bench_identity(number: int) -> tuple[str, str]:
     """Return a UUID-like identity (32 random-looking hex digits: a worst case for compression)."""
-    kind = ANONYMOUS_ID if number % 10 == 0 else USER_ID
+    kind = ANONYMOUS_ID_KEY if number % 10 == 0 else USER_ID_KEY
     if NUMERIC_IDS:
         return kind, str(10_000_000 + number)
     return kind, hashlib.md5(str(number).encode(), usedforsecurity=False).hexdigest()
@@ -131,7 +146,8 @@ def _bench_run(store: CohortStateStore, run_id: str, messages: Iterator[dict[str
         plan_exits(decision, counts, events, max_exit_ratio=1.0, possibly_truncated=False)
         cohort_messages = CohortMessages(run, events, counts)
         sent = sum(1 for _message in cohort_messages)
-        result = run.commit(
+        result = commit_run(
+            run,
             cohort_messages.handed,
             keep_departed=False,
             membership_trait=True,
@@ -145,7 +161,7 @@ def _bench_run(store: CohortStateStore, run_id: str, messages: Iterator[dict[str
         "unchanged": decision.unchanged,
         "exits": decision.departed,
         "sent": sent,
-        "size": result.size,
+        "size": result.bytes,
         "spool_bytes": run.spool_bytes,
     }
 
@@ -296,7 +312,8 @@ def run_sync(
                 accepted.append(message)
         if unknown_failure:
             run.record_undelivered(["not-one-of-ours"])
-        result = run.commit(
+        result = commit_run(
+            run,
             cohort_messages.handed,
             keep_departed=counts.keep_departed,
             membership_trait=bool(events.membership_trait),
@@ -310,4 +327,59 @@ def stored_versions(store: CohortStateStore) -> dict[tuple[str, str], int]:
     """The stored state as (kind, identity) → version (the ``v`` whose traits digest it holds, up to 99)."""
     by_digest = {traits_digest({"v": version}): version for version in range(100)}
     by_digest |= {traits_digest({"v": version, "m": True}): version for version in range(100)}
-    return {(e.kind, e.identity): by_digest.get(e.digest, -1) for e in store.iter_entries()}
+    return {(e.kind, e.identity): by_digest.get(e.digest, -1) for e in stored_entries(store)}
+
+
+class StateHeader(NamedTuple):
+    """What a stored state says about itself: its ``meta`` table and its number of identities."""
+
+    sync_key: str
+    generation: int
+    state_id: str
+    run_id: str
+    written_at: str
+    count: int
+
+
+class StateEntry(NamedTuple):
+    """One identity of a stored state: identity hash and traits digest (unsigned), kind and identity."""
+
+    ihash: int
+    digest: int
+    kind: str
+    identity: str
+
+
+@contextmanager
+def _stored_state(store: CohortStateStore) -> Iterator[sqlite3.Connection | None]:
+    """The stored state file, read directly (no lock, no check), or ``None`` when there is none."""
+    with tempfile.TemporaryDirectory(prefix="lsg-test-state-") as folder:
+        local = Path(folder) / "state.db"
+        try:
+            local.write_bytes(store.state_path.read_bytes())
+        except FileNotFoundError:
+            yield None
+            return
+        with closing(sqlite3.connect(local)) as db:
+            yield db
+
+
+def read_header(store: CohortStateStore) -> StateHeader | None:
+    """What the stored state says about itself, or ``None`` if there is none."""
+    with _stored_state(store) as db:
+        if db is None:
+            return None
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        return StateHeader(**meta, count=db.execute("SELECT count(*) FROM identities").fetchone()[0])
+
+
+def stored_entries(store: CohortStateStore) -> list[StateEntry]:
+    """The stored state's identities."""
+    with _stored_state(store) as db:
+        rows = [] if db is None else db.execute("SELECT ihash, digest, kind, identity FROM identities")
+        return [
+            StateEntry(
+                ihash % 2**64, digest % 2**64, IDENTITY_KINDS[kind], identity.decode("utf-8", "surrogatepass")
+            )
+            for ihash, digest, kind, identity in rows
+        ]

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from sync_state_helpers import attach_memory_fs, cohort_message, run_sync, stored_versions
 
 from airflow_provider_looker_segment.cohort_sync import CohortEvents
-from airflow_provider_looker_segment.sync_state import USER_ID, CohortStateStore
+from airflow_provider_looker_segment.sync_run import CohortStateStore
+from airflow_provider_looker_segment.sync_state import USER_ID_KEY
 
 KEY = "look-7-api.segment.io-0123456789abcdef"
 PARTS = ("lsg", "entered", "exit", "exited")
@@ -82,7 +83,8 @@ def test_entries_and_exits_never_lie(config, runs):
         [*runs, (runs[-1][0], set(), None, False)]
     ):
         cohort = [
-            cohort_message(USER_ID, f"u{n}", version, f"run-{number}", m=True) for n, version in look.items()
+            cohort_message(USER_ID_KEY, f"u{n}", version, f"run-{number}", m=True)
+            for n, version in look.items()
         ]
         for message in cohort:  # the transform puts the membership trait into the traits
             value = message.pop("m")
@@ -109,7 +111,7 @@ def test_entries_and_exits_never_lie(config, runs):
         assert {who for who, value in segment.journey.items() if value} == members
     if trait:
         assert {who for who, value in segment.membership.items() if value} == members
-    assert set(stored_versions(store)) == {(USER_ID, who) for who in members}
+    assert set(stored_versions(store)) == {(USER_ID_KEY, who) for who in members}
     assert {(k, i): v for (k, i), v in stored_versions(store).items()} == {
-        (USER_ID, f"u{n}"): version for n, version in runs[-1][0].items()
+        (USER_ID_KEY, f"u{n}"): version for n, version in runs[-1][0].items()
     }

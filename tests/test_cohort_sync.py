@@ -9,23 +9,15 @@ from typing import Any
 
 import orjson
 import pytest
-from sync_state_helpers import run_sync
+from sync_state_helpers import cohort_message, run_sync, stored_entries
 
 from airflow_provider_looker_segment.cohort_sync import CohortEvents, exit_calls
-from airflow_provider_looker_segment.cohort_units import CALL, EVENT, Departure, identity_of, message_part
-from airflow_provider_looker_segment.sync_state import CohortStateStore, identity_hash
+from airflow_provider_looker_segment.cohort_units import CALL, EVENT, Departure, message_part
+from airflow_provider_looker_segment.sync_run import CohortStateStore
+from airflow_provider_looker_segment.sync_state import identity_hash
 from airflow_provider_looker_segment.values import anonymous_id_from_email, anonymous_id_from_group
 
 KEY = "look-600-test-0123456789abcdef"
-
-
-def test_identity_prefers_user_id():
-    assert identity_of({"userId": "42", "anonymousId": "a-1"}) == ("userId", "42")
-    assert identity_of({"anonymousId": "a-1"}) == ("anonymousId", "a-1")
-
-
-def test_a_group_call_is_keyed_by_its_group_id():
-    assert identity_of({"type": "group", "groupId": "g-1", "userId": "42"}) == ("groupId", "g-1")
 
 
 def test_message_ids_name_the_identity_and_the_part():
@@ -139,12 +131,28 @@ def _run(store: CohortStateStore, rows: list[dict], **options: Any):
 
 
 def _stored_ids(store: CohortStateStore) -> set[str]:
-    return {entry.identity for entry in store.iter_entries()}
+    return {entry.identity for entry in stored_entries(store)}
 
 
 @pytest.fixture
 def store(tmp_path) -> CohortStateStore:
     return CohortStateStore(f"file://{tmp_path}/state", KEY)
+
+
+def _stored(store: CohortStateStore) -> set[tuple[str, str]]:
+    return {(entry.kind, entry.identity) for entry in stored_entries(store)}
+
+
+def test_identity_prefers_user_id(store):
+    run_sync(
+        store, [cohort_message("userId", "42", 1, anonymousId="a-1"), cohort_message("anonymousId", "a-2", 1)]
+    )
+    assert _stored(store) == {("userId", "42"), ("anonymousId", "a-2")}
+
+
+def test_a_group_call_is_keyed_by_its_group_id(store):
+    run_sync(store, [cohort_message("groupId", "g-1", 1, type="group", userId="42")])
+    assert _stored(store) == {("groupId", "g-1")}
 
 
 def test_entry_events_follow_new_identities_only(store):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from airflow_provider_looker_segment import dedupe
 from airflow_provider_looker_segment.dedupe import (
     DuplicateCounts,
     IdentitySet,
@@ -13,24 +15,30 @@ from airflow_provider_looker_segment.dedupe import (
 )
 
 
-@given(st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=300))
-def test_identity_set_agrees_with_a_python_set(values):
-    compact, reference = IdentitySet(slots=4), set()
-    for value in values:
-        key = value or -1  # 0 is the free-slot marker, stored as -1 (never a hash() value)
-        assert compact.add(value) is (key not in reference)
-        reference.add(key)
-    assert len(compact) == len(reference)
-    assert all(not compact.add(value) for value in values)
+def _through_a_small_table(messages: list[dict]) -> tuple[list[dict], DuplicateCounts, IdentitySet]:
+    """Drop the duplicates with a table of 4 slots at first (grown as it fills); return it too."""
+    tables: list[IdentitySet] = []
+    counts = DuplicateCounts()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dedupe, "IdentitySet", lambda: tables.append(IdentitySet(slots=4)) or tables[-1])
+        kept = list(drop_duplicates(messages, counts))
+    return kept, counts, tables[0]
 
 
-def test_identity_set_stays_at_most_half_full_and_compact():
-    values = IdentitySet(slots=4)
-    for number in range(100_000):
-        values.add(hash(f"user-{number}"))
-    assert len(values) == 100_000
-    table = values._table
-    assert len(table) == 262_144 and table.itemsize == 8  # 16 bytes per member at 100 k: 2 MB in all
+@given(
+    st.lists(st.integers(min_value=-(2**60), max_value=2**60).filter(lambda value: value != -1), max_size=300)
+)
+def test_identity_table_agrees_with_a_python_set(values):
+    """Integers hash to themselves (but -1): free slots (0), negative values and growth all meet a set."""
+    kept, counts, _table = _through_a_small_table([{"anonymousId": value} for value in values])
+    assert [message["anonymousId"] for message in kept] == list(dict.fromkeys(values))
+    assert counts.duplicates == len(values) - len(set(values))
+
+
+def test_identity_table_stays_at_most_half_full_and_compact():
+    kept, _counts, table = _through_a_small_table([{"userId": f"user-{number}"} for number in range(100_000)])
+    assert len(kept) == 100_000
+    assert len(table._table) == 262_144 and table._table.itemsize == 8  # 16 bytes per member: 2 MB in all
 
 
 def test_first_row_of_each_identity_wins():

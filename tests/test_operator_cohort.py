@@ -31,7 +31,7 @@ from standins.looker_fixtures import FixtureField, FixtureLook
 from standins.looker_standin import LookerStandIn
 from standins.segment_standin import DEFAULT_WRITE_KEY, Faults, SegmentStandIn
 
-from airflow_provider_looker_segment import sync_state
+from airflow_provider_looker_segment import sync_run, sync_state
 from airflow_provider_looker_segment.values import anonymous_id_from_email
 
 DAG_FILE = Path(__file__).resolve().parent / "dag_files" / "lsg_operator_test.py"
@@ -307,9 +307,9 @@ _FROZEN_RUN = textwrap.dedent(
     """
     import importlib.util, json, sys
     from datetime import timedelta
-    from airflow_provider_looker_segment import sync_state
+    from airflow_provider_looker_segment import sync_run
 
-    sync_state.DEFAULT_LOCK_STALE_AFTER = timedelta(seconds=2)  # renewed every 0.67 s
+    sync_run.DEFAULT_LOCK_STALE_AFTER = timedelta(seconds=2)  # renewed every 0.67 s
     spec = importlib.util.spec_from_file_location("lsg_operator_test", sys.argv[1])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -343,7 +343,7 @@ def test_a_run_frozen_past_its_lease_stops_sending_and_fails(run, looker, segmen
         received_before = len(segment.message_ids())
         time.sleep(3)  # past its 2 s lease
         (lock,) = state_path.glob("*.lock")
-        store = sync_state.CohortStateStore(f"file://{state_path}", lock.stem, lock_stale_after=2)
+        store = sync_run.CohortStateStore(f"file://{state_path}", lock.stem, lock_stale_after=2)
         with store.begin("another-run"):  # takes the stale lock over and holds it
             os.kill(frozen.pid, signal.SIGCONT)
             output, _ = frozen.communicate(timeout=300)

@@ -264,7 +264,7 @@ def test_operator_pacing_reaches_the_segment_hook(monkeypatch, looker, segment):
     operator = LookerToSegmentOperator(
         task_id="paced", look_id="1", events_per_second=1000, max_in_flight=8, requests_per_second=50
     )
-    settings = operator._segment_hook().settings
+    settings = operator._segment_hook().config
     assert (settings.events_per_second, settings.max_in_flight, settings.requests_per_second) == (1000, 8, 50)
-    unpaced = LookerToSegmentOperator(task_id="unpaced", look_id="1")._segment_hook().settings
+    unpaced = LookerToSegmentOperator(task_id="unpaced", look_id="1")._segment_hook().config
     assert unpaced.events_per_second is None and unpaced.max_in_flight == 32

@@ -17,7 +17,7 @@ from airflow_provider_looker_segment.hooks.segment import SegmentHook
 from airflow_provider_looker_segment.pipeline import sync_look
 from airflow_provider_looker_segment.settings import SyncOptions
 from airflow_provider_looker_segment.summary import outcome_error
-from airflow_provider_looker_segment.sync_state import CohortStateStore
+from airflow_provider_looker_segment.sync_run import CohortStateStore
 
 NAMESPACE = '["pipeline_test", "sync", "run-1", -1, "1"]'
 

@@ -16,6 +16,7 @@ import pytest
 import requests
 from segment_helpers import (
     FakeClock,
+    accounted,
     assert_received_equals_delivered,
     attempts_by_batch,
     connect,
@@ -38,6 +39,7 @@ from airflow_provider_looker_segment.batching import (
     encode_event,
 )
 from airflow_provider_looker_segment.delivery import asked_wait, describe_transport_error
+from airflow_provider_looker_segment.delivery_report import DeliveryReport
 from airflow_provider_looker_segment.exceptions import (
     ConnectionConfigError,
     InvalidParameterError,
@@ -51,7 +53,7 @@ from airflow_provider_looker_segment.flow_control import (
     Throttle,
     TokenBucket,
 )
-from airflow_provider_looker_segment.hooks.segment import DEFAULT_HOST, DeliveryReport, SegmentHook
+from airflow_provider_looker_segment.hooks.segment import DEFAULT_HOST, SegmentHook
 from airflow_provider_looker_segment.sync_state import sync_key
 
 SECRET_KEY = "wk-S3cr3t-Wr1te-Key-0123456789"
@@ -139,7 +141,7 @@ def test_an_oversize_event_is_rejected_alone(segment, conn_id, capsys):
     messages[7] = sized(7, MAX_EVENT_BYTES)  # exactly at the limit: sent
     report = hook(conn_id).send(messages)
     assert (report.delivered, report.rejected, report.failed) == (9, 1, 0)
-    assert report.rejected_ids == ["msg-0000004"]
+    assert report.rejected_message_ids == ["msg-0000004"]
     assert report.rejected_reasons == {Rejection.OVERSIZE.value: 1}
     logged = f"'msg-0000004' rejected before sending: {Rejection.OVERSIZE.value} (32769 bytes)"
     assert logged in capsys.readouterr().out
@@ -201,7 +203,7 @@ def test_400_and_413_reject_the_batch_without_retry(segment, conn_id, status):
     report = hook(conn_id, max_batch_events=100, max_in_flight=1).send(messages)
     assert (report.delivered, report.rejected, report.failed) == (200, 100, 0)
     assert report.requests == 3 and report.retries == 0
-    assert report.rejected_ids == ids(messages[100:200])
+    assert report.rejected_message_ids == ids(messages[100:200])
     assert list(report.rejected_reasons) == [f"HTTP {status}: {HTTPStatus(status).phrase}"]
     assert_received_equals_delivered(segment, report, ids(messages))
 
@@ -334,7 +336,7 @@ def test_retry_budget_exhausted_gives_exact_failed_counts(segment, conn_id):
     segment.set_faults(status_for_ids={poisoned: 500}, every_500=5)
     report = hook(conn_id, max_batch_events=100, max_attempts=3).send(messages)
     assert (report.delivered, report.rejected, report.failed) == (900, 0, 100)
-    assert report.failed_ids == ids(messages[300:400])
+    assert report.failed_message_ids == ids(messages[300:400])
     assert report.failed_reasons == {"HTTP 500: Internal Server Error (retry attempts exhausted)": 100}
     assert len(attempts_by_batch(segment)[messages[300]["messageId"]]) == 3
     assert_received_equals_delivered(segment, report, ids(messages))
@@ -640,7 +642,7 @@ def test_batches_waiting_to_be_sent_are_capped_in_bytes(segment, conn_id):
     # 2 batches sending + 1 waiting (a second would pass the bytes cap), the 4th formed and waiting for
     # room: reading stops at message 401 (501 with the count cap alone)
     report = send_stopped_when(sender, messages(), lambda: pulled > 4 * 100, "a full pipeline")
-    assert report.total == pulled == 4 * 100 + 1
+    assert accounted(report) == pulled == 4 * 100 + 1
     for thread in sender_threads():
         thread.join(timeout=30)
 
@@ -660,7 +662,7 @@ def test_input_is_consumed_lazily_with_bounded_batches_in_flight(segment, conn_i
             yield message
 
     def progress(report: DeliveryReport) -> None:
-        gaps.append(pulled - report.total)
+        gaps.append(pulled - accounted(report))
 
     report = hook(conn_id, max_batch_events=100, max_in_flight=2).send(
         messages(), progress=progress, progress_interval=0.01
@@ -704,16 +706,19 @@ def test_stop_from_another_thread_ends_a_slow_send_promptly(segment, conn_id):
     # 2 batches sending + 2 queued, the 5th formed and waiting for room: reading stops at message 501
     report = send_stopped_when(sender, messages(), lambda: pulled > 5 * 100, "a full pipeline")
     # the input was no longer read, and every message read is accounted for
-    assert report.total == pulled == 5 * 100 + 1
+    assert accounted(report) == pulled == 5 * 100 + 1
     assert (report.delivered, report.failed, report.failed_reasons) == (0, pulled, {"stopped": pulled})
-    assert set(report.failed_ids) == {f"msg-{n:07d}" for n in range(pulled)} and report.aborted == "stopped"
+    assert (
+        set(report.failed_message_ids) == {f"msg-{n:07d}" for n in range(pulled)}
+        and report.aborted == "stopped"
+    )
     # at most the two senders' requests were made, and none after the stop
     assert report.requests <= 2 and report.retries == 0
     for thread in sender_threads():
         thread.join(timeout=30)  # they end with their abandoned request
     assert not sender_threads()
     assert segment.stats()["requests"] == report.requests
-    assert set(segment.message_ids()) <= set(report.failed_ids)
+    assert set(segment.message_ids()) <= set(report.failed_message_ids)
 
 
 def test_stop_cuts_a_wait_asked_by_segment_short(segment, conn_id):
@@ -732,7 +737,7 @@ def test_a_stopped_hook_sends_nothing(segment, conn_id):
     sender.stop()
     pulled = []
     report = sender.send(pulled.append(m) or m for m in identifies(10))
-    assert (pulled, report.total, report.requests, report.aborted) == ([], 0, 0, "stopped")
+    assert (pulled, accounted(report), report.requests, report.aborted) == ([], 0, 0, "stopped")
     assert segment.stats()["requests"] == 0
 
 
@@ -770,12 +775,12 @@ def test_extras_are_read_and_arguments_override_them(segment, monkeypatch):
     assert (settings.requests_per_second, settings.events_per_second) == (7.5, 1000.0)
     settings = SegmentHook(
         conn_id, timeout=3, gzip=False, max_in_flight=8, requests_per_second=0, events_per_second=20_000
-    ).settings
+    ).config
     assert (settings.timeout, settings.gzip, settings.max_in_flight) == (3.0, False, 8)
     assert (settings.requests_per_second, settings.events_per_second) == (None, 20_000.0)
-    assert SegmentHook(conn_id, events_per_second="0").settings.events_per_second is None
+    assert SegmentHook(conn_id, events_per_second="0").config.events_per_second is None
     assert settings.base_url == segment.base_url
-    defaults = SegmentHook(connect(monkeypatch, segment, "segment_plain")).settings
+    defaults = SegmentHook(connect(monkeypatch, segment, "segment_plain")).config
     assert defaults.max_in_flight == 32
     assert (defaults.requests_per_second, defaults.events_per_second) == (None, None)
 
@@ -1068,9 +1073,13 @@ def test_report_is_json_serialisable_and_bounded():
         "rejected_message_ids": ["big"],
         "failed_message_ids": ["f0", "f1", "f2"],
     }
-    assert (report.failed_events_omitted, report.rejected_events_omitted, report.total) == (2, 0, 8)
+    assert (report.failed_events_omitted, report.rejected_events_omitted, accounted(report)) == (2, 0, 8)
     report.add("failed", ["late"], "x")
-    assert (report.failed, report.failed_ids, report.failed_events_omitted) == (6, ["f0", "f1", "f2"], 3)
+    assert (report.failed, report.failed_message_ids, report.failed_events_omitted) == (
+        6,
+        ["f0", "f1", "f2"],
+        3,
+    )
 
 
 def test_retry_after_header_parsing():
@@ -1105,4 +1114,4 @@ def test_a_progress_snapshot_leaves_the_undelivered_listener_behind():
     report = DeliveryReport(listener=Run().record)
     report.add(FAILED, ["m1"], "timeout")
     snapshot = copy.deepcopy(report)
-    assert snapshot.listener is None and snapshot.failed_ids == ["m1"] and seen == ["m1"]
+    assert snapshot.listener is None and snapshot.failed_message_ids == ["m1"] and seen == ["m1"]

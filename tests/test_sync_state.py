@@ -32,11 +32,13 @@ from sync_state_helpers import (
     attach_memory_fs,
     attach_no_exclusive_fs,
     cohort_message,
+    read_header,
     run_sync,
     stored_versions,
+    traits_digest,
 )
 
-from airflow_provider_looker_segment import cohort_spool, sync_lock, sync_run, sync_state
+from airflow_provider_looker_segment import cohort_spool, sync_commit, sync_lock, sync_state
 from airflow_provider_looker_segment.cohort_sync import CohortCounts, CohortEvents, CohortMessages, plan_exits
 from airflow_provider_looker_segment.exceptions import (
     LookerSegmentError,
@@ -46,17 +48,16 @@ from airflow_provider_looker_segment.exceptions import (
     SyncStateLockedError,
     SyncStateSaveError,
 )
+from airflow_provider_looker_segment.sync_commit import commit_run
 from airflow_provider_looker_segment.sync_lock import LockOwner
-from airflow_provider_looker_segment.sync_run import SyncRun
+from airflow_provider_looker_segment.sync_run import CohortStateStore, SyncRun
 from airflow_provider_looker_segment.sync_state import (
-    ANONYMOUS_ID,
-    USER_ID,
-    CohortStateStore,
+    ANONYMOUS_ID_KEY,
+    USER_ID_KEY,
     format_identity_hash,
     identity_hash,
     identity_hash_from_message_id,
     sync_key,
-    traits_digest,
 )
 
 PACKAGE_LOGGER = "airflow_provider_looker_segment"
@@ -65,8 +66,8 @@ KEY = "look-42-api.segment.io-0123456789abcdef"
 
 NEW, CHANGED, UNCHANGED = "new", "changed", "unchanged"
 # A small cohort: identity -> version (its traits are {"v": version}).
-COHORT = {(USER_ID, f"user-{n}"): n % 5 for n in range(20)}
-COHORT[(ANONYMOUS_ID, "anon-1")] = 9
+COHORT = {(USER_ID_KEY, f"user-{n}"): n % 5 for n in range(20)}
+COHORT[(ANONYMOUS_ID_KEY, "anon-1")] = 9
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -86,7 +87,7 @@ def store(base) -> CohortStateStore:
 @pytest.fixture
 def small_flushes(monkeypatch) -> None:
     """Spool and read 3 rows at a time, so that several appends and reads happen."""
-    monkeypatch.setattr(sync_run, "_FLUSH_ROWS", 3)
+    monkeypatch.setattr(sync_commit, "_FLUSH_ROWS", 3)
     monkeypatch.setattr(cohort_spool, "CHUNK_RECORDS", 3)
 
 
@@ -114,8 +115,13 @@ def finish(run: SyncRun, cohort: dict[tuple[str, str], int]) -> None:
     messages = CohortMessages(run, events, counts)
     for _message in messages:
         pass
-    run.commit(
-        messages.handed, keep_departed=False, membership_trait=True, entered_event=False, exited_event=False
+    commit_run(
+        run,
+        messages.handed,
+        keep_departed=False,
+        membership_trait=True,
+        entered_event=False,
+        exited_event=False,
     )
 
 
@@ -132,10 +138,10 @@ def count(classes: dict[tuple[str, str], str], value: str) -> int:
 class TestHashes:
     def test_identity_hash_is_blake2b_of_kind_and_identity(self):
         expected = int.from_bytes(hashlib.blake2b(b"userId:42", digest_size=8).digest(), "big")
-        assert identity_hash(USER_ID, "42") == expected
+        assert identity_hash(USER_ID_KEY, "42") == expected
 
     def test_identity_hash_depends_on_kind(self):
-        assert identity_hash(USER_ID, "42") != identity_hash(ANONYMOUS_ID, "42")
+        assert identity_hash(USER_ID_KEY, "42") != identity_hash(ANONYMOUS_ID_KEY, "42")
 
     @pytest.mark.parametrize("kind", ["email", "", None])
     def test_unknown_kind(self, kind):
@@ -145,10 +151,10 @@ class TestHashes:
     @pytest.mark.parametrize("identity", ["", None, 42])
     def test_bad_identity(self, identity):
         with pytest.raises(ValueError, match="non-empty string"):
-            identity_hash(USER_ID, identity)
+            identity_hash(USER_ID_KEY, identity)
 
     def test_message_id_round_trip(self):
-        ihash = identity_hash(USER_ID, "00MWWFOLRcETcTCf")
+        ihash = identity_hash(USER_ID_KEY, "00MWWFOLRcETcTCf")
         prefix = format_identity_hash(ihash)
         assert len(prefix) == 16
         assert identity_hash_from_message_id(f"{prefix}-dag-task-run") == ihash
@@ -216,7 +222,7 @@ class TestRuns:
         assert count(classes, NEW) == len(COHORT)
         assert exits == []
         assert stored(store) == COHORT
-        assert store.read_header().generation == 1
+        assert read_header(store).generation == 1
 
     def test_second_run_same_data_all_unchanged_saves_nothing(self, store, small_flushes):
         sync(store, COHORT)
@@ -226,26 +232,30 @@ class TestRuns:
         assert (result.decision.previous, result.decision.unchanged, result.decision.departed) == (21, 21, 0)
         assert result.commit.saved is False and result.commit.generation == 1
         assert stored(store) == COHORT
-        assert store.read_header().generation == 1 and store.state_path.stat().st_size == size
+        assert read_header(store).generation == 1 and store.state_path.stat().st_size == size
 
     def test_one_changed_digest(self, store):
         sync(store, COHORT)
-        cohort = {**COHORT, (USER_ID, "user-3"): 7}
+        cohort = {**COHORT, (USER_ID_KEY, "user-3"): 7}
         classes, _ = sync(store, cohort)
-        assert {k for k, v in classes.items() if v == CHANGED} == {(USER_ID, "user-3")}
+        assert {k for k, v in classes.items() if v == CHANGED} == {(USER_ID_KEY, "user-3")}
         assert count(classes, UNCHANGED) == len(COHORT) - 1
         assert stored(store) == cohort
-        assert store.read_header().generation == 2
+        assert read_header(store).generation == 2
 
     def test_removed_identity_exits(self, store):
         sync(store, COHORT)
-        cohort = {k: v for k, v in COHORT.items() if k not in {(ANONYMOUS_ID, "anon-1"), (USER_ID, "user-7")}}
+        cohort = {
+            k: v
+            for k, v in COHORT.items()
+            if k not in {(ANONYMOUS_ID_KEY, "anon-1"), (USER_ID_KEY, "user-7")}
+        }
         result = run_sync(store, cohort, run_id="run-2")
         assert result.decision.departed == 2
         assert result.decision.exit_ratio == pytest.approx(2 / len(COHORT))
         assert sorted((e.kind, e.identity, e.ihash) for e in result.exits) == [
-            (ANONYMOUS_ID, "anon-1", identity_hash(ANONYMOUS_ID, "anon-1")),
-            (USER_ID, "user-7", identity_hash(USER_ID, "user-7")),
+            (ANONYMOUS_ID_KEY, "anon-1", identity_hash(ANONYMOUS_ID_KEY, "anon-1")),
+            (USER_ID_KEY, "user-7", identity_hash(USER_ID_KEY, "user-7")),
         ]
         assert sorted(m.get("userId") or m["anonymousId"] for m in result.sent) == ["anon-1", "user-7"]
         assert stored(store) == cohort  # delivered exits leave the state
@@ -253,36 +263,38 @@ class TestRuns:
         assert exits == []
 
     def test_failed_new_and_changed_are_sent_again(self, store, small_flushes):
-        first = {k: v for k, v in COHORT.items() if k != (USER_ID, "user-1")}
+        first = {k: v for k, v in COHORT.items() if k != (USER_ID_KEY, "user-1")}
         sync(store, first)
-        cohort = {**COHORT, (USER_ID, "user-2"): 8}
-        failed = {(USER_ID, "user-1"), (USER_ID, "user-2")}
+        cohort = {**COHORT, (USER_ID_KEY, "user-2"): 8}
+        failed = {(USER_ID_KEY, "user-1"), (USER_ID_KEY, "user-2")}
         classes, _ = sync(store, cohort, failed=failed)
-        assert classes[(USER_ID, "user-1")] == NEW
-        assert classes[(USER_ID, "user-2")] == CHANGED
-        assert (USER_ID, "user-1") not in stored(store)
-        assert stored(store)[(USER_ID, "user-2")] == COHORT[(USER_ID, "user-2")]  # previous digest kept
+        assert classes[(USER_ID_KEY, "user-1")] == NEW
+        assert classes[(USER_ID_KEY, "user-2")] == CHANGED
+        assert (USER_ID_KEY, "user-1") not in stored(store)
+        assert (
+            stored(store)[(USER_ID_KEY, "user-2")] == COHORT[(USER_ID_KEY, "user-2")]
+        )  # previous digest kept
         classes, _ = sync(store, cohort)
-        assert classes[(USER_ID, "user-1")] == NEW
-        assert classes[(USER_ID, "user-2")] == CHANGED
+        assert classes[(USER_ID_KEY, "user-1")] == NEW
+        assert classes[(USER_ID_KEY, "user-2")] == CHANGED
         assert count(classes, UNCHANGED) == len(COHORT) - 2
         assert stored(store) == cohort
 
     def test_failed_exit_stays_and_exits_again(self, store):
         sync(store, COHORT)
-        cohort = {k: v for k, v in COHORT.items() if k != (USER_ID, "user-5")}
-        _, exits = sync(store, cohort, failed={(USER_ID, "user-5")})
-        assert exits == [(USER_ID, "user-5")]
-        assert stored(store)[(USER_ID, "user-5")] == COHORT[(USER_ID, "user-5")]
+        cohort = {k: v for k, v in COHORT.items() if k != (USER_ID_KEY, "user-5")}
+        _, exits = sync(store, cohort, failed={(USER_ID_KEY, "user-5")})
+        assert exits == [(USER_ID_KEY, "user-5")]
+        assert stored(store)[(USER_ID_KEY, "user-5")] == COHORT[(USER_ID_KEY, "user-5")]
         _, exits = sync(store, cohort)
-        assert exits == [(USER_ID, "user-5")]
+        assert exits == [(USER_ID_KEY, "user-5")]
         assert stored(store) == cohort
 
     def test_unknown_failures_advance_nothing(self, store):
         sync(store, COHORT)
-        cohort = {k: v for k, v in COHORT.items() if k != (USER_ID, "user-5")}
-        cohort[(USER_ID, "user-6")] = 4
-        cohort[(USER_ID, "newcomer")] = 2
+        cohort = {k: v for k, v in COHORT.items() if k != (USER_ID_KEY, "user-5")}
+        cohort[(USER_ID_KEY, "user-6")] = 4
+        cohort[(USER_ID_KEY, "newcomer")] = 2
         result = run_sync(store, cohort, unknown_failure=True, run_id="run-2")
         commit = result.commit
         assert (commit.added, commit.updated, commit.removed, commit.not_advanced, commit.saved) == (
@@ -296,34 +308,40 @@ class TestRuns:
 
     def test_departed_identities_of_a_truncated_look_stay(self, store):
         sync(store, COHORT)
-        cohort = {k: v for k, v in COHORT.items() if k != (USER_ID, "user-5")}
-        cohort[(USER_ID, "newcomer")] = 2
+        cohort = {k: v for k, v in COHORT.items() if k != (USER_ID_KEY, "user-5")}
+        cohort[(USER_ID_KEY, "newcomer")] = 2
         result = run_sync(store, cohort, possibly_truncated=True, run_id="run-2")
         assert result.counts.keep_departed and result.counts.exits_skipped
         assert [m["userId"] for m in result.sent] == ["newcomer"]
-        assert stored(store) == {**COHORT, (USER_ID, "newcomer"): 2}
+        assert stored(store) == {**COHORT, (USER_ID_KEY, "newcomer"): 2}
 
     def test_commit_result(self, store):
         sync(store, COHORT)
-        cohort = {k: v for k, v in COHORT.items() if k not in {(USER_ID, "user-5"), (USER_ID, "user-8")}}
-        cohort.update({(USER_ID, "user-6"): 7, (USER_ID, "a"): 1, (USER_ID, "b"): 1})
-        result = run_sync(store, cohort, fail={(USER_ID, "b"), (USER_ID, "user-8")}, run_id="run-2")
+        cohort = {
+            k: v for k, v in COHORT.items() if k not in {(USER_ID_KEY, "user-5"), (USER_ID_KEY, "user-8")}
+        }
+        cohort.update({(USER_ID_KEY, "user-6"): 7, (USER_ID_KEY, "a"): 1, (USER_ID_KEY, "b"): 1})
+        result = run_sync(store, cohort, fail={(USER_ID_KEY, "b"), (USER_ID_KEY, "user-8")}, run_id="run-2")
         commit = result.commit
         assert (commit.added, commit.updated, commit.removed, commit.not_advanced) == (1, 1, 1, 2)
         assert commit.generation == 2 and commit.saved
-        assert commit.entries == len(COHORT) - 1 + 1
-        assert commit.size == store.state_path.stat().st_size
+        assert commit.identities == len(COHORT) - 1 + 1
+        assert commit.bytes == store.state_path.stat().st_size
 
     def test_full_refresh_sends_everyone_and_lists_exits(self, store):
         sync(store, COHORT)
-        same = (USER_ID, "user-1")
-        cohort = {same: COHORT[same], (USER_ID, "user-2"): 5, (USER_ID, "fresh"): 6}
-        result = run_sync(store, cohort, full_refresh=True, fail={(USER_ID, "fresh")}, run_id="run-2")
+        same = (USER_ID_KEY, "user-1")
+        cohort = {same: COHORT[same], (USER_ID_KEY, "user-2"): 5, (USER_ID_KEY, "fresh"): 6}
+        result = run_sync(store, cohort, full_refresh=True, fail={(USER_ID_KEY, "fresh")}, run_id="run-2")
         assert result.decision.previous == len(COHORT)
-        assert result.classes == {same: CHANGED, (USER_ID, "user-2"): CHANGED, (USER_ID, "fresh"): NEW}
+        assert result.classes == {
+            same: CHANGED,
+            (USER_ID_KEY, "user-2"): CHANGED,
+            (USER_ID_KEY, "fresh"): NEW,
+        }
         assert {(e.kind, e.identity) for e in result.exits} == set(COHORT) - set(cohort)
-        assert stored(store) == {same: COHORT[same], (USER_ID, "user-2"): 5}  # delivered exits left
-        assert store.read_header().generation == 2
+        assert stored(store) == {same: COHORT[same], (USER_ID_KEY, "user-2"): 5}  # delivered exits left
+        assert read_header(store).generation == 2
 
     @pytest.mark.parametrize("damage", ["garbage", "truncated", "earlier format"])
     def test_full_refresh_recovers_a_corrupted_file(self, store, caplog, damage):
@@ -331,35 +349,37 @@ class TestRuns:
         self.previous = store.state_path.read_bytes()
         _rewrite(store, CORRUPTIONS[damage][0])
         with caplog.at_level(logging.WARNING, logger=PACKAGE_LOGGER):
-            classes, exits = sync(store, {(USER_ID, "user-1"): 1}, full_refresh=True)
-        assert classes == {(USER_ID, "user-1"): NEW} and exits == []
+            classes, exits = sync(store, {(USER_ID_KEY, "user-1"): 1}, full_refresh=True)
+        assert classes == {(USER_ID_KEY, "user-1"): NEW} and exits == []
         assert "full refresh without the previous state" in caplog.text
         assert "cannot be computed" in caplog.text and "it was kept as" in caplog.text
-        assert stored(store) == {(USER_ID, "user-1"): 1}
-        assert store.read_header().generation == 1
+        assert stored(store) == {(USER_ID_KEY, "user-1"): 1}
+        assert read_header(store).generation == 1
         kept = [p for p in store.base_path.iterdir() if ".state.unreadable-" in p.name]
         assert len(kept) == 1 and kept[0].read_bytes() == CORRUPTIONS[damage][0](self.previous)
 
     def test_duplicate_identity_keeps_the_first_row(self, store, small_flushes):
         rows = [
-            cohort_message(USER_ID, "dup", 1),
-            cohort_message(USER_ID, "other", 1),
-            cohort_message(USER_ID, "other", 1),
-            cohort_message(USER_ID, "dup", 2),
+            cohort_message(USER_ID_KEY, "dup", 1),
+            cohort_message(USER_ID_KEY, "other", 1),
+            cohort_message(USER_ID_KEY, "other", 1),
+            cohort_message(USER_ID_KEY, "dup", 2),
         ]
         result = run_sync(store, rows)
         assert (result.decision.rows, result.decision.identities, result.decision.duplicates) == (4, 2, 2)
         assert result.decision.duplicate_example == "userId dup"
         assert sorted(m["userId"] for m in result.sent) == ["dup", "other"]
-        assert stored(store) == {(USER_ID, "dup"): 1, (USER_ID, "other"): 1}
-        result = run_sync(store, [cohort_message(USER_ID, "dup", 1), cohort_message(USER_ID, "dup", 3)])
+        assert stored(store) == {(USER_ID_KEY, "dup"): 1, (USER_ID_KEY, "other"): 1}
+        result = run_sync(
+            store, [cohort_message(USER_ID_KEY, "dup", 1), cohort_message(USER_ID_KEY, "dup", 3)]
+        )
         assert result.classes == {} and result.decision.departed == 1  # "other"; "dup" counts once
-        assert stored(store) == {(USER_ID, "dup"): 1}
+        assert stored(store) == {(USER_ID_KEY, "dup"): 1}
 
     def test_unicode_identity(self, store):
         cohort = {
-            (USER_ID, "ünïcødé-👤"): 1,
-            (ANONYMOUS_ID, "x" * 5000): 2,
+            (USER_ID_KEY, "ünïcødé-👤"): 1,
+            (ANONYMOUS_ID_KEY, "x" * 5000): 2,
         }
         sync(store, cohort)
         assert stored(store) == cohort
@@ -381,10 +401,10 @@ class TestRuns:
     def test_no_commit_leaves_state_unchanged(self, store):
         sync(store, COHORT)
         with store.begin("run-2") as run:
-            run.spool([cohort_message(USER_ID, "user-1", 77)])
+            run.spool([cohort_message(USER_ID_KEY, "user-1", 77)])
             run.decide()
         assert stored(store) == COHORT
-        assert store.read_header().generation == 1
+        assert read_header(store).generation == 1
 
     def test_empty_cohort(self, store):
         classes, _ = sync(store, {})
@@ -394,7 +414,7 @@ class TestRuns:
         assert result.decision.previous == 0 and result.decision.exit_ratio == 0.0
 
     def test_state_file_is_sqlite_without_traits(self, store, tmp_path):
-        sync(store, {(USER_ID, "42"): 1, (ANONYMOUS_ID, "a-1"): 2})
+        sync(store, {(USER_ID_KEY, "42"): 1, (ANONYMOUS_ID_KEY, "a-1"): 2})
         data = store.state_path.read_bytes()
         assert data.startswith(b"SQLite format 3\x00") and data[68:72] == b"LSG\x01"  # application id
         assert b'"v"' not in data
@@ -408,27 +428,32 @@ class TestRuns:
             pending = db.execute("SELECT count(*) FROM pending").fetchone()[0]
         as_signed = lambda value: value - (1 << 64) if value >= 1 << 63 else value  # noqa: E731
         assert rows == {
-            (as_signed(identity_hash(USER_ID, "42")), as_signed(traits_digest({"v": 1, "m": True})), 0, "42"),
             (
-                as_signed(identity_hash(ANONYMOUS_ID, "a-1")),
+                as_signed(identity_hash(USER_ID_KEY, "42")),
+                as_signed(traits_digest({"v": 1, "m": True})),
+                0,
+                "42",
+            ),
+            (
+                as_signed(identity_hash(ANONYMOUS_ID_KEY, "a-1")),
                 as_signed(traits_digest({"v": 2, "m": True})),
                 1,
                 "a-1",
             ),
         } or rows == {
-            (as_signed(identity_hash(USER_ID, "42")), as_signed(traits_digest({"v": 1})), 0, "42"),
-            (as_signed(identity_hash(ANONYMOUS_ID, "a-1")), as_signed(traits_digest({"v": 2})), 1, "a-1"),
+            (as_signed(identity_hash(USER_ID_KEY, "42")), as_signed(traits_digest({"v": 1})), 0, "42"),
+            (as_signed(identity_hash(ANONYMOUS_ID_KEY, "a-1")), as_signed(traits_digest({"v": 2})), 1, "a-1"),
         }
         assert pending == 0
         assert meta["sync_key"] == KEY and meta["generation"] == 1 and meta["run_id"] == "run"
-        assert meta["state_id"] == f"{user_version:08x}" == store.read_header().state_id
-        assert store.read_header().count == 2
+        assert meta["state_id"] == f"{user_version:08x}" == read_header(store).state_id
+        assert read_header(store).count == 2
 
     def test_many_exits(self, store, small_flushes):
         """More exits than one query reads at once, and identities that need every bit of a signed integer."""
-        cohort = {(USER_ID, f"u{n}"): n % 50 for n in range(1200)}
+        cohort = {(USER_ID_KEY, f"u{n}"): n % 50 for n in range(1200)}
         sync(store, cohort)
-        keep = {(USER_ID, "u7"): 7}
+        keep = {(USER_ID_KEY, "u7"): 7}
         result = run_sync(store, keep, run_id="run-2")
         assert result.commit.removed == 1199
         assert {(e.kind, e.identity) for e in result.exits} == set(cohort) - set(keep)
@@ -458,12 +483,12 @@ def test_state_follows_a_model(runs, tmp_path_factory):
     model: dict[tuple[str, str], int] = {}  # members whose call Segment accepted (the state)
     unsure: set[tuple[str, str]] = set()  # members whose exit call failed: Segment may have taken it
     maybe: set[tuple[str, str]] = set()  # not members, whose refused call may have reached Segment anyway
-    saved = sync_run._FLUSH_ROWS
-    sync_run._FLUSH_ROWS = 4
+    saved = sync_commit._FLUSH_ROWS
+    sync_commit._FLUSH_ROWS = 4
     try:
         for present, failed_numbers, delivery, full_refresh in runs:
-            cohort = {(USER_ID, f"id-{n}"): version for n, version in present.items()}
-            failed = {(USER_ID, f"id-{n}") for n in failed_numbers}
+            cohort = {(USER_ID_KEY, f"id-{n}"): version for n, version in present.items()}
+            failed = {(USER_ID_KEY, f"id-{n}") for n in failed_numbers}
             result = run_sync(
                 store,
                 cohort,
@@ -504,7 +529,7 @@ def test_state_follows_a_model(runs, tmp_path_factory):
                         unsure.add(key)
             assert stored(store) == model
     finally:
-        sync_run._FLUSH_ROWS = saved
+        sync_commit._FLUSH_ROWS = saved
 
 
 # --------------------------------------------------------------------------------------------- atomicity
@@ -526,7 +551,7 @@ class TestAtomicWrite:
 
         with pytest.raises(SyncStateSaveError) as raised, store.begin("run-2") as run:
             monkeypatch.setattr(sync_state, "_copy", crash_halfway)  # the upload (the download is done)
-            finish(run, {(USER_ID, "other"): 1})
+            finish(run, {(USER_ID_KEY, "other"): 1})
         monkeypatch.setattr(sync_state, "_copy", copy)
         message = str(raised.value)
         assert "delivered to Segment, but the state of sync" in message and "2 attempts" in message
@@ -566,6 +591,7 @@ class TestAtomicWrite:
             f"""
             import os
             from airflow_provider_looker_segment import sync_state as s
+            from airflow_provider_looker_segment.sync_run import CohortStateStore
             from sync_state_helpers import run_sync
 
             copy = s._copy
@@ -578,7 +604,7 @@ class TestAtomicWrite:
                 os._exit(3)
 
             s._copy = die_halfway  # the upload
-            store = s.CohortStateStore({store.base_path.as_uri()!r}, {KEY!r})
+            store = CohortStateStore({store.base_path.as_uri()!r}, {KEY!r})
             run_sync(store, {{("userId", "someone"): 1}}, run_id="killed-run")
             """
         )
@@ -687,12 +713,12 @@ class TestConcurrency:
         run = store.begin("run-a")
         try:
             store.lock_path.unlink()  # e.g. a lock broken as stale while run-a was still running
-            sync(store, {**COHORT, (USER_ID, "b"): 1}, run_id="run-b")
+            sync(store, {**COHORT, (USER_ID_KEY, "b"): 1}, run_id="run-b")
             with pytest.raises(SyncStateConflictError, match="changed since this run loaded it"):
-                finish(run, {**COHORT, (USER_ID, "a"): 1})
+                finish(run, {**COHORT, (USER_ID_KEY, "a"): 1})
         finally:
             run.close()
-        assert stored(store) == {**COHORT, (USER_ID, "b"): 1}
+        assert stored(store) == {**COHORT, (USER_ID_KEY, "b"): 1}
 
     def test_other_writer_detected_on_full_refresh(self, store):
         run = store.begin("run-a", full_refresh=True)
@@ -924,7 +950,7 @@ CORRUPTIONS = {
 class TestCorruption:
     @pytest.mark.parametrize("name", [*CORRUPTIONS, "other sync"])
     def test_clear_error(self, store, name):
-        sync(store, {(USER_ID, f"user-{n}"): n for n in range(2000)})  # a few pages
+        sync(store, {(USER_ID_KEY, f"user-{n}"): n for n in range(2000)})  # a few pages
         if name == "other sync":
             reason = "belongs to sync look-1-x-0"
             _edit(store, "UPDATE meta SET value = 'look-1-x-0' WHERE key = 'sync_key'")
@@ -959,10 +985,10 @@ class TestCorruption:
             store,
             "UPDATE identities SET identity = CAST('x' AS BLOB) WHERE identity = CAST('user-3' AS BLOB)",
         )
-        cohort = {(USER_ID, "user-1"): 1}
+        cohort = {(USER_ID_KEY, "user-1"): 1}
         with caplog.at_level(logging.WARNING, logger=PACKAGE_LOGGER):
             _classes, exits = sync(store, cohort, full_refresh=True)
-        assert set(exits) == set(COHORT) - set(cohort) - {(USER_ID, "user-3")}
+        assert set(exits) == set(COHORT) - set(cohort) - {(USER_ID_KEY, "user-3")}
         assert "no exit is sent for it" in caplog.text
         assert stored(store) == cohort
 
@@ -1022,12 +1048,12 @@ def test_slices_decide_exactly_as_whole_partitions(tmp_path, monkeypatch):
     """Partitions compared in slices of a few records (as a 10 M cohort is) find the same new, changed,
     unchanged, departed and failed identities as whole partitions, run after run."""
     runs = [
-        ({(USER_ID, f"u{n}"): n % 3 for n in range(600)}, set()),
+        ({(USER_ID_KEY, f"u{n}"): n % 3 for n in range(600)}, set()),
         (
-            {(USER_ID, f"u{n}"): (n + (n % 7 == 0)) % 3 for n in range(50, 700)},
-            {(USER_ID, "u60"), (USER_ID, "u650")},
+            {(USER_ID_KEY, f"u{n}"): (n + (n % 7 == 0)) % 3 for n in range(50, 700)},
+            {(USER_ID_KEY, "u60"), (USER_ID_KEY, "u650")},
         ),
-        ({(USER_ID, f"u{n}"): 1 for n in range(0, 700, 2)}, set()),
+        ({(USER_ID_KEY, f"u{n}"): 1 for n in range(0, 700, 2)}, set()),
     ]
     results = {}
     for name, slice_records in (("whole", 1 << 20), ("sliced", 1)):

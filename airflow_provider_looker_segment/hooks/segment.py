@@ -1,11 +1,6 @@
 """
-Hook for Segment's HTTP Tracking API: the connection, the delivery settings, and :meth:`SegmentHook.send`.
-
-The hook reads and checks the connection (write key, base URL, extras) and hands the messages to a
-:class:`~airflow_provider_looker_segment.delivery.Delivery`, which sends them in batches
-(``POST /v1/batch``) with as many requests in flight as hide Segment's round trip (at most
-``max_in_flight``), paced by ``requests_per_second`` and ``events_per_second``, with retries, and returns a
-:class:`~airflow_provider_looker_segment.delivery.DeliveryReport`.
+Hook for Segment's HTTP Tracking API: reads and checks the connection, and :meth:`SegmentHook.send` hands the
+messages to a :class:`~airflow_provider_looker_segment.delivery.Delivery`. See docs/delivery.md.
 """
 
 from __future__ import annotations
@@ -13,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -32,11 +26,12 @@ from airflow_provider_looker_segment.batching import (
 from airflow_provider_looker_segment.delivery import (
     DEFAULT_MAX_QUEUED_BYTES,
     Delivery,
-    DeliveryReport,
     RetryPolicy,
+    SegmentConnectionConfig,
     describe_transport_error,
     response_message,
 )
+from airflow_provider_looker_segment.delivery_report import DeliveryReport
 from airflow_provider_looker_segment.exceptions import (
     InvalidParameterError,
     LookerSegmentError,
@@ -45,8 +40,6 @@ from airflow_provider_looker_segment.exceptions import (
 from airflow_provider_looker_segment.flow_control import SEGMENT_REQUESTS_PER_SECOND
 from airflow_provider_looker_segment.net import normalise_base_url, redact
 from airflow_provider_looker_segment.params import to_bool, to_number
-
-__all__ = ["DEFAULT_HOST", "DeliveryReport", "SegmentHook", "SegmentSettings"]
 
 DEFAULT_HOST = "https://api.segment.io"
 DEFAULT_TIMEOUT = 30.0
@@ -64,63 +57,24 @@ _USER_AGENT = f"airflow-provider-looker-segment/{__version__}"
 _CONNECTION_TYPES = ("segment_tracking", "segment")
 
 
-@dataclass(frozen=True)
-class SegmentSettings:
-    """
-    Resolved delivery settings of a :class:`SegmentHook` (connection + constructor arguments).
-
-    :param base_url: Tracking API base URL without a trailing ``/v1``.
-    :param write_key: the source's write key (never shown in ``repr``).
-    :param timeout: seconds to wait for Segment's answer to one request.
-    :param gzip: compress request bodies.
-    :param max_in_flight: cap on the batch requests in flight (the adaptive window stays below it).
-    :param requests_per_second: client-side cap on requests per second, ``None`` for none (then Segment's
-        guidance, 1,000 requests per second, applies).
-    :param events_per_second: pacing of the events sent, ``None`` for none.
-    """
-
-    base_url: str
-    write_key: str = field(repr=False)
-    timeout: float = DEFAULT_TIMEOUT
-    gzip: bool = False
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
-    requests_per_second: float | None = None
-    events_per_second: float | None = None
-
-    @property
-    def batch_url(self) -> str:
-        """URL of ``POST /v1/batch``."""
-        return f"{self.base_url}/v1/batch"
-
-
 class SegmentHook(BaseHook):
     """
-    Send messages (``identify`` now; ``track``, ``group``, ... fit too) to Segment's HTTP Tracking API.
+    Send messages (``identify``, ``group``, ``track``) to Segment's HTTP Tracking API.
 
-    Connection (type ``segment_tracking``): Password = the source's write key; Host = API base URL (default
-    ``https://api.segment.io``; EU workspaces ``https://events.eu1.segmentapis.com``); extras ``timeout``,
-    ``gzip``, ``max_in_flight``, ``requests_per_second``, ``events_per_second``. Connections of the official
-    Segment provider (type ``segment``, write key in extra ``write_key``) work unchanged. Constructor
+    Connection type ``segment_tracking`` (Password = write key, Host = API base URL); connections of the
+    official Segment provider (type ``segment``, extra ``write_key``) work unchanged. Every field and extra:
+    docs/parameters.md#connections; delivery, pacing and Segment's limits: docs/delivery.md. Constructor
     arguments override extras.
-
-    The number of requests in flight adapts: enough to hide Segment's round trip at the rate batches are
-    formed, halved when Segment answers 429, 408 or 5xx or times out, never above ``max_in_flight`` (see
-    :class:`~airflow_provider_looker_segment.flow_control.FlowWindow`).
 
     :param segment_conn_id: the Airflow connection to use.
     :param timeout: seconds to wait for Segment's answer to one request (extra ``timeout``, default 30).
     :param gzip: gzip request bodies (extra ``gzip``, default off).
     :param max_in_flight: cap on the batch requests in flight; the adaptive window works below it (extra
         ``max_in_flight``, default 32, 1 to 64).
-    :param requests_per_second: client-side cap on requests per second, for workspaces with low limits
-        (extra ``requests_per_second``, default none: Segment's guidance of 1,000 requests per second per
-        workspace applies; at least 0.1, or 0 for none).
-    :param events_per_second: a ceiling on the events sent per second (extra ``events_per_second``,
-        default none; at least 1, or 0 for none): batches of at most a tenth of the rate (at least one event)
-        from a token bucket holding one batch, so no one-second window carries more than the rate plus one
-        batch. Segment takes 1,000 events per second per workspace (all its sources together) without prior
-        arrangement and queues the excess (delivered later, not dropped); Engage takes 1,000 too. With N
-        tasks sending to one workspace at once, give each 1,000 / N.
+    :param requests_per_second: client-side cap on requests per second (extra ``requests_per_second``,
+        default none: Segment's guidance of 1,000 applies; at least 0.1, or 0 for none).
+    :param events_per_second: a ceiling on the events sent per second (extra ``events_per_second``, default
+        none; at least 1, or 0 for none).
     :param max_attempts: requests per batch at most, the first included (default 8).
     :param max_retry_time: seconds from a batch's first request after which it is not retried (default 300).
     :param backoff_factor: first backoff in seconds, doubled on each retry (default 0.5).
@@ -189,30 +143,20 @@ class SegmentHook(BaseHook):
         self._clock = clock
         self._sleep = sleep
         self._wall_clock = wall_clock
-        self._settings: SegmentSettings | None = None
+        self._config: SegmentConnectionConfig | None = None
         self._stopped = False
         self._delivery: Delivery | None = None
         #: The report of the last :meth:`send` (``None`` before one ended).
         self.last_report: DeliveryReport | None = None
 
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """The connection form's field behaviour, from the provider's metadata (one source of truth)."""
-        from airflow_provider_looker_segment.get_provider_info import get_provider_info
-
-        for conn_type in get_provider_info()["connection-types"]:
-            if conn_type["connection-type"] == cls.conn_type:
-                return dict(conn_type["ui-field-behaviour"])
-        return {}
-
     @property
-    def settings(self) -> SegmentSettings:
-        """The resolved settings; reads the connection once (see :meth:`validate_config`)."""
-        if self._settings is None:
-            self._settings = self._load_settings()
-        return self._settings
+    def config(self) -> SegmentConnectionConfig:
+        """The resolved connection; reads it once (see :meth:`validate_config`)."""
+        if self._config is None:
+            self._config = self._load_config()
+        return self._config
 
-    def validate_config(self) -> SegmentSettings:
+    def validate_config(self) -> SegmentConnectionConfig:
         """
         Read and check the connection and the settings without any request.
 
@@ -221,9 +165,9 @@ class SegmentHook(BaseHook):
         :raises ConnectionConfigError: an unusable Host.
         :raises InvalidParameterError: an unusable setting (extra or argument), naming it.
         """
-        return self.settings
+        return self.config
 
-    def _load_settings(self) -> SegmentSettings:
+    def _load_config(self) -> SegmentConnectionConfig:
         conn = self.get_connection(self.segment_conn_id)
         extra = conn.extra_dejson or {}
         if conn.conn_type and conn.conn_type not in _CONNECTION_TYPES:
@@ -281,7 +225,7 @@ class SegmentHook(BaseHook):
             raise InvalidParameterError(
                 f"{name} must be 0 (no pacing) or a number at least {MIN_EVENTS_PER_SECOND:g}, got {value!r}"
             )
-        return SegmentSettings(
+        return SegmentConnectionConfig(
             base_url, write_key, timeout, gzip, max_in_flight, rate or None, events_rate or None
         )
 
@@ -294,7 +238,7 @@ class SegmentHook(BaseHook):
 
     def get_conn(self) -> requests.Session:
         """Return a new ``requests`` session authenticated with the write key (Basic auth)."""
-        return _new_session(self.settings)
+        return _new_session(self.config)
 
     def send(
         self,
@@ -321,23 +265,23 @@ class SegmentHook(BaseHook):
         :param on_undelivered: also given the messageIds of every rejected or failed event, all of them (the
             report lists a bounded number), from the thread that settled them.
         """
-        settings = self.settings
+        config = self.config
         self.log.info(
             "Sending to %s: up to %d requests in flight (adaptive), gzip %s, at most %s requests/s%s, %s.",
-            settings.batch_url,
-            settings.max_in_flight,
-            "on" if settings.gzip else "off",
-            f"{settings.requests_per_second:,g}"
-            if settings.requests_per_second
+            config.batch_url,
+            config.max_in_flight,
+            "on" if config.gzip else "off",
+            f"{config.requests_per_second:,g}"
+            if config.requests_per_second
             else f"{SEGMENT_REQUESTS_PER_SECOND:,g}",
-            "" if settings.requests_per_second else " (Segment's guidance)",
-            f"events paced at {settings.events_per_second:,g}/s"
-            if settings.events_per_second
+            "" if config.requests_per_second else " (Segment's guidance)",
+            f"events paced at {config.events_per_second:,g}/s"
+            if config.events_per_second
             else "events not paced",
         )
         delivery = Delivery(
-            settings,
-            new_session=partial(_new_session, settings),
+            config,
+            new_session=partial(_new_session, config),
             batcher=self.batcher,
             policy=self.retry_policy,
             max_consecutive_failed_batches=self.max_consecutive_failed_batches,
@@ -346,13 +290,16 @@ class SegmentHook(BaseHook):
             clock=self._clock,
             sleep=self._sleep,
             wall_clock=self._wall_clock,
+            progress=progress,
+            progress_interval=progress_interval,
+            on_undelivered=on_undelivered,
         )
         self._delivery = delivery
         self.last_report = None
         if self._stopped:  # stop() came first: read nothing, send nothing
             delivery.stop()
         try:
-            report = delivery.run(messages, progress, progress_interval, on_undelivered)
+            report = delivery.run(messages)
         finally:
             self._delivery = None
         self.last_report = report
@@ -383,42 +330,42 @@ class SegmentHook(BaseHook):
         so a success proves the address, TLS and that a Tracking API answers, not that the key is right.
         """
         try:
-            settings = self.settings
+            config = self.config
         except LookerSegmentError as exc:
             return False, str(exc)
         try:
-            with _new_session(settings) as session:
+            with _new_session(config) as session:
                 response = session.post(
-                    settings.batch_url,
+                    config.batch_url,
                     data=Batch([], [], ENVELOPE_BYTES).body(),
                     headers={"Content-Type": "application/json"},
-                    timeout=(min(settings.timeout, 10.0), settings.timeout),
+                    timeout=(min(config.timeout, 10.0), config.timeout),
                     allow_redirects=False,
                 )
         except requests.RequestException as exc:
-            return False, f"Could not reach {settings.batch_url}: {describe_transport_error(exc)[1]}."
+            return False, f"Could not reach {config.batch_url}: {describe_transport_error(exc)[1]}."
         status = response.status_code
-        message = redact(response_message(response), (settings.write_key,), basic_auth=True)
+        message = redact(response_message(response), (config.write_key,), basic_auth=True)
         answer = f"HTTP {status}{': ' + message if message else ''}"
         if 200 <= status < 300:
             return True, (
-                f"Reached {settings.batch_url}: HTTP {status} to an empty batch. Checked: the address, TLS "
+                f"Reached {config.batch_url}: HTTP {status} to an empty batch. Checked: the address, TLS "
                 "and that the Tracking API answers with Basic auth. Not checked: the write key itself "
                 "(Segment accepts unknown write keys with HTTP 200 and drops their events) nor the events' "
                 "contents; send a test event and look for it in the source's debugger."
             )
         if status in (401, 403):
             return False, f"Segment refused the write key ({answer})."
-        return False, f"{settings.batch_url} answered {answer}."
+        return False, f"{config.batch_url} answered {answer}."
 
 
-def _new_session(settings: SegmentSettings) -> requests.Session:
+def _new_session(config: SegmentConnectionConfig) -> requests.Session:
     """
     A session with Basic auth (write key as user name, empty password), the provider's User-Agent, one
     kept-alive connection, and urllib3's retries off (the delivery's loop is the only retry mechanism).
     """
     session = requests.Session()
-    session.auth = (settings.write_key, "")
+    session.auth = (config.write_key, "")
     session.headers["User-Agent"] = _USER_AGENT
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
     session.mount("https://", adapter)

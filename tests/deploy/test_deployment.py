@@ -253,7 +253,9 @@ class Deployment:
 
     def read_state(self, prefix: str) -> tuple[Any, list[Any]]:
         """The only state file under ``prefix``: its header and entries, read as the operator reads them."""
-        from airflow_provider_looker_segment.sync_state import CohortStateStore
+        from sync_state_helpers import read_header, stored_entries
+
+        from airflow_provider_looker_segment.sync_run import CohortStateStore
 
         keys = self.keys(prefix)
         states = [key for key in keys if key.endswith(".state")]
@@ -261,7 +263,7 @@ class Deployment:
         assert not [key for key in keys if key.endswith(".lock")], f"a lock was left behind: {keys}"
         key = states[0].rsplit("/", 1)[1].removesuffix(".state")
         store = CohortStateStore(f"s3://aws_default@{BUCKET}/{prefix}", key)
-        return store.read_header(), list(store.iter_entries())
+        return read_header(store), stored_entries(store)
 
 
 def _state_url(prefix: str) -> str:
