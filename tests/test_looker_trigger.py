@@ -23,6 +23,7 @@ from standins.looker_fixtures import SQL_ERROR_LOOK_ID, TOASTMATES_LOOK_ID
 from standins.looker_standin import LookerStandIn
 
 from airflow_provider_looker_segment.exceptions import QueryTaskError
+from airflow_provider_looker_segment.hooks import looker as looker_hook
 from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.triggers.looker import LookerQueryTaskTrigger
 
@@ -402,8 +403,9 @@ def test_results_are_read_once_the_trigger_fired_whatever_looker_answers_before(
         set_connection(monkeypatch, CONN_ID, connection_json(looker.base_url))
         with LookerHook(CONN_ID, retries=0) as hook:
             task_id = hook.start_query_task(TOASTMATES_LOOK_ID, limit=3)
+            monkeypatch.setattr(looker_hook, "RESULTS_WAIT", 0)  # ask once
             with pytest.raises(QueryTaskError) as caught:  # before: "not finished", not an empty result
-                with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, 3, wait=0):
+                with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, 3):
                     pytest.fail("no stream expected")
             assert (caught.value.status, caught.value.task_status) == (pending, "running")
             assert only_event(trigger(task_id)).payload["status"] == "success"

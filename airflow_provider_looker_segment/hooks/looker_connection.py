@@ -95,7 +95,7 @@ def settings_from_connection(conn: Any) -> LookerConnectionSettings:
     )
 
 
-class ConnectionApiSettings(api_settings.ApiSettings):
+class LookerSdkSettings(api_settings.ApiSettings):
     """
     looker_sdk settings taken from the Airflow connection only: no ``looker.ini``, no ``LOOKERSDK_*``.
 
