@@ -9,7 +9,7 @@ import logging
 from datetime import timedelta
 
 import pytest
-from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TriggerEvent
 from looker_helpers import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -331,7 +331,6 @@ def test_serialize_round_trips():
         "abc123",
         poll_interval=2,
         timeout=timedelta(minutes=5),
-        end_from_trigger=True,
         retries=5,
         resume_with={"looker_api_calls": {"query_based": 1}},
     )
@@ -346,7 +345,6 @@ def test_serialize_round_trips():
         "query_task_id": "abc123",
         "poll_interval": 2.0,
         "timeout": 300.0,
-        "end_from_trigger": True,
         "deadline": original.deadline,
         "retries": 5,
         "retry_backoff": 2.0,
@@ -369,20 +367,6 @@ def test_unusable_arguments(kwargs, message):
     arguments = {"looker_conn_id": CONN_ID, "query_task_id": "abc", **kwargs}
     with pytest.raises(ValueError, match=message):
         LookerQueryTaskTrigger(**arguments)
-
-
-def test_end_from_trigger(looker, start, caplog, capfd):
-    caplog.set_level(logging.INFO)
-    task_id = start()
-    event = only_event(trigger(task_id, end_from_trigger=True))
-    assert isinstance(event, TaskSuccessEvent)
-    assert {key: without_calls(value) for key, value in event.xcoms.items()} == {
-        "return_value": {"status": "success", "query_task_id": task_id, "looker_status": "complete"}
-    }
-    looker.end_next_query_tasks("killed")
-    task_id = start()
-    assert isinstance(only_event(trigger(task_id, end_from_trigger=True)), TaskFailedEvent)
-    assert f"Looker query task {task_id} ended with status killed" in logged(caplog, capfd)
 
 
 def test_on_kill_asks_looker_to_kill_the_query(looker, start):
