@@ -213,17 +213,12 @@ class AsyncLookerClient:
 
     @classmethod
     async def for_connection(
-        cls,
-        conn_id: str,
-        *,
-        log: logging.Logger | Any,
-        retries: int = 3,
-        retry_backoff: float = 2.0,
-        deadline: float | None = None,
+        cls, conn_id: str, *, log: logging.Logger | Any, **options: Any
     ) -> AsyncLookerClient:
         """
         A client for an Airflow connection, read with the async hook method.
 
+        :param options: ``retries``, ``retry_backoff``, ``deadline``: as for the class.
         :raises LookerCallRefused: the connection is missing or unusable (the message says why).
         """
         try:
@@ -232,9 +227,7 @@ class AsyncLookerClient:
             raise LookerCallRefused(
                 f"The Looker connection '{conn_id}' cannot be used: {type(exc).__name__}: {exc}"
             ) from None
-        return cls(
-            conn_id, settings, log=log, retries=retries, retry_backoff=retry_backoff, deadline=deadline
-        )
+        return cls(conn_id, settings, log=log, **options)
 
     # --- Looker's answers ---------------------------------------------------------------------------------
 

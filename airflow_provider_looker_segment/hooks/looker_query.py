@@ -19,8 +19,6 @@ from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
 
 #: What Looker's answer says when it refuses a query (HTTP statuses of ``create_query`` and of a run).
 FILTER_REFUSAL_STATUSES = (400, 422)
-#: Query task statuses after which it does not change any more.
-FINAL_TASK_STATUSES = frozenset({"complete", "error", "killed", "expired"})
 #: What the results of a query task that has not ended answer (202 in Looker's docs, 204 in older releases).
 PENDING_RESULT_STATUSES = (202, 204)
 
