@@ -24,6 +24,7 @@ from airflow_provider_looker_segment.hooks.looker_connection import (
     CREDENTIAL_STATUSES,
     RETRY_STATUSES,
     LookerConnectionSettings,
+    RetryPolicy,
     settings_from_connection,
 )
 from airflow_provider_looker_segment.hooks.looker_errors import (
@@ -41,8 +42,6 @@ from airflow_provider_looker_segment.net import (
 )
 
 API_PREFIX = "/api/4.0"
-#: Longest wait between two retries of a request that failed (``Retry-After`` included), in seconds.
-MAX_RETRY_WAIT = 60.0
 #: Seconds allowed for logging out at the end.
 LOGOUT_TIMEOUT = 10.0
 #: Seconds before a token's announced expiry at which it is renewed (no request is sent with a stale token).
@@ -72,8 +71,8 @@ class AsyncLookerClient:
     :param conn_id: the Airflow connection (for messages).
     :param settings: its settings (``settings_from_connection``).
     :param log: where retries and re-logins are logged.
-    :param retries: retries of a request that failed with a connection error, HTTP 429 or 5xx.
-    :param retry_backoff: seconds before the first retry, doubled for each further one.
+    :param retry: how a request that failed with a connection error, HTTP 429 or 5xx is retried (its
+        ``backoff``: seconds before the first retry, doubled for each further one).
     :param deadline: with a deadline (Unix time), no request nor wait before a retry goes past it
         (:class:`LookerTimedOut`).
     """
@@ -84,15 +83,13 @@ class AsyncLookerClient:
         settings: LookerConnectionSettings,
         *,
         log: logging.Logger | Any,
-        retries: int = 3,
-        retry_backoff: float = 2.0,
+        retry: RetryPolicy = RetryPolicy(backoff=2.0),
         deadline: float | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.settings = settings
         self.log = log
-        self.retries = retries
-        self.retry_backoff = retry_backoff
+        self.retry = retry
         self.deadline = deadline
         self.token: str | None = None
         self.token_expires: float | None = None
@@ -166,13 +163,10 @@ class AsyncLookerClient:
                 problem = f"Looker answered HTTP {response.status_code}"
                 retry_after = _retry_after(response)
             failures += 1
-            if failures > self.retries:
-                retries = f"{self.retries} {'retry' if self.retries == 1 else 'retries'}"
+            if failures > self.retry.retries:
+                retries = f"{self.retry.retries} {'retry' if self.retry.retries == 1 else 'retries'}"
                 raise LookerCallFailed(self.redact(f"{action}: {problem} (gave up after {retries})"))
-            wait = min(
-                MAX_RETRY_WAIT,
-                retry_after if retry_after is not None else self.retry_backoff * 2 ** (failures - 1),
-            )
+            wait = self.retry.wait(failures, retry_after)
             left = None if self.deadline is None else self.deadline - time.time()
             if left is not None and wait >= left:  # the retry would come after the deadline
                 self.log.warning(
@@ -185,7 +179,8 @@ class AsyncLookerClient:
                 await asyncio.sleep(max(0.0, left))
                 raise LookerTimedOut
             self.log.warning(
-                "%s", self.redact(f"{action}: {problem}; retry {failures} of {self.retries} in {wait:g} s")
+                "%s",
+                self.redact(f"{action}: {problem}; retry {failures} of {self.retry.retries} in {wait:g} s"),
             )
             await asyncio.sleep(wait)
 
@@ -206,7 +201,7 @@ class AsyncLookerClient:
             message,
             conn_id=self.conn_id,
             settings=self.settings,
-            retries=self.retries,
+            retries=self.retry.retries,
             login=login,
         )
         return self.redact(str(error))
@@ -218,7 +213,7 @@ class AsyncLookerClient:
         """
         A client for an Airflow connection, read with the async hook method.
 
-        :param options: ``retries``, ``retry_backoff``, ``deadline``: as for the class.
+        :param options: ``retry``, ``deadline``: as for the class.
         :raises LookerCallRefused: the connection is missing or unusable (the message says why).
         """
         try:

@@ -26,10 +26,11 @@ from looker_sdk.sdk.api40 import models as models40
 from airflow_provider_looker_segment.api_calls import ApiCallCounts
 from airflow_provider_looker_segment.exceptions import LookDeletedError, LookerApiError
 from airflow_provider_looker_segment.hooks.looker_connection import (
+    MAX_RETRY_WAIT,
     LookerConnectionSettings,
     LookerSdkSettings,
     LookerSession,
-    make_session,
+    RetryPolicy,
     settings_from_connection,
 )
 from airflow_provider_looker_segment.hooks.looker_errors import (
@@ -88,7 +89,7 @@ class LookerBaseHook(BaseHook):
         *,
         retries: int = 3,
         backoff_factor: float = 1.0,
-        max_backoff: float = 60.0,
+        max_backoff: float = MAX_RETRY_WAIT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -105,7 +106,7 @@ class LookerBaseHook(BaseHook):
     @cached_property
     def session(self) -> LookerSession:
         """The HTTP session (with retries) shared by looker_sdk and result streams."""
-        return make_session(self.retries, self.backoff_factor, self.max_backoff)
+        return RetryPolicy(self.retries, self.backoff_factor, self.max_backoff).session()
 
     @cached_property
     def sdk(self) -> methods40.Looker40SDK:

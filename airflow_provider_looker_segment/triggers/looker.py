@@ -23,6 +23,7 @@ from airflow_provider_looker_segment.hooks.looker_async import (
     LookerCallFailed,
     LookerTimedOut,
 )
+from airflow_provider_looker_segment.hooks.looker_connection import RetryPolicy
 from airflow_provider_looker_segment.triggers.looker_datagroup import (
     DEFAULT_DATAGROUP_POLL_INTERVAL,
     LookerDatagroupTrigger,
@@ -174,8 +175,7 @@ class LookerQueryTaskTrigger(BaseTrigger):
         return await AsyncLookerClient.for_connection(
             self.looker_conn_id,
             log=self.log,
-            retries=self.retries,
-            retry_backoff=self.retry_backoff,
+            retry=RetryPolicy(self.retries, self.retry_backoff),
             deadline=deadline,
         )
 

@@ -28,6 +28,7 @@ from airflow_provider_looker_segment.hooks.looker_async import (
     LookerCallFailed,
     LookerCallRefused,
 )
+from airflow_provider_looker_segment.hooks.looker_connection import RetryPolicy
 
 #: One poll an hour: 24 ``GET /datagroups`` a day, 744 in a 31-day month, within the 1,000 administrative
 #: API calls a month of Looker's Standard edition with room for the syncs' own (``GET /looks/{id}``).
@@ -170,8 +171,7 @@ class LookerDatagroupTrigger(BaseEventTrigger):
                         client = await AsyncLookerClient.for_connection(
                             conn_id,
                             log=_log,
-                            retries=int(kwargs["retries"]),
-                            retry_backoff=float(kwargs["retry_backoff"]),
+                            retry=RetryPolicy(int(kwargs["retries"]), float(kwargs["retry_backoff"])),
                         )
                     snapshot = _snapshot(await client.get_datagroups(), client.redact)
                 except LookerCallRefused as failed:
