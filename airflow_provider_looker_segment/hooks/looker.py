@@ -37,7 +37,7 @@ from airflow_provider_looker_segment.hooks.looker_query import (
     normalise_id,
     query_info,
 )
-from airflow_provider_looker_segment.links import explore_web_url, look_web_url, shown_look_url
+from airflow_provider_looker_segment.links import explore_web_url, shown_look_url
 from airflow_provider_looker_segment.look_filters import normalise_filters
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
@@ -168,15 +168,11 @@ class LookerHook(LookerBaseHook):
         with self._result(response, info, effective, run_query) as stream:
             yield stream
 
-    def look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str:
-        """
-        The Look's web page on the connection's Looker instance (with ``filters`` in the URL), as the
-        operator's extra link gives it.
-        """
-        return look_web_url(self.settings.base_url, look_id, filters)
-
     def shown_look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str:
-        """:meth:`look_url` as the task log shows it (a URL too long to log is replaced by the Look's own)."""
+        """
+        The Look's web page (with ``filters`` in the URL) as the task log shows it: a URL too long to log is
+        replaced by the Look's own.
+        """
         return shown_look_url(self.settings.base_url, look_id, filters)
 
     # --- queries -------------------------------------------------------------------------------------------
