@@ -1,7 +1,8 @@
 """
-The Looker connection: its settings (:func:`settings_from_connection`, shared by the hook and the trigger),
-looker_sdk settings taken from it alone, and the HTTP session (retries with backoff, ``verify`` always
-applied) that looker_sdk and the result streams share.
+The Looker connection: its settings (:func:`settings_from_connection`, shared by the hook and the triggers),
+looker_sdk settings taken from it alone (:class:`LookerSdkSettings`), the one retry policy of Looker requests
+(:class:`RetryPolicy`), and the HTTP session (``verify`` always applied) that looker_sdk and the result
+streams share.
 """
 
 from __future__ import annotations
