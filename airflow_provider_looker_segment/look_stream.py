@@ -2,7 +2,7 @@
 A Look's ``json_detail`` result read as a stream: field metadata first, then the rows one at a time.
 
 Memory does not depend on the number of rows. The head (everything before ``"data"``) is read with ijson. The
-rows are cut from the body a chunk of complete rows at a time (about :data:`SEGMENT_BYTES`) and each chunk is
+rows are cut from the body a chunk of complete rows at a time (about :data:`CHUNK_BYTES`) and each chunk is
 parsed at once by msgspec, several times faster than ijson's row by row: a chunk is only cut where msgspec
 reads complete rows, which it decodes into cells (``{"value": ...}``, other keys skipped) when they are
 cells. Whatever is unusual (a body that breaks off or is not JSON, a row longer than
@@ -33,7 +33,6 @@ from airflow_provider_looker_segment.exceptions import (
     LookerApiError,
     LookQueryError,
     LookStreamError,
-    LookTruncatedError,
 )
 from airflow_provider_looker_segment.models import LookInfo, LookResultMeta, LookRunQuery, Row
 from airflow_provider_looker_segment.net import exception_chain
@@ -45,7 +44,7 @@ MAX_HEAD_BYTES = 16 * 1024 * 1024
 #: Characters of the body quoted when it is not JSON.
 EXCERPT_CHARS = 200
 #: Bytes of rows parsed at a time by msgspec (and read before looking for complete rows again).
-SEGMENT_BYTES = 32 * 1024
+CHUNK_BYTES = 32 * 1024
 #: Most bytes kept waiting for the end of a row (a longer row is left to ijson, with the rest of the body).
 MAX_PENDING_BYTES = 1024 * 1024
 #: Row ends tried, last first, when the last ones turn out to be inside a string or a value.
@@ -262,7 +261,6 @@ class LookStream:
         info: LookInfo,
         limit: int | None,
         *,
-        strict_limit: bool = False,
         read_timeout: float | None = None,
         logger: logging.Logger | None = None,
         redact: Callable[[str], str] = str,
@@ -277,7 +275,6 @@ class LookStream:
         self.possibly_truncated = False
         self.exhausted = False
         self._limit = limit
-        self._strict = strict_limit
         self._read_timeout = read_timeout
         self._log = logger or logging.getLogger(__name__)
         self._redact = redact
@@ -320,10 +317,10 @@ class LookStream:
             self._done, self._error = True, exc
         if start:
             self._pending = bytes(data[start:])
-            segment = self._segment(cells=False)
-            if segment is not None:
-                self._advance(segment[1])
-                return segment[0][0], segment[0][1:]
+            chunk = self._chunk(cells=False)
+            if chunk is not None:
+                self._advance(chunk[1])
+                return chunk[0][0], chunk[0][1:]
         else:
             self._hand_over()
         try:
@@ -446,22 +443,22 @@ class LookStream:
             yield tuple(others)
         pivoted = self._pivoted
         while self._ijson is None:
-            segment = self._segment(cells=not pivoted)
-            if segment is None:
+            chunk = self._chunk(cells=not pivoted)
+            if chunk is None:
                 break
-            self._advance(segment[1])
+            self._advance(chunk[1])
             batch: list[Row] | tuple[Any, ...]
             try:
-                if segment[2]:  # rows of {"value": ...} cells
-                    batch = [{k: c.value for k, c in raw.items()} for raw in segment[0]]
+                if chunk[2]:  # rows of {"value": ...} cells
+                    batch = [{k: c.value for k, c in raw.items()} for raw in chunk[0]]
                 else:
                     batch = [
                         {k: (_unwrap_pivoted(c) if k in pivoted else c["value"]) for k, c in raw.items()}
-                        for raw in segment[0]
+                        for raw in chunk[0]
                     ]
             except _NOT_A_ROW:
-                batch = tuple(segment[0])  # a row that is not a json_detail row: reported in its turn
-            segment = None  # only the batch stays (less for the garbage collector)
+                batch = tuple(chunk[0])  # a row that is not a json_detail row: reported in its turn
+            chunk = None  # only the batch stays (less for the garbage collector)
             yield batch
         for raw in self._ijson:  # type: ignore[union-attr]
             yield (raw,)
@@ -475,7 +472,7 @@ class LookStream:
 
     # --- the row reader -----------------------------------------------------------------------------------
 
-    def _segment(self, *, cells: bool) -> tuple[list[Any], int, bool] | None:
+    def _chunk(self, *, cells: bool) -> tuple[list[Any], int, bool] | None:
         """
         The next complete rows, reading as needed: ``(rows, where they end, rows of cells)``: rows of
         :class:`_Cell` when ``cells`` and every cell is ``{"value": ...}``, else raw rows; ``None`` once the
@@ -483,11 +480,11 @@ class LookStream:
         """
         while True:
             pending = self._pending
-            end = min(len(pending), SEGMENT_BYTES)
+            end = min(len(pending), CHUNK_BYTES)
             for _try in range(MAX_CUT_TRIES):
                 cut = _row_end(pending, end)
-                if cut < 0 and end == SEGMENT_BYTES:
-                    cut = _row_end(pending, len(pending))  # a row longer than SEGMENT_BYTES
+                if cut < 0 and end == CHUNK_BYTES:
+                    cut = _row_end(pending, len(pending))  # a row longer than CHUNK_BYTES
                 if cut < 0:
                     break
                 data, end = b"[" + pending[:cut] + b"]", cut - 1  # then the row end before this one
@@ -518,11 +515,11 @@ class LookStream:
         del reads[: len(reads) - kept]
 
     def _fill(self) -> None:
-        """Read until :data:`SEGMENT_BYTES` more bytes arrived, or the body ended or broke off."""
+        """Read until :data:`CHUNK_BYTES` more bytes arrived, or the body ended or broke off."""
         fresh: list[bytes] = []
         size = 0
         try:
-            while size < SEGMENT_BYTES:
+            while size < CHUNK_BYTES:
                 data = self._body.take(READ_SIZE)
                 if not data:
                     self._done = True
@@ -605,6 +602,4 @@ class LookStream:
             f"{self.label}: the result has {count:,} rows, as many as the row limit of {limit:,}, "
             "so it may be truncated; use limit=-1 for all rows, or a larger limit"
         )
-        if self._strict:
-            raise LookTruncatedError(message, look_id=self.look_id)
         self._log.warning("%s", message)

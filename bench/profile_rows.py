@@ -163,12 +163,12 @@ def top_functions(profiler: cProfile.Profile, count: int = PROFILE_TOP) -> list[
 
 
 def _chunks(rows: bytes) -> Iterator[bytes]:
-    """JSON arrays of the items in ``rows``, of about SEGMENT_BYTES each, cut at row ends."""
-    from airflow_provider_looker_segment.look_stream import SEGMENT_BYTES, _row_end
+    """JSON arrays of the items in ``rows``, of about CHUNK_BYTES each, cut at row ends."""
+    from airflow_provider_looker_segment.look_stream import CHUNK_BYTES, _row_end
 
     start = 0
     while start < len(rows):
-        cut = _row_end(rows, min(len(rows), start + SEGMENT_BYTES))
+        cut = _row_end(rows, min(len(rows), start + CHUNK_BYTES))
         cut = len(rows) if cut <= start else cut
         yield b"[" + rows[start:cut] + b"]"
         start = cut + 1

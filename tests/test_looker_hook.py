@@ -62,9 +62,9 @@ from airflow_provider_looker_segment.exceptions import (
     LookNotFoundError,
     LookQueryError,
     LookStreamError,
-    LookTruncatedError,
     QueryTaskError,
 )
+from airflow_provider_looker_segment.hooks import looker as looker_hook
 from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.look_stream import IJSON, LookStream
 from airflow_provider_looker_segment.models import (
@@ -620,14 +620,11 @@ def test_truncation_at_the_saved_limit(hook, capfd, caplog):
     logged = caplog.text + "".join(capfd.readouterr())
     assert "Look 12: the result has 5 rows, as many as the row limit of 5, so it may be truncated" in logged
 
-    with pytest.raises(LookTruncatedError, match="may be truncated"):
-        stream_all(hook, TRUNCATED_LOOK_ID, limit=None, strict_limit=True)
-
     stream, rows = stream_all(hook, TRUNCATED_LOOK_ID)
     assert (len(rows), stream.possibly_truncated, stream.meta.limit) == (8, False, -1)
-    stream, rows = stream_all(hook, TRUNCATED_LOOK_ID, limit=8, strict_limit=False)
+    stream, rows = stream_all(hook, TRUNCATED_LOOK_ID, limit=8)
     assert (len(rows), stream.possibly_truncated) == (8, True)
-    stream, rows = stream_all(hook, TRUNCATED_LOOK_ID, limit=20, strict_limit=True)
+    stream, rows = stream_all(hook, TRUNCATED_LOOK_ID, limit=20)
     assert (len(rows), stream.possibly_truncated) == (8, False)
 
 
@@ -905,7 +902,7 @@ def _tricky_rows(count: int) -> list[dict]:
 @pytest.mark.parametrize("size", [7, 4096, 128 * 1024])
 def test_rows_read_in_chunks_are_the_rows_ijson_reads(pretty, size):
     body = _detail_body(_tricky_rows(3000), pretty=pretty)
-    assert len(body) > 4 * look_stream.SEGMENT_BYTES  # several chunks
+    assert len(body) > 4 * look_stream.CHUNK_BYTES  # several chunks
     stream = LookStream("1", _Trickle(body, size), _INFO, -1)
     rows = list(stream.rows)
     assert _typed(rows) == _typed(_ijson_rows(body))
@@ -916,7 +913,7 @@ def test_rows_read_in_chunks_are_the_rows_ijson_reads(pretty, size):
 
 
 def test_numbers_are_read_exactly_in_chunks_of_any_size(monkeypatch):
-    monkeypatch.setattr(look_stream, "SEGMENT_BYTES", 300)  # a chunk of one or two rows
+    monkeypatch.setattr(look_stream, "CHUNK_BYTES", 300)  # a chunk of one or two rows
     rows = _tricky_rows(60)
     body = _detail_body(rows)
     read = list(LookStream("1", io.BytesIO(body), _INFO, -1).rows)
@@ -928,7 +925,7 @@ def test_numbers_are_read_exactly_in_chunks_of_any_size(monkeypatch):
 
 def test_rows_longer_than_a_chunk_or_than_the_pending_limit():
     rows = [dict(generated_row(index)) for index in range(200)]
-    rows[50]["users.name"] = "x" * (look_stream.SEGMENT_BYTES * 3)
+    rows[50]["users.name"] = "x" * (look_stream.CHUNK_BYTES * 3)
     rows[120]["users.name"] = "y},{" * (look_stream.MAX_PENDING_BYTES // 3)
     body = _detail_body(rows)
     assert list(LookStream("1", io.BytesIO(body), _INFO, -1).rows) == rows
@@ -1342,12 +1339,13 @@ def test_a_query_task_with_filters_gives_what_the_run_gives(hook, looker):
 
 
 @pytest.mark.parametrize("pending", [202, 204])
-def test_results_of_a_task_that_has_not_ended(make_hook, pending):
+def test_results_of_a_task_that_has_not_ended(make_hook, pending, monkeypatch):
     with LookerStandIn(pending_results_status=pending, polls_per_step=2) as looker:
         hook = make_hook(looker.base_url)
         task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
         with pytest.raises(QueryTaskError) as caught:
-            with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, wait=0):
+            monkeypatch.setattr(looker_hook, "RESULTS_WAIT", 0)  # ask once
+            with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID):
                 pytest.fail("no stream expected")
         error = caught.value
         assert (error.status, error.task_id, error.task_status, error.look_id) == (
@@ -1362,28 +1360,33 @@ def test_results_of_a_task_that_has_not_ended(make_hook, pending):
             "be complete before reading its results"
         )
         # waiting: the results are asked for again until the task ends (each ask moves the stand-in's task on)
-        with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, wait=30, poll_interval=0.01) as stream:
+        monkeypatch.setattr(looker_hook, "RESULTS_WAIT", 30)
+        monkeypatch.setattr(looker_hook, "RESULTS_POLL_INTERVAL", 0.01)
+        with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID) as stream:
             assert len(list(stream.rows)) == 10
         assert looker.query_tasks.get(task_id).history == ["added", "added", "running", "running", "complete"]
 
 
-def test_results_not_ready_after_complete_are_asked_for_again_briefly(hook, looker):
+def test_results_not_ready_after_complete_are_asked_for_again_briefly(hook, looker, monkeypatch):
     """Looker may answer 202 right after the task reported complete: asked again, then read."""
     task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
     assert [hook.query_task_status(task_id) for _ in range(3)] == ["added", "running", "complete"]
     looker.delay_results_after_complete(2)
-    with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, poll_interval=0.01) as stream:
+    monkeypatch.setattr(looker_hook, "RESULTS_POLL_INTERVAL", 0.01)
+    with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID) as stream:
         assert len(list(stream.rows)) == 10
     results = [r.status for r in looker.requests if r.path.endswith("/results")]
     assert results == [202, 202, 200]
 
 
-def test_results_still_not_ready_after_the_wait_fail_saying_what_happened(hook, looker):
+def test_results_still_not_ready_after_the_wait_fail_saying_what_happened(hook, looker, monkeypatch):
     task_id = hook.start_query_task(TOASTMATES_LOOK_ID)
     assert [hook.query_task_status(task_id) for _ in range(3)] == ["added", "running", "complete"]
     looker.delay_results_after_complete(1000)
     with pytest.raises(QueryTaskError) as caught:
-        with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, wait=0.2, poll_interval=0.05):
+        monkeypatch.setattr(looker_hook, "RESULTS_WAIT", 0.2)
+        monkeypatch.setattr(looker_hook, "RESULTS_POLL_INTERVAL", 0.05)
+        with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID):
             pytest.fail("no stream expected")
     asks = len([r for r in looker.requests if r.path.endswith("/results")])
     assert asks >= 2  # asked again (bounded by the wait), not failed at once

@@ -9,7 +9,7 @@ import logging
 from datetime import timedelta
 
 import pytest
-from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TriggerEvent
 from looker_helpers import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -23,6 +23,7 @@ from standins.looker_fixtures import SQL_ERROR_LOOK_ID, TOASTMATES_LOOK_ID
 from standins.looker_standin import LookerStandIn
 
 from airflow_provider_looker_segment.exceptions import QueryTaskError
+from airflow_provider_looker_segment.hooks import looker as looker_hook
 from airflow_provider_looker_segment.hooks.looker import LookerHook
 from airflow_provider_looker_segment.triggers.looker import LookerQueryTaskTrigger
 
@@ -330,7 +331,6 @@ def test_serialize_round_trips():
         "abc123",
         poll_interval=2,
         timeout=timedelta(minutes=5),
-        end_from_trigger=True,
         retries=5,
         resume_with={"looker_api_calls": {"query_based": 1}},
     )
@@ -345,7 +345,6 @@ def test_serialize_round_trips():
         "query_task_id": "abc123",
         "poll_interval": 2.0,
         "timeout": 300.0,
-        "end_from_trigger": True,
         "deadline": original.deadline,
         "retries": 5,
         "retry_backoff": 2.0,
@@ -370,20 +369,6 @@ def test_unusable_arguments(kwargs, message):
         LookerQueryTaskTrigger(**arguments)
 
 
-def test_end_from_trigger(looker, start, caplog, capfd):
-    caplog.set_level(logging.INFO)
-    task_id = start()
-    event = only_event(trigger(task_id, end_from_trigger=True))
-    assert isinstance(event, TaskSuccessEvent)
-    assert {key: without_calls(value) for key, value in event.xcoms.items()} == {
-        "return_value": {"status": "success", "query_task_id": task_id, "looker_status": "complete"}
-    }
-    looker.end_next_query_tasks("killed")
-    task_id = start()
-    assert isinstance(only_event(trigger(task_id, end_from_trigger=True)), TaskFailedEvent)
-    assert f"Looker query task {task_id} ended with status killed" in logged(caplog, capfd)
-
-
 def test_on_kill_asks_looker_to_kill_the_query(looker, start):
     looker.end_next_query_tasks("never")
     task_id = start()
@@ -402,8 +387,9 @@ def test_results_are_read_once_the_trigger_fired_whatever_looker_answers_before(
         set_connection(monkeypatch, CONN_ID, connection_json(looker.base_url))
         with LookerHook(CONN_ID, retries=0) as hook:
             task_id = hook.start_query_task(TOASTMATES_LOOK_ID, limit=3)
+            monkeypatch.setattr(looker_hook, "RESULTS_WAIT", 0)  # ask once
             with pytest.raises(QueryTaskError) as caught:  # before: "not finished", not an empty result
-                with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, 3, wait=0):
+                with hook.stream_query_task(task_id, TOASTMATES_LOOK_ID, 3):
                     pytest.fail("no stream expected")
             assert (caught.value.status, caught.value.task_status) == (pending, "running")
             assert only_event(trigger(task_id)).payload["status"] == "success"

@@ -1,162 +1,55 @@
 """
-Hook for the Looker API 4.0: a Look's definition, and its result streamed row by row with field metadata.
-
-This is the only module of the provider that talks to Looker (with :mod:`.looker_connection`,
-:mod:`.looker_query` and the trigger of :mod:`airflow_provider_looker_segment.triggers.looker`). The
-``looker_sdk`` client is built from the Airflow connection alone (no ``looker.ini``, ``LOOKERSDK_*`` variables
-ignored). Results are streamed: the SDK's authentication headers are reused for a streaming ``requests`` call
-whose ``json_detail`` body is read by :class:`~airflow_provider_looker_segment.look_stream.LookStream`, so
-peak memory does not depend on the number of rows. A Look runs as saved, or with filters over its own
-(:meth:`LookerHook.stream_look`), at once or as a Looker async query task (``start_query_task``, then
-``stream_query_task`` once it is complete: :mod:`.looker_tasks`). :meth:`LookerHook.close` logs out of Looker:
-use the hook as a context manager.
+Hook for the Looker API 4.0: a Look's or a query's definition, and its result streamed row by row with field
+metadata, at once or as a Looker async query task (started here, awaited by the trigger of
+:mod:`airflow_provider_looker_segment.triggers.looker`, then read here). The plumbing (client, login, errors,
+the one reader of a result) is :mod:`.looker_base`'s; the connection is documented in docs/connections.md.
 
 Why ``json_detail``: the API 4.0 reference calls it legacy and recommends ``json_bi``, but ``json_bi``'s
-metadata (``JsonBiMetadata``, ``JsonBiField``) has no LookML tags, no short labels and no ``ran_at``, and its
-``rows`` are typed as strings; plain ``json`` has no metadata at all, so tags, labels, hidden fields, pivots
-and ``ran_at`` (the messages' ``timestamp``) would need a second run of the query. ``json_detail`` carries
-all of it in the same response as the rows, and is the only format whose query task results report a failed
-query in the body (HTTP 200 with ``errors``) rather than as an HTTP 400.
+metadata has no LookML tags, no short labels and no ``ran_at``, and its ``rows`` are typed as strings; plain
+``json`` has no metadata at all. ``json_detail`` carries all of it in the same response as the rows, and is
+the only format whose query task results report a failed query in the body (HTTP 200 with ``errors``).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import re
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from functools import cached_property
-from typing import Any, TypeVar
 from urllib.parse import quote
 
-import requests
-from airflow.sdk import BaseHook
-from cattrs.errors import CattrsError
-from looker_sdk import error as sdk_error
-from looker_sdk.rtl import auth_session, auth_token, requests_transport, serialize
-from looker_sdk.sdk.api40 import methods as methods40
 from looker_sdk.sdk.api40 import models as models40
 
-from airflow_provider_looker_segment.api_calls import ApiCallCounts
 from airflow_provider_looker_segment.exceptions import (
-    LookDeletedError,
     LookerApiError,
     LookerRequestError,
     LookerSegmentError,
-    LookNotFoundError,
+    QueryNotFoundError,
+    QueryTaskError,
 )
-from airflow_provider_looker_segment.hooks.looker_connection import (
-    CREDENTIAL_STATUSES,
-    DEFAULT_TIMEOUT,
-    RETRY_STATUSES,
-    ConnectionApiSettings,
-    LookerConnectionSettings,
-    LookerSession,
-    make_session,
-    settings_from_connection,
-)
-from airflow_provider_looker_segment.hooks.looker_queries import LookerQueries, LookerQuery
+from airflow_provider_looker_segment.hooks.looker_base import LookerBaseHook, run_params
 from airflow_provider_looker_segment.hooks.looker_query import (
     FILTER_REFUSAL_STATUSES,
+    PENDING_RESULT_STATUSES,
+    LookerQuery,
     filter_error,
     filtered_write_query,
-    normalise_filters,
-)
-from airflow_provider_looker_segment.hooks.looker_tasks import (
-    FINAL_TASK_STATUSES,
-    PENDING_RESULT_STATUSES,
-    LookerQueryTasks,
     normalise_id,
+    query_info,
 )
-from airflow_provider_looker_segment.links import look_web_url, shown_look_url
+from airflow_provider_looker_segment.links import explore_web_url, shown_look_url
+from airflow_provider_looker_segment.look_filters import normalise_filters
 from airflow_provider_looker_segment.look_stream import LookStream
 from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
 from airflow_provider_looker_segment.models import shown_count as _count
-from airflow_provider_looker_segment.net import PLAIN_HTTP, TIMEOUT, TLS, redact, transport_problem
 
-__all__ = [
-    "API_VERSION",
-    "DEFAULT_TIMEOUT",
-    "FINAL_TASK_STATUSES",
-    "PENDING_RESULT_STATUSES",
-    "RETRY_STATUSES",
-    "ConnectionApiSettings",
-    "LookerConnectionSettings",
-    "LookerHook",
-    "LookerQuery",
-    "LookerSession",
-    "settings_from_connection",
-]
-
-T = TypeVar("T")
-
-API_VERSION = "4.0"
-
-#: Client errors that can pass (a request timeout, a rate limit): retried, unlike the other 4xx answers.
-PASSING_CLIENT_STATUSES = (408, 429)
-#: OpenSSL's reason when the server's certificate is not trusted (self-signed, private CA, expired).
-CERTIFICATE_NOT_TRUSTED = "CERTIFICATE_VERIFY_FAILED"
-#: looker_sdk's logger: it logs every request (``POST(https://.../login)``) at INFO.
-SDK_LOGGER = "looker_sdk"
-#: What looker_sdk raises on a body it cannot deserialize.
-_DESERIALIZE_ERRORS = (serialize.DeserializeError, CattrsError, KeyError, TypeError, ValueError)
+#: Seconds :meth:`LookerHook.stream_query_task` keeps asking while the results answer that they are not ready
+#: (Looker may, right after a task reported ``complete``), and the pause between asks.
+RESULTS_WAIT = 30.0
+RESULTS_POLL_INTERVAL = 0.5
 
 
-# --- Looker's answers -----------------------------------------------------------------------------------
-
-
-def _looker_message(text: str) -> str:
-    """Return Looker's ``message`` from an error body, with the details of a ``ValidationError``."""
-    text = text.strip()
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return text[:500]
-    if isinstance(body, dict) and body.get("message"):
-        details = [e for e in body.get("errors") or () if isinstance(e, dict)]
-        return _with_details(str(body["message"]), [(e.get("field"), e.get("message")) for e in details])
-    return text[:500]
-
-
-def _with_details(message: str, details: list[tuple[Any, Any]]) -> str:
-    """``Validation Failed (filters: Invalid filter: x)``: a message with its per-field details."""
-    parts = [f"{name}: {text}" if name else str(text) for name, text in details if text or name]
-    return f"{message} ({'; '.join(parts)})" if parts else message
-
-
-def _sdk_message(exc: sdk_error.SDKError) -> str:
-    """Looker's message from a looker_sdk error, with the details of a ``ValidationError``."""
-    message = _looker_message(exc.message or "")
-    return _with_details(message, [(e.field, e.message) for e in exc.errors or ()])
-
-
-def _look_info(look_id: str, look: models40.LookWithQuery) -> LookInfo:
-    """Build :class:`LookInfo` from looker_sdk's ``LookWithQuery``."""
-    query = look.query
-    vis = (query.vis_config if query else None) or {}
-    limit_text = (query.limit if query else None) or ""
-    return LookInfo(
-        id=str(look.id or look_id),
-        title=look.title or "",
-        model=query.model if query else None,
-        view=query.view if query else None,
-        fields=tuple(query.fields or ()) if query else (),
-        limit=int(limit_text) if re.fullmatch(r"-?\d+", limit_text.strip()) else None,
-        pivots=tuple(query.pivots or ()) if query else (),
-        hidden_fields=tuple(vis.get("hidden_fields") or ()),
-        deleted=bool(look.deleted),
-        query_timezone=(query.query_timezone if query else None) or None,
-        query_id=str(look.query_id or (query.id if query else None) or "") or None,
-        slug=(query.slug if query else None) or None,
-    )
-
-
-# --- the hook ---------------------------------------------------------------------------------------------
-
-
-class LookerHook(LookerQueries, LookerQueryTasks, BaseHook):
+class LookerHook(LookerBaseHook):
     """
     Talk to the Looker API 4.0 with the credentials of an Airflow connection.
 
@@ -176,91 +69,6 @@ class LookerHook(LookerQueries, LookerQueryTasks, BaseHook):
     :param backoff_factor: exponential backoff between retries: ``backoff_factor * 2 ** (retry - 1)`` s.
     :param max_backoff: longest wait between two retries, ``Retry-After`` included (seconds).
     """
-
-    conn_name_attr = "looker_conn_id"
-    default_conn_name = "looker_default"
-    conn_type = "looker"
-    hook_name = "Looker"
-
-    def __init__(
-        self,
-        looker_conn_id: str = default_conn_name,
-        *,
-        retries: int = 3,
-        backoff_factor: float = 1.0,
-        max_backoff: float = 60.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.looker_conn_id = looker_conn_id
-        self.retries = retries
-        self.backoff_factor = backoff_factor
-        self.max_backoff = max_backoff
-
-    # --- client -------------------------------------------------------------------------------------------
-
-    @cached_property
-    def settings(self) -> LookerConnectionSettings:
-        """The connection's settings, resolved once per hook."""
-        return settings_from_connection(self.get_connection(self.looker_conn_id))
-
-    @cached_property
-    def session(self) -> LookerSession:
-        """The HTTP session (with retries) shared by looker_sdk and result streams."""
-        return make_session(self.retries, self.backoff_factor, self.max_backoff)
-
-    @cached_property
-    def sdk(self) -> methods40.Looker40SDK:
-        """
-        A looker_sdk 4.0 client configured from the connection alone.
-
-        looker_sdk logs each request at INFO (``GET(https://.../api/4.0/looks/42)``): three lines a run that
-        say nothing the task log does not, and that the UI turns into broken links. Its logger is raised to
-        WARNING, unless logging was configured for it (its level is set).
-        """
-        sdk_logger = logging.getLogger(SDK_LOGGER)
-        if sdk_logger.level == logging.NOTSET:
-            sdk_logger.setLevel(logging.WARNING)
-        settings = ConnectionApiSettings(self.settings)
-        transport = requests_transport.RequestsTransport(settings, self.session)
-        auth = auth_session.AuthSession(settings, transport, serialize.deserialize40, API_VERSION)
-        return methods40.Looker40SDK(
-            auth, serialize.deserialize40, serialize.serialize40, transport, API_VERSION
-        )
-
-    @property
-    def api_calls(self) -> dict[str, int]:
-        """
-        The Looker API calls this hook made so far, per kind as Looker meters them (``query_based``,
-        ``administrative``, ``login_logout``) and their ``total``: see
-        :mod:`airflow_provider_looker_segment.api_calls`.
-        """
-        if "session" not in self.__dict__:
-            return ApiCallCounts().to_dict()
-        return self.session.calls.to_dict()
-
-    def get_conn(self) -> methods40.Looker40SDK:
-        """Return the looker_sdk 4.0 client."""
-        return self.sdk
-
-    def close(self) -> None:
-        """
-        Log out of Looker (``DELETE /api/4.0/logout``, when logged in) and close the HTTP session.
-
-        Never raises: a failed logout is logged without its details (they could echo the access token), and
-        the token then expires on its own. The hook can still be used afterwards (it logs in again).
-        """
-        if "sdk" in self.__dict__ and self.sdk.auth.is_authenticated:
-            try:
-                self.sdk.logout()  # DELETE /api/4.0/logout with the current token
-            except Exception as exc:  # closing must not hide the run's own outcome
-                self.log.warning(
-                    "Could not log out of Looker (%s); the token expires on its own", type(exc).__name__
-                )
-            finally:
-                self._forget_token()
-        if "session" in self.__dict__:
-            self.session.close()
 
     def __enter__(self) -> LookerHook:
         return self
@@ -298,7 +106,6 @@ class LookerHook(LookerQueries, LookerQueryTasks, BaseHook):
         *,
         limit: int | None = -1,
         cache: bool = True,
-        strict_limit: bool = False,
         filters: Mapping[str, str] | None = None,
     ) -> Iterator[LookStream]:
         """
@@ -312,8 +119,6 @@ class LookerHook(LookerQueries, LookerQueryTasks, BaseHook):
         :param look_id: the Look id.
         :param limit: row limit; ``-1`` (default) for all rows, ``None`` for the Look's saved limit.
         :param cache: let Looker answer from its cache.
-        :param strict_limit: raise :class:`LookTruncatedError` instead of warning when the number of rows
-            equals the limit in effect (the result may be truncated).
         :param filters: Looker field name → Looker filter expression (e.g.
             ``{"users.created_date": "2026-11-27"}``); ``None`` or empty runs the Look as saved.
         :return: a context manager giving a :class:`LookStream`; the HTTP response is closed on exit (the
@@ -329,15 +134,7 @@ class LookerHook(LookerQueries, LookerQueryTasks, BaseHook):
         given = normalise_filters(filters)
         info, look = self._read_look(look_id)
         effective = info.limit if limit is None else int(limit)
-        # Drill links (Looker's default) are per-cell URLs the sync never reads: leave them out of the body.
-        params = {
-            "apply_formatting": "false",
-            "apply_vis": "false",
-            "cache": "true" if cache else "false",
-            "generate_drill_links": "false",
-        }
-        if limit is not None:
-            params["limit"] = str(limit)
+        params = run_params(limit, cache)
         run_query: LookRunQuery | None = None
         if given:
             run_query = self._create_filtered_query(look_id, info, look, given)
@@ -368,228 +165,377 @@ class LookerHook(LookerQueries, LookerQueryTasks, BaseHook):
             if given and exc.status in FILTER_REFUSAL_STATUSES:
                 raise filter_error(look_id, info, given, exc) from None
             raise
-        with self._closing(response):
-            yield self._stream(look_id, response, info, effective, strict_limit, run_query)
-
-    def look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str:
-        """
-        The Look's web page on the connection's Looker instance (with ``filters`` in the URL), as the
-        operator's extra link gives it.
-        """
-        return look_web_url(self.settings.base_url, look_id, filters)
+        with self._result(response, info, effective, run_query) as stream:
+            yield stream
 
     def shown_look_url(self, look_id: str, filters: Mapping[str, str] | None = None) -> str:
-        """:meth:`look_url` as the task log shows it (a URL too long to log is replaced by the Look's own)."""
+        """
+        The Look's web page (with ``filters`` in the URL) as the task log shows it: a URL too long to log is
+        replaced by the Look's own.
+        """
         return shown_look_url(self.settings.base_url, look_id, filters)
 
-    # --- internals ----------------------------------------------------------------------------------------
+    # --- queries -------------------------------------------------------------------------------------------
 
-    def _read_look(self, look_id: str) -> tuple[LookInfo, models40.LookWithQuery]:
-        """Read a Look (``GET /looks/{id}``); refuse a deleted one."""
-        look = self._call(f"Reading Look {look_id}", lambda: self.sdk.look(look_id), look_id=look_id)
-        info = _look_info(look_id, look)
-        if info.deleted:
-            raise LookDeletedError(
-                f"Look {look_id} is deleted (it is in Looker's trash): restore it or use another Look",
-                look_id=look_id,
-            )
-        return info, look
+    def get_query(self, query_id: str | int | None = None, *, slug: str | None = None) -> LookerQuery:
+        """
+        Read a query by id (``GET /queries/{query_id}``) or by slug (``GET /queries/slug/{slug}``: the
+        ``qid`` of an Explore URL, or a share URL's last part).
 
-    def _create_filtered_query(
-        self, look_id: str, info: LookInfo, look: models40.LookWithQuery, filters: Mapping[str, str]
-    ) -> LookRunQuery:
-        """Create the Look's query with ``filters`` over its own (``POST /queries``)."""
-        write, run_query = filtered_write_query(look_id, look, filters)
-        action = f"Creating the query of Look {look_id} with filters"
+        :param query_id: the query id.
+        :param slug: the slug, instead of the id.
+        :raises QueryNotFoundError: Looker has no such query, or the API user cannot see it.
+        :raises LookerApiError: any other failure of the Looker API.
+        """
+        if slug is not None:
+            slug = normalise_id(slug, "A query slug")
+            action, what = f"Reading the query of slug {slug}", f"No Looker query has the slug {slug}"
+            read = lambda: self.sdk.query_for_slug(slug)  # noqa: E731
+        else:
+            query_id = normalise_id(query_id or "", "A query id")
+            action, what = f"Reading Looker query {query_id}", f"Looker query {query_id} not found"
+            read = lambda: self.sdk.query(str(query_id))  # noqa: E731
+        try:
+            query = self._call(action, read)
+        except LookerApiError as exc:
+            if exc.status == 404:
+                raise QueryNotFoundError(
+                    f"{what} (HTTP 404), or the API user cannot see it: take query_id from the query's "
+                    "Explore (Explore > gear > Get LookML, or the API), or query_slug from its URL's qid",
+                    status=404,
+                ) from None
+            raise
+        return LookerQuery(query_info(query, str(query_id or query.id)), query)
+
+    def with_filters(self, query: LookerQuery, filters: Mapping[str, str] | None) -> LookerQuery:
+        """
+        Copy a query with ``filters`` replacing or adding to its own (``POST /queries``); the copy runs
+        instead. Without filters the query is returned as it is.
+
+        :raises InvalidParameterError: ``filters`` is not a mapping of field names to expressions.
+        :raises LookFilterError: Looker refused the filters (e.g. a field not in the query's explore).
+        """
+        given = normalise_filters(filters)
+        if not given:
+            return query
+        info = query.info
+        write, run = filtered_write_query(info.id, None, given, query=query.query, label=info.label)
+        action = f"Creating the query of {info.label} with filters"
         try:
             created = self._call(action, lambda: self.sdk.create_query(write))
         except LookerApiError as exc:
             if exc.status in FILTER_REFUSAL_STATUSES:
-                raise filter_error(look_id, info, filters, exc) from None
+                raise filter_error(info.id, info, given, exc) from None
             raise
         if not created.id:
-            raise LookerApiError(f"{action}: Looker answered no query id", look_id=look_id)
-        return replace(run_query, query_id=str(created.id))
-
-    def _stream(
-        self,
-        look_id: str,
-        response: requests.Response,
-        info: LookInfo,
-        limit: int | None,
-        strict_limit: bool,
-        query: LookRunQuery | None,
-    ) -> LookStream:
-        return LookStream(
-            look_id,
-            response.raw,
-            info,
-            limit,
-            strict_limit=strict_limit,
-            read_timeout=self.settings.timeout,
-            logger=self.log,
-            redact=self._redact,
-            query=query,
-            label=info.label,
-        )
+            raise LookerApiError(f"{action}: Looker answered no query id")
+        return replace(query, run=replace(run, query_id=str(created.id), slug=created.slug or None))
 
     @contextmanager
-    def _closing(self, response: requests.Response) -> Iterator[None]:
+    def stream_query(
+        self,
+        query: LookerQuery | str | int,
+        *,
+        limit: int | None = -1,
+        cache: bool = True,
+        filters: Mapping[str, str] | None = None,
+    ) -> Iterator[LookStream]:
+        """
+        Run a query and stream its result, as :meth:`stream_look` runs a Look (``json_detail``, raw values,
+        visualisation not applied, no drill links).
+
+        :param query: the query (from :meth:`get_query`, possibly :meth:`with_filters`), or its id.
+        :param limit: row limit; ``-1`` (default) for all rows, ``None`` for the query's own limit.
+        :param cache: let Looker answer from its cache.
+        :param filters: Looker field → filter expression over the query's own (:meth:`with_filters`).
+        :raises QueryNotFoundError: the query does not exist or the API user cannot see it.
+        :raises LookFilterError: Looker refused the filters.
+        :raises LookQueryError: the query's SQL failed.
+        :raises LookerApiError: any other failure of the Looker API.
+        """
+        if not isinstance(query, LookerQuery):
+            query = self.get_query(query)
+        if filters:
+            query = self.with_filters(query, filters)
+        info = query.info
+        effective = info.limit if limit is None else int(limit)
+        params = run_params(limit, cache)
+        what = f" with filters: {query.run.describe()} (Looker query {query.run_id})" if query.run else ""
+        self.log.info(
+            "Running %s (%s::%s)%s: limit %s, cache %s; in Looker: %s",
+            info.label,
+            info.model,
+            info.view,
+            what,
+            _count(effective),
+            cache,
+            self.explore_url(query),
+        )
+        path = f"queries/{quote(query.run_id, safe='')}/run/json_detail"
         try:
-            yield
+            response = self._open(path, params, f"Running {info.label}")
+        except LookerApiError as exc:
+            if exc.status == 404:
+                raise QueryNotFoundError(
+                    f"Looker query {query.run_id} not found (HTTP 404), or the API user cannot see it",
+                    status=404,
+                ) from None
+            if query.run is not None and exc.status in FILTER_REFUSAL_STATUSES:
+                raise filter_error(info.id, info, query.run.filters, exc) from None
+            raise
+        with self._result(response, info, effective, query.run) as stream:
+            yield stream
+
+    def explore_url(self, query: LookerQuery) -> str:
+        """The Explore of the query that runs on the connection's Looker instance (``""`` without a slug)."""
+        info, slug = query.info, query.run_slug
+        if not (info.model and info.view and slug):
+            return ""
+        return explore_web_url(self.settings.base_url, info.model, info.view, slug)
+
+    def query_sql(self, query_id: str | int) -> str:
+        """
+        The SQL Looker generates for a query, without running it (``GET /queries/{query_id}/run/sql``).
+
+        :raises QueryNotFoundError: the query does not exist or the API user cannot see it.
+        :raises LookerApiError: any other failure of the Looker API.
+        """
+        query_id = normalise_id(query_id, "A query id")
+        action = f"Reading the SQL of Looker query {query_id}"
+        try:
+            response = self._open(f"queries/{quote(query_id, safe='')}/run/sql", {}, action)
+        except LookerApiError as exc:
+            if exc.status == 404:
+                raise QueryNotFoundError(
+                    f"Looker query {query_id} not found (HTTP 404), or the API user cannot see it", status=404
+                ) from None
+            raise
+        try:
+            return response.content.decode("utf-8", "replace")
         finally:
             response.close()
 
-    def _open(
+    # --- query tasks ---------------------------------------------------------------------------------------
+
+    def start_query_task(
         self,
-        path: str,
-        params: dict[str, str],
-        action: str,
+        look_id: str | int | None = None,
         *,
-        look_id: str | None = None,
-        accept: tuple[int, ...] = (200,),
-    ) -> requests.Response:
+        query: LookerQuery | None = None,
+        limit: int | None = -1,
+        filters: Mapping[str, str] | None = None,
+        cache: bool = True,
+    ) -> str:
         """
-        Send ``GET /api/4.0/<path>`` as a stream; return the response once its status is accepted (body
-        unread). A 401 logs in again once; other statuses raise :class:`LookerApiError`.
-        """
-        url = f"{self.settings.base_url}/api/{API_VERSION}/{path}"
-        for attempt in range(2):
-            headers = self._call("Logging in to Looker", lambda: self.sdk.auth.authenticate({}))
-            try:
-                response = self.session.get(
-                    url, params=params, headers=headers, stream=True, timeout=self.settings.timeout
-                )
-            except requests.RequestException as exc:
-                raise self._transport_error(action, exc, look_id=look_id) from exc
-            if response.status_code == 401 and attempt == 0:
-                response.close()
-                self.log.info("Looker refused the access token (expired?); logging in again")
-                self._forget_token()
-                continue
-            if response.status_code not in accept:
-                message = _looker_message(response.text[:65536])
-                response.close()
-                raise self._http_error(action, response.status_code, message, look_id=look_id)
-            response.raw.decode_content = True
-            return response
-        raise AssertionError("unreachable")  # pragma: no cover
+        Start a Look's query, or a query (``query``), as a Looker async query task (``json_detail``
+        result); return its id.
 
-    def _call(self, action: str, func: Callable[[], T], *, look_id: str | None = None) -> T:
-        """Run a looker_sdk call; log in again once on 401; turn SDK errors into :class:`LookerApiError`."""
-        for attempt in range(2):
-            try:
-                return func()
-            except sdk_error.SDKError as exc:
-                last = self.session.last
-                status, url = getattr(last, "status", None), getattr(last, "url", "")
-                transport_error = getattr(last, "error", None)
-                login = url.endswith("/login")
-                if status == 401 and not login and attempt == 0:
-                    self._forget_token()
-                    continue
-                if transport_error is not None:
-                    raise self._transport_error(action, transport_error, look_id=look_id) from None
-                message = _sdk_message(exc)
-                raise self._http_error(action, status, message, look_id=look_id, login=login) from None
-            except _DESERIALIZE_ERRORS as exc:
-                status = getattr(self.session.last, "status", None)
-                raise LookerApiError(
-                    f"{action}: Looker's answer could not be read ({type(exc).__name__}); "
-                    f"is Host the Looker API URL ({self.settings.base_url})?",
-                    status=status,
-                    look_id=look_id,
-                ) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        With ``filters`` the filtered query is created first (as :meth:`stream_look` does), else the Look's
+        own query runs. Follow the task with :meth:`query_task_status` (or the trigger
+        :class:`~airflow_provider_looker_segment.triggers.looker.LookerQueryTaskTrigger`), then read it with
+        :meth:`stream_query_task`.
 
-    def _http_error(
-        self,
-        action: str,
-        status: int | None,
-        message: str,
-        *,
-        look_id: str | None = None,
-        login: bool = False,
-    ) -> LookerApiError:
+        :param look_id: the Look id.
+        :param query: a query (``LookerHook.get_query``, possibly ``with_filters``) instead of a Look.
+        :param limit: row limit; ``-1`` for all rows, ``None`` for the Look's saved limit.
+        :param filters: as for :meth:`stream_look`.
+        :param cache: let Looker answer from its cache.
+        :return: the query task id.
+        :raises InvalidParameterError: ``filters`` is not a mapping of field names to expressions.
+        :raises LookNotFoundError: the Look does not exist or the API user cannot see it.
+        :raises LookDeletedError: the Look is in the trash.
+        :raises LookFilterError: Looker refused the filters (e.g. a field not in the Look's explore).
+        :raises LookerApiError: any other failure of the Looker API. (A failing SQL query is reported by the
+            task's status, ``error``, and by :meth:`stream_query_task`.)
         """
-        Turn an HTTP error answer into the provider's exception, with a message a user can act on: a
-        :class:`LookerRequestError` (the task fails at once) when no retry would change the answer, i.e. a
-        4xx other than 408 and 429; a :class:`LookerApiError` (retried) otherwise.
-        """
-        message = self._redact(message)
-        lasting = status is not None and 400 <= status < 500 and status not in PASSING_CLIENT_STATUSES
-        if login and status in CREDENTIAL_STATUSES:
-            return LookerRequestError(
-                f"Looker rejected the API credentials of connection '{self.looker_conn_id}' "
-                f"(client ID {self.settings.client_id}) at {self.settings.base_url}: "
-                f"HTTP {status} {message}. Check the client ID and secret.",
-                status=status,
-            )
-        if login and lasting:  # another 4xx (405, 422...): no retry changes it, nor is it the credentials
-            return LookerRequestError(
-                f"Logging in to Looker at {self.settings.base_url} failed (HTTP {status}): "
-                f"{message.rstrip('.')}. Is Host the Looker API URL?",
-                status=status,
-            )
-        if login:  # 429, 5xx...: Looker busy or unavailable (an upgrade), not refusing the credentials
-            retried = f", still after {self.retries} retries" if status in RETRY_STATUSES else ""
-            return LookerApiError(
-                f"Logging in to Looker at {self.settings.base_url} failed (HTTP {status}{retried}): "
-                f"{message.rstrip('.')}. Looker is limiting requests or unavailable (e.g. during an "
-                "upgrade); this is not about the credentials: let the task retry later.",
-                status=status,
-            )
-        if status == 404 and look_id is not None:
-            return LookNotFoundError(
-                f"Look {look_id} not found, or the API user cannot see it", status=404, look_id=look_id
-            )
-        if status == 401:
-            return LookerRequestError(
-                f"{action}: Looker refused the API user even after logging in again (HTTP 401): {message}",
-                status=status,
-                look_id=look_id,
-            )
-        shown = f"HTTP {status}" if status else "error"
-        error = LookerRequestError if lasting else LookerApiError
-        return error(f"{action} failed ({shown}): {message}", status=status, look_id=look_id)
-
-    def _transport_error(self, action: str, exc: BaseException, *, look_id: str | None) -> LookerApiError:
-        """
-        Describe a connection-level failure (TLS, timeout, unreachable host, closed connection): a
-        :class:`LookerRequestError` (no retry) for a wrong scheme or port and an untrusted certificate, a
-        :class:`LookerApiError` (retried) for the rest.
-        """
-        kind, reason = transport_problem(exc)
-        lasting = kind == PLAIN_HTTP or (kind == TLS and reason == CERTIFICATE_NOT_TRUSTED)
-        error = LookerRequestError if lasting else LookerApiError
-        return error(self._transport_message(kind, reason, action), look_id=look_id)
-
-    def _transport_message(self, kind: str, reason: str, action: str) -> str:
-        """The words for a connection-level failure of ``action``."""
-        base = self.settings.base_url
-        if kind == PLAIN_HTTP:
-            text = (
-                f"{action}: TLS failure talking to {base}: {reason}. The Host says https:// but this port "
-                "speaks plain HTTP: use http://, or the port of Looker's HTTPS API"
-            )
-        elif kind == TLS:
-            text = (
-                f"{action}: TLS failure talking to {base}: {reason}. Install the server's CA certificate, "
-                "or set verify_ssl to false in the connection (test servers only)"
-            )
-        elif kind == TIMEOUT:
-            text = f"{action}: {base} did not answer within {self.settings.timeout:g} seconds (timeout)"
+        given = normalise_filters(filters)
+        run_query: LookRunQuery | None = None
+        if query is not None:
+            query = self.with_filters(query, given) if given else query
+            info, query_id, task_look = query.info, query.run_id, None
+            run_query, given = query.run, dict(query.run.filters) if query.run else {}
+            shown = self.explore_url(query)
         else:
-            text = f"{action}: cannot reach {base}: {reason}"
-        return self._redact(text)
+            look_id = normalise_id(look_id or "")
+            info, look = self._read_look(look_id)
+            if given:
+                run_query = self._create_filtered_query(look_id, info, look, given)
+                query_id = str(run_query.query_id)
+            else:
+                query_id = str(look.query_id or (look.query.id if look.query else None) or "")
+                if not query_id:
+                    raise LookerRequestError(f"Look {look_id} has no query to run", look_id=look_id)
+            task_look, shown = look_id, self.shown_look_url(look_id, given)
+        # json_detail, as a run (see hooks/looker.py): its results carry a failed query's errors with HTTP 200
+        body = models40.WriteCreateQueryTask(
+            query_id=query_id, result_format=models40.ResultFormat.json_detail, look_id=task_look
+        )
+        label = info.label
+        action = f"Starting the query of {label} as a Looker query task"
+        try:
+            task = self._call(
+                action,
+                lambda: self.sdk.create_query_task(
+                    body,
+                    limit=limit,
+                    apply_formatting=False,
+                    apply_vis=False,
+                    cache=cache,
+                    generate_drill_links=False,  # per-cell URLs the sync never reads
+                ),
+            )
+        except LookerApiError as exc:
+            if given and exc.status in FILTER_REFUSAL_STATUSES:
+                raise filter_error(info.id, info, given, exc) from None
+            raise
+        if not task.id:
+            raise LookerApiError(f"{action}: Looker answered no query task id", look_id=task_look)
+        what = f"with filters: {run_query.describe()}" if given and run_query else "as saved"
+        effective = info.limit if limit is None else limit
+        self.log.info(
+            "Started Looker query task %s for %s (%s) %s (query %s): limit %s, cache %s; in Looker: %s",
+            task.id,
+            label,
+            info.title or f"{info.model}::{info.view}",
+            what,
+            query_id,
+            _count(effective),
+            cache,
+            shown,
+        )
+        return str(task.id)
 
-    def _forget_token(self) -> None:
-        """Drop the access token so that the next call logs in again."""
-        self.sdk.auth.token = auth_token.AuthToken()
+    def query_task_status(self, task_id: str) -> str:
+        """
+        Return a query task's Looker status: ``added``, ``running``, ``complete``, ``error``, ``killed`` or
+        ``expired``.
 
-    def _redact(self, text: str) -> str:
-        """Remove the client secret and the access token from a text that may echo a server's answer."""
-        secrets = [self.settings.client_secret] if "settings" in self.__dict__ else []
-        if "sdk" in self.__dict__:
-            secrets.append(self.sdk.auth.token.access_token)
-        return redact(text, secrets)
+        :raises QueryTaskError: Looker does not know the task (HTTP 404).
+        :raises LookerApiError: any other failure of the Looker API.
+        """
+        task_id = normalise_id(task_id, "A query task id")
+        try:
+            task = self._call(
+                f"Reading Looker query task {task_id}",
+                lambda: self.sdk.query_task(task_id, fields="id,status"),
+            )
+        except LookerApiError as exc:
+            if exc.status == 404:
+                raise QueryTaskError(
+                    f"Looker has no query task {task_id} (HTTP 404): it is unknown or its results expired",
+                    task_id=task_id,
+                    status=404,
+                ) from None
+            raise
+        return str(task.status or "unknown")
+
+    @contextmanager
+    def stream_query_task(
+        self,
+        task_id: str,
+        look_id: str | int | None = None,
+        limit: int | None = -1,
+        *,
+        info: LookInfo | None = None,
+    ) -> Iterator[LookStream]:
+        """
+        Stream the result of a complete query task of a Look, as :meth:`stream_look` streams a run.
+
+        :param task_id: the query task (from :meth:`start_query_task`).
+        :param look_id: its Look (its metadata rules apply: hidden fields...).
+        :param info: the definition of the query it runs, instead of ``look_id`` (a query source: no
+            request to read it).
+        :param limit: the limit the task was started with (for the truncation check); ``None`` for the
+            Look's saved limit.
+        :return: a context manager giving a :class:`LookStream` (``meta``, ``rows``, ``possibly_truncated``).
+        :raises QueryTaskError: the results were still not ready after :data:`RESULTS_WAIT` seconds (the
+            message says what the task's status was then), or Looker has no results for it (unknown,
+            killed, or its results expired: HTTP 404).
+        :raises LookQueryError: the query's SQL failed (``errors`` in the ``json_detail`` result).
+        :raises LookNotFoundError: the Look does not exist or the API user cannot see it.
+        :raises LookerApiError: any other failure of the Looker API.
+        """
+        task_id = normalise_id(task_id, "A query task id")
+        if info is None:
+            look_id = normalise_id(look_id or "")
+            info = self._read_look(look_id)[0]
+        look_id, label = info.id, info.label
+        effective = info.limit if limit is None else int(limit)
+        path = f"query_tasks/{quote(task_id, safe='')}/results"
+        action = f"Reading the results of Looker query task {task_id} ({label})"
+        wait, poll_interval = RESULTS_WAIT, RESULTS_POLL_INTERVAL
+        deadline = time.monotonic() + max(0.0, wait)
+        asks = 0
+        while True:
+            asks += 1
+            try:
+                response = self._open(path, {}, action, accept=(200, *PENDING_RESULT_STATUSES))
+            except LookerApiError as exc:
+                if exc.status == 404:
+                    raise QueryTaskError(
+                        f"{action}: Looker has no results for it (HTTP 404): the task is unknown, was "
+                        "killed, or its results expired; start a new one",
+                        task_id=task_id,
+                        status=404,
+                        look_id=look_id if info.kind == "look" else None,
+                    ) from None
+                raise
+            if response.status_code == 200:
+                break
+            response.close()
+            if time.monotonic() >= deadline:
+                look = look_id if info.kind == "look" else None
+                raise self._results_not_ready(action, task_id, look, response.status_code, wait, asks)
+            time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
+        self.log.info(
+            "Reading the results of Looker query task %s (%s, %s)",
+            task_id,
+            label,
+            info.title or f"{info.model}::{info.view}",
+        )
+        with self._result(response, info, effective, None) as stream:
+            yield stream
+
+    def _results_not_ready(
+        self, action: str, task_id: str, look_id: str | None, status: int, wait: float, asks: int
+    ) -> QueryTaskError:
+        """What happened when the results were still not ready: the answers, and the task's status then."""
+        try:
+            task_status: str | None = self.query_task_status(task_id)
+        except LookerApiError:
+            task_status = None
+        waited = f" after asking {asks} times over {wait:g} s" if wait > 0 else ""
+        answered = f"{action}: Looker answered HTTP {status} (results not ready){waited}"
+        if task_status == "complete":
+            message = (
+                f"{answered}, although the task's status is complete: Looker did not hand over the results; "
+                "let the task retry (it starts a new query task)"
+            )
+        else:
+            now = f" (its status is {task_status})" if task_status else ""
+            message = (
+                f"{answered}: the task has not completed{now}; wait for its status to be complete before "
+                "reading its results"
+            )
+        return QueryTaskError(
+            message, task_id=task_id, task_status=task_status, status=status, look_id=look_id
+        )
+
+    def kill_query_task(self, task_id: str) -> bool:
+        """
+        Ask Looker to kill a query task's query (``DELETE /running_queries/{id}``).
+
+        :return: ``True`` when Looker killed it, ``False`` when it had no such running query (HTTP 404: the
+            task ended or is unknown).
+        :raises LookerApiError: any other failure of the Looker API.
+        """
+        task_id = normalise_id(task_id, "A query task id")
+        try:
+            self._call(f"Killing Looker query task {task_id}", lambda: self.sdk.kill_query(task_id))
+        except LookerApiError as exc:
+            if exc.status == 404:
+                self.log.info("Looker query task %s is not running (HTTP 404): nothing to kill", task_id)
+                return False
+            raise
+        self.log.info("Looker killed the query of query task %s", task_id)
+        return True

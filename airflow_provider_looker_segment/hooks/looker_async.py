@@ -1,10 +1,10 @@
 """
-The Looker API from Airflow's triggerer: an asynchronous client (``httpx``, which ships with Airflow) that
-logs in with the connection's API key, retries transport errors and HTTP 429/5xx with backoff (or the
-``Retry-After`` Looker asks for), logs in again when a token expires, never waits past an optional deadline,
-counts its API calls per kind, and logs out at the end. Used by the triggers of
-:mod:`airflow_provider_looker_segment.triggers.looker`; its messages never carry the client secret or the
-access token.
+The Looker API from Airflow's triggerer: the asynchronous half of the hooks (``httpx``, which ships with
+Airflow). It logs in with the connection's API key, retries transport errors and HTTP 429/5xx with backoff
+(or the ``Retry-After`` Looker asks for), logs in again when a token expires, never waits past an optional
+deadline, counts its API calls per kind, and logs out at the end; the triggers of
+:mod:`airflow_provider_looker_segment.triggers.looker` only ``await`` its ``get_...`` methods. Its messages
+use the words of :mod:`.looker_errors` and never carry the client secret or the access token.
 """
 
 from __future__ import annotations
@@ -17,42 +17,33 @@ import time
 from typing import Any
 
 import httpx
+from airflow.sdk import BaseHook
 
 from airflow_provider_looker_segment.api_calls import ApiCallCounts
 from airflow_provider_looker_segment.hooks.looker_connection import (
     CREDENTIAL_STATUSES,
     RETRY_STATUSES,
     LookerConnectionSettings,
+    RetryPolicy,
+    settings_from_connection,
+)
+from airflow_provider_looker_segment.hooks.looker_errors import (
+    DETAILS_CHARS,
+    http_error,
+    looker_message,
+    transport_words,
 )
 from airflow_provider_looker_segment.net import (
-    PLAIN_HTTP,
     TIMEOUT,
-    TLS,
     UNREACHABLE,
     exception_chain,
     redact,
     transport_problem,
 )
 
-__all__ = [
-    "API_PREFIX",
-    "DETAILS_CHARS",
-    "MAX_RETRY_WAIT",
-    "AsyncLookerClient",
-    "LookerCallFailed",
-    "LookerCredentialsRefused",
-    "LookerTimedOut",
-    "json_object",
-    "looker_message",
-]
-
 API_PREFIX = "/api/4.0"
-#: Longest wait between two retries of a request that failed (``Retry-After`` included), in seconds.
-MAX_RETRY_WAIT = 60.0
 #: Seconds allowed for logging out at the end.
 LOGOUT_TIMEOUT = 10.0
-#: Characters of Looker's error details kept in a message.
-DETAILS_CHARS = 500
 #: Seconds before a token's announced expiry at which it is renewed (no request is sent with a stale token).
 TOKEN_MARGIN = 60.0
 
@@ -61,7 +52,11 @@ class LookerCallFailed(Exception):
     """A call cannot go on: the message says why (already redacted)."""
 
 
-class LookerCredentialsRefused(LookerCallFailed):
+class LookerCallRefused(LookerCallFailed):
+    """An answer no retry changes (HTTP 4xx other than 408 and 429, an unusable connection)."""
+
+
+class LookerCredentialsRefused(LookerCallRefused):
     """Looker refused the connection's API credentials (no retry changes that)."""
 
 
@@ -76,8 +71,8 @@ class AsyncLookerClient:
     :param conn_id: the Airflow connection (for messages).
     :param settings: its settings (``settings_from_connection``).
     :param log: where retries and re-logins are logged.
-    :param retries: retries of a request that failed with a connection error, HTTP 429 or 5xx.
-    :param retry_backoff: seconds before the first retry, doubled for each further one.
+    :param retry: how a request that failed with a connection error, HTTP 429 or 5xx is retried (its
+        ``backoff``: seconds before the first retry, doubled for each further one).
     :param deadline: with a deadline (Unix time), no request nor wait before a retry goes past it
         (:class:`LookerTimedOut`).
     """
@@ -88,15 +83,13 @@ class AsyncLookerClient:
         settings: LookerConnectionSettings,
         *,
         log: logging.Logger | Any,
-        retries: int = 3,
-        retry_backoff: float = 2.0,
+        retry: RetryPolicy = RetryPolicy(backoff=2.0),
         deadline: float | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.settings = settings
         self.log = log
-        self.retries = retries
-        self.retry_backoff = retry_backoff
+        self.retry = retry
         self.deadline = deadline
         self.token: str | None = None
         self.token_expires: float | None = None
@@ -113,21 +106,11 @@ class AsyncLookerClient:
         """``POST /login`` with the client id and secret (form data); keep the access token."""
         form = {"client_id": self.settings.client_id, "client_secret": self.settings.client_secret}
         response = await self.request("POST", "/login", "Logging in to Looker", data=form, auth=False)
-        if response.status_code in CREDENTIAL_STATUSES:
-            raise LookerCredentialsRefused(
-                self.redact(
-                    f"Looker rejected the API credentials of connection '{self.conn_id}' "
-                    f"(client ID {self.settings.client_id}) at {self.settings.base_url}: HTTP "
-                    f"{response.status_code} {looker_message(response)}. Check the client ID and secret."
-                )
-            )
         if response.status_code != 200:
-            raise LookerCallFailed(
-                self.redact(
-                    f"Logging in to Looker at {self.settings.base_url} failed (HTTP {response.status_code}): "
-                    f"{looker_message(response)}"
-                )
+            failed = (
+                LookerCredentialsRefused if response.status_code in CREDENTIAL_STATUSES else LookerCallFailed
             )
+            raise failed(self.failure("Logging in to Looker", response, login=True))
         body = json_object(response)
         token = body.get("access_token")
         if not isinstance(token, str) or not token:
@@ -180,13 +163,10 @@ class AsyncLookerClient:
                 problem = f"Looker answered HTTP {response.status_code}"
                 retry_after = _retry_after(response)
             failures += 1
-            if failures > self.retries:
-                retries = f"{self.retries} {'retry' if self.retries == 1 else 'retries'}"
+            if failures > self.retry.retries:
+                retries = f"{self.retry.retries} {'retry' if self.retry.retries == 1 else 'retries'}"
                 raise LookerCallFailed(self.redact(f"{action}: {problem} (gave up after {retries})"))
-            wait = min(
-                MAX_RETRY_WAIT,
-                retry_after if retry_after is not None else self.retry_backoff * 2 ** (failures - 1),
-            )
+            wait = self.retry.wait(failures, retry_after)
             left = None if self.deadline is None else self.deadline - time.time()
             if left is not None and wait >= left:  # the retry would come after the deadline
                 self.log.warning(
@@ -199,24 +179,121 @@ class AsyncLookerClient:
                 await asyncio.sleep(max(0.0, left))
                 raise LookerTimedOut
             self.log.warning(
-                "%s", self.redact(f"{action}: {problem}; retry {failures} of {self.retries} in {wait:g} s")
+                "%s",
+                self.redact(f"{action}: {problem}; retry {failures} of {self.retry.retries} in {wait:g} s"),
             )
             await asyncio.sleep(wait)
 
     def _transport_problem(self, exc: BaseException) -> str:
         """Describe a transport failure in a few words (no secret: only the base URL and the reason)."""
-        base = self.settings.base_url
-        if isinstance(exc, httpx.TimeoutException):
-            return f"{base} did not answer within {self.settings.timeout:g} seconds (timeout)"
-        kind, reason = transport_problem(exc)
+        kind, reason = (TIMEOUT, "") if isinstance(exc, httpx.TimeoutException) else transport_problem(exc)
         errno = next((e.errno for e in exception_chain(exc) if isinstance(e, OSError) and e.errno), None)
         if kind == UNREACHABLE and errno:  # asyncio words it "Connect call failed (host, port)"
             reason = f"[Errno {errno}] {os.strerror(errno)}"
-        if kind in (PLAIN_HTTP, TLS):
-            return f"TLS failure talking to {base}: {reason}"
-        if kind == TIMEOUT:
-            return f"{base} did not answer within {self.settings.timeout:g} seconds (timeout)"
-        return f"cannot reach {base}: {reason}"
+        return transport_words(kind, reason, self.settings.base_url, self.settings.timeout)
+
+    def failure(self, action: str, response: httpx.Response, *, login: bool = False) -> str:
+        """The message of an error answer (:func:`~.looker_errors.http_error`'s words), redacted."""
+        message = self.redact(looker_message(response.content[:65536].decode("utf-8", "replace")))
+        error = http_error(
+            action,
+            response.status_code,
+            message,
+            conn_id=self.conn_id,
+            settings=self.settings,
+            retries=self.retry.retries,
+            login=login,
+        )
+        return self.redact(str(error))
+
+    @classmethod
+    async def for_connection(
+        cls, conn_id: str, *, log: logging.Logger | Any, **options: Any
+    ) -> AsyncLookerClient:
+        """
+        A client for an Airflow connection, read with the async hook method.
+
+        :param options: ``retry``, ``deadline``: as for the class.
+        :raises LookerCallRefused: the connection is missing or unusable (the message says why).
+        """
+        try:
+            settings = settings_from_connection(await BaseHook.aget_connection(conn_id))
+        except Exception as exc:
+            raise LookerCallRefused(
+                f"The Looker connection '{conn_id}' cannot be used: {type(exc).__name__}: {exc}"
+            ) from None
+        return cls(conn_id, settings, log=log, **options)
+
+    # --- Looker's answers ---------------------------------------------------------------------------------
+
+    async def get_query_task_status(self, task_id: str) -> str:
+        """A query task's status (``GET /query_tasks/{id}?fields=id,status``), logging in when needed."""
+        await self.ensure_login()
+        action = f"Reading Looker query task {task_id}"
+        response = await self.request(
+            "GET", f"/query_tasks/{task_id}", action, params={"fields": "id,status"}
+        )
+        if response.status_code == 404:
+            raise LookerCallFailed(
+                f"Looker has no query task {task_id} (HTTP 404): it is unknown, or its results expired"
+            )
+        if response.status_code != 200:
+            raise LookerCallFailed(self.failure(action, response))
+        status = json_object(response).get("status")
+        if not isinstance(status, str) or not status:
+            raise LookerCallFailed(
+                f"{action}: Looker's answer has no status; is Host the Looker API URL "
+                f"({self.settings.base_url})?"
+            )
+        return status
+
+    async def get_query_task_error(self, task_id: str) -> str:
+        """The database's error of a failed query task, from its results (best effort: ``""`` if unknown)."""
+        path = f"/query_tasks/{task_id}/results"
+        try:
+            response = await self.request("GET", path, "Reading the error of the query task")
+        except (LookerCallFailed, LookerTimedOut):
+            return ""
+        if response.status_code != 200:
+            text = response.content[:65536].decode("utf-8", "replace")
+            return self.redact(looker_message(text))[:DETAILS_CHARS] if response.status_code == 400 else ""
+        errors = json_object(response).get("errors")
+        texts = [
+            ": ".join(str(part).strip() for part in (e.get("message"), e.get("message_details")) if part)
+            for e in (errors if isinstance(errors, list) else [])
+            if isinstance(e, dict)
+        ]
+        return self.redact(" | ".join(text for text in texts if text))[:DETAILS_CHARS]
+
+    async def kill_query_task(self, task_id: str) -> int:
+        """Ask Looker to kill a query task's query (``DELETE /running_queries/{id}``); return the status."""
+        await self.ensure_login()
+        response = await self.request("DELETE", f"/running_queries/{task_id}", "Killing")
+        return response.status_code
+
+    async def get_datagroups(self) -> list[dict[str, Any]]:
+        """
+        Every datagroup Looker lists (``GET /datagroups``), logging in when needed.
+
+        :raises LookerCallRefused: an answer no retry changes (a missing permission...).
+        """
+        await self.ensure_login()
+        action = "Reading Looker's datagroups (GET /datagroups)"
+        response = await self.request("GET", "/datagroups", action)
+        if response.status_code != 200:
+            hint = (
+                " The API user needs a role with the see_datagroups permission."
+                if response.status_code in (403, 404)
+                else ""
+            )
+            raise LookerCallRefused(f"{self.failure(action, response)}.{hint}")
+        body = json_value(response)
+        if not isinstance(body, list):
+            raise LookerCallRefused(
+                f"{action}: Looker's answer is not a list of datagroups; is Host the Looker API URL "
+                f"({self.settings.base_url})?"
+            )
+        return [entry for entry in body if isinstance(entry, dict)]
 
     async def close(self) -> None:
         """Log out (``DELETE /logout``, when logged in; failures only logged) and close the HTTP client."""
@@ -248,14 +325,6 @@ def json_value(response: httpx.Response) -> Any:
         return json.loads(response.content[:16_777_216])
     except ValueError:
         return None
-
-
-def looker_message(response: httpx.Response) -> str:
-    """Looker's ``message`` from an error answer (or the start of the body)."""
-    message = json_object(response).get("message")
-    if isinstance(message, str) and message:
-        return message
-    return " ".join(response.content[:DETAILS_CHARS].decode("utf-8", "replace").split())
 
 
 def _retry_after(response: httpx.Response) -> float | None:

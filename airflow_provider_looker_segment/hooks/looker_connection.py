@@ -1,7 +1,8 @@
 """
-The Looker connection: its settings (:func:`settings_from_connection`, shared by the hook and the trigger),
-looker_sdk settings taken from it alone, and the HTTP session (retries with backoff, ``verify`` always
-applied) that looker_sdk and the result streams share.
+The Looker connection: its settings (:func:`settings_from_connection`, shared by the hook and the triggers),
+looker_sdk settings taken from it alone (:class:`LookerSdkSettings`), the one retry policy of Looker requests
+(:class:`RetryPolicy`), and the HTTP session (``verify`` always applied) that looker_sdk and the result
+streams share.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _log = logging.getLogger("airflow_provider_looker_segment.hooks.looker")
 DEFAULT_TIMEOUT = 120.0
 #: Statuses retried with backoff (before a body starts), as are connection errors.
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+#: Longest wait between two retries of a request that failed (``Retry-After`` included), in seconds.
+MAX_RETRY_WAIT = 60.0
 #: What ``POST /login`` answers to credentials it refuses (Looker answers 404 to a wrong client id or secret;
 #: 400 to a malformed login): only these are reported as a credentials problem.
 CREDENTIAL_STATUSES = (400, 401, 403, 404)
@@ -95,7 +98,7 @@ def settings_from_connection(conn: Any) -> LookerConnectionSettings:
     )
 
 
-class ConnectionApiSettings(api_settings.ApiSettings):
+class LookerSdkSettings(api_settings.ApiSettings):
     """
     looker_sdk settings taken from the Airflow connection only: no ``looker.ini``, no ``LOOKERSDK_*``.
 
@@ -198,26 +201,49 @@ class LookerSession(requests.Session):
         return response
 
 
-def make_session(retries: int, backoff_factor: float, max_backoff: float) -> LookerSession:
+@dataclass(frozen=True)
+class RetryPolicy:
     """
-    Return a session that retries connection errors, 429 and 5xx with backoff (``Retry-After`` obeyed, up
-    to ``max_backoff``): idempotent methods, and the logins, queries and query tasks of :data:`RETRIED_POSTS`.
+    The one retry policy of Looker requests, sync (:meth:`session`: urllib3 retries under looker_sdk and the
+    result streams) and async (the triggers' client, :meth:`wait`): connection errors and
+    :data:`RETRY_STATUSES` answers are retried ``retries`` times, after the ``Retry-After`` Looker asks for or
+    an exponential backoff, never waiting longer than ``max_wait``.
+
+    :param retries: retries of a failed request.
+    :param backoff: the backoff factor, doubled for each further retry.
+    :param max_wait: longest wait between two tries (seconds).
     """
-    retry = _BoundedRetry(
-        total=retries,
-        connect=retries,
-        read=retries,
-        status=retries,
-        other=0,
-        backoff_factor=backoff_factor,
-        backoff_max=max_backoff,
-        status_forcelist=RETRY_STATUSES,
-        respect_retry_after_header=True,
-        raise_on_status=False,
-        raise_on_redirect=False,
-    )
-    session = LookerSession()
-    adapter = HTTPAdapter(max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+
+    retries: int = 3
+    backoff: float = 1.0
+    max_wait: float = MAX_RETRY_WAIT
+
+    def wait(self, failures: int, retry_after: float | None = None) -> float:
+        """Seconds before the next try after ``failures`` failures: ``Retry-After``, else the backoff."""
+        return min(
+            self.max_wait, retry_after if retry_after is not None else self.backoff * 2 ** (failures - 1)
+        )
+
+    def session(self) -> LookerSession:
+        """
+        A session that retries with this policy (urllib3's backoff: the first retry at once): idempotent
+        methods, and the logins, queries and query tasks of :data:`RETRIED_POSTS`.
+        """
+        retry = _BoundedRetry(
+            total=self.retries,
+            connect=self.retries,
+            read=self.retries,
+            status=self.retries,
+            other=0,
+            backoff_factor=self.backoff,
+            backoff_max=self.max_wait,
+            status_forcelist=RETRY_STATUSES,
+            respect_retry_after_header=True,
+            raise_on_status=False,
+            raise_on_redirect=False,
+        )
+        session = LookerSession()
+        adapter = HTTPAdapter(max_retries=retry)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session

@@ -1,24 +1,105 @@
 """
-Filtered runs of a Look: the filters given for a run (checked by :mod:`..look_filters`) put over the Look's
-own query, and Looker's refusal of them explained. No I/O here:
-:class:`~airflow_provider_looker_segment.hooks.looker.LookerHook` creates the query and runs it.
+What runs, without I/O: a Look's or a query's definition as the sync reads it, a query as a source
+(:class:`LookerQuery`), the filters given for a run (checked by :mod:`..look_filters`) put over the query,
+and Looker's refusal of them explained. :class:`~airflow_provider_looker_segment.hooks.looker.LookerHook`
+creates the queries and runs them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from looker_sdk.sdk.api40 import models as models40
 
 from airflow_provider_looker_segment.exceptions import LookerApiError, LookerRequestError, LookFilterError
-from airflow_provider_looker_segment.look_filters import normalise_filters, shorten
+from airflow_provider_looker_segment.look_filters import shorten
 from airflow_provider_looker_segment.models import LookInfo, LookRunQuery
-
-__all__ = ["FILTER_REFUSAL_STATUSES", "filter_error", "filtered_write_query", "normalise_filters"]
 
 #: What Looker's answer says when it refuses a query (HTTP statuses of ``create_query`` and of a run).
 FILTER_REFUSAL_STATUSES = (400, 422)
+#: What the results of a query task that has not ended answer (202 in Looker's docs, 204 in older releases).
+PENDING_RESULT_STATUSES = (202, 204)
+
+
+@dataclass(frozen=True)
+class LookerQuery:
+    """
+    A Looker query as a sync's source.
+
+    :param info: its definition as the sync reads it (``kind="query"``, ``id`` the query id, its slug).
+    :param query: the query as Looker answered it, to copy with a run's filters.
+    :param run: with filters, the copy that runs (its id, slug and filters); ``None``: the query itself runs.
+    """
+
+    info: LookInfo
+    query: models40.Query
+    run: LookRunQuery | None = None
+
+    @property
+    def run_id(self) -> str:
+        """The id of the query that runs: the filtered copy's, else the query's own."""
+        return str(self.run.query_id) if self.run is not None and self.run.query_id else self.info.id
+
+    @property
+    def run_slug(self) -> str | None:
+        """The slug of the query that runs (its Explore URL's ``qid``)."""
+        return self.run.slug if self.run is not None else self.info.slug
+
+
+def normalise_id(value: str | int, what: str = "A Look id") -> str:
+    """Return an id as text, stripped; raise :class:`LookerRequestError` naming ``what`` when it is empty."""
+    text = str(value).strip()
+    if not text:
+        raise LookerRequestError(f"{what} is required (got an empty value)")
+    return text
+
+
+def _limit(text: str | None) -> int | None:
+    """A query's ``limit`` (text in the API) as a number; ``None`` when it is not one."""
+    text = (text or "").strip()
+    return int(text) if re.fullmatch(r"-?\d+", text) else None
+
+
+def look_info(look_id: str, look: models40.LookWithQuery) -> LookInfo:
+    """The definition a sync reads of a Look (``LookWithQuery``)."""
+    query = look.query
+    vis = (query.vis_config if query else None) or {}
+    return LookInfo(
+        id=str(look.id or look_id),
+        title=look.title or "",
+        model=query.model if query else None,
+        view=query.view if query else None,
+        fields=tuple(query.fields or ()) if query else (),
+        limit=_limit(query.limit if query else None),
+        pivots=tuple(query.pivots or ()) if query else (),
+        hidden_fields=tuple(vis.get("hidden_fields") or ()),
+        deleted=bool(look.deleted),
+        query_timezone=(query.query_timezone if query else None) or None,
+        query_id=str(look.query_id or (query.id if query else None) or "") or None,
+        slug=(query.slug if query else None) or None,
+    )
+
+
+def query_info(query: models40.Query, query_id: str) -> LookInfo:
+    """The definition a sync reads of a query (``Query``): fields, limit, hidden fields, time zone."""
+    vis = query.vis_config or {}
+    return LookInfo(
+        id=str(query.id or query_id),
+        title="",
+        model=query.model,
+        view=query.view,
+        fields=tuple(query.fields or ()),
+        limit=_limit(query.limit),
+        pivots=tuple(query.pivots or ()),
+        hidden_fields=tuple(vis.get("hidden_fields") or ()) if isinstance(vis, dict) else (),
+        deleted=False,
+        query_timezone=query.query_timezone or None,
+        kind="query",
+        query_id=str(query.id or query_id),
+        slug=query.slug or None,
+    )
 
 
 def filtered_write_query(

@@ -1,11 +1,9 @@
 """
-The Looker triggers, run in Airflow's triggerer with the asynchronous client of
-:mod:`airflow_provider_looker_segment.hooks.looker_async` (the connection read with the async hook method;
-messages never carry the client secret or the access token):
+The Looker triggers, run in Airflow's triggerer; they only loop and yield, every Looker request is the async
+client's (:mod:`airflow_provider_looker_segment.hooks.looker_async`):
 
-* :class:`LookerQueryTaskTrigger` waits for a Looker async query task without holding a worker slot: it
-  polls ``GET /api/4.0/query_tasks/{id}`` every ``poll_interval`` seconds and fires one event when the task
-  ends (or on its own timeout), then logs out;
+* :class:`LookerQueryTaskTrigger` waits for a Looker async query task without holding a worker slot and
+  fires one event when the task ends (or on its own timeout);
 * :class:`LookerDatagroupTrigger` (:mod:`.looker_datagroup`) fires each time a datagroup of a LookML model
   is triggered (Looker's data refreshed): event-driven scheduling with an ``AssetWatcher``.
 """
@@ -18,39 +16,20 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import BaseHook
-from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_looker_segment.hooks.looker_async import (
-    API_PREFIX,
-    DETAILS_CHARS,
-    MAX_RETRY_WAIT,
     AsyncLookerClient,
     LookerCallFailed,
     LookerTimedOut,
-    json_object,
-    looker_message,
 )
-from airflow_provider_looker_segment.hooks.looker_connection import (
-    LookerConnectionSettings,
-    settings_from_connection,
-)
+from airflow_provider_looker_segment.hooks.looker_connection import RetryPolicy
 from airflow_provider_looker_segment.triggers.looker_datagroup import (
     DEFAULT_DATAGROUP_POLL_INTERVAL,
     LookerDatagroupTrigger,
 )
 
-__all__ = [
-    "API_PREFIX",
-    "DEFAULT_DATAGROUP_POLL_INTERVAL",
-    "DETAILS_CHARS",
-    "MAX_RETRY_WAIT",
-    "LookerDatagroupTrigger",
-    "LookerQueryTaskTrigger",
-]
-
-#: Looker's statuses of a query task that failed to give a result.
-FAILED_STATUSES = ("error", "killed", "expired")
+__all__ = ["DEFAULT_DATAGROUP_POLL_INTERVAL", "LookerDatagroupTrigger", "LookerQueryTaskTrigger"]
 
 _ENDED = {
     "error": "the query failed in the database",
@@ -61,33 +40,24 @@ _ENDED = {
 
 class LookerQueryTaskTrigger(BaseTrigger):
     """
-    Wait for a Looker async query task (``create_query_task``) to end.
+    Wait for a Looker async query task (``create_query_task``) to end, polling its status.
 
     It fires exactly one event: ``{"status": "success", "query_task_id": ..., "looker_status": "complete",
-    "looker_api_calls": {...}}``
-    when the task is complete, or ``{"status": "error", "query_task_id": ..., "looker_status": ...,
-    "message": ...}`` when it ended ``error``, ``killed`` or ``expired`` (``looker_status`` is that status),
-    when the trigger's own ``timeout`` passed (``looker_status``: the last status seen), or when Looker could
-    not be asked (``looker_status``: the last status seen, or ``None``). Connection errors and HTTP 429/5xx
-    answers are retried ``retries`` times with exponential backoff (or the ``Retry-After`` Looker asks for)
-    before giving up. Nothing waits past the timeout's deadline: neither a request (its HTTP timeout is cut
-    to the time left) nor a wait before a retry (a ``Retry-After`` beyond the deadline ends the wait at the
-    deadline, with the timeout as the outcome).
+    "looker_api_calls": {...}}`` when the task is complete, or ``{"status": "error", "query_task_id": ...,
+    "looker_status": ..., "message": ...}`` when it ended ``error``, ``killed`` or ``expired``, when the
+    trigger's own ``timeout`` passed, or when Looker could not be asked (``looker_status``: the last status
+    seen, or ``None``). Retries and the deadline (nothing waits past it) are the async client's.
 
-    :param looker_conn_id: the Looker connection (the same as the hook's: Host, Login, Password; extras
-        ``verify_ssl`` and ``timeout``).
+    :param looker_conn_id: the Looker connection (the same as the hook's).
     :param query_task_id: the query task (from ``LookerHook.start_query_task``).
     :param poll_interval: seconds between two status requests.
     :param timeout: give up after this long (seconds or a ``timedelta``); ``None`` waits as long as Looker
         runs the query. Counted from the trigger's creation, so a triggerer restart does not extend it.
-    :param end_from_trigger: end the task from the triggerer instead of resuming it: successful (the event's
-        payload as its XCom ``return_value``) when the query task is complete, failed otherwise.
     :param deadline: the moment (Unix time) the timeout ends; set by :meth:`serialize`, not by callers.
     :param retries: retries of a request that failed with a connection error, HTTP 429 or 5xx.
     :param retry_backoff: seconds before the first retry, doubled for each further one.
     :param resume_with: JSON values handed back in the event's payload (key ``resume_with``) for the task
-        that resumes: what it read before deferring (the deferral's own ``kwargs`` do not reach the task
-        under ``dag.test()``).
+        that resumes (the deferral's own ``kwargs`` do not reach the task under ``dag.test()``).
     """
 
     def __init__(
@@ -96,7 +66,6 @@ class LookerQueryTaskTrigger(BaseTrigger):
         query_task_id: str,
         poll_interval: float = 5.0,
         timeout: float | timedelta | None = None,
-        end_from_trigger: bool = False,
         *,
         deadline: float | None = None,
         retries: int = 3,
@@ -118,7 +87,6 @@ class LookerQueryTaskTrigger(BaseTrigger):
         self.query_task_id = str(query_task_id).strip()
         self.poll_interval = float(poll_interval)
         self.timeout = None if timeout is None else float(timeout)
-        self.end_from_trigger = bool(end_from_trigger)
         if deadline is None and self.timeout is not None:
             deadline = time.time() + self.timeout
         self.deadline = deadline
@@ -135,7 +103,6 @@ class LookerQueryTaskTrigger(BaseTrigger):
                 "query_task_id": self.query_task_id,
                 "poll_interval": self.poll_interval,
                 "timeout": self.timeout,
-                "end_from_trigger": self.end_from_trigger,
                 "deadline": self.deadline,
                 "retries": self.retries,
                 "retry_backoff": self.retry_backoff,
@@ -148,27 +115,16 @@ class LookerQueryTaskTrigger(BaseTrigger):
         payload = await self.wait()
         if self.resume_with is not None:
             payload["resume_with"] = self.resume_with
-        if not self.end_from_trigger:
-            yield TriggerEvent(payload)
-        elif payload["status"] == "success":
-            yield TaskSuccessEvent(xcoms={"return_value": payload})
-        else:
-            self.log.error("%s", payload["message"])
-            yield TaskFailedEvent()
+        yield TriggerEvent(payload)
 
     async def on_kill(self) -> None:
         """Ask Looker to kill the query when a user kills the deferred task (mark failed, clear...)."""
-        client = self._client(await self._settings(), deadline=None)  # a kill is never too late
+        client = await self._client(deadline=None)  # a kill is never too late
         try:
-            await client.login()
-            response = await client.request("DELETE", f"/running_queries/{self.query_task_id}", "Killing")
-            self.log.info(
-                "Asked Looker to kill query task %s (HTTP %s)", self.query_task_id, response.status_code
-            )
+            status = await client.kill_query_task(self.query_task_id)
+            self.log.info("Asked Looker to kill query task %s (HTTP %s)", self.query_task_id, status)
         finally:
             await client.close()
-
-    # --- the wait -----------------------------------------------------------------------------------------
 
     async def wait(self) -> dict[str, Any]:
         """
@@ -176,7 +132,7 @@ class LookerQueryTaskTrigger(BaseTrigger):
         calls the wait made (``looker_api_calls``, the logout included).
         """
         try:
-            client = self._client(await self._settings(), deadline=self.deadline)
+            client = await self._client(deadline=self.deadline)
         except LookerCallFailed as failed:
             return {**self._error(str(failed), None), "looker_api_calls": {}}
         try:
@@ -186,18 +142,19 @@ class LookerQueryTaskTrigger(BaseTrigger):
         return {**payload, "looker_api_calls": client.calls.to_dict()}
 
     async def _wait(self, client: AsyncLookerClient) -> dict[str, Any]:
-        last: str | None = None
+        task_id, last = self.query_task_id, None
         try:
-            await client.login()
             while True:
-                status = await self._status(client)
+                status = await client.get_query_task_status(task_id)
                 if status != last:
-                    self.log.info("Looker query task %s: %s", self.query_task_id, status)
+                    self.log.info("Looker query task %s: %s", task_id, status)
                 last = status
                 if status == "complete":
-                    return {"status": "success", "query_task_id": self.query_task_id, "looker_status": status}
-                if status in FAILED_STATUSES:
-                    return self._error(await self._ended_message(client, status), status)
+                    return {"status": "success", "query_task_id": task_id, "looker_status": status}
+                if status in _ENDED:
+                    message = f"Looker query task {task_id} ended with status {status}: {_ENDED[status]}"
+                    details = await client.get_query_task_error(task_id) if status == "error" else ""
+                    return self._error(f"{message}: {details}" if details else message, status)
                 remaining = None if self.deadline is None else self.deadline - time.time()
                 if remaining is not None and remaining <= 0:
                     raise LookerTimedOut
@@ -207,82 +164,20 @@ class LookerQueryTaskTrigger(BaseTrigger):
         except LookerTimedOut:
             seen = f"its last status was {last}" if last else "Looker did not answer in time"
             return self._error(
-                f"Looker query task {self.query_task_id} did not complete within {self.timeout:g} seconds "
+                f"Looker query task {task_id} did not complete within {self.timeout:g} seconds "
                 f"(timeout; {seen}); Looker may still be running it",
                 last,
             )
         except LookerCallFailed as failed:
             return self._error(str(failed), last)
 
-    async def _settings(self) -> LookerConnectionSettings:
-        """The connection's settings, read with the async hook method."""
-        try:
-            return settings_from_connection(await BaseHook.aget_connection(self.looker_conn_id))
-        except Exception as exc:  # a missing or unusable connection ends the wait with its reason
-            raise LookerCallFailed(
-                f"The Looker connection '{self.looker_conn_id}' cannot be used: {type(exc).__name__}: {exc}"
-            ) from None
-
-    def _client(self, settings: LookerConnectionSettings, *, deadline: float | None) -> AsyncLookerClient:
-        return AsyncLookerClient(
+    async def _client(self, *, deadline: float | None) -> AsyncLookerClient:
+        return await AsyncLookerClient.for_connection(
             self.looker_conn_id,
-            settings,
             log=self.log,
-            retries=self.retries,
-            retry_backoff=self.retry_backoff,
+            retry=RetryPolicy(self.retries, self.retry_backoff),
             deadline=deadline,
         )
-
-    async def _status(self, client: AsyncLookerClient) -> str:
-        """The query task's status (``GET /query_tasks/{id}?fields=id,status``)."""
-        task_id = self.query_task_id
-        action = f"Reading Looker query task {task_id}"
-        response = await client.request(
-            "GET", f"/query_tasks/{task_id}", action, params={"fields": "id,status"}
-        )
-        if response.status_code == 404:
-            raise LookerCallFailed(
-                f"Looker has no query task {task_id} (HTTP 404): it is unknown, or its results expired"
-            )
-        if response.status_code != 200:
-            raise LookerCallFailed(
-                client.redact(f"{action} failed (HTTP {response.status_code}): {looker_message(response)}")
-            )
-        status = json_object(response).get("status")
-        if not isinstance(status, str) or not status:
-            raise LookerCallFailed(
-                f"{action}: Looker's answer has no status; is Host the Looker API URL "
-                f"({client.settings.base_url})?"
-            )
-        return status
-
-    async def _error_details(self, client: AsyncLookerClient) -> str:
-        """The database's error of a failed task, from its results (best effort: ``""`` when unknown)."""
-        path = f"/query_tasks/{self.query_task_id}/results"
-        try:
-            response = await client.request("GET", path, "Reading the error of the query task")
-        except (LookerCallFailed, LookerTimedOut):
-            return ""
-        if response.status_code != 200:
-            return (
-                client.redact(looker_message(response))[:DETAILS_CHARS] if response.status_code == 400 else ""
-            )
-        errors = json_object(response).get("errors")
-        texts = [
-            ": ".join(str(part).strip() for part in (e.get("message"), e.get("message_details")) if part)
-            for e in (errors if isinstance(errors, list) else [])
-            if isinstance(e, dict)
-        ]
-        return client.redact(" | ".join(text for text in texts if text))[:DETAILS_CHARS]
-
-    async def _ended_message(self, client: AsyncLookerClient, status: str) -> str:
-        """The message of a task that ended ``error``, ``killed`` or ``expired`` (with the SQL error)."""
-        message = f"Looker query task {self.query_task_id} ended with status {status}: {_ENDED[status]}"
-        if status == "error":
-            details = await self._error_details(client)
-            if details:
-                message += f": {details}"
-        return message
 
     def _error(self, message: str, looker_status: str | None) -> dict[str, Any]:
         return {

@@ -16,29 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from airflow.sdk import BaseHook
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from airflow_provider_looker_segment.hooks.looker_async import (
     AsyncLookerClient,
     LookerCallFailed,
-    LookerCredentialsRefused,
-    json_value,
-    looker_message,
+    LookerCallRefused,
 )
-from airflow_provider_looker_segment.hooks.looker_connection import settings_from_connection
-
-__all__ = [
-    "DEFAULT_DATAGROUP_POLL_INTERVAL",
-    "DatagroupSnapshot",
-    "LookerDatagroupError",
-    "LookerDatagroupTrigger",
-]
+from airflow_provider_looker_segment.hooks.looker_connection import RetryPolicy
 
 #: One poll an hour: 24 ``GET /datagroups`` a day, 744 in a 31-day month, within the 1,000 administrative
 #: API calls a month of Looker's Standard edition with room for the syncs' own (``GET /looks/{id}``).
@@ -69,10 +59,6 @@ class DatagroupSnapshot:
     datagroups: dict[tuple[str, str], int | None] = field(default_factory=dict)
     errors: dict[tuple[str, str], str] = field(default_factory=dict)
     failure: str | None = None
-
-
-class _Lasting(LookerCallFailed):
-    """An answer no retry changes (HTTP 4xx other than 408 and 429, an unusable connection)."""
 
 
 class LookerDatagroupTrigger(BaseEventTrigger):
@@ -182,11 +168,13 @@ class LookerDatagroupTrigger(BaseEventTrigger):
             while True:
                 try:
                     if client is None:
-                        client = await _client(
-                            conn_id, int(kwargs["retries"]), float(kwargs["retry_backoff"])
+                        client = await AsyncLookerClient.for_connection(
+                            conn_id,
+                            log=_log,
+                            retry=RetryPolicy(int(kwargs["retries"]), float(kwargs["retry_backoff"])),
                         )
-                    snapshot = await _poll(client)
-                except (LookerCredentialsRefused, _Lasting) as failed:
+                    snapshot = _snapshot(await client.get_datagroups(), client.redact)
+                except LookerCallRefused as failed:
                     _log.error("%s", failed)
                     await asyncio.sleep(interval)
                     raise LookerDatagroupError(str(failed)) from None
@@ -280,41 +268,12 @@ class LookerDatagroupTrigger(BaseEventTrigger):
         )
 
 
-async def _client(conn_id: str, retries: int, retry_backoff: float) -> AsyncLookerClient:
-    """A client for the connection; an unusable connection is a lasting failure."""
-    try:
-        settings = settings_from_connection(await BaseHook.aget_connection(conn_id))
-    except Exception as exc:
-        raise _Lasting(
-            f"The Looker connection '{conn_id}' cannot be used: {type(exc).__name__}: {exc}"
-        ) from None
-    return AsyncLookerClient(conn_id, settings, log=_log, retries=retries, retry_backoff=retry_backoff)
-
-
-async def _poll(client: AsyncLookerClient) -> DatagroupSnapshot:
-    """One ``GET /datagroups``: every datagroup's ``triggered_at`` (and trigger error)."""
-    await client.ensure_login()
-    action = "Reading Looker's datagroups (GET /datagroups)"
-    response = await client.request("GET", "/datagroups", action)
-    if response.status_code != 200:
-        hint = (
-            " The API user needs a role with the see_datagroups permission."
-            if response.status_code in (403, 404)
-            else ""
-        )
-        raise _Lasting(
-            client.redact(f"{action} failed (HTTP {response.status_code}): {looker_message(response)}.{hint}")
-        )
-    body = json_value(response)
-    if not isinstance(body, list):
-        raise _Lasting(
-            f"{action}: Looker's answer is not a list of datagroups; is Host the Looker API URL "
-            f"({client.settings.base_url})?"
-        )
+def _snapshot(body: list[dict[str, Any]], redact: Callable[[str], str]) -> DatagroupSnapshot:
+    """Every datagroup's ``triggered_at`` (and trigger error) from Looker's list of datagroups."""
     datagroups: dict[tuple[str, str], int | None] = {}
     errors: dict[tuple[str, str], str] = {}
     for entry in body:
-        if not isinstance(entry, dict) or not entry.get("model_name") or not entry.get("name"):
+        if not entry.get("model_name") or not entry.get("name"):
             continue
         key = (str(entry["model_name"]), str(entry["name"]))
         value = entry.get("triggered_at")
@@ -322,7 +281,7 @@ async def _poll(client: AsyncLookerClient) -> DatagroupSnapshot:
             int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
         )
         if isinstance(entry.get("trigger_error"), str) and entry["trigger_error"]:
-            errors[key] = client.redact(entry["trigger_error"])
+            errors[key] = redact(entry["trigger_error"])
     return DatagroupSnapshot(datagroups, errors)
 
 
