@@ -73,10 +73,6 @@ class LookStreamError(LookerApiError):
     """The result body ended early or could not be parsed (a closed connection, a proxy's error page)."""
 
 
-class LookTruncatedError(LookerApiError, AirflowFailException):
-    """The result has as many rows as the limit in effect and strict truncation checks were asked for."""
-
-
 class LookFilterError(LookerRequestError):
     """
     Looker refused the filters given for a run of a Look (e.g. a field that is not in the Look's explore).

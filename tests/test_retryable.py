@@ -32,7 +32,6 @@ TABLE = {
     errors.LookDeletedError: False,
     errors.QueryNotFoundError: False,
     errors.LookFilterError: False,
-    errors.LookTruncatedError: False,
     errors.InvalidParameterError: False,
     errors.UndeliverableEventsError: False,
     errors.SyncStateCorruptError: False,
