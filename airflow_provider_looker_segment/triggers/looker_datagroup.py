@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Hashable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -250,8 +251,12 @@ class LookerDatagroupTrigger(BaseEventTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Watch on its own (no sibling to share the poll with): poll and filter, as the triggerer would."""
-        async for event in self.filter_shared_stream(self.open_shared_stream(self.serialize()[1])):
-            yield event
+        # Closed here, not left to the garbage collector: its close would be a task that asyncio may cancel
+        # before it logs out of Looker.
+        polls = self.open_shared_stream(self.serialize()[1])
+        async with aclosing(polls), aclosing(self.filter_shared_stream(polls)) as events:
+            async for event in events:
+                yield event
 
     def _unknown(self, snapshot: DatagroupSnapshot) -> str:
         """The message of a datagroup Looker does not list, naming those it does (of the model first)."""
