@@ -42,12 +42,12 @@ class CohortCounts:
     :param unchanged: identities whose traits did not change (not sent; 0 in a full refresh).
     :param switched: members known by an anonymousId that now have a userId (one call with both).
     :param rejoined: identities back in the Look whose last exit reached Segment only in part (sent again).
-    :param exits: identities of the previous state absent from the Look.
-    :param exits_sent: identities whose exit (membership call and/or exit event) was handed to Segment.
+    :param departed: identities of the previous state absent from the Look.
+    :param exited: identities whose exit (membership call and/or exit event) was handed to Segment.
     :param entered_events: entry events (``entered_event``) handed to Segment.
     :param exited_events: exit events (``exited_event``) handed to Segment.
     :param exits_skipped: why the exits were not sent, if they were not.
-    :param guard_tripped: the exit guard's error message, if it tripped (nothing is sent, the task fails).
+    :param exit_guard: the exit guard's error message, if it tripped (nothing is sent, the task fails).
     :param keep_departed: the departed identities stay in the state (the Look may be truncated, or the guard
         tripped).
     """
@@ -57,12 +57,12 @@ class CohortCounts:
     unchanged: int = 0
     switched: int = 0
     rejoined: int = 0
-    exits: int = 0
-    exits_sent: int = 0
+    departed: int = 0
+    exited: int = 0
     entered_events: int = 0
     exited_events: int = 0
     exits_skipped: str | None = None
-    guard_tripped: str | None = field(default=None, repr=False)
+    exit_guard: str | None = field(default=None, repr=False)
     keep_departed: bool = False
 
 
@@ -128,11 +128,11 @@ def plan_exits(
     Decide, before anything is sent, what becomes of the identities that left (set in ``counts``).
 
     No exit is sent when the Look may be truncated (they stay in the state), when more than
-    ``max_exit_ratio`` of the previous cohort would leave (the guard trips: ``counts.guard_tripped`` holds the
+    ``max_exit_ratio`` of the previous cohort would leave (the guard trips: ``counts.exit_guard`` holds the
     error; the run sends nothing and saves nothing), or when there is neither a membership trait nor an exit
     event (they just leave the state).
     """
-    counts.exits = decision.departed
+    counts.departed = decision.departed
     if not decision.departed and not decision.orphans:
         return
     if possibly_truncated:
@@ -142,7 +142,7 @@ def plan_exits(
     if decision.exit_ratio > max_exit_ratio:
         counts.exits_skipped = "max_exit_ratio exceeded"
         counts.keep_departed = True
-        counts.guard_tripped = (
+        counts.exit_guard = (
             f"{decision.departed:,} of the {decision.previous:,} identities of the previous run "
             f"({decision.exit_ratio:.0%}) are not in the Look any more, more than max_exit_ratio="
             f"{max_exit_ratio:g}: nothing was sent and the state was not changed ({decision.new:,} new, "
@@ -183,7 +183,7 @@ class CohortMessages:
                 handed.partial = (unit.ihash, _bits(messages, remaining)) if remaining else None
                 yield message
         decision = self.run.decision
-        departures = self.counts.exits + (decision.orphans if decision else 0)
+        departures = self.counts.departed + (decision.orphans if decision else 0)
         if departures and self.events.sends_exits and not self.counts.keep_departed:
             handed.exits_started = True
             for departure in self.run.iter_exits():
@@ -191,7 +191,7 @@ class CohortMessages:
                 handed.exits_done, remaining = departure.ordinal, (1 << len(messages)) - 1
                 handed.partial = (departure.ihash, _bits(messages, remaining)) if messages else None
                 if messages:
-                    self.counts.exits_sent += 1
+                    self.counts.exited += 1
                 for index, (bit, message) in enumerate(messages):
                     remaining &= ~(1 << index)
                     handed.partial = (departure.ihash, _bits(messages, remaining)) if remaining else None

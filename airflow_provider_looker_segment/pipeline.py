@@ -246,7 +246,7 @@ def _sync(
     else:
         cohort, events = _decide(options, stream, state, transform, counts, duplicates, log)
         progress.sending()
-        if cohort.guard_tripped:
+        if cohort.exit_guard:
             messages = ()  # nothing is sent, nothing is saved: the task fails with the counts
         else:
             cohort_messages = CohortMessages(state, events, cohort)
@@ -309,7 +309,7 @@ def _sync(
         groups_without_user=without_user[0],
     )
     if state is not None and cohort is not None:
-        handed = cohort_messages.handed if not cohort.guard_tripped else None
+        handed = cohort_messages.handed if not cohort.exit_guard else None
         summary.cohort = _finish_cohort(options, state, cohort, handed, undelivered is not None, log)
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
@@ -445,8 +445,8 @@ def _finish_cohort(
         new=cohort.new,
         changed=cohort.changed + cohort.rejoined,
         unchanged=cohort.unchanged,
-        exited=cohort.exits_sent,
-        departed=cohort.exits,
+        exited=cohort.exited,
+        departed=cohort.departed,
         exits_skipped=cohort.exits_skipped,
         entered_events=cohort.entered_events,
         exited_events=cohort.exited_events,
@@ -456,16 +456,16 @@ def _finish_cohort(
         switched=cohort.switched,
         spool_bytes=state.spool_bytes,
         state_load_seconds=round(state.load_seconds, 3),
-        exit_guard=cohort.guard_tripped,  # the task fails after the summary is logged
+        exit_guard=cohort.exit_guard,  # the task fails after the summary is logged
     )
-    if cohort.exits_skipped and cohort.exits and not cohort.guard_tripped:
+    if cohort.exits_skipped and cohort.departed and not cohort.exit_guard:
         log.warning(
             "%s: %s identities left the cohort; no exit call sent: %s.",
             options.label,
-            f"{cohort.exits:,}",
+            f"{cohort.departed:,}",
             cohort.exits_skipped,
         )
-    if cohort.guard_tripped:
+    if cohort.exit_guard:
         log.info("Exit guard: nothing was sent and the sync state was not changed.")
         return summary
     if options.dry_run or not sent:

@@ -296,7 +296,7 @@ def run_sync(
         )
         classes = {(unit.kind, unit.identity): VERDICT_NAMES[unit.verdict] for unit in run.iter_units()}
         exits = list(run.iter_exits())
-        if counts.guard_tripped:
+        if counts.exit_guard:
             return RunResult(classes, exits, [], [], counts, decision, None)
         cohort_messages = CohortMessages(run, events, counts)
         sent, accepted = [], []

@@ -186,11 +186,10 @@ def test_an_empty_look_trips_the_guard_sends_nothing_and_keeps_the_state(store, 
     _run(store, _rows(range(10), trait=trait), events=events)
     for _try in range(2):  # every retry decides the same
         result = run_sync(store, [], events=events, max_exit_ratio=0.5)
-        assert result.sent == [] and result.commit is None and result.counts.exits == 10
-        assert result.counts.guard_tripped.startswith("10 of the 10 identities of the previous run (100%)")
+        assert result.sent == [] and result.commit is None and result.counts.departed == 10
+        assert result.counts.exit_guard.startswith("10 of the 10 identities of the previous run (100%)")
         assert (
-            "max_exit_ratio=0.5: nothing was sent and the state was not changed"
-            in result.counts.guard_tripped
+            "max_exit_ratio=0.5: nothing was sent and the state was not changed" in result.counts.exit_guard
         )
         assert _stored_ids(store) == {f"u{n}" for n in range(10)}
     counts, sent = _run(store, _rows(range(10), trait=trait), events=events)
@@ -203,7 +202,7 @@ def test_a_replaced_cohort_trips_the_guard_on_every_try(store):
     _run(store, _rows(range(100), trait="in_cohort"), events=events)
     for _try in range(3):
         result = run_sync(store, _rows(range(100, 200), trait="in_cohort"), events=events, max_exit_ratio=0.5)
-        assert result.sent == [] and result.counts.guard_tripped
+        assert result.sent == [] and result.counts.exit_guard
         assert (result.decision.new, result.decision.departed, result.decision.previous) == (100, 100, 100)
         assert _stored_ids(store) == {f"u{n}" for n in range(100)}
 
@@ -211,7 +210,7 @@ def test_a_replaced_cohort_trips_the_guard_on_every_try(store):
 def test_without_a_membership_trait_departed_identities_just_leave(store):
     _run(store, _rows(range(10)), events=_events(membership_trait=None))
     counts, sent = _run(store, _rows(range(7)), events=_events(membership_trait=None))
-    assert sent == [] and counts.exits == 3 and counts.exits_sent == 0 and counts.guard_tripped is None
+    assert sent == [] and counts.departed == 3 and counts.exited == 0 and counts.exit_guard is None
     assert (
         counts.exits_skipped.startswith("no membership_trait nor exited_event") and not counts.keep_departed
     )
@@ -221,7 +220,7 @@ def test_without_a_membership_trait_departed_identities_just_leave(store):
 def test_a_possibly_truncated_look_keeps_departed_identities(store):
     _run(store, _rows(range(10), trait="in_cohort"), events=_events())
     counts, sent = _run(store, _rows(range(4), trait="in_cohort"), events=_events(), possibly_truncated=True)
-    assert sent == [] and counts.exits == 6 and counts.keep_departed and counts.guard_tripped is None
+    assert sent == [] and counts.departed == 6 and counts.keep_departed and counts.exit_guard is None
     assert _stored_ids(store) == {f"u{n}" for n in range(10)}
 
 
@@ -231,7 +230,7 @@ def test_full_refresh_resends_everyone_and_sends_exits(store):
     rows = _rows(range(2, 10), trait=trait) + _rows([10, 11], trait=trait)  # u0, u1 left; u10, u11 joined
     rows[0]["traits"]["plan"] = "pro"  # u2 changed
     counts, sent = _run(store, rows, events=_events(), full_refresh=True)
-    assert (counts.new, counts.changed, counts.unchanged, counts.exits_sent) == (2, 8, 0, 2)
+    assert (counts.new, counts.changed, counts.unchanged, counts.exited) == (2, 8, 0, 2)
     calls = {message["userId"]: message["traits"] for message in sent}
     assert set(calls) == {f"u{n}" for n in range(12)}
     assert calls["u0"] == calls["u1"] == {trait: False}
@@ -243,7 +242,7 @@ def test_full_refresh_resends_everyone_and_sends_exits(store):
 def test_full_refresh_is_guarded_like_any_run(store):
     _run(store, _rows(range(10), trait="in_cohort"), events=_events())
     counts, sent = _run(store, _rows(range(3), trait="in_cohort"), events=_events(), full_refresh=True)
-    assert sent == [] and counts.guard_tripped and counts.keep_departed
+    assert sent == [] and counts.exit_guard and counts.keep_departed
     assert _stored_ids(store) == {f"u{n}" for n in range(10)}
 
 
@@ -251,7 +250,7 @@ def test_full_refresh_of_an_unreadable_state_is_a_first_run(store):
     _run(store, _rows(range(10), trait="in_cohort"), events=_events())
     store.state_path.write_bytes(b"damaged")
     counts, sent = _run(store, _rows(range(3), trait="in_cohort"), events=_events(), full_refresh=True)
-    assert (counts.new, counts.exits, len(sent)) == (3, 0, 3)
+    assert (counts.new, counts.departed, len(sent)) == (3, 0, 3)
     assert _stored_ids(store) == {"u0", "u1", "u2"}
 
 
