@@ -103,13 +103,8 @@ class LookerLookLink(BaseOperatorLink):
         if not look_id or not conn_id or "{{" in look_id:
             return ""
         filters = _run_filters(getattr(operator, "filters", None))
-        try:
-            conn = BaseHook.get_connection(conn_id)
-            base_url = normalise_base_url(conn.host, conn.schema, conn.port, what="The Looker connection")
-        except Exception as exc:  # a link must never fail the task (no connection, no Host...)
-            log.warning("No link to Look %s: %s", look_id, type(exc).__name__)
-            return ""
-        return look_web_url(base_url, look_id, filters)
+        base_url = _api_base_url(conn_id, f"Look {look_id}")
+        return look_web_url(base_url, look_id, filters) if base_url else ""
 
 
 def _run_filters(value: Any) -> dict[str, str]:
@@ -144,10 +139,15 @@ class LookerExploreLink(BaseOperatorLink):
         model, view, slug = (to_optional_str(explore.get(key)) for key in ("model", "view", "slug"))
         if not (model and view and slug):
             return ""
-        try:
-            conn = BaseHook.get_connection(conn_id)
-            base_url = normalise_base_url(conn.host, conn.schema, conn.port, what="The Looker connection")
-        except Exception as exc:  # a link must never fail the task (no connection, no Host...)
-            log.warning("No link to the Explore of query %s: %s", slug, type(exc).__name__)
-            return ""
-        return explore_web_url(base_url, model, view, slug)
+        base_url = _api_base_url(conn_id, f"the Explore of query {slug}")
+        return explore_web_url(base_url, model, view, slug) if base_url else ""
+
+
+def _api_base_url(conn_id: str, what: str) -> str | None:
+    """The Looker connection's API URL, or ``None`` (logged, naming ``what``): a link never fails the task."""
+    try:
+        conn = BaseHook.get_connection(conn_id)
+        return normalise_base_url(conn.host, conn.schema, conn.port, what="The Looker connection")
+    except Exception as exc:  # no connection, no Host...
+        log.warning("No link to %s: %s", what, type(exc).__name__)
+        return None

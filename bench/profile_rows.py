@@ -2,11 +2,10 @@
 The row path of issue 14, old against new: parse + transform + batch (the floor, as ``bench/case_floor.py``
 runs it), on the same machine, in the same run, interleaved.
 
-``old`` is the working tree with the row path's modules (:data:`ROW_PATH_FILES`) taken from a git revision
-(``--old-ref``, read with ``git show``; nothing in the repository changes); ``new`` is the working tree. Each
-measurement is a fresh child process (``--child``) that imports one of the two, reads the ``json_detail`` body
-of a generated Look of the Looker stand-in (written once to ``/dev/shm``, as the stand-in serves it) and runs
-one stage:
+``old`` is the package at a git revision (``--old-ref``, read with ``git archive``; nothing in the repository
+changes); ``new`` is the working tree. Each measurement is a fresh child process (``--child``) that imports
+one of the two, reads the ``json_detail`` body of a generated Look of the Looker stand-in (written once to
+``/dev/shm``, as the stand-in serves it) and runs one stage:
 
 * ``parse``: ``LookStream`` over the body, every row read;
 * ``transform``: + ``plan_transform`` / ``make_row_transformer`` with the operator's defaults;
@@ -31,13 +30,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import hashlib
+import io
 import json
 import os
 import pstats
-import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -46,14 +46,6 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PACKAGE = "airflow_provider_looker_segment"
-#: The modules of the row path (what ``old`` takes from ``--old-ref``).
-ROW_PATH_FILES = (
-    f"{PACKAGE}/look_stream.py",
-    f"{PACKAGE}/transform.py",
-    f"{PACKAGE}/values.py",
-    f"{PACKAGE}/dedupe.py",
-    f"{PACKAGE}/models.py",
-)
 #: The revision before issue 14's row path work.
 DEFAULT_OLD_REF = "491ec37"
 STAGES = ("parse", "transform", "floor", "dedupe")
@@ -279,14 +271,14 @@ def write_body(rows: int, directory: Path) -> tuple[str, Path]:
 
 
 def old_tree(ref: str, directory: Path) -> Path:
-    """The working tree's package with the row path's modules at ``ref`` (read-only git use)."""
+    """The package as it was at ``ref`` (``git archive``: nothing in the repository changes)."""
     root = directory / "old"
-    shutil.copytree(REPO / PACKAGE, root / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
-    for path in ROW_PATH_FILES:
-        text = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{ref}:{path}"], check=True, capture_output=True
-        ).stdout
-        (root / path).write_bytes(text)
+    root.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, PACKAGE], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root, filter="data")
     return root
 
 
