@@ -33,7 +33,6 @@ from airflow_provider_looker_segment.hooks.looker_query import (
     PENDING_RESULT_STATUSES,
     LookerQuery,
     filter_error,
-    filtered_write_query,
     normalise_id,
     query_info,
 )
@@ -137,7 +136,7 @@ class LookerHook(LookerBaseHook):
         params = run_params(limit, cache)
         run_query: LookRunQuery | None = None
         if given:
-            run_query = self._create_filtered_query(look_id, info, look, given)
+            run_query = self._create_filtered_query(look_id, info, given, look=look)
             path = f"queries/{quote(str(run_query.query_id), safe='')}/run/json_detail"
             self.log.info(
                 "Running Look %s (%s) with filters: %s (Looker query %s): limit %s, cache %s; in Looker: %s",
@@ -218,18 +217,8 @@ class LookerHook(LookerBaseHook):
         given = normalise_filters(filters)
         if not given:
             return query
-        info = query.info
-        write, run = filtered_write_query(info.id, None, given, query=query.query, label=info.label)
-        action = f"Creating the query of {info.label} with filters"
-        try:
-            created = self._call(action, lambda: self.sdk.create_query(write))
-        except LookerApiError as exc:
-            if exc.status in FILTER_REFUSAL_STATUSES:
-                raise filter_error(info.id, info, given, exc) from None
-            raise
-        if not created.id:
-            raise LookerApiError(f"{action}: Looker answered no query id")
-        return replace(query, run=replace(run, query_id=str(created.id), slug=created.slug or None))
+        run = self._create_filtered_query(query.info.id, query.info, given, query=query.query)
+        return replace(query, run=run)
 
     @contextmanager
     def stream_query(
@@ -359,7 +348,7 @@ class LookerHook(LookerBaseHook):
             look_id = normalise_id(look_id or "")
             info, look = self._read_look(look_id)
             if given:
-                run_query = self._create_filtered_query(look_id, info, look, given)
+                run_query = self._create_filtered_query(look_id, info, given, look=look)
                 query_id = str(run_query.query_id)
             else:
                 query_id = str(look.query_id or (look.query.id if look.query else None) or "")

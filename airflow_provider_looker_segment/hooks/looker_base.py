@@ -9,7 +9,7 @@ result: a streaming ``GET`` with the SDK's headers whose ``json_detail`` body
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
@@ -175,20 +175,40 @@ class LookerBaseHook(BaseHook):
         return info, look
 
     def _create_filtered_query(
-        self, look_id: str, info: LookInfo, look: models40.LookWithQuery, filters: dict[str, str]
+        self,
+        source_id: str,
+        info: LookInfo,
+        filters: Mapping[str, str],
+        *,
+        look: models40.LookWithQuery | None = None,
+        query: models40.Query | None = None,
     ) -> LookRunQuery:
-        """Create the Look's query with ``filters`` over its own (``POST /queries``)."""
-        write, run_query = filtered_write_query(look_id, look, filters)
-        action = f"Creating the query of Look {look_id} with filters"
+        """
+        Copy a Look's query (``look``) or ``query`` with ``filters`` over its own (``POST /queries``), the
+        one creator of both paths' filtered queries (see docs/sources.md).
+
+        :param source_id: the Look's id, or the query's.
+        :param info: the source's definition.
+        :param filters: checked filters (``look_filters.normalise_filters``).
+        :param look: the Look as Looker answers it; ``None`` with ``query``.
+        :param query: the query as Looker answers it, instead of a Look.
+        :return: the copy's run: its query id (and, a query's copy, its slug).
+        :raises LookFilterError: Looker refused the filters (HTTP 400 or 422).
+        """
+        is_look = look is not None
+        label = f"Look {source_id}" if is_look else info.label
+        write, run_query = filtered_write_query(source_id, look, filters, query=query, label=label)
+        action = f"Creating the query of {label} with filters"
         try:
             created = self._call(action, lambda: self.sdk.create_query(write))
         except LookerApiError as exc:
             if exc.status in FILTER_REFUSAL_STATUSES:
-                raise filter_error(look_id, info, filters, exc) from None
+                raise filter_error(source_id, info, filters, exc) from None
             raise
         if not created.id:
+            look_id = source_id if is_look else None
             raise LookerApiError(f"{action}: Looker answered no query id", look_id=look_id)
-        return replace(run_query, query_id=str(created.id))
+        return replace(run_query, query_id=str(created.id), slug=None if is_look else created.slug or None)
 
     # --- requests -----------------------------------------------------------------------------------------
 
