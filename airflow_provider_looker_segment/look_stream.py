@@ -1,15 +1,9 @@
 """
-A Look's ``json_detail`` result read as a stream: field metadata first, then the rows one at a time.
-
-Memory does not depend on the number of rows. The head (everything before ``"data"``) is read with ijson. The
-rows are cut from the body a chunk of complete rows at a time (about :data:`CHUNK_BYTES`) and each chunk is
-parsed at once by msgspec, several times faster than ijson's row by row: a chunk is only cut where msgspec
-reads complete rows, which it decodes into cells (``{"value": ...}``, other keys skipped) when they are
-cells. Whatever is unusual (a body that breaks off or is not JSON, a row longer than
-:data:`MAX_PENDING_BYTES`) is left to ijson from there on, which reads and reports it as it always did. Every
-JSON number is read exactly, by both (``int`` of any size, or ``Decimal`` with a fraction or an exponent);
-lone UTF-16 surrogate escapes become U+FFFD. A body that breaks off, is not JSON or carries Looker's
-``looker_error`` (a run) or ``errors`` with no rows (the ``json_detail`` result of a failed query task) raises
+A Look's ``json_detail`` result read as a stream: field metadata first, then the rows one at a time, memory
+flat whatever the rows. Why ``json_detail``, and how rows are decoded (a chunk of complete rows at a time by
+msgspec, ijson from the first unusual byte on; numbers exact) and what becomes of unusual values: see
+docs/rows-to-calls.md. A body that breaks off, is not JSON or carries Looker's ``looker_error`` (a run) or
+``errors`` with no rows (a failed query task's result) raises
 :class:`~airflow_provider_looker_segment.exceptions.LookStreamError` /
 :class:`~airflow_provider_looker_segment.exceptions.LookQueryError` naming the rows already read.
 """
