@@ -2,12 +2,8 @@
 Hook for the Looker API 4.0: a Look's or a query's definition, and its result streamed row by row with field
 metadata, at once or as a Looker async query task (started here, awaited by the trigger of
 :mod:`airflow_provider_looker_segment.triggers.looker`, then read here). The plumbing (client, login, errors,
-the one reader of a result) is :mod:`.looker_base`'s; the connection is documented in docs/connections.md.
-
-Why ``json_detail``: the API 4.0 reference calls it legacy and recommends ``json_bi``, but ``json_bi``'s
-metadata has no LookML tags, no short labels and no ``ran_at``, and its ``rows`` are typed as strings; plain
-``json`` has no metadata at all. ``json_detail`` carries all of it in the same response as the rows, and is
-the only format whose query task results report a failed query in the body (HTTP 200 with ``errors``).
+the one reader of a result) is :mod:`.looker_base`'s. The connection: docs/parameters.md (Connections); Looks,
+queries, filters and query tasks: docs/sources.md; why ``json_detail``: docs/rows-to-calls.md.
 """
 
 from __future__ import annotations
@@ -52,11 +48,8 @@ class LookerHook(LookerBaseHook):
     """
     Talk to the Looker API 4.0 with the credentials of an Airflow connection.
 
-    The connection (type ``looker``): Host = the API base URL (``https://company.cloud.looker.com``, a port
-    such as ``:19999`` in the URL or in Port), Login = the client ID of a Looker API key, Password = its
-    client secret; extras ``verify_ssl`` (default true) and ``timeout`` (seconds, default 120).
-
-    Use it as a context manager: on exit, failed or not, it logs out of Looker (:meth:`close`)::
+    The connection (type ``looker``): docs/parameters.md (Connections). Use it as a context manager: on
+    exit, failed or not, it logs out of Looker (:meth:`close`)::
 
         with LookerHook("looker_default") as looker, looker.stream_look(42) as stream:
             for row in stream.rows:
@@ -109,11 +102,8 @@ class LookerHook(LookerBaseHook):
     ) -> Iterator[LookStream]:
         """
         Run a Look and stream its result (``json_detail``, raw values, visualisation not applied, no drill
-        links).
-
-        With ``filters``, the Look's query is copied with the given filters replacing or adding to its own
-        (``create_query``) and that query runs instead; the Look's metadata rules (tags, labels, hidden
-        fields) still apply, and ``stream.query`` tells which filters ran.
+        links). With ``filters`` a copy of the Look's query with them runs instead (docs/sources.md);
+        ``stream.query`` tells which filters ran.
 
         :param look_id: the Look id.
         :param limit: row limit; ``-1`` (default) for all rows, ``None`` for the Look's saved limit.
@@ -208,9 +198,11 @@ class LookerHook(LookerBaseHook):
 
     def with_filters(self, query: LookerQuery, filters: Mapping[str, str] | None) -> LookerQuery:
         """
-        Copy a query with ``filters`` replacing or adding to its own (``POST /queries``); the copy runs
-        instead. Without filters the query is returned as it is.
+        Copy a query with ``filters`` replacing or adding to its own (``POST /queries``; docs/sources.md);
+        the copy runs instead. Without filters the query is returned as it is.
 
+        :param query: the query (from :meth:`get_query`).
+        :param filters: Looker field name → Looker filter expression.
         :raises InvalidParameterError: ``filters`` is not a mapping of field names to expressions.
         :raises LookFilterError: Looker refused the filters (e.g. a field not in the query's explore).
         """
@@ -317,11 +309,8 @@ class LookerHook(LookerBaseHook):
     ) -> str:
         """
         Start a Look's query, or a query (``query``), as a Looker async query task (``json_detail``
-        result); return its id.
-
-        With ``filters`` the filtered query is created first (as :meth:`stream_look` does), else the Look's
-        own query runs. Follow the task with :meth:`query_task_status` (or the trigger
-        :class:`~airflow_provider_looker_segment.triggers.looker.LookerQueryTaskTrigger`), then read it with
+        result; with ``filters``, a filtered copy, as :meth:`stream_look`); return its id. Follow it with
+        :meth:`query_task_status` (or the trigger: docs/sources.md, Deferrable mode), then read it with
         :meth:`stream_query_task`.
 
         :param look_id: the Look id.
