@@ -1,10 +1,10 @@
 """
-The Looker API from Airflow's triggerer: the asynchronous half of the hooks (``httpx``, which ships with
-Airflow). It logs in with the connection's API key, retries transport errors and HTTP 429/5xx with backoff
-(or the ``Retry-After`` Looker asks for), logs in again when a token expires, never waits past an optional
-deadline, counts its API calls per kind, and logs out at the end; the triggers of
-:mod:`airflow_provider_looker_segment.triggers.looker` only ``await`` its ``get_...`` methods. Its messages
-use the words of :mod:`.looker_errors` and never carry the client secret or the access token.
+The Looker API from Airflow's triggerer (``httpx``, which ships with Airflow): :class:`AsyncLookerClient` logs
+in with the connection's API key, retries with backoff (or Looker's ``Retry-After``) never past an optional
+deadline, logs in again when a token expires, counts its API calls and logs out; the triggers of
+:mod:`airflow_provider_looker_segment.triggers.looker` only ``await`` its ``get_...`` methods (what they do:
+docs/sources.md, Deferrable mode and Looker's API budget). Its messages use :mod:`.looker_errors`'s words and
+never carry the client secret or the access token.
 """
 
 from __future__ import annotations
