@@ -1,12 +1,7 @@
 """
-The Looker API calls a sync or a trigger makes, counted as Looker's licences meter them.
-
-Looker's editions include a monthly number of API calls of two kinds (Standard: 1,000 query-based and
-1,000 administrative calls a month). The Looker API 4.0 reference gives every endpoint its kind, as
-``x-looker-activity-type``: ``db_query`` (query-based: running and creating queries, query tasks, reading
-a query), ``non_query`` (administrative: reading a Look, the datagroups, the API user...) and ``none``
-(logging in and out, the API versions), counted here apart as ``login_logout``. Every request sent is
-counted, a retried one once per attempt.
+The Looker API calls a sync or a trigger makes, counted as Looker's licences meter them (by the endpoint's
+``x-looker-activity-type``; ``none`` counted as ``login_logout``); see docs/sources.md, "Looker's API
+budget". Every request sent is counted, a retried one once per attempt.
 """
 
 from __future__ import annotations

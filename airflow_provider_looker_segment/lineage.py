@@ -1,20 +1,9 @@
 """
-OpenLineage for :class:`~airflow_provider_looker_segment.operators.looker_to_segment.LookerToSegmentOperator`
-(the extra ``airflow-provider-looker-segment[openlineage]``): what a completed sync read and where it sent it.
-
-* **Input**: the Look or query, namespace ``looker://<host>``, name ``<model>.<explore>``, with a schema facet
-  (the fields synced), a documentation facet (the Look's title), a datasource facet (the Looker instance) and
-  the ``looker`` facet (Look id, title and URL, or query id, slug and Explore URL).
-* **Inputs from the SQL**: the warehouse tables the query reads, parsed from the SQL Looker generated (the
-  ``sql`` of its ``json_detail`` result, else ``GET /queries/{id}/run/sql``) with the OpenLineage provider's
-  :class:`~airflow.providers.openlineage.sqlparser.SQLParser`; namespace: the Looker connection's extra
-  ``warehouse_namespace`` (e.g. ``postgres://warehouse.internal:5432``), else ``looker-sql://<host>``.
-* **Output**: the Segment source, namespace ``segment://<host>``, named by the Segment connection's extra
-  ``source_name``, else ``source-<12 hex digits of a hash of the write key>``; the ``segment`` facet gives the
-  call type (and the event of track calls).
-
-No secret is in any of it: the write key only as a one-way hash, URLs without credentials. This module
-imports OpenLineage: the operator imports it only when the OpenLineage provider asks for the facets.
+OpenLineage facets of a completed
+:class:`~airflow_provider_looker_segment.operators.looker_to_segment.LookerToSegmentOperator` sync (the extra
+``[openlineage]``): the Look or query and the warehouse tables its SQL reads as inputs, the Segment source as
+output; see docs/sources.md, "Lineage (OpenLineage)". No secret is in any of it (the write key only as a
+one-way hash). Imported only when the OpenLineage provider asks for the facets.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """
-The operator's extra links: what the task ran on the Looker instance, shown as buttons on the task in the UI
-(Details → Extra Links): the Look, with the run's filters in its URL when it ran with ``filters``
-(:class:`LookerLookLink`), or the Explore of the query it ran (:class:`LookerExploreLink`: a filtered run's
-is the copy of the query with the filters).
-
-Airflow 3 calls ``get_link`` on the worker once the task has run and keeps the URL as an XCom
-(``_link_LookerLookLink``, ``_link_LookerExploreLink``), so the API server needs neither the connection nor
-this package's code.
+The operator's extra links (the Look, with the run's filters, or the Explore of the query it ran); see
+docs/sources.md, "A link to what ran". ``get_link`` runs on the worker and the URL is kept as an XCom, so the
+API server needs neither the connection nor this package's code.
 """
 
 from __future__ import annotations
@@ -36,9 +31,8 @@ MAX_SHOWN_URL = 2_000
 
 def look_web_url(api_base_url: str, look_id: str, filters: Mapping[str, str] | None = None) -> str:
     """
-    Return the web URL of a Look from the Looker API's base URL: same scheme and host, without the legacy API
-    port ``:19999``, path ``/looks/<id>``; with ``filters``, each one as Looker's URL filter parameter
-    ``f[<field>]=<expression>`` (URL-encoded), so that the page opens on what the run read.
+    Return a Look's web URL (API host without the legacy port ``:19999``, ``/looks/<id>``, each filter as
+    ``f[<field>]=<expression>``).
 
     :param api_base_url: ``scheme://host[:port]`` as the Looker connection gives it.
     :param look_id: the Look id.
@@ -55,8 +49,7 @@ def look_web_url(api_base_url: str, look_id: str, filters: Mapping[str, str] | N
 
 def explore_web_url(api_base_url: str, model: str, view: str, slug: str) -> str:
     """
-    Return the web URL of a query's Explore from the Looker API's base URL, as Looker's own query URLs
-    (``Query.url``) give it: ``/explore/<model>/<explore>?qid=<slug>`` on the web host (no ``:19999``).
+    Return a query's Explore web URL as Looker's ``Query.url`` gives it (``/explore/<model>/<explore>?qid=``).
 
     :param api_base_url: ``scheme://host[:port]`` as the Looker connection gives it.
     :param model: the query's LookML model.

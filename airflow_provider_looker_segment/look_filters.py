@@ -1,14 +1,8 @@
 """
 The filters given for a run of a Look, checked before Looker is asked anything (pure, no I/O).
 
-Only what this side can judge is refused: a mapping that is not one, a field name that is empty or given twice
-(two names differing only by blanks would silently become one), and an expression that is missing or empty
-(Looker ignores an empty filter). The expression itself is Looker's to judge: every Looker filter expression
-passes as it is, ``NULL`` ("is null"), ``-NULL`` ("is not null"), ``EMPTY``, ``-EMPTY``, ``FOO%``, ``>=10``,
-``7 days``, ``2026-11-01 to 2026-12-01``..., and so does any text a user typed (``null``, ``None``): Looker
-answers a filter it cannot read with an error naming it, before anything is sent.
-
-Filter values can be long (a list of a thousand ids): :func:`shorten` keeps the log lines showing them short.
+Only what this side can judge is refused (see :func:`normalise_filters`); the expression itself is Looker's
+to judge (docs/sources.md, "Templated filters"). :func:`shorten` keeps log lines showing long values short.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """
 A Look's ``json_detail`` result read as a stream: field metadata first, then the rows one at a time, memory
-flat whatever the rows. Why ``json_detail``, and how rows are decoded (a chunk of complete rows at a time by
-msgspec, ijson from the first unusual byte on; numbers exact) and what becomes of unusual values: see
-docs/rows-to-calls.md. A body that breaks off, is not JSON or carries Looker's ``looker_error`` (a run) or
-``errors`` with no rows (a failed query task's result) raises
+flat whatever the rows. Why ``json_detail`` and how rows are decoded: docs/rows-to-calls.md, "Reading the
+result". A body that breaks off, is not JSON or carries Looker's errors raises
 :class:`~airflow_provider_looker_segment.exceptions.LookStreamError` /
 :class:`~airflow_provider_looker_segment.exceptions.LookQueryError` naming the rows already read.
 """

@@ -1,10 +1,8 @@
 """
-Progress lines of a sync, every ``progress_interval`` seconds, while the Look is read as well as while its
-events are delivered: a dry run, or a real run still waiting for the warehouse's first rows, is not silent.
+Progress lines of a sync every ``progress_interval`` seconds (docs/delivery.md, "Progress lines").
 
-A small thread writes the lines, so the row loop pays nothing for them: it only reads the counts the sync
-keeps anyway (rows read) and the last delivery report the Segment hook handed over. The operator starts it
-before asking Looker to run the Look, so the wait for Looker's answer is reported too.
+A small thread writes them, so the row loop pays nothing: it only reads counts the sync keeps anyway and
+the last delivery report. Started before Looker is asked, so the wait for its answer is reported too.
 """
 
 from __future__ import annotations
@@ -22,10 +20,6 @@ __all__ = ["SyncProgress"]
 class SyncProgress:
     """
     Log a progress line every ``interval`` seconds until stopped (use it as a context manager).
-
-    The lines read ``Look 42: 1,200,000 rows read, 1,150,000 events delivered, 0 rejected, 0 failed
-    (240,000 rows/s)``, or in a dry run ``Look 42: 1,200,000 rows read (240,000 rows/s); dry run, nothing
-    sent``; before the rows arrive ``Look 42: waiting for Looker's answer (30 s)``.
 
     :param look_id: the Look.
     :param log: where the lines go.

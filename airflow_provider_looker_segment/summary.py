@@ -163,12 +163,8 @@ def outcome_error(
     events, or more invalid rows than ``max_invalid_rows``; its message carries the whole summary.
 
     Its class says whether Airflow retries the task
-    (:func:`~airflow_provider_looker_segment.exceptions.is_retryable`): an :class:`ExitGuardError` fails at
-    once; a lost lock (:class:`SyncStateLockLostError`) and a state that could not be saved
-    (:class:`SyncStateError`) are retried; undelivered events (:class:`SegmentDeliveryError`) are retried
-    only when some failed for a reason that can pass (Segment unavailable, rate limits, timeouts): events
-    Segment rejected or refused for good, and too many invalid rows, fail at once
-    (:class:`UndeliverableEventsError`, same message).
+    (:func:`~airflow_provider_looker_segment.exceptions.is_retryable`; docs/troubleshooting.md, "Retried or
+    failed at once"): :class:`SegmentDeliveryError` only when some events failed for a reason that can pass.
 
     :param options: the sync's options.
     :param summary: its summary.
@@ -211,9 +207,8 @@ def publish_asset_events(
     outlets: list[Any], outlet_events: Any, summary: dict[str, Any], log: logging.Logger | Any
 ) -> list[Any]:
     """
-    Attach the sync's figures to the events of the task's outlet assets; after a dry run, emit none (Airflow
-    records an asset event for each asset outlet of a task that succeeds, and a dry run must not start the
-    DAGs scheduled on them).
+    Attach the sync's figures to the events of the task's outlet assets; after a dry run, emit none (so it
+    starts no DAG scheduled on them; docs/summary.md, "Asset events").
 
     :param outlets: the task's outlets.
     :param outlet_events: the task context's ``outlet_events`` (``None`` outside a task).

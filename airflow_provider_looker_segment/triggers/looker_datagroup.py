@@ -1,15 +1,9 @@
 """
-Syncs started when Looker's data refreshes: :class:`LookerDatagroupTrigger`, an event trigger (Airflow's
-event-driven scheduling: an ``AssetWatcher`` of an ``Asset`` that DAGs are scheduled on) that fires each
-time a datagroup of a LookML model is triggered, i.e. each time its ``triggered_at`` (``GET /datagroups``,
-UNIX seconds) advances.
-
-One poll of ``GET /datagroups`` (an administrative API call) answers for every datagroup of the Looker
-instance: watchers of the same connection and poll interval share it (``shared_stream_key``), so watching
-ten datagroups costs what watching one does. Each trigger remembers the last ``triggered_at`` it saw in the
-state store Airflow 3.3 gives event triggers (``asset_state_store``), so a triggerer restart neither fires
-again for a refresh already seen nor misses one that happened meanwhile; run without it (directly, or in
-tests), the first poll sets the baseline.
+Syncs started when Looker's data refreshes: :class:`LookerDatagroupTrigger`, an event trigger for an
+``AssetWatcher`` that fires each time a datagroup's ``triggered_at`` advances; see docs/sources.md,
+"Syncs started when Looker's data refreshes". Sibling watchers share one ``GET /datagroups`` poll
+(``shared_stream_key``); the last value seen is kept in ``asset_state_store`` (without it, the first poll
+sets the baseline).
 """
 
 from __future__ import annotations
@@ -64,27 +58,18 @@ class DatagroupSnapshot:
 
 class LookerDatagroupTrigger(BaseEventTrigger):
     """
-    Fire a ``TriggerEvent`` each time a Looker datagroup is triggered (its ``triggered_at`` advances past
-    the last value seen): use it in an ``AssetWatcher`` to start the DAGs scheduled on an ``Asset`` when
-    Looker's data refreshes.
+    Fire a ``TriggerEvent`` each time a Looker datagroup's ``triggered_at`` advances past the last value seen.
 
-    The event's payload: ``{"model_name": ..., "datagroup_name": ..., "triggered_at": <UNIX seconds>,
-    "previous_triggered_at": <the value before, or None>}``. Two refreshes between polls are one event.
-
-    Polls (``GET /datagroups``, an administrative API call, plus a login when the access token expired)
-    are shared by every watcher of the same connection and poll interval. Connection errors and HTTP
-    429/5xx answers are retried ``retries`` times with backoff (or Looker's ``Retry-After``); a poll that
-    still fails is logged and the next one comes ``poll_interval`` later. Credentials Looker refuses, an
-    unknown datagroup or a missing permission are logged as errors and, one poll interval later (the
-    triggerer restarts a failed watcher at once: this keeps a lasting fault to one attempt per interval),
-    raised as :class:`LookerDatagroupError`. The serialized keyword arguments hold the connection id, never
-    a secret.
+    Payload, sharing and errors: docs/sources.md, "Syncs started when Looker's data refreshes". A lasting
+    fault (refused credentials, unknown datagroup, no permission) is raised as :class:`LookerDatagroupError`
+    one poll interval after it is logged: the triggerer restarts a failed watcher at once, so this keeps it
+    to one attempt per interval. The serialized keyword arguments hold the connection id, never a secret.
 
     :param looker_conn_id: the Looker connection (Host, Login, Password; extras ``verify_ssl``, ``timeout``).
     :param model_name: the LookML model that defines the datagroup.
     :param datagroup_name: the datagroup's name in that model.
-    :param poll_interval: seconds between two polls; default one hour (744 administrative calls in a 31-day
-        month: see the README for the arithmetic against Looker's API budget).
+    :param poll_interval: seconds between two polls; default one hour (docs/sources.md, "Looker's API
+        budget").
     :param retries: retries of a poll that failed with a connection error, HTTP 429 or 5xx.
     :param retry_backoff: seconds before the first retry, doubled for each further one.
     """
