@@ -250,7 +250,10 @@ class CohortMessages:
 def entry_event(
     message: Mapping[str, Any], unit: Unit, events: CohortEvents, generation: int
 ) -> dict[str, Any]:
-    """The track call telling that ``message``'s identity entered the cohort (see the module's rules)."""
+    """
+    The track call telling that ``message``'s identity entered the cohort (docs/rows-to-calls.md, "Cohort
+    entry and exit events").
+    """
     entry: dict[str, Any] = {"type": "track", "event": events.entered_event}
     for key in ("userId", "anonymousId"):
         if key in message:
