@@ -1,14 +1,10 @@
 """
 Pure encoding and batching of Segment messages for the Tracking API's ``POST /v1/batch`` (no I/O here).
 
-Each message is encoded to JSON once (orjson) and joined with others into batches within Segment's limits,
-measured on the encoded bytes: an event at most 32 KB (:data:`MAX_EVENT_BYTES`), a request body at most
-500 KB (:data:`MAX_REQUEST_BYTES`; the batcher keeps a margin, :data:`DEFAULT_MAX_BATCH_BYTES`, envelope
-included), a batch at most 2,500 events (:data:`MAX_BATCH_EVENTS`).
-
-An event that cannot be sent comes out on its own as a :class:`RejectedEvent`, in input order, and never
-sinks the batch around it. The operator's dry run counts batches with :func:`plan_batches`; the delivery
-engine (:mod:`airflow_provider_looker_segment.delivery`) sends what :meth:`Batcher.split` yields.
+Each message is encoded once (orjson) and batched within Segment's limits on the encoded bytes (see
+docs/delivery.md, "Batches"); a refused event comes out alone as a :class:`RejectedEvent`. The dry run counts
+with :func:`plan_batches`; :mod:`~airflow_provider_looker_segment.delivery` sends what :meth:`Batcher.split`
+yields.
 """
 
 from __future__ import annotations
@@ -216,11 +212,9 @@ class Batcher:
         """
         Consume ``messages`` lazily; yield batches, and rejected events as soon as they are met.
 
-        A batch is yielded as soon as the next event would not fit, so at most one batch is held here. Every
-        input message comes out exactly once: in a :class:`Batch` or as a :class:`RejectedEvent`. The batches
-        in order reproduce the input without the rejected events; a rejected event never closes a batch.
-        Events without a non-empty ``userId`` or ``anonymousId`` are rejected: Segment would accept them with
-        HTTP 200, then drop them.
+        At most one batch is held here. Every message comes out exactly once, in input order, in a
+        :class:`Batch` or as a :class:`RejectedEvent` (a rejected event never closes a batch). Events without
+        a non-empty ``userId`` or ``anonymousId`` are rejected: Segment would answer 200, then drop them.
 
         :param messages: Segment messages; each should carry a ``messageId`` (a random one is added when
             missing, so that retries deduplicate).

@@ -127,10 +127,9 @@ def plan_exits(
     """
     Decide, before anything is sent, what becomes of the identities that left (set in ``counts``).
 
-    No exit is sent when the Look may be truncated (they stay in the state), when more than
-    ``max_exit_ratio`` of the previous cohort would leave (the guard trips: ``counts.exit_guard`` holds the
-    error; the run sends nothing and saves nothing), or when there is neither a membership trait nor an exit
-    event (they just leave the state).
+    No exit is sent for a possibly truncated Look, a tripped exit guard (``counts.exit_guard`` holds the
+    error), or without a membership trait and exit event: see docs/changed-only.md, "Cohort exits" to "A
+    possibly truncated Look never produces exits".
     """
     counts.departed = decision.departed
     if not decision.departed and not decision.orphans:
@@ -251,7 +250,10 @@ class CohortMessages:
 def entry_event(
     message: Mapping[str, Any], unit: Unit, events: CohortEvents, generation: int
 ) -> dict[str, Any]:
-    """The track call telling that ``message``'s identity entered the cohort (see the module's rules)."""
+    """
+    The track call telling that ``message``'s identity entered the cohort (docs/rows-to-calls.md, "Cohort
+    entry and exit events").
+    """
     entry: dict[str, Any] = {"type": "track", "event": events.entered_event}
     for key in ("userId", "anonymousId"):
         if key in message:

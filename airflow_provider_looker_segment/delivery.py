@@ -63,8 +63,7 @@ class SegmentConnectionConfig:
     :param timeout: seconds to wait for Segment's answer to one request.
     :param gzip: compress request bodies.
     :param max_in_flight: cap on the batch requests in flight (the adaptive window stays below it).
-    :param requests_per_second: client-side cap on requests per second, ``None`` for none (then Segment's
-        guidance, 1,000 requests per second, applies).
+    :param requests_per_second: client-side cap on requests per second, ``None`` for none.
     :param events_per_second: pacing of the events sent, ``None`` for none.
     """
 
@@ -178,9 +177,8 @@ class Delivery:
     One :meth:`SegmentHook.send`: the calling thread feeds batches to sender threads, as many as the
     :class:`~airflow_provider_looker_segment.flow_control.FlowWindow` lets be in flight.
 
-    Memory is bounded whatever the window: at most ``window`` batches (and at most ``max_queued_bytes`` of
-    request bodies, one batch always allowed) wait to be sent, at most ``window`` (at most ``max_in_flight``)
-    are in flight, plus the one being filled.
+    Memory stays bounded: at most ``window`` batches (and ``max_queued_bytes``, one batch always allowed)
+    wait, at most ``window`` are in flight, plus the one being filled (docs/delivery.md, "Speed and pacing").
 
     :param config: the hook's resolved connection.
     :param new_session: makes an authenticated ``requests`` session (one per sender thread).
@@ -189,8 +187,7 @@ class Delivery:
     :param max_consecutive_failed_batches: stop sending after this many failed batches in a row (or never).
     :param log: where to log.
     :param max_queued_bytes: cap on the request bodies of the batches waiting to be sent.
-    :param clock: monotonic seconds, for the rate limits, pauses, the retry time budget and the window's
-        measurements (round trips, the time taken to form a batch).
+    :param clock: monotonic seconds (rate limits, pauses, the retry budget, the window's measurements).
     :param sleep: waits a number of seconds; by default a wait that :meth:`stop` cuts short.
     :param wall_clock: Unix time, for the ``sentAt`` of each attempt.
     :param progress: called from the calling thread with a copy of the report every ``progress_interval``
@@ -446,14 +443,9 @@ class Delivery:
         """
         POST one batch until Segment accepts or refuses it for good, or attempts or time run out.
 
-        Retried: 408, 429 and 5xx answers, timeouts, connection errors and resets, answers broken off. The
-        wait before a retry is what Segment asked for (429/503 with ``Retry-After`` or
-        ``X-RateLimit-Reset``; every sender then holds its next request until then), else an exponential
-        backoff with jitter. No retry is started past ``max_retry_time`` from the first request. A 408, 429,
-        5xx or timeout also halves the window (:meth:`FlowWindow.congested`); an accepted request's round
-        trip is measured for it. Each attempt carries the same events and its own ``sentAt``, stamped as it is
-        sent (Segment computes ``timestamp = receivedAt - (sentAt - timestamp)``: a ``sentAt`` older than the
-        attempt would shift every event by the wait).
+        Which answers are retried, the waits and the per-attempt ``sentAt``: see docs/delivery.md, "Retries
+        and sentAt". A 408, 429, 5xx or timeout also halves the window (:meth:`FlowWindow.congested`); an
+        accepted request's round trip is measured for it.
         """
         head = batch.head()
         batch.events = []  # the head holds them now (memory of a batch in flight)

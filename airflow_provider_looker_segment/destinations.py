@@ -300,15 +300,14 @@ def check_destinations(
     """
     Check that the Look gives every destination the identifiers and traits it needs.
 
-    The check is about the Look's fields, not its rows: a destination that needs a userId still drops the
-    rows whose userId is empty.
+    The check is about the Look's fields, not its rows (docs/destinations.md, "What is checked").
 
     :param destinations: from :func:`resolve_destinations`.
     :param has_user_id: the Look has a userId field.
     :param has_email: messages carry ``traits.email``.
     :param has_anonymous_id: rows can carry an anonymousId (a field, or derived from the email).
     :param trait_keys: every trait key the messages can carry.
-    :param call: ``"identify"`` (default), ``"group"`` or ``"track"`` (see the module's rules).
+    :param call: ``"identify"`` (default), ``"group"`` or ``"track"`` (docs/destinations.md, "Call types").
     :param has_group_id: the messages carry a ``groupId`` (group calls).
     :return: errors (the task should fail naming them) and warnings (for the log).
     """

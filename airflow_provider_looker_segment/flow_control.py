@@ -31,8 +31,7 @@ SMOOTHING = 0.25
 def paced_batch_events(events_per_second: float, max_batch_events: int) -> int:
     """
     The most events one batch may carry under ``events_per_second``: a tenth of a second's worth, at least
-    one, at most ``max_batch_events`` (Segment's 2,500 by default). With batches no larger, the token bucket
-    can hold a single batch and the pace stays within the rate plus one batch in any second.
+    one, at most ``max_batch_events`` (why: docs/delivery.md, "Speed and pacing", ``events_per_second``).
 
     :param events_per_second: the pace.
     :param max_batch_events: the batcher's own cap.
@@ -172,11 +171,9 @@ class TokenBucket:
     """
     A token bucket of events (not thread-safe: :class:`Throttle` holds its lock).
 
-    It fills at ``rate`` tokens per second up to ``capacity`` (default: one second's worth) and starts empty
-    at its first use, so that a run's average rate is ``rate``. A batch of N events takes N tokens; one larger
-    than the capacity goes once the bucket is full and leaves a debt that the next batches wait for. Events
-    taken in any interval of T seconds are at most ``capacity + rate x T``: a capacity of one batch keeps
-    every second within the rate plus one batch.
+    It fills at ``rate`` tokens per second up to ``capacity`` (default: one second's worth) and starts empty.
+    A batch of N events takes N tokens; one larger than the capacity goes once the bucket is full and leaves
+    a debt. Any T seconds carry at most ``capacity + rate x T`` events.
 
     :param rate: events per second.
     :param capacity: the most tokens the bucket holds (the largest burst after an idle time).

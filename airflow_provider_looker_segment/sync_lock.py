@@ -1,14 +1,10 @@
 """
 The lock of a changed-only sync, ``<key>.lock`` next to its state: a lease its holder renews while it runs.
 
-Created exclusively where the filesystem can (a warning says the lock is weaker where it cannot). A lock is
-taken over when it was left by an earlier try of the same task instance, once it has not been renewed for
-``stale_after``, or at once when its holder's process is provably gone (same host name and pid namespace,
-no such pid). A live concurrent run is refused with :class:`SyncStateLockedError`.
-
-A holder that finds its lock taken over (it was frozen past its lease: a long pause, a suspended machine) or
-cannot renew it for longer than the lease sets :attr:`SyncLock.lost` and calls the ``on_lost`` callbacks, so
-that the run stops sending at once and fails instead of going on without the lock.
+When a lock is taken over and when a run is refused: docs/changed-only.md, "Locking" ("provably gone" means
+same host name and pid namespace, no such pid). A holder that finds its lock taken over, or cannot renew it
+for longer than the lease, sets :attr:`SyncLock.lost` and calls the ``on_lost`` callbacks, so that the run
+stops sending at once and fails.
 """
 
 from __future__ import annotations

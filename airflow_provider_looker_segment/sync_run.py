@@ -109,9 +109,8 @@ class CohortStateStore:
 
         :param run_id: identifies the task instance (not the try): a lock left by the same ``run_id`` (an
             earlier, crashed try) is taken over.
-        :param full_refresh: send every identity of the Look whatever the state says; exits are still found
-            against the previous state. An unreadable previous state is then kept beside it and ignored
-            with a warning (that is how a damaged file is recovered): the run is a first run.
+        :param full_refresh: send every identity whatever the state says (docs/changed-only.md, "Full
+            refresh"); an unreadable previous state is then kept beside it and ignored.
         :raises SyncStateLockedError: another run of this sync holds the lock.
         :raises SyncStateCorruptError: the previous state is unreadable (and ``full_refresh`` is false).
         """

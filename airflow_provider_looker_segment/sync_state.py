@@ -117,11 +117,8 @@ def sync_key(
     """
     Return the filename-safe key of the state of a sync, e.g. ``look-42-api.segment.io-1f0c9a3e5b7d2c4a``.
 
-    The default key is made of what identifies the cohort and where it goes, never of values rendered per
-    run: the Look id, the call type (group and track syncs have keys of their own, ``look-42-group-...``,
-    ``look-42-track-...``), the Segment host (``segment_host`` may be a base URL) and a hash of these and of
-    the write key, which never appears. A track event name, filters and other templated values are not part
-    of it, so a sync keeps its state when they are rendered differently per run.
+    What goes into it (never a value rendered per run, never the write key itself): docs/changed-only.md,
+    "The sync and its key". ``segment_host`` may be a base URL.
 
     :param state_key: the user's own key (the operator's ``state_key``) instead of the Look and call type:
         ``vip-2026`` gives ``vip-2026-api.segment.io-<hash>``; it must be a filename-safe text.

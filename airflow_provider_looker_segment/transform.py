@@ -181,8 +181,7 @@ def plan_transform(meta: LookResultMeta, options: SyncOptions | None = None) -> 
     """
     Decide, from the Look's fields, how each row becomes a Segment message.
 
-    Identifiers are the explicit options, else the LookML tags, else fields named or labelled like one;
-    traits are every other visible field (the email field included, as ``email``): see :mod:`.field_roles`.
+    The rules: :mod:`.field_roles` and docs/rows-to-calls.md, "Identifiers" and "Trait keys".
 
     :param meta: the Look's result metadata (fields and pivots).
     :param options: the user's choices; defaults to :class:`~.settings.SyncOptions` ``()``.

@@ -97,7 +97,7 @@ def _decimal_value(value: Decimal) -> float | str | None:
 
 def to_trait_value(value: Any) -> Any:
     """
-    Convert one raw Looker value into a trait value (a JSON scalar), as documented in this module.
+    Convert one raw Looker value into a trait value (a JSON scalar): docs/rows-to-calls.md, "Values".
 
     :param value: the raw value.
     :return: ``str``, ``int``, ``float``, ``bool`` or ``None``.
@@ -225,7 +225,7 @@ def _identifier_slow(value: Any) -> str | None:
 
 def to_identifier(value: Any) -> str | None:
     """
-    Return a userId/anonymousId string, as documented in this module.
+    Return a userId/anonymousId string (docs/rows-to-calls.md, "Identifiers").
 
     :param value: the raw value of the identifier field.
     :return: the identifier, or ``None`` for values that are not identifiers.

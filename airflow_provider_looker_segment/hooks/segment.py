@@ -69,12 +69,9 @@ class SegmentHook(BaseHook):
     :param segment_conn_id: the Airflow connection to use.
     :param timeout: seconds to wait for Segment's answer to one request (extra ``timeout``, default 30).
     :param gzip: gzip request bodies (extra ``gzip``, default off).
-    :param max_in_flight: cap on the batch requests in flight; the adaptive window works below it (extra
-        ``max_in_flight``, default 32, 1 to 64).
-    :param requests_per_second: client-side cap on requests per second (extra ``requests_per_second``,
-        default none: Segment's guidance of 1,000 applies; at least 0.1, or 0 for none).
-    :param events_per_second: a ceiling on the events sent per second (extra ``events_per_second``, default
-        none; at least 1, or 0 for none).
+    :param max_in_flight: cap on the batch requests in flight (extra ``max_in_flight``, default 32, 1 to 64).
+    :param requests_per_second: cap on requests per second (extra ``requests_per_second``; 0 for none).
+    :param events_per_second: ceiling on events sent per second (extra ``events_per_second``; 0 for none).
     :param max_attempts: requests per batch at most, the first included (default 8).
     :param max_retry_time: seconds from a batch's first request after which it is not retried (default 300).
     :param backoff_factor: first backoff in seconds, doubled on each retry (default 0.5).
@@ -82,12 +79,10 @@ class SegmentHook(BaseHook):
     :param backoff_jitter: up to this many random seconds added to a backoff (default 1).
     :param max_batch_bytes: cap on a request body, envelope included (default 500,000; Segment: 500 KB).
     :param max_batch_events: cap on the events of a batch (default and Segment's limit: 2,500).
-    :param max_consecutive_failed_batches: after this many batches in a row failed despite retries, stop
-        sending; the remaining events count as failed (``None`` never stops). A 401, 403 or 404 stops at once.
-    :param max_queued_bytes: cap on the request bodies of the batches waiting to be sent (default 4,000,000;
-        at least one batch always waits), so memory stays bounded whatever the window.
-    :param clock: monotonic seconds for rate limits, pauses, the retry time budget and the window's
-        measurements (tests pass a fake).
+    :param max_consecutive_failed_batches: stop sending after this many failed batches in a row (``None``:
+        never).
+    :param max_queued_bytes: cap on the request bodies waiting to be sent (default 4,000,000).
+    :param clock: monotonic seconds for rate limits, pauses, the retry budget and the window (tests: a fake).
     :param sleep: waits a number of seconds between attempts (tests pass a fake); by default a wait that
         :meth:`stop` cuts short.
     :param wall_clock: Unix time, for the ``sentAt`` stamped on each attempt (tests pass a fake).
@@ -251,12 +246,11 @@ class SegmentHook(BaseHook):
         """
         Deliver messages in batches; return what became of each.
 
-        The input is consumed lazily; memory is bounded by the batches in flight and waiting (at most
-        ``max_in_flight`` sending, at most as many waiting and at most ``max_queued_bytes`` of them, plus the
-        one being filled), not by the input's size.
-        Every message read ends in exactly one of delivered, rejected or failed. An exception raised by
-        ``messages`` propagates once the requests on the wire have ended. After :meth:`stop`, the input is
-        no longer read and the report accounts for the messages read so far.
+        The input is consumed lazily; memory is bounded by the batches in flight and waiting, not by the
+        input's size (see :class:`~airflow_provider_looker_segment.delivery.Delivery`). Every message read
+        ends in exactly one of delivered, rejected or failed. An exception raised by ``messages`` propagates
+        once the requests on the wire have ended. After :meth:`stop`, the input is no longer read and the
+        report accounts for the messages read so far.
 
         :param messages: Segment messages, each with a ``messageId`` (one is added when missing).
         :param progress: called from the calling thread with a copy of the report every
