@@ -27,6 +27,17 @@ def connection_json(host: str, login: str = CLIENT_ID, password: str = CLIENT_SE
     return json.dumps(conn)
 
 
+def unmodified_sdk(base_url: str, monkeypatch: Any) -> Any:
+    """The unmodified looker_sdk against ``base_url``, configured the documented way (LOOKERSDK_* env)."""
+    import looker_sdk
+
+    monkeypatch.setenv("LOOKERSDK_BASE_URL", base_url)
+    monkeypatch.setenv("LOOKERSDK_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("LOOKERSDK_CLIENT_SECRET", CLIENT_SECRET)
+    monkeypatch.setenv("LOOKERSDK_TIMEOUT", "10")
+    return looker_sdk.init40()
+
+
 def set_connection(monkeypatch: Any, conn_id: str, value: str) -> None:
     """Define connection ``conn_id`` through its ``AIRFLOW_CONN_<ID>`` environment variable."""
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", value)

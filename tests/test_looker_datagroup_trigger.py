@@ -231,12 +231,11 @@ def test_sibling_watchers_share_one_poll(looker):
 # --- faults -----------------------------------------------------------------------------------------------
 
 
-def test_429_and_5xx_are_retried(looker, caplog, capfd):
-    looker.fail_next_requests(2, method="GET", path="/api/4.0/datagroups", status=503, retry_after=0)
-    looker.fail_next_requests(1, method="GET", path="/api/4.0/datagroups", status=429, retry_after=0)
+def event_after_two_polls(looker: LookerStandIn, **trigger_kwargs: Any) -> Any:
+    """The watch's first event when the datagroup is triggered after two polls (the faults' common run)."""
 
     async def scenario() -> Any:
-        run = trigger(retries=3).run()
+        run = trigger(**trigger_kwargs).run()
         try:
             return await next_event(
                 run, looker, after_polls=2, then=lambda: looker.datagroups.trigger(MODEL, NAME)
@@ -244,7 +243,14 @@ def test_429_and_5xx_are_retried(looker, caplog, capfd):
         finally:
             await run.aclose()
 
-    assert asyncio.run(scenario()).payload["datagroup_name"] == NAME
+    return asyncio.run(scenario())
+
+
+def test_429_and_5xx_are_retried(looker, caplog, capfd):
+    looker.fail_next_requests(2, method="GET", path="/api/4.0/datagroups", status=503, retry_after=0)
+    looker.fail_next_requests(1, method="GET", path="/api/4.0/datagroups", status=429, retry_after=0)
+
+    assert event_after_two_polls(looker, retries=3).payload["datagroup_name"] == NAME
     assert looker.counters["request_faults"] == 3
     assert "Looker answered HTTP 503; retry 1 of 3" in logged(caplog, capfd)
 
@@ -252,16 +258,7 @@ def test_429_and_5xx_are_retried(looker, caplog, capfd):
 def test_a_poll_that_still_fails_is_logged_and_the_watch_goes_on(looker, caplog, capfd):
     looker.fail_next_requests(2, method="GET", path="/api/4.0/datagroups", status=503, retry_after=0)
 
-    async def scenario() -> Any:
-        run = trigger(retries=1).run()
-        try:
-            return await next_event(
-                run, looker, after_polls=2, then=lambda: looker.datagroups.trigger(MODEL, NAME)
-            )
-        finally:
-            await run.aclose()
-
-    assert asyncio.run(scenario()).payload["datagroup_name"] == NAME
+    assert event_after_two_polls(looker, retries=1).payload["datagroup_name"] == NAME
     text = logged(caplog, capfd)
     assert (
         "Polling Looker's datagroups failed; next poll in 0.05 s" in text and "gave up after 1 retry" in text

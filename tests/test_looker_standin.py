@@ -17,7 +17,7 @@ from decimal import Decimal
 import looker_sdk
 import pytest
 import requests
-from looker_helpers import CLIENT_ID, CLIENT_SECRET, make_self_signed_cert
+from looker_helpers import CLIENT_ID, CLIENT_SECRET, make_self_signed_cert, unmodified_sdk
 from looker_sdk import error as sdk_error
 from looker_sdk.sdk.api40 import models as models40
 from standins.looker_fixtures import (
@@ -55,11 +55,7 @@ def looker():
 @pytest.fixture
 def sdk(looker, monkeypatch):
     """The unmodified looker_sdk, configured the documented way (LOOKERSDK_* variables)."""
-    monkeypatch.setenv("LOOKERSDK_BASE_URL", looker.base_url)
-    monkeypatch.setenv("LOOKERSDK_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("LOOKERSDK_CLIENT_SECRET", CLIENT_SECRET)
-    monkeypatch.setenv("LOOKERSDK_TIMEOUT", "10")
-    return looker_sdk.init40()
+    return unmodified_sdk(looker.base_url, monkeypatch)
 
 
 def login(looker: LookerStandIn) -> str:

@@ -13,7 +13,7 @@ from dataclasses import replace
 import looker_sdk
 import pytest
 import requests
-from looker_helpers import CLIENT_ID, CLIENT_SECRET
+from looker_helpers import CLIENT_ID, CLIENT_SECRET, unmodified_sdk
 from looker_sdk import error as sdk_error
 from standins.looker_fixtures import ACCOUNT_USERS_LOOK_ID, TOASTMATES_LOOK_ID, fixture_looks, look_query_id
 from standins.looker_sql import query_slug
@@ -42,11 +42,7 @@ def looker():
 
 @pytest.fixture
 def sdk(looker, monkeypatch):
-    monkeypatch.setenv("LOOKERSDK_BASE_URL", looker.base_url)
-    monkeypatch.setenv("LOOKERSDK_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("LOOKERSDK_CLIENT_SECRET", CLIENT_SECRET)
-    monkeypatch.setenv("LOOKERSDK_TIMEOUT", "10")
-    return looker_sdk.init40()
+    return unmodified_sdk(looker.base_url, monkeypatch)
 
 
 def _get(looker: LookerStandIn, path: str, token: str | None, **params: str) -> requests.Response:
